@@ -1,0 +1,28 @@
+// Log-space arithmetic shared by the accountants: sums of huge or tiny positive terms
+// without overflow or underflow.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+namespace dpkd::accounting {
+
+inline constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// log(exp(a) + exp(b)).
+inline double log_add(double a, double b) {
+  if (a == -kInf) return b;
+  if (b == -kInf) return a;
+  const double hi = a > b ? a : b;
+  const double lo = a > b ? b : a;
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+// log(erfc(x)), accurate where erfc(x) underflows (x > 26): asymptotic series
+// erfc(x) = exp(-x^2) / (x sqrt(pi)) * sum_k (-1)^k (2k-1)!! / (2x^2)^k.
+double log_erfc(double x);
+
+// log(Phi(x)) for the standard normal CDF.
+inline double log_ndtr(double x) { return log_erfc(-x / std::sqrt(2.0)) - std::log(2.0); }
+
+}  // namespace dpkd::accounting

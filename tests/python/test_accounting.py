@@ -1,0 +1,250 @@
+"""Privacy accounting against published values, a high-precision integral, and its invariants."""
+
+import json
+import math
+
+import mpmath as mp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpkd import accounting as acc
+
+# dp_accounting's order grid in compute_dp_sgd_privacy (the anchors quoted with "dp_accounting grid").
+DP_ACCOUNTING_SGD_ORDERS = [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5] + list(range(5, 64)) + [128, 256, 512]
+OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def log_a_mp(q: float, sigma: float, alpha: float) -> mp.mpf:
+    """log A_alpha = log E_{z~N(0,s^2)}[(1 - q + q exp((2z-1)/(2s^2)))^alpha] by quadrature in 50 digits."""
+    with mp.workdps(50):
+        q, s, a = mp.mpf(q), mp.mpf(sigma), mp.mpf(alpha)
+
+        def f(z):
+            return mp.npdf(z, 0, s) * ((1 - q) + q * mp.exp((2 * z - 1) / (2 * s * s))) ** a
+
+        # The mass sits near 0 and, for large orders, near z = alpha: break the line there.
+        top = a + 30 * s
+        points = [-mp.inf] + [-30 * s + (top + 30 * s) * i / 40 for i in range(41)] + [mp.inf]
+        return mp.log(mp.quad(f, points))
+
+
+# --- published values -------------------------------------------------------------------------
+
+def test_golden_epsilons():
+    # DESIGN.md; TF-Privacy's MNIST tutorial (improved conversion: 2.5967, basic: 3.01).
+    e = acc.epsilon(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14063, delta=1e-5)
+    assert e == pytest.approx(2.5967, abs=5e-5)
+    basic = acc.epsilon(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14063, delta=1e-5, conversion="basic")
+    assert basic == pytest.approx(3.01, abs=5e-3)
+    kw = dict(noise_multiplier=1.5, sample_rate=0.04, steps=2250, delta=1e-5)
+    assert acc.epsilon(**kw, orders=OPACUS_ORDERS) == pytest.approx(7.3291, abs=5e-5)
+    assert acc.epsilon(**kw) == pytest.approx(7.3291, abs=5e-5)
+    # XXX_DPA_GRID
+    assert acc.epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5,
+                       orders=range(2, 65)) == pytest.approx(2.10775, abs=5e-6)
+
+
+def test_exact_single_step_rdp():
+    assert acc.rdp(0.04, 1.5, [3.5])[0] == pytest.approx(1.627579416043e-3, rel=1e-9)
+
+
+def test_tf_privacy_compute_rdp_vectors():
+    # tensorflow_privacy rdp_accountant_test: compute_rdp(0.1, 2, 10, 5) and the sequence test.
+    assert 10 * acc.rdp(0.1, 2.0, [5])[0] == pytest.approx(0.07737, abs=1e-5)
+    got = 50 * acc.rdp(0.01, 2.5, [1.5, 2.5, 5, 50, 100, np.inf])
+    np.testing.assert_allclose(got[:5], [0.00065, 0.001085, 0.00218075, 0.023846, 167.416307], atol=1e-5)
+    assert np.isinf(got[5])
+
+
+def test_calibration_golden():
+    sigma = acc.calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.04, steps=2250)
+    assert sigma == pytest.approx(1.41579, abs=1e-5)
+    coarse = acc.calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.04, steps=2250,
+                                 orders=DP_ACCOUNTING_SGD_ORDERS)
+    assert coarse == pytest.approx(1.4196, abs=1e-4)
+
+
+def test_constant_rdp_picks_largest_order():
+    orders = list(range(2, 33))
+    eps, order = acc.epsilon_from_rdp(orders, [1.1] * len(orders), 1e-5)
+    assert order == 32
+    assert eps == pytest.approx(1.1 + math.log1p(-1 / 32) - math.log(1e-5 * 32) / 31, rel=1e-12)
+
+
+# --- independent high-precision integral ---------------------------------------------------------
+
+def _random_grid(n, seed):
+    rng = np.random.default_rng(seed)
+    q = 10 ** rng.uniform(-5, math.log10(0.5), n)
+    sigma = rng.uniform(0.5, 10, n)
+    alpha = np.where(rng.random(n) < 0.5, 1 + 10 ** rng.uniform(-1.5, math.log10(255), n),
+                     rng.integers(2, 257, n).astype(float))
+    return list(zip(q, sigma, alpha))
+
+
+@pytest.mark.parametrize("q,sigma,alpha", _random_grid(24, seed=2026))
+def test_rdp_matches_mpmath_integral(q, sigma, alpha):
+    expected = float(log_a_mp(q, sigma, alpha) / (alpha - 1))
+    assert acc.rdp(q, sigma, [alpha])[0] == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("q,sigma,alpha", [(1e-8, 1.0, 1.5), (1e-8, 4.0, 1024), (1e-6, 0.7, 37.5), (0.999, 0.8, 2.5)])
+def test_rdp_extreme_parameters_match_mpmath(q, sigma, alpha):
+    expected = float(log_a_mp(q, sigma, alpha) / (alpha - 1))
+    got = acc.rdp(q, sigma, [alpha])[0]
+    assert got == pytest.approx(min(expected, alpha / (2 * sigma**2)), rel=1e-8)
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+sigmas = st.floats(0.5, 8.0)
+rates = st.floats(1e-4, 0.3)
+steps = st.integers(1, 20000)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sigma=sigmas, q=rates, t=steps, factor=st.floats(1.01, 2.0))
+def test_epsilon_monotone(sigma, q, t, factor):
+    e = acc.epsilon(noise_multiplier=sigma, sample_rate=q, steps=t, delta=1e-5)
+    assert acc.epsilon(noise_multiplier=sigma * factor, sample_rate=q, steps=t, delta=1e-5) <= e
+    assert acc.epsilon(noise_multiplier=sigma, sample_rate=min(1.0, q * factor), steps=t, delta=1e-5) >= e
+    assert acc.epsilon(noise_multiplier=sigma, sample_rate=q, steps=t + 1 + int(t * (factor - 1)), delta=1e-5) >= e
+
+
+@settings(max_examples=30, deadline=None)
+@given(target=st.floats(0.3, 20.0), q=rates, t=steps)
+def test_calibrated_sigma_is_smallest_meeting_target(target, q, t):
+    sigma = acc.calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=t)
+    assert acc.epsilon(noise_multiplier=sigma, sample_rate=q, steps=t, delta=1e-5) <= target
+    # Within 0.1% of the smallest such sigma (in fact within ~1e-9).
+    assert acc.epsilon(noise_multiplier=sigma * (1 - 1e-3), sample_rate=q, steps=t, delta=1e-5) > target
+
+
+@settings(max_examples=20, deadline=None)
+@given(target=st.floats(0.5, 10.0), sigma=sigmas, q=rates)
+def test_max_steps_is_tight(target, sigma, q):
+    n = acc.max_steps(target_epsilon=target, delta=1e-5, noise_multiplier=sigma, sample_rate=q)
+    assert acc.epsilon(noise_multiplier=sigma, sample_rate=q, steps=n, delta=1e-5) <= target
+    assert acc.epsilon(noise_multiplier=sigma, sample_rate=q, steps=n + 1, delta=1e-5) > target
+
+
+def test_special_cases():
+    assert acc.rdp(0.0, 1.0, [2, 3.5]).tolist() == [0.0, 0.0]
+    assert np.isinf(acc.rdp(0.1, 0.0, [2])).all()
+    assert acc.rdp(1.0, 2.0, [3.5])[0] == pytest.approx(3.5 / 8)
+    assert math.isinf(acc.epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=1, delta=1e-5))
+    assert acc.epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=0, delta=1e-5) == 0.0
+    assert acc.calibrate_noise(target_epsilon=1.0, delta=1e-5, sample_rate=0.0, steps=10) == 0.0
+    assert acc.max_steps(target_epsilon=1.0, delta=1e-5, noise_multiplier=1.0, sample_rate=0.0) == 2**63 - 1
+
+
+def exact_epsilon_one_step(q: float, sigma: float, delta: float) -> float:
+    """The exact epsilon of ONE Poisson-subsampled Gaussian step, both neighbouring directions.
+
+    The privacy loss log(P/Q)(z) is monotone in z, so each delta(eps) is a difference of normal
+    tails at the threshold z*: no approximation beyond 30-digit arithmetic.
+    """
+    with mp.workdps(30):
+        q, s = mp.mpf(q), mp.mpf(sigma)
+
+        def tail(x):
+            return mp.ncdf(-x)
+
+        def delta_remove(e):  # P = (1-q) N(0,s^2) + q N(1,s^2) against Q = N(0,s^2)
+            if mp.exp(e) <= 1 - q:
+                return mp.mpf(1)
+            z = s * s * mp.log((mp.exp(e) - (1 - q)) / q) + mp.mpf(1) / 2
+            return (1 - q) * tail(z / s) + q * tail((z - 1) / s) - mp.exp(e) * tail(z / s)
+
+        def delta_add(e):  # Q against P
+            t = mp.exp(-e) - (1 - q)
+            if t <= 0:
+                return mp.mpf(0)
+            z = s * s * mp.log(t / q) + mp.mpf(1) / 2
+            return mp.ncdf(z / s) - mp.exp(e) * ((1 - q) * mp.ncdf(z / s) + q * mp.ncdf((z - 1) / s))
+
+        return float(mp.findroot(lambda e: max(delta_remove(e), delta_add(e)) - delta, (0.01, 40), solver="bisect"))
+
+
+@pytest.mark.parametrize("q,sigma", [(0.5, 1.0), (0.1, 0.7), (0.3, 2.0)])
+def test_rdp_bounds_the_exact_epsilon_and_gdp_underestimates_it(q, sigma):
+    kw = dict(noise_multiplier=sigma, sample_rate=q, steps=1, delta=1e-5)
+    exact = exact_epsilon_one_step(q, sigma, 1e-5)
+    # RDP is an upper bound on the truth; the CLT's GDP is below it here (hence "approximate").
+    assert exact <= acc.epsilon(**kw) <= 1.3 * exact
+    assert acc.gdp_epsilon(**kw) < 0.8 * exact
+
+
+def test_gdp_many_steps_is_below_rdp():
+    kw = dict(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14063, delta=1e-5)
+    assert 0.8 * acc.epsilon(**kw) < acc.gdp_epsilon(**kw) < acc.epsilon(**kw)
+
+
+# --- the accountant ------------------------------------------------------------------------------
+
+def test_accountant_composes_heterogeneous_steps():
+    a = acc.RDPAccountant()
+    a.step(noise_multiplier=0.4, sample_rate=1e-4, steps=40000)
+    a.step(noise_multiplier=2.0, sample_rate=0.1, steps=100)
+    orders = [1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 8.0, 16.0, 64.0]
+    expected = 40000 * acc.rdp(1e-4, 0.4, orders) + 100 * acc.rdp(0.1, 2.0, orders)
+    np.testing.assert_allclose(a.get_rdp(orders), expected, rtol=1e-12)
+    assert len(a) == 40100
+    eps, order = a.get_privacy_spent(delta=1e-5, orders=orders)
+    assert (eps, order) == acc.epsilon_from_rdp(orders, expected, 1e-5)
+
+
+def test_accountant_matches_epsilon_and_merges_steps():
+    a = acc.RDPAccountant()
+    for _ in range(100):
+        a.step(noise_multiplier=1.1, sample_rate=0.01)
+    assert len(a.history) == 1 and len(a) == 100
+    assert a.get_epsilon(1e-5) == acc.epsilon(noise_multiplier=1.1, sample_rate=0.01, steps=100, delta=1e-5)
+    assert acc.RDPAccountant().get_privacy_spent(delta=1e-5)[0] == 0.0
+
+
+def test_accountant_state_round_trips_through_json():
+    a = acc.RDPAccountant()
+    a.step(noise_multiplier=1.1, sample_rate=0.01, steps=7)
+    a.step(noise_multiplier=0.9, sample_rate=0.02, steps=3)
+    b = acc.RDPAccountant()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.history == a.history
+    assert b.get_epsilon(1e-5) == a.get_epsilon(1e-5)
+    with pytest.raises(ValueError, match="state"):
+        b.load_state_dict({"mechanism": "gdp", "history": []})
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: acc.rdp(1.5, 1.0), "sample_rate"),
+        (lambda: acc.rdp(-0.1, 1.0), "sample_rate"),
+        (lambda: acc.rdp(float("nan"), 1.0), "sample_rate"),
+        (lambda: acc.rdp(0.1, -1.0), "noise_multiplier"),
+        (lambda: acc.rdp(0.1, float("nan")), "noise_multiplier"),
+        (lambda: acc.rdp(0.1, 1.0, [0.5, 2]), "orders"),
+        (lambda: acc.rdp(0.1, 1.0, []), "orders"),
+        (lambda: acc.epsilon(noise_multiplier=1, sample_rate=0.1, steps=-1, delta=1e-5), "steps"),
+        (lambda: acc.epsilon(noise_multiplier=1, sample_rate=0.1, steps=10, delta=0.0), "delta"),
+        (lambda: acc.epsilon(noise_multiplier=1, sample_rate=0.1, steps=10, delta=1.0), "delta"),
+        (lambda: acc.epsilon(noise_multiplier=1, sample_rate=0.1, steps=10, delta=1e-5, conversion="x"), "conversion"),
+        (lambda: acc.calibrate_noise(target_epsilon=0, delta=1e-5, sample_rate=0.1, steps=10), "target_epsilon"),
+        (lambda: acc.calibrate_noise(target_epsilon=float("inf"), delta=1e-5, sample_rate=0.1, steps=10),
+         "target_epsilon"),
+        (lambda: acc.RDPAccountant().step(noise_multiplier=1.0, sample_rate=2.0), "sample_rate"),
+        (lambda: acc.RDPAccountant().get_epsilon(delta=2.0), "delta"),
+    ],
+)
+def test_bad_input_names_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_steps_must_be_an_integer():
+    with pytest.raises(TypeError, match="steps"):
+        acc.epsilon(noise_multiplier=1, sample_rate=0.1, steps=2.5, delta=1e-5)
