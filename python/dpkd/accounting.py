@@ -34,6 +34,7 @@ __all__ = [
     "epsilon_from_rdp",
     "gdp_epsilon",
     "max_steps",
+    "privacy_spent",
     "rdp",
 ]
 
@@ -75,6 +76,21 @@ def epsilon_from_rdp(
     return _C.epsilon_from_rdp(_orders(orders), [float(r) for r in np.atleast_1d(rdp)], float(delta), conversion)
 
 
+def privacy_spent(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    orders: Iterable[float] | None = None,
+    conversion: Conversion = "improved",
+) -> tuple[float, float]:
+    """(epsilon, best order) after ``steps`` identical DP-SGD steps (RDP accounting)."""
+    return _C.epsilon(
+        float(noise_multiplier), float(sample_rate), _steps(steps), float(delta), _orders(orders), conversion
+    )
+
+
 def epsilon(
     *,
     noise_multiplier: float,
@@ -84,11 +100,11 @@ def epsilon(
     orders: Iterable[float] | None = None,
     conversion: Conversion = "improved",
 ) -> float:
-    """Epsilon after ``steps`` identical DP-SGD steps (RDP accounting)."""
-    eps, _ = _C.epsilon(
-        float(noise_multiplier), float(sample_rate), _steps(steps), float(delta), _orders(orders), conversion
-    )
-    return eps
+    """Epsilon after ``steps`` identical DP-SGD steps (RDP accounting): an upper bound."""
+    return privacy_spent(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta,
+        orders=orders, conversion=conversion,
+    )[0]
 
 
 def calibrate_noise(

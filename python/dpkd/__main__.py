@@ -1,0 +1,90 @@
+"""Command line: ``python -m dpkd budget ...`` (privacy-budget report)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import accounting
+
+
+def _budget(args: argparse.Namespace) -> int:
+    q, steps, delta = args.sample_rate, args.steps, args.delta
+    if args.target_epsilon is not None:
+        noise = accounting.calibrate_noise(target_epsilon=args.target_epsilon, delta=delta, sample_rate=q, steps=steps)
+        print(f"noise multiplier for epsilon <= {args.target_epsilon:g}: {noise:.6f}")
+    elif args.noise_multiplier is not None:
+        noise = args.noise_multiplier
+    else:
+        raise ValueError("give --noise-multiplier, or --target-epsilon to calibrate it")
+    eps, order = accounting.privacy_spent(noise_multiplier=noise, sample_rate=q, steps=steps, delta=delta)
+    gdp = accounting.gdp_epsilon(noise_multiplier=noise, sample_rate=q, steps=steps, delta=delta)
+    print(f"noise multiplier {noise:g}, sample rate {q:g}, {steps} steps, delta {delta:g}")
+    print(f"epsilon (RDP, improved conversion): {eps:.4f}  best order {order:g}")
+    print(f"epsilon (GDP via CLT, APPROXIMATE, may under-estimate): {gdp:.4f}")
+    if args.plot:
+        _plot(args.plot, noise, q, steps, delta)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot(path: str, noise: float, q: float, steps: int, delta: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+    import numpy as np
+
+    ts = np.unique(np.linspace(1, max(steps, 1), 60).astype(int))
+    rdp_eps = [accounting.epsilon(noise_multiplier=noise, sample_rate=q, steps=int(t), delta=delta) for t in ts]
+    gdp_eps = [accounting.gdp_epsilon(noise_multiplier=noise, sample_rate=q, steps=int(t), delta=delta) for t in ts]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ts, rdp_eps, label="RDP (upper bound)")
+    ax.plot(ts, gdp_eps, "--", label="GDP via CLT (approximate)")
+    ax.set_xlabel("steps")
+    ax.set_ylabel(f"epsilon at delta = {delta:g}")
+    ax.set_title(f"noise multiplier {noise:g}, sample rate {q:g}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpkd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    budget = sub.add_parser(
+        "budget",
+        help="epsilon of a DP-SGD run, or the noise multiplier for a target epsilon",
+        description="Privacy budget of Poisson-subsampled DP-SGD: epsilon by RDP (an upper bound) and by GDP "
+        "(an approximation), or with --target-epsilon the smallest noise multiplier that meets it.",
+    )
+    budget.add_argument("--noise-multiplier", type=float, help="sigma: noise std divided by the clipping norm")
+    budget.add_argument("--sample-rate", type=float, required=True, help="q: expected batch size / dataset size")
+    budget.add_argument("--steps", type=_positive_int, required=True, help="number of DP-SGD steps")
+    budget.add_argument("--delta", type=float, required=True, help="delta, e.g. 1e-5 (below 1/dataset size)")
+    budget.add_argument("--target-epsilon", type=float, help="calibrate the noise multiplier for this epsilon")
+    budget.add_argument("--plot", metavar="FILE.png", help="draw epsilon against steps into FILE.png")
+    budget.set_defaults(run=_budget)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as e:
+        print(f"{args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
