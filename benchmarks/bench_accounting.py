@@ -1,0 +1,107 @@
+"""Accounting speed and agreement: dpkd against Opacus and dp_accounting on the same inputs.
+
+    python benchmarks/bench_accounting.py
+
+Peers are timed only when importable (pip install opacus dp-accounting). Each cell is the median
+of several runs; ratios are peer time / dpkd time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+from dpkd import accounting
+
+CASES = [  # (noise multiplier, sample rate, steps, delta)
+    (1.1, 256 / 60000, 14063, 1e-5),
+    (1.5, 0.04, 2250, 1e-5),
+    (1.0, 0.01, 10000, 1e-5),
+]
+CALIBRATION = [  # (target epsilon, sample rate, steps, delta)
+    (8.0, 0.04, 2250, 1e-5),
+    (2.0, 0.01, 10000, 1e-5),
+    (1.0, 0.001, 10000, 1e-6),
+]
+
+
+def timed(fn: Callable[[], float], repeat: int = 5) -> tuple[float, float]:
+    """(value, median seconds)."""
+    times, value = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - t0)
+    return value, statistics.median(times)
+
+
+def peers():
+    found = {}
+    try:
+        from opacus.accountants.analysis import rdp as opacus_rdp
+        from opacus.accountants.utils import get_noise_multiplier
+
+        def opacus_eps(sigma, q, steps, delta):
+            orders = list(accounting.DEFAULT_ORDERS)
+            r = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+            return float(opacus_rdp.get_privacy_spent(orders=orders, rdp=r, delta=delta)[0])
+
+        def opacus_cal(eps, q, steps, delta):
+            return get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps)
+
+        found["Opacus"] = (opacus_eps, opacus_cal)
+    except ImportError:
+        pass
+    try:
+        import dp_accounting as dpa
+        from dp_accounting.rdp import rdp_privacy_accountant as dpa_rdp
+
+        def event(sigma, q, steps):
+            return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+
+        def dpa_eps(sigma, q, steps, delta):
+            acc = dpa_rdp.RdpAccountant(list(accounting.DEFAULT_ORDERS))
+            acc.compose(event(sigma, q, steps))
+            return float(acc.get_epsilon(delta))
+
+        def dpa_cal(eps, q, steps, delta):
+            return dpa.calibrate_dp_mechanism(
+                lambda: dpa_rdp.RdpAccountant(list(accounting.DEFAULT_ORDERS)),
+                lambda sigma: event(sigma, q, steps),
+                eps, delta,
+            )
+
+        found["dp_accounting"] = (dpa_eps, dpa_cal)
+    except ImportError:
+        pass
+    return found
+
+
+def main() -> None:
+    others = peers()
+    print("epsilon (RDP, default order grid of 156 orders; improved conversion)")
+    print(f"{'sigma':>6} {'q':>9} {'steps':>6} | {'dpkd eps':>10} {'ms':>7}" +
+          "".join(f" | {name + ' eps':>18} {'ms':>7} {'x':>6}" for name in others))
+    for sigma, q, steps, delta in CASES:
+        ours, t = timed(lambda: accounting.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta))
+        row = f"{sigma:>6} {q:>9.6f} {steps:>6} | {ours:>10.5f} {t * 1e3:>7.2f}"
+        for eps_fn, _ in others.values():
+            theirs, t2 = timed(lambda: eps_fn(sigma, q, steps, delta), repeat=3)
+            row += f" | {theirs:>18.5f} {t2 * 1e3:>7.2f} {t2 / t:>6.1f}"
+        print(row)
+    print()
+    print("calibrate_noise (smallest sigma with epsilon <= target)")
+    print(f"{'eps':>5} {'q':>7} {'steps':>6} | {'dpkd sigma':>11} {'ms':>7}" +
+          "".join(f" | {name + ' sigma':>20} {'ms':>8} {'x':>6}" for name in others))
+    for eps, q, steps, delta in CALIBRATION:
+        ours, t = timed(lambda: accounting.calibrate_noise(target_epsilon=eps, delta=delta, sample_rate=q, steps=steps))
+        row = f"{eps:>5} {q:>7} {steps:>6} | {ours:>11.6f} {t * 1e3:>7.2f}"
+        for _, cal_fn in others.values():
+            theirs, t2 = timed(lambda: cal_fn(eps, q, steps, delta), repeat=1)
+            row += f" | {theirs:>20.6f} {t2 * 1e3:>8.1f} {t2 / t:>6.0f}"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
