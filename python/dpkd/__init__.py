@@ -2,8 +2,32 @@
 
 import torch  # noqa: F401  (loads libtorch, which dpkd._C links against)
 
-from . import accounting
+from . import _ops, accounting, losses
 from ._C import with_cuda
+from .losses import (
+    TokenStats,
+    distill_loss,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    token_stats,
+    tvd,
+)
 
-__all__ = ["accounting", "with_cuda"]
+__all__ = [
+    "TokenStats",
+    "accounting",
+    "distill_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "losses",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "token_stats",
+    "tvd",
+    "with_cuda",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,54 @@
+// Fused distillation objectives on the CPU: per-row losses, statistics and gradients from raw
+// student and teacher logits, without [N, V] temporaries.
+#pragma once
+
+#include <cstdint>
+
+#include "distill/row_math.h"
+
+namespace dpkd::distill {
+
+// Storage tags for the 16-bit dtypes (bit patterns as uint16_t).
+struct BFloat16 { uint16_t bits; };
+struct Float16 { uint16_t bits; };
+
+struct RowOptions {
+  ObjectiveParams objective;
+  float temperature = 1.f;         // divides both models' logits (after standardization)
+  bool standardize = false;        // z-score each row (over its finite entries) before the temperature
+  float standardize_eps = 1e-6f;   // z = (z - mean) / (std + eps)
+  float hard_label_weight = 0.f;   // w: loss = (1 - w) D + w CE(raw student logits, label)
+  int64_t ignore_index = -100;     // rows with this label carry no loss and no gradient
+  float teacher_mix = 1.f;         // TAID: the teacher's logits become mix z_t + (1 - mix) z_s
+};
+
+// Per-token statistics, columns of the [N, kNumStats] output.
+enum Stat : int { kStudentEntropy = 0, kTeacherEntropy, kDivergence, kStudentLabelLogprob, kTeacherLabelLogprob, kNumStats };
+
+// Per-row scalars saved by the forward pass for the backward pass.
+inline constexpr int kRowState = 16;
+
+// Row-major [n_rows, vocab] views; a row stride in elements lets callers pass views. The teacher's
+// vocabulary may differ from the student's: missing columns are -inf (probability 0).
+template <typename T>
+struct Logits {
+  const T* data;
+  int64_t vocab;
+  int64_t row_stride;
+};
+
+// loss[i]: (1 - w) D_i + w CE_i, 0 where labels[i] == ignore_index. stats: [n, kNumStats] (label
+// statistics NaN without a label; the student/teacher entropy is NaN where that row holds NaN or
+// +inf, which callers report). row_state: [n, kRowState]. labels may be null.
+template <typename T>
+void forward(int64_t n_rows, Logits<T> student, Logits<T> teacher, const int64_t* labels, const RowOptions& options,
+             float* loss, float* stats, float* row_state);
+
+// grad_student[i, :] = grad_loss[i] * d loss_i / d student[i, :], in the student's dtype, with the row
+// stride of `grad_student_stride`. grad_student may alias student.data (in place): each element is
+// read before it is written and row reductions come first.
+template <typename T>
+void backward(int64_t n_rows, const float* grad_loss, Logits<T> student, Logits<T> teacher, const int64_t* labels,
+              const float* row_state, const RowOptions& options, T* grad_student, int64_t grad_student_stride);
+
+}  // namespace dpkd::distill

@@ -1,0 +1,144 @@
+// The distillation ops: schema (TORCH_LIBRARY, once), tensor checks, and dispatch to the CPU core
+// or the CUDA kernels. Python registers fake kernels and autograd (python/dpkd/_ops.py).
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include <string>
+
+#include "distill/objectives.h"
+#ifdef DPKD_WITH_CUDA
+#include "distill_cuda.h"
+#endif
+
+namespace dpkd::distill {
+namespace {
+
+Divergence parse_divergence(const std::string& name) {
+  if (name == "forward_kl") return Divergence::kForwardKL;
+  if (name == "reverse_kl") return Divergence::kReverseKL;
+  if (name == "jsd") return Divergence::kJSD;
+  if (name == "skew_kl") return Divergence::kSkewKL;
+  if (name == "skew_reverse_kl") return Divergence::kSkewReverseKL;
+  if (name == "tvd") return Divergence::kTVD;
+  TORCH_CHECK_VALUE(false, "divergence must be one of forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd; got '",
+                    name, "'");
+}
+
+RowOptions make_options(const std::string& divergence, double beta, double alpha, double temperature,
+                        double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(teacher_mix >= 0 && teacher_mix <= 1, "teacher_mix must be in [0, 1], got ", teacher_mix);
+  TORCH_CHECK_VALUE(hard_label_weight >= 0 && hard_label_weight <= 1, "hard_label_weight must be in [0, 1], got ",
+                    hard_label_weight);
+  RowOptions o;
+  o.objective = make_objective(parse_divergence(divergence), beta, alpha);
+  o.temperature = static_cast<float>(temperature);
+  o.teacher_mix = static_cast<float>(teacher_mix);
+  o.standardize = standardize;
+  o.hard_label_weight = static_cast<float>(hard_label_weight);
+  o.ignore_index = ignore_index;
+  return o;
+}
+
+// 2-D logits with unit column stride; labels int64 [N] in range (or ignore_index).
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                  const RowOptions& o) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be 2-D here, got ", student.dim(), "-D");
+  TORCH_CHECK_VALUE(teacher.dim() == 2, "teacher_logits must be 2-D here, got ", teacher.dim(), "-D");
+  TORCH_CHECK_VALUE(student.size(0) == teacher.size(0), "teacher_logits has ", teacher.size(0),
+                    " rows but student_logits has ", student.size(0));
+  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "teacher_logits has dtype ", teacher.scalar_type(),
+                   " but student_logits has ", student.scalar_type());
+  TORCH_CHECK_VALUE(student.device() == teacher.device(), "teacher_logits is on ", teacher.device(),
+                    " but student_logits is on ", student.device());
+  TORCH_CHECK_VALUE(o.teacher_mix == 1.f || student.size(1) == teacher.size(1),
+                    "teacher_mix (TAID) needs equal vocabularies");
+  if (labels) {
+    TORCH_CHECK_TYPE(labels->scalar_type() == at::kLong, "labels must be int64, got ", labels->scalar_type());
+    TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == student.size(0), "labels must have shape [",
+                      student.size(0), "], got ", labels->sizes());
+    if (labels->numel() > 0) {
+      const auto valid = labels->ne(o.ignore_index);
+      const bool in_range = at::logical_or(valid.logical_not(),
+                                           labels->ge(0).logical_and(labels->lt(student.size(1)))).all().item<bool>();
+      TORCH_CHECK_VALUE(in_range, "labels must be in [0, ", student.size(1), ") or ignore_index (", o.ignore_index, ")");
+    }
+  }
+}
+
+at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+template <class F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(BFloat16{}); break;
+    case at::kHalf: f(Float16{}); break;
+    default: TORCH_CHECK_TYPE(false, "student_logits must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+template <class T>
+Logits<T> view(const at::Tensor& t) {
+  return {reinterpret_cast<const T*>(t.data_ptr()), t.size(1), t.stride(0)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
+    const at::Tensor& student_in, const at::Tensor& teacher_in, const std::optional<at::Tensor>& labels_in,
+    const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
+    bool standardize, double hard_label_weight, int64_t ignore_index) {
+  const RowOptions o = make_options(divergence, beta, alpha, temperature, teacher_mix, standardize,
+                                    hard_label_weight, ignore_index);
+  check_inputs(student_in, teacher_in, labels_in, o);
+  const at::Tensor student = rows_contiguous(student_in), teacher = rows_contiguous(teacher_in);
+  const at::Tensor labels = labels_in ? labels_in->contiguous() : at::Tensor();
+  const int64_t n = student.size(0);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({n}, f32), stats = at::empty({n, kNumStats}, f32), state = at::empty({n, kRowState}, f32);
+  dispatch_dtype(student.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    forward<T>(n, view<T>(student), view<T>(teacher), labels.defined() ? labels.data_ptr<int64_t>() : nullptr, o,
+               loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>());
+  });
+  return {loss, stats, state};
+}
+
+at::Tensor distill_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                const std::optional<at::Tensor>& labels_in, const at::Tensor& row_state,
+                                const std::string& divergence, double beta, double alpha, double temperature,
+                                double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
+  const RowOptions o = make_options(divergence, beta, alpha, temperature, teacher_mix, standardize,
+                                    hard_label_weight, ignore_index);
+  check_inputs(student_in, teacher_in, labels_in, o);
+  const at::Tensor student = rows_contiguous(student_in), teacher = rows_contiguous(teacher_in);
+  const at::Tensor labels = labels_in ? labels_in->contiguous() : at::Tensor();
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
+  at::Tensor grad = at::empty_like(student, at::MemoryFormat::Contiguous);
+  dispatch_dtype(student.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    backward<T>(student.size(0), g.data_ptr<float>(), view<T>(student), view<T>(teacher),
+                labels.defined() ? labels.data_ptr<int64_t>() : nullptr, state.data_ptr<float>(), o,
+                reinterpret_cast<T*>(grad.data_ptr()), grad.stride(0));
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace dpkd::distill
+
+TORCH_LIBRARY(dpkd, m) {
+  m.def("distill_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, float beta, float alpha, "
+        "float temperature, float teacher_mix, bool standardize, float hard_label_weight, int ignore_index) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor row_state, "
+        "str divergence, float beta, float alpha, float temperature, float teacher_mix, bool standardize, "
+        "float hard_label_weight, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dpkd, CPU, m) {
+  m.impl("distill_forward", &dpkd::distill::distill_forward_cpu);
+  m.impl("distill_backward", &dpkd::distill::distill_backward_cpu);
+}

@@ -1,0 +1,56 @@
+"""Registration glue for the compiled ops: fake (meta) kernels, so torch.compile traces the ops without
+graph breaks, and autograd formulas. The ops themselves are defined once, in C++, with TORCH_LIBRARY
+(csrc/torch/distill_ops.cpp); importing dpkd._C registers them."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.dpkd.*)
+
+# Per-row scalars the forward pass saves for the backward pass (see csrc/core/distill/objectives.h).
+ROW_STATE = 16
+N_STATS = 5
+
+
+@torch.library.register_fake("dpkd::distill_forward")
+def _distill_forward_fake(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix,
+                          standardize, hard_label_weight, ignore_index):
+    n = student.shape[0]
+    f32 = dict(dtype=torch.float32, device=student.device)
+    return student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32), student.new_empty(n, ROW_STATE, **f32)
+
+
+@torch.library.register_fake("dpkd::distill_backward")
+def _distill_backward_fake(grad_loss, student, teacher, labels, row_state, divergence, beta, alpha, temperature,
+                           teacher_mix, standardize, hard_label_weight, ignore_index):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, *options = inputs
+    ctx.options = options
+    ctx.save_for_backward(student, teacher, labels, output[2])
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_state):
+    student, teacher, labels, row_state = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        grad_student = torch.ops.dpkd.distill_backward(grad_loss.float().contiguous(), student, teacher, labels,
+                                                       row_state, *ctx.options)
+    if ctx.needs_input_grad[1]:
+        raise NotImplementedError("the fused distillation ops do not compute a gradient for teacher_logits; "
+                                  "detach the teacher logits")
+    return (grad_student, None, None) + (None,) * len(ctx.options)
+
+
+torch.library.register_autograd("dpkd::distill_forward", _backward, setup_context=_setup_context)
+
+
+def distill(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+            hard_label_weight, ignore_index):
+    """(per-row loss [N], statistics [N, 5]) for 2-D logits; differentiable in the student logits."""
+    loss, stats, _ = torch.ops.dpkd.distill_forward(student, teacher, labels, divergence, beta, alpha, temperature,
+                                                    teacher_mix, standardize, hard_label_weight, ignore_index)
+    return loss, stats

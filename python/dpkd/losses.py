@@ -1,0 +1,283 @@
+"""Fused distillation objectives on logits.
+
+Every objective runs in one kernel family (C++ on the CPU, CUDA on the GPU) that reads the student and
+teacher logits row by row, never builds an extra [N, V] tensor, and returns per-token losses together
+with per-token statistics (student entropy, teacher entropy, the divergence, log q[label], log p[label]).
+The backward pass recomputes the gradient from the logits and a few saved per-row scalars.
+
+Conventions (DESIGN.md): student first, teacher second; logits [N, V] or [B, T, V] in fp32, bf16 or fp16;
+fp32 accumulation; gradients in the student's dtype; temperature divides both models' logits and the
+loss is NOT multiplied by T^2 unless ``scale_by_temperature_squared=True`` (TRL and Liger do not).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from . import _ops
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+Reduction = Literal["none", "sum", "mean", "batchmean"]
+
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean", "batchmean")
+
+__all__ = [
+    "DIVERGENCES",
+    "TokenStats",
+    "distill_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "token_stats",
+    "tvd",
+]
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics, shaped like the logits without the vocabulary dimension (fp32).
+
+    Entropies and the divergence are at the loss's temperature. ``student_label_logprob`` and
+    ``teacher_label_logprob`` are NaN where no label is given or the label is ``ignore_index``.
+    """
+
+    student_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor
+    divergence: torch.Tensor
+    student_label_logprob: torch.Tensor
+    teacher_label_logprob: torch.Tensor
+
+
+def _check(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    *,
+    divergence: str,
+    beta: float,
+    alpha: float,
+    temperature: float,
+    reduction: str,
+    hard_label_weight: float,
+    allow_vocab_mismatch: bool,
+) -> None:
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{name} must be [N, V] or [B, T, V], got shape {tuple(t.shape)}")
+    s, t = student_logits, teacher_logits
+    if s.device != t.device:
+        raise ValueError(f"teacher_logits is on {t.device} but student_logits is on {s.device}")
+    if s.dtype != t.dtype:
+        raise TypeError(f"teacher_logits has dtype {t.dtype} but student_logits has {s.dtype}")
+    if s.shape[:-1] != t.shape[:-1]:
+        raise ValueError(f"teacher_logits has shape {tuple(t.shape)}, student_logits {tuple(s.shape)}: "
+                         "all but the vocabulary dimension must match")
+    if s.shape[-1] != t.shape[-1] and not allow_vocab_mismatch:
+        raise ValueError(f"vocabulary sizes differ (student_logits {s.shape[-1]}, teacher_logits {t.shape[-1]}); "
+                         "pass allow_vocab_mismatch=True to treat the missing columns as probability 0")
+    if s.shape[-1] == 0 or t.shape[-1] == 0:
+        raise ValueError("student_logits and teacher_logits need a vocabulary dimension of at least 1")
+    lead = tuple(s.shape[:-1])
+    for name, extra in (("labels", labels), ("mask", mask), ("weights", weights)):
+        if extra is None:
+            continue
+        if not isinstance(extra, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(extra).__name__}")
+        if tuple(extra.shape) != lead:
+            raise ValueError(f"{name} must have shape {lead} (the logits without the vocabulary), got {tuple(extra.shape)}")
+        if extra.device != s.device:
+            raise ValueError(f"{name} is on {extra.device} but student_logits is on {s.device}")
+    if labels is not None and labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, got {mask.dtype}")
+    if weights is not None and not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating tensor, got {weights.dtype}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= hard_label_weight <= 1.0:
+        raise ValueError(f"hard_label_weight must be in [0, 1], got {hard_label_weight}")
+    if hard_label_weight > 0 and labels is None:
+        raise ValueError("hard_label_weight > 0 needs labels")
+
+
+def _fused(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    divergence: str,
+    beta: float,
+    alpha: float,
+    temperature: float,
+    teacher_mix: float,
+    standardize: bool,
+    hard_label_weight: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported."""
+    lead = student_logits.shape[:-1]
+    s2 = student_logits.reshape(-1, student_logits.shape[-1])
+    t2 = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    l1 = None if labels is None else labels.reshape(-1).to(torch.int64)
+    t2 = t2.detach()  # no gradient flows into the teacher
+    loss, stats = _ops.distill(
+        s2, t2, l1, divergence, float(beta), float(alpha), float(temperature), float(teacher_mix),
+        bool(standardize), float(hard_label_weight), int(ignore_index),
+    )
+    if not torch.compiler.is_compiling():
+        # The kernels see NaN (and +inf) as NaN row statistics; name the culprit instead of returning NaN.
+        for column, name in ((0, "student_logits"), (1, "teacher_logits")):
+            if torch.isnan(stats[:, column]).any():
+                row = int(torch.isnan(stats[:, column]).nonzero()[0, 0])
+                raise ValueError(f"{name} contains NaN or +inf (first in flattened row {row})")
+    return loss.reshape(lead), stats.reshape(*lead, 5)
+
+
+def _reduce(per_token: torch.Tensor, valid: torch.Tensor | None, weights: torch.Tensor | None,
+            reduction: str) -> torch.Tensor:
+    if weights is not None:
+        per_token = per_token * weights.to(per_token.dtype)
+    if valid is not None:
+        per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / max(per_token.shape[0], 1)
+    count = valid.sum() if valid is not None else torch.tensor(per_token.numel(), device=per_token.device)
+    return total / count.clamp(min=1)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    hard_label_weight: float = 0.0,
+    standardize: bool = False,
+    scale_by_temperature_squared: bool = False,
+    allow_vocab_mismatch: bool = False,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """Token-level distillation loss between student and teacher logits.
+
+    Args:
+        student_logits: [N, V] or [B, T, V] logits of the model being trained.
+        teacher_logits: the teacher's logits, same shape (V may differ with ``allow_vocab_mismatch``:
+            the missing columns then have probability 0). No gradient flows into them.
+        divergence: ``forward_kl`` KL(p||q), ``reverse_kl`` KL(q||p), ``jsd`` the generalized JSD
+            beta KL(p||m) + (1-beta) KL(q||m) with m = beta p + (1-beta) q (beta = 0 is forward KL and
+            beta = 1 reverse KL, as in TRL), ``skew_kl`` KL(p || alpha p + (1-alpha) q),
+            ``skew_reverse_kl`` KL(q || (1-alpha) p + alpha q), ``tvd`` total variation.
+            p is the teacher's distribution and q the student's, both at ``temperature``.
+        labels: token ids [N] or [B, T]; ``ignore_index`` marks tokens without loss. Needed for
+            ``hard_label_weight`` and the label statistics.
+        mask: optional bool [N] or [B, T]: False tokens carry no loss (combined with labels).
+        weights: optional per-token weights (e.g. from :mod:`dpkd.select`), multiplied in.
+        reduction: ``none`` (per-token, zeros at invalid tokens), ``sum``, ``mean`` (over valid tokens)
+            or ``batchmean`` (sum / first dimension, as :func:`torch.nn.functional.kl_div`).
+        hard_label_weight: w in (1 - w) divergence + w cross_entropy(student at temperature 1, labels).
+        standardize: z-score each row of both models' logits before the temperature (logit
+            standardization).
+        scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.).
+        return_stats: also return :class:`TokenStats`.
+    """
+    _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
+           temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
+           allow_vocab_mismatch=allow_vocab_mismatch)
+    per_token, stats = _fused(
+        student_logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
+        temperature=temperature, teacher_mix=1.0, standardize=standardize, hard_label_weight=hard_label_weight,
+        ignore_index=ignore_index,
+    )
+    if scale_by_temperature_squared and temperature != 1.0:
+        per_token = per_token * (temperature * temperature)
+    valid = mask
+    if labels is not None:
+        valid = labels != ignore_index if valid is None else valid & (labels != ignore_index)
+    loss = _reduce(per_token, valid, weights, reduction)
+    if return_stats:
+        return loss, TokenStats(*stats.unbind(-1))
+    return loss
+
+
+def token_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: Divergence = "forward_kl",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    allow_vocab_mismatch: bool = False,
+) -> TokenStats:
+    """Per-token statistics (no gradient): the forward pass of :func:`distill_loss` without a loss."""
+    with torch.no_grad():
+        _, stats = distill_loss(student_logits, teacher_logits, divergence=divergence, labels=labels,
+                                ignore_index=ignore_index, temperature=temperature, beta=beta, alpha=alpha,
+                                allow_vocab_mismatch=allow_vocab_mismatch, reduction="none", return_stats=True)
+    return stats
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kwargs) -> torch.Tensor:
+    """KL(p_teacher || q_student): see :func:`distill_loss` for the keyword arguments."""
+    return distill_loss(student_logits, teacher_logits, divergence="forward_kl", **kwargs)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kwargs) -> torch.Tensor:
+    """KL(q_student || p_teacher): see :func:`distill_loss`."""
+    return distill_loss(student_logits, teacher_logits, divergence="reverse_kl", **kwargs)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    **kwargs) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence JSD(beta) (TRL's generalized_jsd_loss semantics)."""
+    return distill_loss(student_logits, teacher_logits, divergence="jsd", beta=beta, **kwargs)
+
+
+def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
+            **kwargs) -> torch.Tensor:
+    """Skew KL: KL(p || alpha p + (1 - alpha) q)."""
+    return distill_loss(student_logits, teacher_logits, divergence="skew_kl", alpha=alpha, **kwargs)
+
+
+def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
+                    **kwargs) -> torch.Tensor:
+    """Skew reverse KL: KL(q || (1 - alpha) p + alpha q)."""
+    return distill_loss(student_logits, teacher_logits, divergence="skew_reverse_kl", alpha=alpha, **kwargs)
+
+
+def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Total variation distance 1/2 sum |p - q|."""
+    return distill_loss(student_logits, teacher_logits, divergence="tvd", **kwargs)
