@@ -8,9 +8,22 @@
 namespace dpkd::distill {
 namespace {
 
-// Rows are streamed in tiles that stay in L1; Eigen vectorises the exponentials over a tile.
-constexpr int64_t kTile = 512;
-using ArrayMap = Eigen::Map<Eigen::ArrayXf>;
+// Rows are streamed in fixed-size tiles that stay in L1 (a short last tile is padded with -inf, which
+// every formula masks); Eigen vectorises the shared row math over a tile.
+constexpr int64_t kTile = 256;
+using Tile = Eigen::Array<float, kTile, 1>;
+
+// The row-math policy over whole tiles (see ScalarMath in row_math.h).
+struct TileMath {
+  static Tile exp(const Tile& x) { return x.exp(); }
+  static Tile log1p(const Tile& x) { return x.log1p(); }
+  static Tile max(const Tile& a, const Tile& b) { return a.max(b); }
+  static Tile min(const Tile& a, const Tile& b) { return a.min(b); }
+  static Tile abs(const Tile& x) { return x.abs(); }
+  static Tile sign(const Tile& x) { return x.sign(); }
+  template <class C>
+  static Tile select(const C& c, const Tile& a, const Tile& b) { return c.select(a, b); }
+};
 
 inline float load(float v) { return v; }
 inline float load(BFloat16 v) { return bf16_to_float(v.bits); }
@@ -24,27 +37,28 @@ enum State : int {
   kMaxS = 0, kLogSumS, kMaxT, kLogSumT, kQG, kMeanS, kScaleS, kMeanT, kScaleT, kStdS, kCountS, kRawMax, kRawLogSum,
 };
 
-// out = exp((x - max) - log_sum), exactly 0 where x = -inf. The two shifts stay apart: max + log_sum
-// rounded to float would cost ulp(max) of relative accuracy (1e-3 at logits of 1e4). Eigen's vectorised exp clamps its argument at about
-// -88, so exp(-inf) would come out as ~1e-38 and a padded column would get a probability.
-inline void exp_shifted(const float* x, float max, float log_sum, float* out, int64_t len) {
-  const ArrayMap a(const_cast<float*>(x), len);
-  ArrayMap(out, len) = (a > -INFINITY).select(((a - max) - log_sum).exp(), 0.f);
+// exp((x - max) - log_sum), exactly 0 where x = -inf. Eigen's vectorised exp clamps its argument near
+// -88, so exp(-inf) would come out as ~1e-38 and a padded column would get a probability. The two
+// shifts stay apart: max + log_sum rounded to float would cost ulp(max) (1e-3 at logits of 1e4).
+// (Eigen 3.4 evaluates select() coefficient by coefficient: the exp is evaluated into a tile first so
+// that it stays vectorised.)
+inline Tile probabilities(const Tile& x, float max, float log_sum) {
+  const Tile e = ((x - max) - log_sum).exp();
+  return (x > -INFINITY).select(e, 0.f);
 }
 
 // Online log-sum-exp over tiles: the running max is a data value, the sum is kept in double.
 struct OnlineLse {
   float max = -INFINITY;
   double sum = 0.0;
-  void add(const float* x, int64_t len) {
-    const ArrayMap a(const_cast<float*>(x), len);
-    const float m = a.maxCoeff();
+  void add(const Tile& x) {
+    const float m = x.maxCoeff();
     if (!(m > -INFINITY)) return;
     if (m > max) {
       sum *= std::exp(static_cast<double>(max) - m);
       max = m;
     }
-    sum += static_cast<double>((a > -INFINITY).select((a - max).exp(), 0.f).sum());
+    sum += static_cast<double>(probabilities(x, max, 0.f).sum());
   }
   float log_sum() const { return static_cast<float>(std::log(sum)); }
 };
@@ -53,7 +67,7 @@ struct OnlineLse {
 struct FiniteMoments {
   double shift = 0.0, sum = 0.0, sum_sq = 0.0;
   int64_t count = 0;
-  void add(const float* z, int64_t len) {
+  void add(const Tile& z, int64_t len) {
     for (int64_t k = 0; k < len; ++k) {
       if (!std::isfinite(z[k])) continue;
       if (count == 0) shift = z[k];
@@ -72,7 +86,7 @@ struct FiniteMoments {
 };
 
 // One row's raw inputs, tile by tile: student logits z_s and the teacher's (TAID-mixed) logits z_t,
-// -inf beyond each model's vocabulary.
+// -inf beyond each model's vocabulary and beyond the tile's end.
 template <class T>
 struct Row {
   const T* s;
@@ -81,24 +95,28 @@ struct Row {
   float mix;
   bool bad_s = false, bad_t = false;  // NaN or +inf seen
 
-  void read(int64_t j0, int64_t len, float* zs, float* zt) {
-    for (int64_t k = 0; k < len; ++k) {
-      const int64_t j = j0 + k;
-      const float a = j < vs ? load(s[j]) : -INFINITY;
-      float b = j < vt ? load(t[j]) : -INFINITY;
-      bad_s |= !(a < INFINITY);
-      bad_t |= !(b < INFINITY);
-      if (mix != 1.f) b = mix == 0.f ? a : mix * b + (1.f - mix) * a;
-      zs[k] = a;
-      zt[k] = b;
+  int64_t read(int64_t j0, Tile& zs, Tile& zt) {
+    const int64_t len = std::min(kTile, width - j0);
+    if (j0 + kTile <= vs && j0 + kTile <= vt) {
+      // Interior tile: a branch-free, vectorisable copy; NaN/+inf found through a NaN-propagating max.
+      for (int64_t k = 0; k < kTile; ++k) zs[k] = load(s[j0 + k]);
+      for (int64_t k = 0; k < kTile; ++k) zt[k] = load(t[j0 + k]);
+      bad_s |= !(zs.maxCoeff<Eigen::PropagateNaN>() < INFINITY);
+      bad_t |= !(zt.maxCoeff<Eigen::PropagateNaN>() < INFINITY);
+    } else {
+      for (int64_t k = 0; k < kTile; ++k) {
+        const int64_t j = j0 + k;
+        const float a = j < vs ? load(s[j]) : -INFINITY, b = j < vt ? load(t[j]) : -INFINITY;
+        bad_s |= !(a < INFINITY);
+        bad_t |= !(b < INFINITY);
+        zs[k] = a;
+        zt[k] = b;
+      }
     }
+    if (mix != 1.f) zt = mix == 0.f ? zs : Tile(mix * zt + (1.f - mix) * zs);
+    return len;
   }
 };
-
-inline void transform(float* z, int64_t len, float mean, float scale) {
-  ArrayMap a(z, len);
-  a = (a - mean) * scale;
-}
 
 inline bool label_valid(const int64_t* labels, int64_t i, const RowOptions& o) {
   return labels != nullptr && labels[i] != o.ignore_index;
@@ -110,18 +128,19 @@ Row<T> make_row(Logits<T> s, Logits<T> t, int64_t i, const RowOptions& o) {
                 s.vocab > t.vocab ? s.vocab : t.vocab, o.teacher_mix};
 }
 
+inline Tile masked(const Tile& weight, const Tile& value) { return (weight > 0.f).select(weight * value, 0.f); }
+
 template <class T>
 void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions& o, float* loss, float* stats,
                  float* st) {
-  float zs[kTile], zt[kTile];
+  Tile zs, zt;
   const float inv_t = 1.f / o.temperature;
   float mean_s = 0.f, scale_s = inv_t, mean_t = 0.f, scale_t = inv_t, std_s = 0.f;
   int64_t count_s = row.vs;
   if (o.standardize) {
     FiniteMoments ms, mt;
     for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
-      const int64_t len = std::min(kTile, row.width - j0);
-      row.read(j0, len, zs, zt);
+      const int64_t len = row.read(j0, zs, zt);
       ms.add(zs, len);
       mt.add(zt, len);
     }
@@ -139,52 +158,35 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   // Pass 1: log-sum-exp of both models (and of the raw student logits for the hard-label term).
   OnlineLse lse_s, lse_t, lse_raw;
   for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
-    const int64_t len = std::min(kTile, row.width - j0);
-    row.read(j0, len, zs, zt);
-    if (raw_needed) lse_raw.add(zs, len);
-    transform(zs, len, mean_s, scale_s);
-    transform(zt, len, mean_t, scale_t);
-    lse_s.add(zs, len);
-    lse_t.add(zt, len);
+    row.read(j0, zs, zt);
+    if (raw_needed) lse_raw.add(zs);
+    lse_s.add((zs - mean_s) * scale_s);
+    lse_t.add((zt - mean_t) * scale_t);
   }
   if (!raw_needed) lse_raw = lse_s;  // same logits: temperature 1, no standardization
   const float ls_s = lse_s.log_sum(), ls_t = lse_t.log_sum();
-  const float c = static_cast<float>((static_cast<double>(lse_s.max) + ls_s) - (static_cast<double>(lse_t.max) + ls_t));
+  const double full_lse_s = static_cast<double>(lse_s.max) + ls_s, full_lse_t = static_cast<double>(lse_t.max) + ls_t;
+  const float c = static_cast<float>(full_lse_s - full_lse_t);
 
   // Pass 2: the divergence, <q, g>, and the entropies' sums.
   const Divergence d = effective_divergence(o.objective);
   double div = 0.0, qg = 0.0, qx = 0.0, py = 0.0;
   float x_label = -INFINITY, y_label = -INFINITY, z_label = -INFINITY;
-  float q[kTile], p[kTile];
   for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
-    const int64_t len = std::min(kTile, row.width - j0);
-    row.read(j0, len, zs, zt);
-    if (label >= j0 && label < j0 + len) z_label = zs[label - j0];
-    transform(zs, len, mean_s, scale_s);
-    transform(zt, len, mean_t, scale_t);
-    if (label >= j0 && label < j0 + len) {
-      x_label = zs[label - j0];
-      y_label = zt[label - j0];
+    row.read(j0, zs, zt);
+    const Tile x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
+    if (label >= j0 && label < j0 + kTile) {
+      z_label = zs[label - j0];
+      x_label = x[label - j0];
+      y_label = y[label - j0];
     }
-    exp_shifted(zs, lse_s.max, ls_s, q, len);
-    exp_shifted(zt, lse_t.max, ls_t, p, len);
-    float tile_div = 0.f, tile_qg = 0.f, tile_qx = 0.f, tile_py = 0.f;
-    for (int64_t k = 0; k < len; ++k) {
-      if (q[k] == 0.f && p[k] == 0.f) continue;
-      const ElementTerms e = element_terms(d, o.objective, q[k], p[k], (zt[k] - zs[k]) + c);
-      tile_div += e.loss;
-      if (q[k] > 0.f) {
-        tile_qg += q[k] * e.g;
-        tile_qx += q[k] * zs[k];
-      }
-      if (p[k] > 0.f) tile_py += p[k] * zt[k];
-    }
-    div += tile_div;
-    qg += tile_qg;
-    qx += tile_qx;
-    py += tile_py;
+    const Tile q = probabilities(x, lse_s.max, ls_s), p = probabilities(y, lse_t.max, ls_t);
+    const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile((y - x) + c));
+    div += e.loss.sum();
+    qg += masked(q, e.g).sum();
+    qx += masked(q, x).sum();
+    py += masked(p, y).sum();
   }
-  const double full_lse_s = static_cast<double>(lse_s.max) + ls_s, full_lse_t = static_cast<double>(lse_t.max) + ls_t;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   stats[kStudentEntropy] = row.bad_s ? nan : static_cast<float>(full_lse_s - qx);
   stats[kTeacherEntropy] = row.bad_t ? nan : static_cast<float>(full_lse_t - py);
@@ -230,54 +232,42 @@ void backward_row(Row<T>& row, float grad, const int64_t* labels, int64_t i, con
   const Divergence d = effective_divergence(o.objective);
   const float c = static_cast<float>((static_cast<double>(st[kMaxS]) + st[kLogSumS]) -
                                      (static_cast<double>(st[kMaxT]) + st[kLogSumT]));
-  float zs[kTile], zt[kTile], xs[kTile], q[kTile], p[kTile], gx[kTile];
+  Tile zs, zt;
 
-  // d D / d x for one tile (x, y transformed in place; zs kept raw for the chain rule).
-  auto grad_x = [&](int64_t j0, int64_t len) {
-    row.read(j0, len, zs, zt);
-    for (int64_t k = 0; k < len; ++k) xs[k] = zs[k];
-    transform(xs, len, st[kMeanS], st[kScaleS]);
-    transform(zt, len, st[kMeanT], st[kScaleT]);
-    exp_shifted(xs, st[kMaxS], st[kLogSumS], q, len);
-    exp_shifted(zt, st[kMaxT], st[kLogSumT], p, len);
-    for (int64_t k = 0; k < len; ++k) {
-      if (q[k] == 0.f && p[k] == 0.f) { gx[k] = 0.f; continue; }
-      const ElementTerms e = element_terms(d, o.objective, q[k], p[k], (zt[k] - xs[k]) + c);
-      gx[k] = element_grad(d, q[k], p[k], e.g, st[kQG]);
-    }
+  // d D / d x for one tile of raw student logits zs (kept raw for the chain rule).
+  auto grad_x = [&](int64_t j0) {
+    row.read(j0, zs, zt);
+    const Tile x = (zs - st[kMeanS]) * st[kScaleS], y = (zt - st[kMeanT]) * st[kScaleT];
+    const Tile q = probabilities(x, st[kMaxS], st[kLogSumS]), p = probabilities(y, st[kMaxT], st[kLogSumT]);
+    const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile((y - x) + c));
+    return element_grad<TileMath>(d, q, p, e.g, st[kQG]);
   };
 
   // Standardization's Jacobian needs two row sums of the x-gradient first.
-  double g1 = 0.0, g2 = 0.0;
   const float mean_s = st[kMeanS], std_s = st[kStdS], n_s = st[kCountS];
+  float g1_mean = 0.f, g2_term = 0.f;
   if (o.standardize) {
+    double g1 = 0.0, g2 = 0.0;
     for (int64_t j0 = 0; j0 < row.vs; j0 += kTile) {
-      const int64_t len = std::min(kTile, row.vs - j0);
-      grad_x(j0, len);
-      for (int64_t k = 0; k < len; ++k) {
-        if (!std::isfinite(zs[k])) continue;
-        g1 += gx[k];
-        g2 += static_cast<double>(gx[k]) * (zs[k] - mean_s);
-      }
+      const Tile gx = grad_x(j0);
+      const auto finite = zs > -INFINITY;
+      g1 += finite.select(gx, 0.f).sum();
+      g2 += finite.select(gx * (zs - mean_s), 0.f).sum();
     }
+    g1_mean = static_cast<float>(g1 / n_s);
+    if (std_s > 0.f) g2_term = static_cast<float>(g2 / (n_s * std_s * (std_s + o.standardize_eps)));
   }
-  const float g1_mean = static_cast<float>(g1 / n_s);
-  const float g2_term = std_s > 0.f ? static_cast<float>(g2 / (n_s * std_s * (std_s + o.standardize_eps))) : 0.f;
   for (int64_t j0 = 0; j0 < row.vs; j0 += kTile) {
-    const int64_t len = std::min(kTile, row.vs - j0);
-    grad_x(j0, len);
-    for (int64_t k = 0; k < len; ++k) {
-      float gz = 0.f;
-      if (zs[k] > -INFINITY) {
-        gz = o.standardize ? st[kScaleS] * (gx[k] - g1_mean - (zs[k] - mean_s) * g2_term) : st[kScaleS] * gx[k];
-        gz *= a;
-        if (b != 0.f) {
-          const float soft = std::exp((zs[k] - st[kRawMax]) - st[kRawLogSum]);
-          gz += b * (soft - (j0 + k == label ? 1.f : 0.f));
-        }
-      }
-      out[j0 + k] = store<T>(gz);
+    const Tile gx = grad_x(j0);
+    Tile gz = o.standardize ? Tile(st[kScaleS] * (gx - g1_mean - (zs - mean_s) * g2_term)) : Tile(st[kScaleS] * gx);
+    gz *= a;
+    if (b != 0.f) {
+      gz += b * probabilities(zs, st[kRawMax], st[kRawLogSum]);
+      if (label >= j0 && label < j0 + kTile) gz[label - j0] -= b;
     }
+    gz = (zs > -INFINITY).select(gz, 0.f);
+    const int64_t len = std::min(kTile, row.vs - j0);
+    for (int64_t k = 0; k < len; ++k) out[j0 + k] = store<T>(gz[k]);
   }
 }
 

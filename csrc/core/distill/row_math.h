@@ -55,11 +55,24 @@ inline ObjectiveParams make_objective(Divergence d, double beta, double alpha) {
   return o;
 }
 
-// log(exp(a) + exp(b)), safe for -inf.
-DPKD_HOST_DEVICE float log_add_exp(float a, float b) {
-  const float hi = fmaxf(a, b), lo = fminf(a, b);
-  if (hi == -INFINITY) return -INFINITY;
-  return hi + log1pf(expf(lo - hi));
+// The math below is written once over a value type V and a policy M that supplies exp, log1p, max,
+// min, sign and select: ScalarMath (float; CUDA threads) here, and a tile-of-floats policy on Eigen
+// arrays in the CPU kernels, which vectorises the same formulas.
+struct ScalarMath {
+  static DPKD_HOST_DEVICE float exp(float x) { return expf(x); }
+  static DPKD_HOST_DEVICE float log1p(float x) { return log1pf(x); }
+  static DPKD_HOST_DEVICE float max(float a, float b) { return fmaxf(a, b); }
+  static DPKD_HOST_DEVICE float min(float a, float b) { return fminf(a, b); }
+  static DPKD_HOST_DEVICE float abs(float x) { return fabsf(x); }
+  static DPKD_HOST_DEVICE float sign(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
+  static DPKD_HOST_DEVICE float select(bool c, float a, float b) { return c ? a : b; }
+};
+
+// log(exp(a) + exp(b)), -inf when both are -inf.
+template <class M, class V>
+DPKD_HOST_DEVICE V log_add_exp(const V& a, const V& b) {
+  const V hi = M::max(a, b), lo = M::min(a, b);
+  return M::select(hi == -INFINITY, V(hi), V(hi + M::log1p(M::exp(lo - hi))));
 }
 
 // The JSD endpoints are the KLs themselves (the mixture formula degenerates to 0 there).
@@ -71,59 +84,55 @@ DPKD_HOST_DEVICE Divergence effective_divergence(const ObjectiveParams& o) {
   return o.divergence;
 }
 
+template <class V>
 struct ElementTerms {
-  float loss;  // this entry's contribution to the divergence
-  float g;     // gradient factor: d loss / d x_j = q_j (g_j - <q, g>)
+  V loss;  // each entry's contribution to the divergence
+  V g;     // gradient factor: d loss / d x_j = q_j (g_j - <q, g>)
 };
 
-// One vocabulary entry. q, p are probabilities, r = log p - log q (may be +-inf where one is 0).
-// `d` must come from effective_divergence. Entries with p = q = 0 contribute nothing (callers skip
-// them: r is NaN there).
-DPKD_HOST_DEVICE ElementTerms element_terms(Divergence d, const ObjectiveParams& o, float q, float p, float r) {
-  ElementTerms t{0.f, 0.f};
+// Vocabulary entries with probabilities q, p and r = log p - log q (+-inf where one of them is 0,
+// NaN where both are: every term is then masked to 0 by a select on p > 0 or q > 0). `d` must come
+// from effective_divergence.
+template <class M, class V>
+DPKD_HOST_DEVICE ElementTerms<V> element_terms(Divergence d, const ObjectiveParams& o, const V& q, const V& p,
+                                               const V& r) {
+  const V zero = V(q * 0.f);
   switch (d) {
-    case Divergence::kForwardKL:  // p (log p - log q); gradient q - p is formed directly
-      t.loss = p > 0.f ? p * r : 0.f;
-      break;
+    case Divergence::kForwardKL:  // p (log p - log q); the gradient q - p is formed directly
+      return {M::select(p > 0.f, V(p * r), zero), zero};
     case Divergence::kReverseKL:  // q (log q - log p); g = log q - log p
-      t.loss = q > 0.f ? -q * r : 0.f;
-      t.g = -r;
-      break;
+      return {M::select(q > 0.f, V(-q * r), zero), V(-r)};
     case Divergence::kJSD: {
       // beta KL(p||m) + (1 - beta) KL(q||m). log(m/q) and log(m/p) are each formed directly (never as
       // a difference of two O(r) numbers), so the value stays accurate as beta -> 0 or 1.
-      const float log_m_over_q = log_add_exp(o.log_one_minus_beta, o.log_beta + r);
-      const float log_m_over_p = log_add_exp(o.log_beta, o.log_one_minus_beta - r);
-      t.loss = (p > 0.f ? -o.beta * p * log_m_over_p : 0.f) - (q > 0.f ? o.one_minus_beta * q * log_m_over_q : 0.f);
-      t.g = -o.one_minus_beta * log_m_over_q;
-      break;
+      const V log_m_over_q = log_add_exp<M>(V(zero + o.log_one_minus_beta), V(r + o.log_beta));
+      const V log_m_over_p = log_add_exp<M>(V(zero + o.log_beta), V(o.log_one_minus_beta - r));
+      return {V(M::select(p > 0.f, V(-o.beta * p * log_m_over_p), zero) -
+                M::select(q > 0.f, V(o.one_minus_beta * q * log_m_over_q), zero)),
+              V(-o.one_minus_beta * log_m_over_q)};
     }
     case Divergence::kSkewKL: {
       // m / p = alpha + (1 - alpha) e^-r; loss p log(p / m); g = -(1 - alpha) p / m.
-      const float log_m_over_p = log_add_exp(o.log_alpha, o.log_one_minus_alpha - r);
-      t.loss = p > 0.f ? -p * log_m_over_p : 0.f;
-      t.g = -o.one_minus_alpha * expf(-log_m_over_p);
-      break;
+      const V log_m_over_p = log_add_exp<M>(V(zero + o.log_alpha), V(o.log_one_minus_alpha - r));
+      return {M::select(p > 0.f, V(-p * log_m_over_p), zero), V(-o.one_minus_alpha * M::exp(V(-log_m_over_p)))};
     }
     case Divergence::kSkewReverseKL: {
       // m / q = (1 - alpha) e^r + alpha; loss q log(q / m); g = log(q / m) + 1 - alpha q / m.
-      const float log_m_over_q = log_add_exp(o.log_one_minus_alpha + r, o.log_alpha);
-      t.loss = q > 0.f ? -q * log_m_over_q : 0.f;
-      t.g = -log_m_over_q + 1.f - o.alpha * expf(-log_m_over_q);
-      break;
+      const V log_m_over_q = log_add_exp<M>(V(r + o.log_one_minus_alpha), V(zero + o.log_alpha));
+      return {M::select(q > 0.f, V(-q * log_m_over_q), zero),
+              V(1.f - log_m_over_q - o.alpha * M::exp(V(-log_m_over_q)))};
     }
-    case Divergence::kTVD:  // 1/2 |p - q|; g = 1/2 sign(q - p)
-      t.loss = 0.5f * fabsf(p - q);
-      t.g = r > 0.f ? -0.5f : (r < 0.f ? 0.5f : 0.f);
-      break;
+    case Divergence::kTVD:  // 1/2 |p - q|; g = 1/2 sign(q - p) = -1/2 sign(r)
+      return {V(0.5f * M::abs(V(p - q))), V(-0.5f * M::sign(r))};
   }
-  return t;
+  return {zero, zero};
 }
 
-// d loss / d x_j from the element's g and the row's <q, g>.
-DPKD_HOST_DEVICE float element_grad(Divergence d, float q, float p, float g, float qg) {
-  if (d == Divergence::kForwardKL) return q - p;
-  return q > 0.f ? q * (g - qg) : 0.f;
+// d loss / d x_j from the entry's g and the row's <q, g>.
+template <class M, class V>
+DPKD_HOST_DEVICE V element_grad(Divergence d, const V& q, const V& p, const V& g, float qg) {
+  if (d == Divergence::kForwardKL) return V(q - p);
+  return M::select(q > 0.f, V(q * (g - qg)), V(q * 0.f));
 }
 
 // bf16 and fp16 storage as uint16_t, converted without library support so both compilers agree.
