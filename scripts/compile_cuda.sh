@@ -15,6 +15,6 @@ launcher=""; command -v ccache >/dev/null && launcher=ccache
 mkdir -p build/cuda-check
 for src in "${sources[@]}"; do
   obj="build/cuda-check/$(basename "${src%.cu}").o"
-  $launcher "$nvcc" -std=c++20 -O3 -arch=sm_90a -Icsrc/core -Ikernels -c "$src" -o "$obj"
+  $launcher "$nvcc" -std=c++17 -O3 -arch=sm_90a -Icsrc/core -Ikernels -c "$src" -o "$obj"
   echo "compile_cuda: $src ok"
 done

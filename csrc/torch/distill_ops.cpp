@@ -8,6 +8,9 @@
 
 #include "distill/objectives.h"
 #ifdef DPKD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
 #include "distill_cuda.h"
 #endif
 
@@ -86,45 +89,103 @@ Logits<T> view(const at::Tensor& t) {
   return {reinterpret_cast<const T*>(t.data_ptr()), t.size(1), t.stride(0)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
-    const at::Tensor& student_in, const at::Tensor& teacher_in, const std::optional<at::Tensor>& labels_in,
-    const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
-    bool standardize, double hard_label_weight, int64_t ignore_index) {
-  const RowOptions o = make_options(divergence, beta, alpha, temperature, teacher_mix, standardize,
-                                    hard_label_weight, ignore_index);
-  check_inputs(student_in, teacher_in, labels_in, o);
-  const at::Tensor student = rows_contiguous(student_in), teacher = rows_contiguous(teacher_in);
-  const at::Tensor labels = labels_in ? labels_in->contiguous() : at::Tensor();
+// What both devices' implementations start from: checked options and row-contiguous inputs.
+struct Prepared {
+  RowOptions options;
+  at::Tensor student, teacher, labels;
+  const int64_t* labels_ptr() const { return labels.defined() ? labels.data_ptr<int64_t>() : nullptr; }
+};
+
+Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                 const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
+                 bool standardize, double hard_label_weight, int64_t ignore_index) {
+  Prepared p{make_options(divergence, beta, alpha, temperature, teacher_mix, standardize, hard_label_weight,
+                          ignore_index)};
+  check_inputs(student, teacher, labels, p.options);
+  p.student = rows_contiguous(student);
+  p.teacher = rows_contiguous(teacher);
+  if (labels) p.labels = labels->contiguous();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& student) {
   const int64_t n = student.size(0);
   auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({n}, f32), stats = at::empty({n, kNumStats}, f32), state = at::empty({n, kRowState}, f32);
-  dispatch_dtype(student.scalar_type(), [&](auto tag) {
+  return {at::empty({n}, f32), at::empty({n, kNumStats}, f32), at::empty({n, kRowState}, f32)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
+    bool standardize, double hard_label_weight, int64_t ignore_index) {
+  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index);
+  auto [loss, stats, state] = empty_outputs(p.student);
+  dispatch_dtype(p.student.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    forward<T>(n, view<T>(student), view<T>(teacher), labels.defined() ? labels.data_ptr<int64_t>() : nullptr, o,
+    forward<T>(p.student.size(0), view<T>(p.student), view<T>(p.teacher), p.labels_ptr(), p.options,
                loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>());
   });
   return {loss, stats, state};
 }
 
-at::Tensor distill_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_in, const at::Tensor& teacher_in,
-                                const std::optional<at::Tensor>& labels_in, const at::Tensor& row_state,
+at::Tensor distill_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                                const std::optional<at::Tensor>& labels, const at::Tensor& row_state,
                                 const std::string& divergence, double beta, double alpha, double temperature,
                                 double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
-  const RowOptions o = make_options(divergence, beta, alpha, temperature, teacher_mix, standardize,
-                                    hard_label_weight, ignore_index);
-  check_inputs(student_in, teacher_in, labels_in, o);
-  const at::Tensor student = rows_contiguous(student_in), teacher = rows_contiguous(teacher_in);
-  const at::Tensor labels = labels_in ? labels_in->contiguous() : at::Tensor();
+  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index);
   const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
-  at::Tensor grad = at::empty_like(student, at::MemoryFormat::Contiguous);
-  dispatch_dtype(student.scalar_type(), [&](auto tag) {
+  at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
+  dispatch_dtype(p.student.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    backward<T>(student.size(0), g.data_ptr<float>(), view<T>(student), view<T>(teacher),
-                labels.defined() ? labels.data_ptr<int64_t>() : nullptr, state.data_ptr<float>(), o,
-                reinterpret_cast<T*>(grad.data_ptr()), grad.stride(0));
+    backward<T>(p.student.size(0), g.data_ptr<float>(), view<T>(p.student), view<T>(p.teacher), p.labels_ptr(),
+                state.data_ptr<float>(), p.options, reinterpret_cast<T*>(grad.data_ptr()), grad.stride(0));
   });
   return grad;
 }
+
+#ifdef DPKD_WITH_CUDA
+cuda::DType cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kHalf: return cuda::DType::kFloat16;
+    default: TORCH_CHECK_TYPE(false, "student_logits must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
+    bool standardize, double hard_label_weight, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index);
+  auto [loss, stats, state] = empty_outputs(p.student);
+  cuda::forward(cuda_dtype(p.student.scalar_type()), p.student.size(0), p.student.data_ptr(), p.student.size(1),
+                p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0), p.labels_ptr(),
+                p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(),
+                at::cuda::getCurrentCUDAStream());
+  return {loss, stats, state};
+}
+
+at::Tensor distill_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                                 const std::optional<at::Tensor>& labels, const at::Tensor& row_state,
+                                 const std::string& divergence, double beta, double alpha, double temperature,
+                                 double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index);
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
+  at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
+  cuda::backward(cuda_dtype(p.student.scalar_type()), p.student.size(0), g.data_ptr<float>(), p.student.data_ptr(),
+                 p.student.size(1), p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0),
+                 p.labels_ptr(), state.data_ptr<float>(), p.options, grad.data_ptr(), grad.stride(0),
+                 at::cuda::getCurrentCUDAStream());
+  return grad;
+}
+#endif
 
 }  // namespace
 }  // namespace dpkd::distill
@@ -142,3 +203,10 @@ TORCH_LIBRARY_IMPL(dpkd, CPU, m) {
   m.impl("distill_forward", &dpkd::distill::distill_forward_cpu);
   m.impl("distill_backward", &dpkd::distill::distill_backward_cpu);
 }
+
+#ifdef DPKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(dpkd, CUDA, m) {
+  m.impl("distill_forward", &dpkd::distill::distill_forward_cuda);
+  m.impl("distill_backward", &dpkd::distill::distill_backward_cuda);
+}
+#endif

@@ -33,10 +33,6 @@ template <> float store<float>(float f) { return f; }
 template <> BFloat16 store<BFloat16>(float f) { return {float_to_bf16(f)}; }
 template <> Float16 store<Float16>(float f) { return {float_to_half(f)}; }
 
-enum State : int {
-  kMaxS = 0, kLogSumS, kMaxT, kLogSumT, kQG, kMeanS, kScaleS, kMeanT, kScaleT, kStdS, kCountS, kRawMax, kRawLogSum,
-};
-
 // exp((x - max) - log_sum), exactly 0 where x = -inf. Eigen's vectorised exp clamps its argument near
 // -88, so exp(-inf) would come out as ~1e-38 and a padded column would get a probability. The two
 // shifts stay apart: max + log_sum rounded to float would cost ulp(max) (1e-3 at logits of 1e4).

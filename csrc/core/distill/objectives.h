@@ -12,22 +12,6 @@ namespace dpkd::distill {
 struct BFloat16 { uint16_t bits; };
 struct Float16 { uint16_t bits; };
 
-struct RowOptions {
-  ObjectiveParams objective;
-  float temperature = 1.f;         // divides both models' logits (after standardization)
-  bool standardize = false;        // z-score each row (over its finite entries) before the temperature
-  float standardize_eps = 1e-6f;   // z = (z - mean) / (std + eps)
-  float hard_label_weight = 0.f;   // w: loss = (1 - w) D + w CE(raw student logits, label)
-  int64_t ignore_index = -100;     // rows with this label carry no loss and no gradient
-  float teacher_mix = 1.f;         // TAID: the teacher's logits become mix z_t + (1 - mix) z_s
-};
-
-// Per-token statistics, columns of the [N, kNumStats] output.
-enum Stat : int { kStudentEntropy = 0, kTeacherEntropy, kDivergence, kStudentLabelLogprob, kTeacherLabelLogprob, kNumStats };
-
-// Per-row scalars saved by the forward pass for the backward pass.
-inline constexpr int kRowState = 16;
-
 // Row-major [n_rows, vocab] views; a row stride in elements lets callers pass views. The teacher's
 // vocabulary may differ from the student's: missing columns are -inf (probability 0).
 template <typename T>

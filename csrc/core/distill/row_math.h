@@ -55,6 +55,28 @@ inline ObjectiveParams make_objective(Divergence d, double beta, double alpha) {
   return o;
 }
 
+// Options, statistics columns and saved row state: the same layout on both devices.
+struct RowOptions {
+  ObjectiveParams objective;
+  float temperature = 1.f;         // divides both models' logits (after standardization)
+  bool standardize = false;        // z-score each row (over its finite entries) before the temperature
+  float standardize_eps = 1e-6f;   // z = (z - mean) / (std + eps)
+  float hard_label_weight = 0.f;   // w: loss = (1 - w) D + w CE(raw student logits, label)
+  int64_t ignore_index = -100;     // rows with this label carry no loss and no gradient
+  float teacher_mix = 1.f;         // TAID: the teacher's logits become mix z_t + (1 - mix) z_s
+};
+
+// Per-token statistics, columns of the [N, kNumStats] output.
+enum Stat : int { kStudentEntropy = 0, kTeacherEntropy, kDivergence, kStudentLabelLogprob, kTeacherLabelLogprob, kNumStats };
+
+// Per-row scalars saved by the forward pass for the backward pass: the two log-sum-exps as (max,
+// log sum) pairs, <q, g>, the standardization transforms x = (z - mean) * scale, and the raw student
+// log-sum-exp for the hard-label term.
+inline constexpr int kRowState = 16;
+enum RowStateSlot : int {
+  kMaxS = 0, kLogSumS, kMaxT, kLogSumT, kQG, kMeanS, kScaleS, kMeanT, kScaleT, kStdS, kCountS, kRawMax, kRawLogSum,
+};
+
 // The math below is written once over a value type V and a policy M that supplies exp, log1p, max,
 // min, sign and select: ScalarMath (float; CUDA threads) here, and a tile-of-floats policy on Eigen
 // arrays in the CPU kernels, which vectorises the same formulas.

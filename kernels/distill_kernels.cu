@@ -1,0 +1,329 @@
+// Fused distillation objectives on CUDA: one thread block per row, the vocabulary streamed by the
+// block's threads, CUB block reductions, fp32 accumulation. The per-element math is row_math.h's,
+// shared with the CPU kernels.
+//
+// Forward: (standardization moments,) log-sum-exp of both models, then the loss / <q, g> / entropy
+// pass: 2 reads of each row (3 with standardization). Backward: 1 read of each row and 1 write of the
+// gradient (2 reads with standardization). Rows with zero upstream gradient only write zeros.
+#include <cub/block/block_reduce.cuh>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "distill_cuda.h"
+
+namespace dpkd::distill::cuda {
+namespace {
+
+constexpr int kThreads = 512;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <class T> __device__ __forceinline__ T from_float(float f);
+template <> __device__ __forceinline__ float from_float<float>(float f) { return f; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float f) { return __float2bfloat16(f); }
+template <> __device__ __forceinline__ __half from_float<__half>(float f) { return __float2half(f); }
+
+// A running (max, sum of exp(x - max)) pair and its merge: the log-sum-exp as a block reduction.
+struct MaxSum {
+  float max;
+  float sum;
+};
+struct MergeMaxSum {
+  __device__ __forceinline__ MaxSum operator()(const MaxSum& a, const MaxSum& b) const {
+    if (a.max == -INFINITY) return b;
+    if (b.max == -INFINITY) return a;
+    const float m = fmaxf(a.max, b.max);
+    return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+  }
+};
+__device__ __forceinline__ void add(MaxSum& acc, float x) {
+  if (x == -INFINITY) return;
+  if (x > acc.max) {
+    acc.sum = acc.sum * expf(acc.max - x) + 1.f;
+    acc.max = x;
+  } else {
+    acc.sum += expf(x - acc.max);
+  }
+}
+
+struct Sum4 {
+  float a, b, c, d;
+};
+struct AddSum4 {
+  __device__ __forceinline__ Sum4 operator()(const Sum4& x, const Sum4& y) const {
+    return {x.a + y.a, x.b + y.b, x.c + y.c, x.d + y.d};
+  }
+};
+
+template <class T>
+struct RowIn {
+  const T* s;
+  const T* t;
+  int64_t vs, vt;
+  float mix;
+  __device__ __forceinline__ float student(int64_t j) const { return j < vs ? to_float(s[j]) : -INFINITY; }
+  __device__ __forceinline__ float teacher(int64_t j, float zs) const {
+    const float zt = j < vt ? to_float(t[j]) : -INFINITY;
+    return mix == 1.f ? zt : (mix == 0.f ? zs : mix * zt + (1.f - mix) * zs);
+  }
+};
+
+__device__ __forceinline__ float prob(float x, float max, float log_sum) {
+  return x == -INFINITY ? 0.f : expf((x - max) - log_sum);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const T* student, int64_t vs, int64_t s_stride,
+                                                           const T* teacher, int64_t vt, int64_t t_stride,
+                                                           const int64_t* labels, RowOptions o, float* loss,
+                                                           float* stats, float* state) {
+  using ReduceMaxSum = cub::BlockReduce<MaxSum, kThreads>;
+  using ReduceSum4 = cub::BlockReduce<Sum4, kThreads>;
+  __shared__ union {
+    typename ReduceMaxSum::TempStorage max_sum;
+    typename ReduceSum4::TempStorage sum4;
+  } temp;
+  __shared__ float shared[8];
+
+  const int64_t i = blockIdx.x;
+  if (i >= n_rows) return;
+  const RowIn<T> row{student + i * s_stride, teacher + i * t_stride, vs, vt, o.teacher_mix};
+  const int64_t width = vs > vt ? vs : vt;
+  const float inv_t = 1.f / o.temperature;
+
+  // Standardization: mean and population std over finite entries, per model.
+  float mean_s = 0.f, scale_s = inv_t, mean_t = 0.f, scale_t = inv_t, std_s = 0.f, count_s = static_cast<float>(vs);
+  if (o.standardize) {
+    Sum4 m{0.f, 0.f, 0.f, 0.f}, m2{0.f, 0.f, 0.f, 0.f};
+    for (int64_t j = threadIdx.x; j < width; j += kThreads) {
+      const float zs = row.student(j), zt = row.teacher(j, zs);
+      if (isfinite(zs)) { m.a += 1.f; m.b += zs; m.c += zs * zs; }
+      if (isfinite(zt)) { m2.a += 1.f; m2.b += zt; m2.c += zt * zt; }
+    }
+    const Sum4 rs = ReduceSum4(temp.sum4).Reduce(m, AddSum4());
+    __syncthreads();
+    const Sum4 rt = ReduceSum4(temp.sum4).Reduce(m2, AddSum4());
+    if (threadIdx.x == 0) {
+      const float ms = rs.b / rs.a, mt = rt.b / rt.a;
+      shared[0] = ms;
+      shared[1] = sqrtf(fmaxf(rs.c / rs.a - ms * ms, 0.f));
+      shared[2] = mt;
+      shared[3] = sqrtf(fmaxf(rt.c / rt.a - mt * mt, 0.f));
+      shared[4] = rs.a;
+    }
+    __syncthreads();
+    mean_s = shared[0];
+    std_s = shared[1];
+    scale_s = inv_t / (std_s + o.standardize_eps);
+    mean_t = shared[2];
+    scale_t = inv_t / (shared[3] + o.standardize_eps);
+    count_s = shared[4];
+  }
+
+  const bool has_label = labels != nullptr && labels[i] != o.ignore_index;
+  const int64_t label = has_label ? labels[i] : -1;
+  const bool raw_needed = has_label && o.hard_label_weight > 0.f && (o.standardize || o.temperature != 1.f);
+
+  // Pass 1: log-sum-exps; NaN or +inf in a row is flagged through the entropy statistics.
+  MaxSum acc_s{-INFINITY, 0.f}, acc_t{-INFINITY, 0.f}, acc_raw{-INFINITY, 0.f};
+  float bad_s = 0.f, bad_t = 0.f;
+  for (int64_t j = threadIdx.x; j < width; j += kThreads) {
+    const float zs = row.student(j), zt = row.teacher(j, zs);
+    bad_s += !(zs < INFINITY);
+    bad_t += !(zt < INFINITY);
+    if (raw_needed) add(acc_raw, zs);
+    add(acc_s, (zs - mean_s) * scale_s);
+    add(acc_t, (zt - mean_t) * scale_t);
+  }
+  __syncthreads();
+  const MaxSum ls = ReduceMaxSum(temp.max_sum).Reduce(acc_s, MergeMaxSum());
+  __syncthreads();
+  const MaxSum lt = ReduceMaxSum(temp.max_sum).Reduce(acc_t, MergeMaxSum());
+  __syncthreads();
+  const MaxSum lr = raw_needed ? ReduceMaxSum(temp.max_sum).Reduce(acc_raw, MergeMaxSum()) : MaxSum{0.f, 0.f};
+  __syncthreads();
+  const Sum4 bad = ReduceSum4(temp.sum4).Reduce(Sum4{bad_s, bad_t, 0.f, 0.f}, AddSum4());
+  if (threadIdx.x == 0) {
+    shared[0] = ls.max;
+    shared[1] = logf(ls.sum);
+    shared[2] = lt.max;
+    shared[3] = logf(lt.sum);
+    shared[4] = raw_needed ? lr.max : ls.max;
+    shared[5] = raw_needed ? logf(lr.sum) : logf(ls.sum);
+    shared[6] = bad.a;
+    shared[7] = bad.b;
+  }
+  __syncthreads();
+  const float max_s = shared[0], log_sum_s = shared[1], max_t = shared[2], log_sum_t = shared[3];
+  const float raw_max = shared[4], raw_log_sum = shared[5];
+  const bool row_bad_s = shared[6] > 0.f, row_bad_t = shared[7] > 0.f;
+  const float lse_s = max_s + log_sum_s, lse_t = max_t + log_sum_t;
+  const float c = lse_s - lse_t;
+
+  // Pass 2: divergence, <q, g>, sum q x, sum p y.
+  const Divergence d = effective_divergence(o.objective);
+  Sum4 part{0.f, 0.f, 0.f, 0.f};
+  for (int64_t j = threadIdx.x; j < width; j += kThreads) {
+    const float zs = row.student(j), zt = row.teacher(j, zs);
+    const float x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
+    const float q = prob(x, max_s, log_sum_s), p = prob(y, max_t, log_sum_t);
+    if (q == 0.f && p == 0.f) continue;
+    const ElementTerms<float> e = element_terms<ScalarMath>(d, o.objective, q, p, (y - x) + c);
+    part.a += e.loss;
+    if (q > 0.f) { part.b += q * e.g; part.c += q * x; }
+    if (p > 0.f) part.d += p * y;
+  }
+  __syncthreads();
+  const Sum4 total = ReduceSum4(temp.sum4).Reduce(part, AddSum4());
+  if (threadIdx.x == 0) {
+    const float nan = __int_as_float(0x7fc00000);
+    float* st = stats + i * kNumStats;
+    st[kStudentEntropy] = row_bad_s ? nan : lse_s - total.c;
+    st[kTeacherEntropy] = row_bad_t ? nan : lse_t - total.d;
+    st[kDivergence] = total.a;
+    if (has_label) {
+      const float zl = row.student(label), yl = (row.teacher(label, zl) - mean_t) * scale_t;
+      st[kStudentLabelLogprob] = (zl - mean_s) * scale_s - lse_s;
+      st[kTeacherLabelLogprob] = yl - lse_t;
+      const float ce = (raw_max + raw_log_sum) - zl;
+      loss[i] = o.hard_label_weight > 0.f ? (1.f - o.hard_label_weight) * total.a + o.hard_label_weight * ce : total.a;
+    } else {
+      st[kStudentLabelLogprob] = nan;
+      st[kTeacherLabelLogprob] = nan;
+      loss[i] = labels != nullptr ? 0.f : total.a;
+    }
+    float* rs = state + i * kRowState;
+    for (int k = 0; k < kRowState; ++k) rs[k] = 0.f;
+    rs[kMaxS] = max_s;
+    rs[kLogSumS] = log_sum_s;
+    rs[kMaxT] = max_t;
+    rs[kLogSumT] = log_sum_t;
+    rs[kQG] = total.b;
+    rs[kMeanS] = mean_s;
+    rs[kScaleS] = scale_s;
+    rs[kMeanT] = mean_t;
+    rs[kScaleT] = scale_t;
+    rs[kStdS] = std_s;
+    rs[kCountS] = count_s;
+    rs[kRawMax] = raw_max;
+    rs[kRawLogSum] = raw_log_sum;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, const float* grad_loss, const T* student,
+                                                            int64_t vs, int64_t s_stride, const T* teacher, int64_t vt,
+                                                            int64_t t_stride, const int64_t* labels,
+                                                            const float* state, RowOptions o, T* grad,
+                                                            int64_t g_stride) {
+  using ReduceSum4 = cub::BlockReduce<Sum4, kThreads>;
+  __shared__ typename ReduceSum4::TempStorage temp;
+  __shared__ float shared[2];
+
+  const int64_t i = blockIdx.x;
+  if (i >= n_rows) return;
+  T* out = grad + i * g_stride;
+  const bool has_label = labels != nullptr && labels[i] != o.ignore_index;
+  const float gl = grad_loss[i];
+  if (gl == 0.f || (labels != nullptr && !has_label)) {
+    for (int64_t j = threadIdx.x; j < vs; j += kThreads) out[j] = from_float<T>(0.f);
+    return;
+  }
+  const RowIn<T> row{student + i * s_stride, teacher + i * t_stride, vs, vt, o.teacher_mix};
+  const float* st = state + i * kRowState;
+  const float w = has_label ? o.hard_label_weight : 0.f;
+  const float a = (1.f - w) * gl, b = w * gl;
+  const int64_t label = has_label ? labels[i] : -1;
+  const Divergence d = effective_divergence(o.objective);
+  const float c = (st[kMaxS] + st[kLogSumS]) - (st[kMaxT] + st[kLogSumT]);
+  const float mean_s = st[kMeanS], scale_s = st[kScaleS], mean_t = st[kMeanT], scale_t = st[kScaleT];
+
+  auto grad_x = [&](int64_t j, float zs) {
+    const float x = (zs - mean_s) * scale_s, y = (row.teacher(j, zs) - mean_t) * scale_t;
+    const float q = prob(x, st[kMaxS], st[kLogSumS]), p = prob(y, st[kMaxT], st[kLogSumT]);
+    if (q == 0.f && p == 0.f) return 0.f;
+    const ElementTerms<float> e = element_terms<ScalarMath>(d, o.objective, q, p, (y - x) + c);
+    return element_grad<ScalarMath>(d, q, p, e.g, st[kQG]);
+  };
+
+  float g1_mean = 0.f, g2_term = 0.f;
+  if (o.standardize) {
+    Sum4 part{0.f, 0.f, 0.f, 0.f};
+    for (int64_t j = threadIdx.x; j < vs; j += kThreads) {
+      const float zs = row.student(j);
+      if (!isfinite(zs)) continue;
+      const float gx = grad_x(j, zs);
+      part.a += gx;
+      part.b += gx * (zs - mean_s);
+    }
+    const Sum4 total = ReduceSum4(temp).Reduce(part, AddSum4());
+    if (threadIdx.x == 0) {
+      shared[0] = total.a / st[kCountS];
+      const float sd = st[kStdS];
+      shared[1] = sd > 0.f ? total.b / (st[kCountS] * sd * (sd + o.standardize_eps)) : 0.f;
+    }
+    __syncthreads();
+    g1_mean = shared[0];
+    g2_term = shared[1];
+  }
+  for (int64_t j = threadIdx.x; j < vs; j += kThreads) {
+    const float zs = row.student(j);
+    float gz = 0.f;
+    if (zs > -INFINITY) {
+      const float gx = grad_x(j, zs);
+      gz = a * scale_s * (o.standardize ? gx - g1_mean - (zs - mean_s) * g2_term : gx);
+      if (b != 0.f) gz += b * (prob(zs, st[kRawMax], st[kRawLogSum]) - (j == label ? 1.f : 0.f));
+    }
+    out[j] = from_float<T>(gz);
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+template <class F>
+void dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat16: f(__half{}); break;
+  }
+}
+
+}  // namespace
+
+void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_vocab, int64_t student_stride,
+             const void* teacher, int64_t teacher_vocab, int64_t teacher_stride, const int64_t* labels,
+             const RowOptions& options, float* loss, float* stats, float* row_state, cudaStream_t stream) {
+  if (n_rows == 0) return;
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    forward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
+        n_rows, static_cast<const T*>(student), student_vocab, student_stride, static_cast<const T*>(teacher),
+        teacher_vocab, teacher_stride, labels, options, loss, stats, row_state);
+  });
+  check(cudaGetLastError(), "dpkd distill forward kernel");
+}
+
+void backward(DType dtype, int64_t n_rows, const float* grad_loss, const void* student, int64_t student_vocab,
+              int64_t student_stride, const void* teacher, int64_t teacher_vocab, int64_t teacher_stride,
+              const int64_t* labels, const float* row_state, const RowOptions& options, void* grad_student,
+              int64_t grad_stride, cudaStream_t stream) {
+  if (n_rows == 0) return;
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    backward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
+        n_rows, grad_loss, static_cast<const T*>(student), student_vocab, student_stride,
+        static_cast<const T*>(teacher), teacher_vocab, teacher_stride, labels, row_state, options,
+        static_cast<T*>(grad_student), grad_stride);
+  });
+  check(cudaGetLastError(), "dpkd distill backward kernel");
+}
+
+}  // namespace dpkd::distill::cuda
