@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (loads libtorch, which dpkd._C links against)
 
-from . import _ops, accounting, losses
+from . import _ops, accounting, losses, nn, taid
 from ._C import with_cuda
 from .losses import (
     TokenStats,
@@ -15,17 +15,22 @@ from .losses import (
     token_stats,
     tvd,
 )
+from .taid import TAIDSchedule, taid_loss
 
 __all__ = [
+    "TAIDSchedule",
     "TokenStats",
     "accounting",
     "distill_loss",
     "forward_kl",
     "generalized_jsd",
     "losses",
+    "nn",
     "reverse_kl",
     "skew_kl",
     "skew_reverse_kl",
+    "taid",
+    "taid_loss",
     "token_stats",
     "tvd",
     "with_cuda",

@@ -223,3 +223,43 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     eager.backward()
     assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
     torch.testing.assert_close(s.grad, s2.grad)
+
+
+def test_taid_loss_is_cross_entropy_to_interpolated_target_with_stop_gradient():
+    s = logits(7, 90, 3.0, seed=24).requires_grad_(True)
+    t = logits(7, 90, 3.0, seed=25)
+    for mix in (0.0, 0.4, 1.0):
+        s.grad = None
+        got = dpkd.taid_loss(s, t, mix, temperature=1.5)
+        got.backward()
+        target = torch.softmax(((1 - mix) * s.detach().double() + mix * t.double()) / 1.5, -1)
+        s64 = s.detach().double().requires_grad_(True)
+        ref = -(target * torch.log_softmax(s64 / 1.5, -1)).sum(-1).mean()
+        ref.backward()
+        assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert rel_err(s.grad, s64.grad) < 1e-5
+
+
+def test_taid_schedule_ramps_and_adapts():
+    sched = dpkd.TAIDSchedule(total_steps=100)
+    assert sched.t == 0.4
+    ts = [sched.step(loss) for loss in [5.0 * 0.97**k for k in range(100)]]
+    assert all(b >= a for a, b in zip(ts, ts[1:]))  # monotone
+    assert ts[-1] == pytest.approx(1.0)
+    # Improving loss makes t move at least as fast as the linear ramp; state round-trips.
+    s2 = dpkd.TAIDSchedule(total_steps=100)
+    s2.load_state_dict(sched.state_dict())
+    assert s2.t == sched.t and s2.m == sched.m
+    with pytest.raises(ValueError, match="t_start"):
+        dpkd.TAIDSchedule(total_steps=10, t_start=0.9, t_end=0.5)
+
+
+def test_nn_modules_match_functions():
+    s = logits(5, 40, 2.0, seed=26)
+    t = logits(5, 40, 2.0, seed=27)
+    assert dpkd.nn.GeneralizedJSDLoss(beta=0.2, temperature=2.0)(s, t).item() == pytest.approx(
+        dpkd.generalized_jsd(s, t, beta=0.2, temperature=2.0).item())
+    assert dpkd.nn.DistillLoss("tvd")(s, t, reduction="sum").item() == pytest.approx(
+        dpkd.tvd(s, t, reduction="sum").item())
+    with pytest.raises(ValueError, match="divergence"):
+        dpkd.nn.DistillLoss("l2")

@@ -1,0 +1,59 @@
+"""nn.Module forms of the distillation losses, for code that composes modules."""
+
+from __future__ import annotations
+
+import torch
+
+from . import losses
+
+__all__ = ["DistillLoss", "ForwardKLLoss", "GeneralizedJSDLoss", "ReverseKLLoss", "SkewKLLoss",
+           "SkewReverseKLLoss", "TVDLoss"]
+
+
+class DistillLoss(torch.nn.Module):
+    """``DistillLoss(divergence=..., **options)(student_logits, teacher_logits, labels=None, ...)``:
+    :func:`dpkd.distill_loss` with its options fixed at construction."""
+
+    def __init__(self, divergence: losses.Divergence = "forward_kl", **options) -> None:
+        super().__init__()
+        if divergence not in losses.DIVERGENCES:
+            raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {divergence!r}")
+        self.divergence = divergence
+        self.options = options
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **call_options) -> torch.Tensor:
+        return losses.distill_loss(student_logits, teacher_logits, divergence=self.divergence,
+                                   **{**self.options, **call_options})
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"divergence={self.divergence!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
+
+
+class ForwardKLLoss(DistillLoss):
+    def __init__(self, **options) -> None:
+        super().__init__("forward_kl", **options)
+
+
+class ReverseKLLoss(DistillLoss):
+    def __init__(self, **options) -> None:
+        super().__init__("reverse_kl", **options)
+
+
+class GeneralizedJSDLoss(DistillLoss):
+    def __init__(self, beta: float = 0.5, **options) -> None:
+        super().__init__("jsd", beta=beta, **options)
+
+
+class SkewKLLoss(DistillLoss):
+    def __init__(self, alpha: float = 0.1, **options) -> None:
+        super().__init__("skew_kl", alpha=alpha, **options)
+
+
+class SkewReverseKLLoss(DistillLoss):
+    def __init__(self, alpha: float = 0.1, **options) -> None:
+        super().__init__("skew_reverse_kl", alpha=alpha, **options)
+
+
+class TVDLoss(DistillLoss):
+    def __init__(self, **options) -> None:
+        super().__init__("tvd", **options)
