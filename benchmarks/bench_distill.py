@@ -4,14 +4,18 @@ importable), forward + backward, measured in one run.
     python benchmarks/bench_distill.py                       # CPU: N=512, V=32000, fp32
     python benchmarks/bench_distill.py --device cuda         # CUDA: bf16, N=4096 and 16384, V=128256
 
-Prints time (median of --repeat runs after warm-up) and peak extra memory (CUDA: allocator peak above
-the inputs; CPU: not measured by the allocator, so only time), and ratios peer / dpkd.
+Prints time (median of --repeat runs after warm-up) and peak extra memory, and ratios peer / dpkd.
+Memory on CUDA is the allocator's peak above the inputs; on the CPU it is the process's peak resident
+memory above its resident memory with the inputs allocated, each method measured in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -74,7 +78,44 @@ def measure(fn, s: torch.Tensor, t: torch.Tensor, repeat: int) -> tuple[float, f
     return statistics.median(times), peak
 
 
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_peak_mb(method: str, name: str, n: int, vocab: int) -> float:
+    """Peak extra resident memory of one method's fwd+bwd, in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--measure-rss", method, name, str(n), str(vocab)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _measure_rss(method: str, name: str, n: int, vocab: int) -> None:
+    fns = {"dpkd": {"jsd": lambda s, t: dpkd.generalized_jsd(s, t, beta=0.5), "forward_kl": dpkd.forward_kl},
+           "eager": {"jsd": eager_jsd, "forward_kl": eager_forward_kl}}
+    if method == "torch.compile":
+        fn = torch.compile(fns["eager"][name])
+        warm_s = torch.randn(8, vocab, requires_grad=True)
+        fn(warm_s, torch.randn(8, vocab)).backward()  # compile outside the measured window
+    else:
+        fn = fns[method][name]
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(n, vocab, generator=g) * 4).requires_grad_(True)
+    t = torch.randn(n, vocab, generator=g) * 4
+    s.grad = torch.zeros_like(s)  # the gradient buffer belongs to the inputs
+    s.grad = None
+    base = _rss_mb("VmRSS")
+    fn(s, t).backward()
+    print(json.dumps({"peak_mb": _rss_mb("VmHWM") - base}))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--measure-rss":
+        _measure_rss(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=5)
@@ -104,11 +145,15 @@ def main() -> None:
         t = (torch.randn(n, vocab, generator=g, device=args.device) * 4).to(dtype)
         for name, fn in ours.items():
             ms, mb = measure(fn, s, t, args.repeat)
+            if not cuda:
+                mb = cpu_peak_mb("dpkd", name, n, vocab)
             row = f"N={n:<6} {name:<11} dpkd {ms:8.2f} ms ({mb:7.0f} MB)"
             for peer, fns in peers.items():
                 if name in fns:
                     try:
                         pms, pmb = measure(fns[name], s, t, args.repeat)
+                        if not cuda and peer in ("eager", "torch.compile"):
+                            pmb = cpu_peak_mb(peer, name, n, vocab)
                         row += f" | {peer} {pms:8.2f} ms ({pmb:7.0f} MB) x{pms / ms:5.1f}"
                     except Exception as e:  # a peer failing (OOM, missing kernel) must not hide our numbers
                         row += f" | {peer} failed: {type(e).__name__}"

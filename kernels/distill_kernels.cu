@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
     const float x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
     const float q = prob(x, max_s, log_sum_s), p = prob(y, max_t, log_sum_t);
     if (q == 0.f && p == 0.f) continue;
-    const ElementTerms<float> e = element_terms<ScalarMath>(d, o.objective, q, p, (y - x) + c);
+    const ElementTerms<float> e = element_terms<ScalarMath>(d, o.objective, q, p, y - x, c);
     part.a += e.loss;
     if (q > 0.f) { part.b += q * e.g; part.c += q * x; }
     if (p > 0.f) part.d += p * y;
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
     const float x = (zs - mean_s) * scale_s, y = (row.teacher(j, zs) - mean_t) * scale_t;
     const float q = prob(x, st[kMaxS], st[kLogSumS]), p = prob(y, st[kMaxT], st[kLogSumT]);
     if (q == 0.f && p == 0.f) return 0.f;
-    const ElementTerms<float> e = element_terms<ScalarMath>(d, o.objective, q, p, (y - x) + c);
+    const ElementTerms<float> e = element_terms<ScalarMath>(d, o.objective, q, p, y - x, c);
     return element_grad<ScalarMath>(d, q, p, e.g, st[kQG]);
   };
 

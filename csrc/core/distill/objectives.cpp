@@ -13,6 +13,15 @@ namespace {
 constexpr int64_t kTile = 256;
 using Tile = Eigen::Array<float, kTile, 1>;
 
+// Blend two tiles by a condition, as a plain loop: GCC if-converts it into vector blends, where
+// Eigen 3.4's select() is evaluated coefficient by coefficient.
+template <class Cond>
+inline Tile blend(const Cond& cond, const Tile& a, const Tile& b) {
+  Tile out;
+  for (int64_t k = 0; k < kTile; ++k) out[k] = cond.coeff(k) ? a[k] : b[k];
+  return out;
+}
+
 // The row-math policy over whole tiles (see ScalarMath in row_math.h).
 struct TileMath {
   static Tile exp(const Tile& x) { return x.exp(); }
@@ -22,7 +31,7 @@ struct TileMath {
   static Tile abs(const Tile& x) { return x.abs(); }
   static Tile sign(const Tile& x) { return x.sign(); }
   template <class C>
-  static Tile select(const C& c, const Tile& a, const Tile& b) { return c.select(a, b); }
+  static Tile select(const C& c, const Tile& a, const Tile& b) { return blend(c, a, b); }
 };
 
 inline float load(float v) { return v; }
@@ -36,27 +45,44 @@ template <> Float16 store<Float16>(float f) { return {float_to_half(f)}; }
 // exp((x - max) - log_sum), exactly 0 where x = -inf. Eigen's vectorised exp clamps its argument near
 // -88, so exp(-inf) would come out as ~1e-38 and a padded column would get a probability. The two
 // shifts stay apart: max + log_sum rounded to float would cost ulp(max) (1e-3 at logits of 1e4).
-// (Eigen 3.4 evaluates select() coefficient by coefficient: the exp is evaluated into a tile first so
-// that it stays vectorised.)
 inline Tile probabilities(const Tile& x, float max, float log_sum) {
   const Tile e = ((x - max) - log_sum).exp();
-  return (x > -INFINITY).select(e, 0.f);
+  Tile out;
+  for (int64_t k = 0; k < kTile; ++k) out[k] = x[k] > -INFINITY ? e[k] : 0.f;
+  return out;
 }
 
-// Online log-sum-exp over tiles: the running max is a data value, the sum is kept in double.
-struct OnlineLse {
+// weight * value, 0 where the weight is 0 (so 0 * inf contributes nothing).
+inline Tile masked(const Tile& weight, const Tile& value) {
+  Tile out;
+  for (int64_t k = 0; k < kTile; ++k) out[k] = weight[k] > 0.f ? weight[k] * value[k] : 0.f;
+  return out;
+}
+
+// Online softmax statistics over tiles: the log-sum-exp (the running max is a data value, the sum is
+// kept in double) and, on request, the softmax-weighted sums of two value tiles, rescaled whenever the
+// max grows. The KL objectives need nothing more, so they take a single pass over the row.
+struct OnlineSoftmax {
   float max = -INFINITY;
-  double sum = 0.0;
-  void add(const Tile& x) {
+  double sum = 0.0, weighted1 = 0.0, weighted2 = 0.0;
+  void add(const Tile& x, const Tile* v1 = nullptr, const Tile* v2 = nullptr) {
     const float m = x.maxCoeff();
     if (!(m > -INFINITY)) return;
     if (m > max) {
-      sum *= std::exp(static_cast<double>(max) - m);
+      const double rescale = std::exp(static_cast<double>(max) - m);
+      sum *= rescale;
+      weighted1 *= rescale;
+      weighted2 *= rescale;
       max = m;
     }
-    sum += static_cast<double>(probabilities(x, max, 0.f).sum());
+    const Tile e = probabilities(x, max, 0.f);
+    sum += static_cast<double>(e.sum());
+    if (v1) weighted1 += static_cast<double>(masked(e, *v1).sum());
+    if (v2) weighted2 += static_cast<double>(masked(e, *v2).sum());
   }
   float log_sum() const { return static_cast<float>(std::log(sum)); }
+  double mean1() const { return weighted1 / sum; }  // sum_j softmax(x)_j v1_j
+  double mean2() const { return weighted2 / sum; }
 };
 
 // Mean and population standard deviation over the finite entries of a row.
@@ -124,8 +150,6 @@ Row<T> make_row(Logits<T> s, Logits<T> t, int64_t i, const RowOptions& o) {
                 s.vocab > t.vocab ? s.vocab : t.vocab, o.teacher_mix};
 }
 
-inline Tile masked(const Tile& weight, const Tile& value) { return (weight > 0.f).select(weight * value, 0.f); }
-
 template <class T>
 void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions& o, float* loss, float* stats,
                  float* st) {
@@ -151,37 +175,59 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   const int64_t label = has_label ? labels[i] : -1;
   const bool raw_needed = has_label && o.hard_label_weight > 0.f && (o.standardize || o.temperature != 1.f);
 
-  // Pass 1: log-sum-exp of both models (and of the raw student logits for the hard-label term).
-  OnlineLse lse_s, lse_t, lse_raw;
+  // Pass 1: log-sum-exp of both models (and of the raw student logits for the hard-label term). For the
+  // KLs it also gathers everything else: sum q x, sum p y and sum p (y - x) or sum q (x - y).
+  const Divergence d = effective_divergence(o.objective);
+  const bool single_pass = d == Divergence::kForwardKL || d == Divergence::kReverseKL;
+  OnlineSoftmax lse_s, lse_t, lse_raw;
+  float x_label = -INFINITY, y_label = -INFINITY, z_label = -INFINITY;
+  auto take_label = [&](int64_t j0, const Tile& x, const Tile& y) {
+    if (label >= j0 && label < j0 + kTile) {
+      z_label = zs[label - j0];
+      x_label = x[label - j0];
+      y_label = y[label - j0];
+    }
+  };
   for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
     row.read(j0, zs, zt);
     if (raw_needed) lse_raw.add(zs);
-    lse_s.add((zs - mean_s) * scale_s);
-    lse_t.add((zt - mean_t) * scale_t);
+    const Tile x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
+    if (single_pass) {
+      take_label(j0, x, y);
+      const Tile y_minus_x = y - x, x_minus_y = x - y;
+      lse_s.add(x, &x, d == Divergence::kReverseKL ? &x_minus_y : nullptr);
+      lse_t.add(y, &y, d == Divergence::kForwardKL ? &y_minus_x : nullptr);
+    } else {
+      lse_s.add(x);
+      lse_t.add(y);
+    }
   }
   if (!raw_needed) lse_raw = lse_s;  // same logits: temperature 1, no standardization
   const float ls_s = lse_s.log_sum(), ls_t = lse_t.log_sum();
   const double full_lse_s = static_cast<double>(lse_s.max) + ls_s, full_lse_t = static_cast<double>(lse_t.max) + ls_t;
   const float c = static_cast<float>(full_lse_s - full_lse_t);
 
-  // Pass 2: the divergence, <q, g>, and the entropies' sums.
-  const Divergence d = effective_divergence(o.objective);
+  // Pass 2 (all but the KLs): the divergence, <q, g>, and the entropies' sums.
   double div = 0.0, qg = 0.0, qx = 0.0, py = 0.0;
-  float x_label = -INFINITY, y_label = -INFINITY, z_label = -INFINITY;
-  for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
-    row.read(j0, zs, zt);
-    const Tile x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
-    if (label >= j0 && label < j0 + kTile) {
-      z_label = zs[label - j0];
-      x_label = x[label - j0];
-      y_label = y[label - j0];
+  if (single_pass) {
+    qx = lse_s.mean1();
+    py = lse_t.mean1();
+    // KL(p||q) = sum p (y - x) + lse_s - lse_t; KL(q||p) = sum q (x - y) - (lse_s - lse_t) = <q, g>.
+    div = d == Divergence::kForwardKL ? lse_t.mean2() + (full_lse_s - full_lse_t)
+                                      : lse_s.mean2() - (full_lse_s - full_lse_t);
+    qg = d == Divergence::kReverseKL ? lse_s.mean2() : 0.0;  // <q, x - y>: g without its constant
+  } else {
+    for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
+      row.read(j0, zs, zt);
+      const Tile x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
+      take_label(j0, x, y);
+      const Tile q = probabilities(x, lse_s.max, ls_s), p = probabilities(y, lse_t.max, ls_t);
+      const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile(y - x), c);
+      div += e.loss.sum();
+      qg += masked(q, e.g).sum();
+      qx += masked(q, x).sum();
+      py += masked(p, y).sum();
     }
-    const Tile q = probabilities(x, lse_s.max, ls_s), p = probabilities(y, lse_t.max, ls_t);
-    const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile((y - x) + c));
-    div += e.loss.sum();
-    qg += masked(q, e.g).sum();
-    qx += masked(q, x).sum();
-    py += masked(p, y).sum();
   }
   const float nan = std::numeric_limits<float>::quiet_NaN();
   stats[kStudentEntropy] = row.bad_s ? nan : static_cast<float>(full_lse_s - qx);
@@ -235,7 +281,8 @@ void backward_row(Row<T>& row, float grad, const int64_t* labels, int64_t i, con
     row.read(j0, zs, zt);
     const Tile x = (zs - st[kMeanS]) * st[kScaleS], y = (zt - st[kMeanT]) * st[kScaleT];
     const Tile q = probabilities(x, st[kMaxS], st[kLogSumS]), p = probabilities(y, st[kMaxT], st[kLogSumT]);
-    const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile((y - x) + c));
+    if (d == Divergence::kForwardKL) return Tile(q - p);
+    const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile(y - x), c);
     return element_grad<TileMath>(d, q, p, e.g, st[kQG]);
   };
 
@@ -246,9 +293,9 @@ void backward_row(Row<T>& row, float grad, const int64_t* labels, int64_t i, con
     double g1 = 0.0, g2 = 0.0;
     for (int64_t j0 = 0; j0 < row.vs; j0 += kTile) {
       const Tile gx = grad_x(j0);
-      const auto finite = zs > -INFINITY;
-      g1 += finite.select(gx, 0.f).sum();
-      g2 += finite.select(gx * (zs - mean_s), 0.f).sum();
+      const Tile live = blend(zs > -INFINITY, gx, Tile::Zero());
+      g1 += live.sum();
+      g2 += blend(zs > -INFINITY, Tile(live * (zs - mean_s)), Tile::Zero()).sum();
     }
     g1_mean = static_cast<float>(g1 / n_s);
     if (std_s > 0.f) g2_term = static_cast<float>(g2 / (n_s * std_s * (std_s + o.standardize_eps)));
@@ -261,7 +308,7 @@ void backward_row(Row<T>& row, float grad, const int64_t* labels, int64_t i, con
       gz += b * probabilities(zs, st[kRawMax], st[kRawLogSum]);
       if (label >= j0 && label < j0 + kTile) gz[label - j0] -= b;
     }
-    gz = (zs > -INFINITY).select(gz, 0.f);
+    for (int64_t k = 0; k < kTile; ++k) gz[k] = zs[k] > -INFINITY ? gz[k] : 0.f;
     const int64_t len = std::min(kTile, row.vs - j0);
     for (int64_t k = 0; k < len; ++k) out[j0 + k] = store<T>(gz[k]);
   }

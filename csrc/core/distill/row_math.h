@@ -112,18 +112,22 @@ struct ElementTerms {
   V g;     // gradient factor: d loss / d x_j = q_j (g_j - <q, g>)
 };
 
-// Vocabulary entries with probabilities q, p and r = log p - log q (+-inf where one of them is 0,
-// NaN where both are: every term is then masked to 0 by a select on p > 0 or q > 0). `d` must come
-// from effective_divergence.
+// Vocabulary entries with probabilities q, p, the logit difference y - x and the row constant
+// c = lse_s - lse_t, so that r = log p - log q = (y - x) + c (+-inf where one probability is 0, NaN
+// where both are: every term is then masked to 0 by a select on p > 0 or q > 0). `d` must come from
+// effective_divergence. g may be shifted by any row constant (the gradient q (g - <q, g>) does not
+// see it); reverse KL uses that to leave c out of g, so that <q, g> from a single online pass and g
+// in the backward pass round alike.
 template <class M, class V>
 DPKD_HOST_DEVICE ElementTerms<V> element_terms(Divergence d, const ObjectiveParams& o, const V& q, const V& p,
-                                               const V& r) {
+                                               const V& y_minus_x, float c) {
   const V zero = V(q * 0.f);
+  const V r = V(y_minus_x + c);
   switch (d) {
     case Divergence::kForwardKL:  // p (log p - log q); the gradient q - p is formed directly
       return {M::select(p > 0.f, V(p * r), zero), zero};
-    case Divergence::kReverseKL:  // q (log q - log p); g = log q - log p
-      return {M::select(q > 0.f, V(-q * r), zero), V(-r)};
+    case Divergence::kReverseKL:  // q (log q - log p); g = log q - log p = x - y (+ const)
+      return {M::select(q > 0.f, V(-q * r), zero), V(-y_minus_x)};
     case Divergence::kJSD: {
       // beta KL(p||m) + (1 - beta) KL(q||m). log(m/q) and log(m/p) are each formed directly (never as
       // a difference of two O(r) numbers), so the value stays accurate as beta -> 0 or 1.
