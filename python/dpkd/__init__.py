@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (loads libtorch, which dpkd._C links against)
 
-from . import _ops, accounting, losses, nn, taid
+from . import _ops, accounting, losses, nn, taid, topk
 from ._C import with_cuda
 from .losses import (
     TokenStats,
@@ -16,6 +16,7 @@ from .losses import (
     tvd,
 )
 from .taid import TAIDSchedule, taid_loss
+from .topk import topk_forward_kl
 
 __all__ = [
     "TAIDSchedule",
@@ -32,6 +33,8 @@ __all__ = [
     "taid",
     "taid_loss",
     "token_stats",
+    "topk",
+    "topk_forward_kl",
     "tvd",
     "with_cuda",
 ]

@@ -263,3 +263,37 @@ def test_nn_modules_match_functions():
         dpkd.tvd(s, t, reduction="sum").item())
     with pytest.raises(ValueError, match="divergence"):
         dpkd.nn.DistillLoss("l2")
+
+
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_topk_teacher_matches_float64_reference(tail, dtype, tol):
+    n, v, k, temperature = 9, 513, 17, 1.3
+    s = logits(n, v, 3.0, dtype, seed=28).requires_grad_(True)
+    teacher = logits(n, v, 3.0, seed=29).double()
+    lp_full = torch.log_softmax(teacher, -1)
+    logp, ids = lp_full.topk(k, dim=-1)
+    got = dpkd.topk_forward_kl(s, ids, logp.float(), temperature=temperature, tail=tail, reduction="sum",
+                               chunk_size=4)
+    got.backward()
+    s64 = s.detach().double().requires_grad_(True)
+    lq = torch.log_softmax(s64 / temperature, -1)
+    lq_k = lq.gather(1, ids)
+    ref = (logp.exp() * (logp - lq_k)).sum(-1)
+    if tail:
+        p_tail = 1 - logp.exp().sum(-1)
+        q_tail = 1 - lq_k.exp().sum(-1)
+        ref = ref + p_tail * (p_tail.log() - q_tail.log())
+    ref.sum().backward()
+    assert got.item() == pytest.approx(ref.sum().item(), rel=tol)
+    assert rel_err(s.grad, s64.grad) < tol
+    assert s.grad.dtype == dtype
+
+
+def test_topk_teacher_validates_inputs():
+    s = logits(3, 10, seed=30)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    with pytest.raises(ValueError, match="teacher_ids"):
+        dpkd.topk_forward_kl(s, ids + 9, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        dpkd.topk_forward_kl(s, ids, torch.zeros(3, 3))

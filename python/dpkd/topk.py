@@ -1,0 +1,128 @@
+"""Distillation from a top-k (sparse) teacher: the teacher is given as its k most likely token ids and
+their log-probabilities (cached offline, or from an API that returns only top-k), optionally with a tail
+bucket for the remaining mass.
+
+Forward KL over the kept tokens, p the teacher's given probabilities and q the student's softmax over its
+whole vocabulary at ``temperature``:
+
+    D = sum_{k in K} p_k (log p_k - log q_k)  [+ p_tail (log p_tail - log q_tail)]
+
+with p_tail = 1 - sum_K p and q_tail = 1 - sum_K q. The gradient is q (sum_K p) - p 1_K without the tail
+and q - p 1_K - (p_tail / q_tail) q 1_{not K} with it. Rows are processed in chunks, so the fp32 work
+space is chunk x V, never N x V.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import losses
+
+__all__ = ["topk_forward_kl"]
+
+
+def _row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, temperature: float, tail: bool):
+    """Per-row loss, student log-sum-exp and the gradient's row coefficients for one chunk (fp32)."""
+    xf = x.float() / temperature
+    lse = torch.logsumexp(xf, dim=-1)
+    lq = xf.gather(1, ids) - lse[:, None]
+    p = logp.float().exp()
+    live = p > 0
+    loss = torch.where(live, p * (logp.float() - lq), torch.zeros_like(p)).sum(-1)
+    tail_ratio = torch.zeros_like(lse)
+    if tail:
+        p_tail = (1 - p.sum(-1)).clamp(min=0)
+        log_q_tail = torch.log((-torch.expm1(torch.logsumexp(lq, dim=-1))).clamp(min=1e-30))
+        loss = loss + torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp(min=1e-30)) - log_q_tail),
+                                  torch.zeros_like(p_tail))
+        tail_ratio = p_tail / log_q_tail.exp()
+    return loss, lse, lq, p, tail_ratio
+
+
+class _TopKForwardKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids, logp, temperature, tail, chunk):
+        losses_, lses = [], []
+        for start in range(0, x.shape[0], chunk):
+            loss, lse, *_ = _row_terms(x[start:start + chunk], ids[start:start + chunk],
+                                       logp[start:start + chunk], temperature, tail)
+            losses_.append(loss)
+            lses.append(lse)
+        ctx.save_for_backward(x, ids, logp)
+        ctx.options = (temperature, tail, chunk)
+        out = torch.cat(losses_) if losses_ else x.new_zeros(0, dtype=torch.float32)
+        lse = torch.cat(lses) if lses else out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        x, ids, logp = ctx.saved_tensors
+        temperature, tail, chunk = ctx.options
+        grad = torch.empty_like(x)
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            _, lse, lq, p, tail_ratio = _row_terms(x[rows], ids[rows], logp[rows], temperature, tail)
+            q = torch.exp(x[rows].float() / temperature - lse[:, None])
+            # q * (sum_K p [+ p_tail]) - p on K  [- (p_tail / q_tail) q off K]
+            scale = (p.sum(-1) + (1 - p.sum(-1)).clamp(min=0) - tail_ratio) if tail else p.sum(-1)
+            g = q * scale[:, None]
+            on_k = p - (tail_ratio[:, None] * lq.exp() if tail else 0)
+            g.scatter_add_(1, ids[rows], -on_k)
+            g *= (grad_loss[rows].float() / temperature)[:, None]
+            grad[rows] = g.to(x.dtype)
+        return grad, None, None, None, None, None
+
+
+def topk_forward_kl(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    tail: bool = False,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: losses.Reduction = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Forward KL to a top-k teacher.
+
+    Args:
+        student_logits: [N, V] or [B, T, V].
+        teacher_ids: int64 [..., K] token ids (distinct within a row).
+        teacher_logprobs: [..., K] the teacher's log-probabilities of those ids, used as given: apply the
+            teacher's temperature when producing them (``temperature`` here divides the student's logits).
+        tail: add the bucket of the remaining mass 1 - sum_K p against 1 - sum_K q.
+        chunk_size: rows per chunk of fp32 work space (default: about 64 MB of it).
+    Other arguments as in :func:`dpkd.distill_loss`.
+    """
+    s = student_logits
+    if s.dtype not in (torch.float32, torch.bfloat16, torch.float16) or s.dim() not in (2, 3):
+        raise ValueError(f"student_logits must be [N, V] or [B, T, V] float32/bfloat16/float16, got "
+                         f"{tuple(s.shape)} {s.dtype}")
+    lead, v = tuple(s.shape[:-1]), s.shape[-1]
+    if teacher_ids.shape != teacher_logprobs.shape or tuple(teacher_ids.shape[:-1]) != lead:
+        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
+                         f"{tuple(teacher_logprobs.shape)} must both be {lead} + (K,)")
+    if teacher_ids.dtype != torch.int64:
+        raise TypeError(f"teacher_ids must be int64, got {teacher_ids.dtype}")
+    if teacher_ids.numel() and (teacher_ids.min() < 0 or teacher_ids.max() >= v):
+        raise ValueError(f"teacher_ids must be in [0, {v})")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in losses.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {losses.REDUCTIONS}, got {reduction!r}")
+    k = teacher_ids.shape[-1]
+    x = s.reshape(-1, v)
+    chunk = chunk_size or max(1, (1 << 24) // max(v, 1))
+    per_token, lse = _TopKForwardKL.apply(x, teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k),
+                                          float(temperature), bool(tail), int(chunk))
+    if not torch.compiler.is_compiling() and torch.isnan(lse).any():
+        raise ValueError("student_logits contains NaN or +inf")
+    valid = mask
+    if labels is not None:
+        valid = labels != ignore_index if valid is None else valid & (labels != ignore_index)
+    return losses._reduce(per_token.reshape(lead), valid, weights, reduction)
