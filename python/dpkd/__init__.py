@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (loads libtorch, which dpkd._C links against)
 
-from . import _ops, accounting, losses, nn, taid, topk
+from . import _ops, accounting, losses, nn, select, taid, topk
 from ._C import with_cuda
 from .losses import (
     TokenStats,
@@ -28,6 +28,7 @@ __all__ = [
     "losses",
     "nn",
     "reverse_kl",
+    "select",
     "skew_kl",
     "skew_reverse_kl",
     "taid",

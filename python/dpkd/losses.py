@@ -12,11 +12,14 @@ loss is NOT multiplied by T^2 unless ``scale_by_temperature_squared=True`` (TRL 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Callable, Literal, NamedTuple
 
 import torch
 
 from . import _ops
+
+if TYPE_CHECKING:
+    from .select import Selection
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 Reduction = Literal["none", "sum", "mean", "batchmean"]
@@ -187,6 +190,7 @@ def distill_loss(
     scale_by_temperature_squared: bool = False,
     allow_vocab_mismatch: bool = False,
     return_stats: bool = False,
+    select: Selection | Callable[[TokenStats, torch.Tensor | None], Selection] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Token-level distillation loss between student and teacher logits.
 
@@ -210,6 +214,9 @@ def distill_loss(
             standardization).
         scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.).
         return_stats: also return :class:`TokenStats`.
+        select: a :class:`dpkd.select.Selection`, or a rule ``f(stats, valid) -> Selection`` applied to this
+            pass's statistics, e.g. ``lambda st, valid: select.entropy_top_fraction(st.student_entropy,
+            0.5, valid=valid)``. Its weights multiply ``weights``; unselected tokens get no gradient work.
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
@@ -224,9 +231,15 @@ def distill_loss(
     valid = mask
     if labels is not None:
         valid = labels != ignore_index if valid is None else valid & (labels != ignore_index)
+    token_stats_ = TokenStats(*stats.unbind(-1))
+    if select is not None:
+        chosen = select if not callable(select) else select(token_stats_, valid)
+        if tuple(chosen.values.shape) != tuple(per_token.shape):
+            raise ValueError(f"select produced shape {tuple(chosen.values.shape)}, expected {tuple(per_token.shape)}")
+        weights = chosen.weights() if weights is None else weights * chosen.weights()
     loss = _reduce(per_token, valid, weights, reduction)
     if return_stats:
-        return loss, TokenStats(*stats.unbind(-1))
+        return loss, token_stats_
     return loss
 
 

@@ -1,0 +1,158 @@
+"""Token selection rules against plain loop references, per-sequence independence, composition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dpkd
+from dpkd import select
+
+
+def stats(b=4, t=13, seed=0, ties=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, t, generator=g)
+    if ties:
+        x = (x * 5).round() / 5  # many ties
+    valid = torch.rand(b, t, generator=g) > 0.25
+    valid[:, 0] = True
+    return x, valid
+
+
+def loop_top_fraction(score, fraction, valid, largest=True):
+    out = torch.zeros_like(valid)
+    for i in range(score.shape[0]):
+        idx = [j for j in range(score.shape[1]) if valid[i, j]]
+        k = math.ceil(fraction * len(idx))
+        # stable: higher score first, ties to the earlier position
+        idx.sort(key=lambda j: (-score[i, j].item() if largest else score[i, j].item(), j))
+        for j in idx[:k]:
+            out[i, j] = True
+    return out
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("largest", [True, False])
+def test_top_fraction_per_sequence_matches_loop(fraction, largest):
+    x, valid = stats()
+    got = select.top_fraction(x, fraction, valid=valid, largest=largest)
+    assert torch.equal(got, loop_top_fraction(x, fraction, valid, largest))
+
+
+def test_top_fraction_batch_scope_ranks_across_sequences():
+    x, valid = stats(seed=1)
+    got = select.top_fraction(x, 0.3, valid=valid, scope="batch")
+    ref = loop_top_fraction(x.reshape(1, -1), 0.3, valid.reshape(1, -1)).reshape(x.shape)
+    assert torch.equal(got, ref)
+
+
+def test_tip_quadrants_match_definition():
+    h, valid = stats(seed=2, ties=False)
+    d, _ = stats(seed=3, ties=False)
+    hi_h = loop_top_fraction(h, 0.5, valid)
+    hi_d = loop_top_fraction(d, 0.5, valid)
+    assert torch.equal(select.tip(h, d, quadrant="q1", valid=valid).values, hi_h)
+    q2 = select.tip(h, d, quadrant="q2", valid=valid).values
+    assert torch.equal(q2, ~hi_h & hi_d & valid)
+    assert torch.equal(select.tip(h, d, valid=valid).values, hi_h | q2)
+    thr = select.tip(h, d, quadrant="q2", entropy_threshold=0.3, divergence_threshold=0.6, valid=valid).values
+    assert torch.equal(thr, (h <= 0.3) & (d > 0.6) & valid)
+
+
+def test_entropy_sampling_is_seeded_sized_and_never_picks_zero_entropy():
+    h, valid = stats(seed=4, ties=False)
+    h[0, 3] = 0.0
+    a = select.entropy_sampling(h, 0.5, generator=torch.Generator().manual_seed(7), valid=valid).values
+    b = select.entropy_sampling(h, 0.5, generator=torch.Generator().manual_seed(7), valid=valid).values
+    assert torch.equal(a, b)
+    live = valid & (h > 0)
+    assert torch.equal(a.sum(-1), torch.ceil(0.5 * live.sum(-1).float()).long())
+    assert not a[0, 3] and not (a & ~valid).any()
+    # Proportional to entropy: over many draws a high-entropy token is picked more often.
+    h2 = torch.tensor([[0.1, 1.0, 0.1, 0.1]])
+    g = torch.Generator().manual_seed(0)
+    picks = sum(select.entropy_sampling(h2, 0.25, generator=g).values.float() for _ in range(400))
+    assert picks[0, 1] > 2 * picks[0, 0]
+
+
+def test_confidence_surprisal_and_weight_rules():
+    lq, valid = stats(seed=5, ties=False)
+    lp, _ = stats(seed=6, ties=False)
+    lq, lp = -lq * 3, -lp * 3
+    rc = select.relative_confidence(lq, lp, fraction=0.3, valid=valid).values
+    assert torch.equal(rc, loop_top_fraction(lp - lq, 0.3, valid))
+    sh = select.highest_surprisal(lq, 0.4, valid=valid).values
+    assert torch.equal(sh, loop_top_fraction(lq, 0.4, valid, largest=False))
+    ht = torch.tensor([[0.0, math.log(100) / 2, math.log(100)]])
+    w = select.teacher_entropy_weights(ht, vocab_size=100).values
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.5, 0.0]]))
+    pw = select.paced_weights(torch.tensor([0.0, 0.5, 1.0]), alpha=1.0, beta=2.0, tokens_per_sequence=3).values
+    torch.testing.assert_close(pw[:, 0], torch.tensor([0.0, 0.125, 0.0]))
+    assert pw.shape == (3, 3)
+    with pytest.raises(ValueError, match="pass_rate"):
+        select.paced_weights(torch.tensor([1.5]))
+
+
+def test_composition_and_privacy_scope():
+    h, valid = stats(seed=7)
+    a = select.entropy_top_fraction(h, 0.5, valid=valid)
+    b = select.highest_surprisal(-h, 0.5, valid=valid, scope="batch")
+    assert torch.equal((a & b).values, a.values & b.values) and (a & b).scope == "batch"
+    assert torch.equal((a | a).values, a.values)
+    w = select.teacher_entropy_weights(h, vocab_size=10)
+    torch.testing.assert_close((a * w).values, a.values.float() * w.values)
+    a.check_private()
+    with pytest.raises(ValueError, match="DP"):
+        (a & b).check_private()
+    with pytest.raises(TypeError):
+        a & w
+
+
+def test_distill_loss_select_equals_weights_and_skips_unselected_tokens():
+    g = torch.Generator().manual_seed(8)
+    s = (torch.randn(3, 11, 50, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(3, 11, 50, generator=g) * 3
+
+    def rule(st, valid):
+        return select.entropy_top_fraction(st.student_entropy, 0.5, valid=valid)
+
+    loss = dpkd.forward_kl(s, t, select=rule, reduction="sum")
+    loss.backward()
+    h = dpkd.token_stats(s, t).student_entropy
+    mask = select.entropy_top_fraction(h, 0.5).values
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = dpkd.forward_kl(s2, t, weights=mask.float(), reduction="sum")
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.equal(s.grad, s2.grad)
+    assert (s.grad[~mask] == 0).all() and (s.grad[mask] != 0).any()
+
+
+def test_per_sequence_selection_depends_on_its_own_sequence_only():
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(4, 17, 40, generator=g) * 3
+    t = torch.randn(4, 17, 40, generator=g) * 3
+    labels = torch.randint(0, 40, (4, 17), generator=g)
+
+    def masks(s):
+        st = dpkd.token_stats(s, t, labels=labels, divergence="jsd")
+        return [select.tip(st.student_entropy, st.divergence).values,
+                select.entropy_top_fraction(st.student_entropy, 0.3).values,
+                select.relative_confidence(st.student_label_logprob, st.teacher_label_logprob).values,
+                select.entropy_sampling(st.student_entropy, 0.4, generator=torch.Generator().manual_seed(1)).values]
+
+    before = masks(s)
+    s2 = s.clone()
+    s2[1] = torch.randn(17, 40, generator=g) * 10  # another example in sequence 1
+    after = masks(s2)
+    for m0, m1 in zip(before, after):
+        keep = [0, 2, 3]
+        assert torch.equal(m0[keep], m1[keep])
+    # Batch scope is not independent: the same change moves other sequences' selections.
+    st0 = dpkd.token_stats(s, t).student_entropy
+    st1 = dpkd.token_stats(s2, t).student_entropy
+    b0 = select.top_fraction(st0, 0.3, scope="batch")
+    b1 = select.top_fraction(st1, 0.3, scope="batch")
+    assert not torch.equal(b0[[0, 2, 3]], b1[[0, 2, 3]])
