@@ -1,0 +1,67 @@
+"""What token selection costs and saves: forward + backward of the fused loss with 100%, 50% and 10% of
+tokens selected (entropy top-fraction per sequence, from the same pass's statistics), and the price of
+the statistics themselves.
+
+    python benchmarks/bench_select.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dpkd
+from dpkd import select
+
+
+def timed(fn, device: str, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    cuda = args.device == "cuda"
+    b, t, v = (8, 512, 128256) if cuda else (4, 128, 32000)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=args.device).manual_seed(0)
+    s = (torch.randn(b, t, v, generator=g, device=args.device) * 4).to(dtype).requires_grad_(True)
+    te = (torch.randn(b, t, v, generator=g, device=args.device) * 4).to(dtype)
+
+    def fwd_bwd(rule=None):
+        def run():
+            s.grad = None
+            dpkd.generalized_jsd(s, te, select=rule).backward()
+        return run
+
+    with torch.no_grad():
+        plain = timed(lambda: dpkd.generalized_jsd(s, te), args.device, args.repeat)
+        with_stats = timed(lambda: dpkd.generalized_jsd(s, te, return_stats=True), args.device, args.repeat)
+    print(f"[{b}x{t}, V={v}, {dtype}, {args.device}] forward: loss {plain:.1f} ms, loss + statistics "
+          f"{with_stats:.1f} ms (+{100 * (with_stats / plain - 1):.1f}%: the statistics come from the same pass)")
+    full = timed(fwd_bwd(), args.device, args.repeat)
+    print(f"fwd+bwd, all tokens: {full:.1f} ms")
+    for fraction in (0.5, 0.1):
+        def rule(st, valid, fraction=fraction):
+            return select.entropy_top_fraction(st.student_entropy, fraction, valid=valid)
+        ms = timed(fwd_bwd(rule), args.device, args.repeat)
+        print(f"fwd+bwd, {int(fraction * 100)}% of tokens (entropy, per sequence): {ms:.1f} ms ({ms / full:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
