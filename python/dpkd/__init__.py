@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (loads libtorch, which dpkd._C links against)
 
-from . import _ops, accounting, losses, nn, select, taid, topk
+from . import _ops, accounting, losses, nn, privacy, select, taid, topk
 from ._C import with_cuda
 from .losses import (
     TokenStats,
@@ -27,6 +27,7 @@ __all__ = [
     "generalized_jsd",
     "losses",
     "nn",
+    "privacy",
     "reverse_kl",
     "select",
     "skew_kl",

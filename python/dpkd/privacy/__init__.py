@@ -1,0 +1,72 @@
+"""DP-SGD for the student in an ordinary training loop.
+
+    model, optimizer = dpkd.privacy.make_private(model, optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
+                                                 expected_batch_size=32, dataset_size=len(dataset))
+    for batch in loader:                       # PoissonBatchSampler batches
+        optimizer.zero_grad()
+        loss_per_example = model_loss(batch)   # shape [B]: each example's own loss
+        loss_per_example.sum().backward()
+        optimizer.step()                       # clip, noise once, / expected batch size, step, account
+    optimizer.accountant.get_epsilon(delta)
+
+Per-example gradient norms come from the layers' inputs and output gradients (ghost norms for linear
+layers where cheaper, DESIGN.md), in one backward pass. Supported trainable layers: nn.Linear, GPT-2's
+Conv1D, nn.Embedding, LayerNorm/GroupNorm/RMSNorm (incl. Hugging Face's *RMSNorm), Conv1d/2d/3d;
+anything else that has trainable parameters is listed in one error at wrap time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..accounting import RDPAccountant
+from .engine import ClippingEngine, LossReduction, layer_kind
+from .noise import gaussian
+from .optimizer import DPOptimizer
+from .sampler import PoissonBatchSampler
+
+__all__ = ["ClippingEngine", "DPOptimizer", "PoissonBatchSampler", "gaussian", "layer_kind", "make_private"]
+
+
+def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, dataset_size: int | None = None,
+                 sample_rate: float | None = None, loss_reduction: LossReduction = "sum",
+                 secure_mode: bool = False, accountant: RDPAccountant | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.nn.Module, DPOptimizer]:
+    """Attach per-example clipping to ``model`` and wrap ``optimizer`` for DP-SGD.
+
+    Args:
+        noise_multiplier: sigma; the noise std is sigma * max_grad_norm (see dpkd.accounting.calibrate_noise).
+        max_grad_norm: C, the per-example clipping norm of the whole model's gradient.
+        expected_batch_size: L, public; gradients are divided by it (never by the realised batch size).
+        dataset_size / sample_rate: N, or q = L / N directly, for the accountant.
+        loss_reduction: ``"sum"`` if you backpropagate loss_per_example.sum(), ``"mean"`` for .mean().
+        secure_mode: noise (and PoissonBatchSampler's draws, if you pass secure_mode there too) from a
+            CSPRNG; see dpkd.privacy.noise for what that does and does not protect.
+    Returns the same model (hooks attached; ``optimizer.engine.remove()`` detaches them) and a DPOptimizer.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not model.training:
+        raise ValueError("model is in eval mode: call model.train() before make_private")
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if not noise_multiplier >= 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if int(expected_batch_size) <= 0:
+        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+    if sample_rate is None:
+        if dataset_size is None or dataset_size <= 0:
+            raise ValueError("give dataset_size (> 0) or sample_rate")
+        sample_rate = expected_batch_size / dataset_size
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    engine = ClippingEngine(model, loss_reduction)
+    try:
+        dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, sample_rate=sample_rate, accountant=accountant,
+                         secure_mode=secure_mode, generator=generator)
+    except Exception:
+        engine.remove()
+        raise
+    return model, dp

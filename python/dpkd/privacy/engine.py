@@ -1,0 +1,201 @@
+"""Book-keeping per-example clipping: hooks capture each supported layer's inputs and output gradients
+during the ordinary forward and backward pass; after the backward pass (one per micro-batch) the
+engine computes every example's whole-model gradient norm from them, the clipping coefficients
+c_i = min(1, C / (||g_i|| + 1e-6)), and the clipped sums sum_i c_i g_i. One backward pass, no
+per-example gradients for linear and embedding layers unless that is cheaper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from . import layers
+
+LossReduction = Literal["sum", "mean"]
+
+# Layers that treat the examples of a batch independently and whose per-example gradients are small
+# enough to instantiate: handled generically through torch.func.
+_GENERIC = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+if hasattr(torch.nn, "RMSNorm"):
+    _GENERIC = _GENERIC + (torch.nn.RMSNorm,)
+
+
+def layer_kind(module: torch.nn.Module) -> str | None:
+    """'linear', 'conv1d_hf' (GPT-2's transposed linear), 'embedding', 'generic' or None (unsupported)."""
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "conv1d_hf"
+    if isinstance(module, torch.nn.Embedding):
+        return None if (module.sparse or module.max_norm is not None) else "embedding"
+    if isinstance(module, _GENERIC) or type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
+        return "generic"
+    return None
+
+
+def _trainable_bias(module: torch.nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None and module.bias.requires_grad
+
+
+@dataclasses.dataclass
+class _Call:
+    inputs: tuple
+    grad: torch.Tensor | None = None
+
+
+class ClippingEngine:
+    """Hooks on every module that owns trainable parameters of ``model``; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, loss_reduction: LossReduction = "sum") -> None:
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
+        self.layers: dict[str, tuple[torch.nn.Module, str]] = {}
+        unsupported, owners = [], {}
+        for name, module in model.named_modules():
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            kind = layer_kind(module)
+            if kind is None:
+                unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+                continue
+            self.layers[name] = (module, kind)
+            for pn, p in own:
+                owners.setdefault(id(p), []).append((name, pn, p))
+        if unsupported:
+            raise ValueError("DP-SGD cannot compute per-example gradients for these trainable modules: "
+                             + ", ".join(unsupported) + ". Freeze them (requires_grad=False) or replace them.")
+        if not self.layers:
+            raise ValueError("model has no trainable parameters")
+        self.params = [entries[0][2] for entries in owners.values()]
+        # Tied weights: only an embedding shared with a linear output head (the usual LM tying).
+        self.tied: list[tuple[str, str]] = []
+        for entries in owners.values():
+            if len(entries) == 1:
+                continue
+            kinds = sorted((self.layers[n][1], n) for n, _, _ in entries)
+            if len(entries) == 2 and [k for k, _ in kinds] == ["embedding", "linear"]:
+                self.tied.append((kinds[0][1], kinds[1][1]))
+            else:
+                raise ValueError("parameter shared by " + ", ".join(n for n, _, _ in entries)
+                                 + ": only an embedding tied to a linear head is supported")
+        self.calls: dict[str, list[_Call]] = {name: [] for name in self.layers}
+        self.handles = [module.register_forward_hook(self._forward_hook(name))
+                        for name, (module, _) in self.layers.items()]
+
+    def _forward_hook(self, name: str):
+        def hook(module, args, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return  # generation, evaluation, or a frozen path: nothing to capture
+            call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+            self.calls[name].append(call)
+
+            def capture(g):
+                call.grad = g.detach()
+
+            output.register_hook(capture)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def clear(self) -> None:
+        for calls in self.calls.values():
+            calls.clear()
+
+    @property
+    def pending(self) -> bool:
+        return any(c.grad is not None for calls in self.calls.values() for c in calls)
+
+    def _batch_size(self) -> int:
+        sizes = {c.grad.shape[0] for calls in self.calls.values() for c in calls if c.grad is not None}
+        if len(sizes) != 1:
+            raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: the batch dimension must be first "
+                             "everywhere, and the loss must be per example")
+        return sizes.pop()
+
+    def _tokens(self, name: str, scale: float):
+        """(inputs, output grads) of every call of a layer, calls concatenated as extra tokens."""
+        module, kind = self.layers[name]
+        done = [c for c in self.calls[name] if c.grad is not None]
+        if not done:
+            return None
+        if kind == "embedding":
+            ids = torch.cat([c.inputs[0].reshape(c.inputs[0].shape[0], -1) for c in done], 1)
+            return ids, torch.cat([layers.flatten_tokens(c.grad) for c in done], 1) * scale
+        if kind in ("linear", "conv1d_hf"):
+            a = torch.cat([layers.flatten_tokens(c.inputs[0]) for c in done], 1)
+            return a, torch.cat([layers.flatten_tokens(c.grad) for c in done], 1) * scale
+        return done, scale
+
+    def flush(self, max_grad_norm: float, sums: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Clip this micro-batch: add sum_i c_i g_i into ``sums`` (keyed by id(param)); returns ||g_i||."""
+        if not self.pending:
+            self.clear()
+            return torch.zeros(0)
+        batch = self._batch_size()
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        data = {name: self._tokens(name, scale) for name in self.layers}
+        sq = None
+        generic_grads = {}
+
+        def add(v):
+            nonlocal sq
+            sq = v if sq is None else sq + v
+
+        for name, (module, kind) in self.layers.items():
+            if data[name] is None:
+                continue
+            if kind in ("linear", "conv1d_hf"):
+                a, g = data[name]
+                add(layers.linear_sq_norms(a, g, weight=module.weight.requires_grad, bias=_trainable_bias(module)))
+            elif kind == "embedding":
+                ids, g = data[name]
+                add(layers.embedding_sq_norms(ids, g, module.padding_idx))
+            else:
+                calls, sc = data[name]
+                params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+                total = None
+                for c in calls:
+                    per = layers.per_example_grads(module, params, c.inputs, c.grad * sc)
+                    total = per if total is None else {n: total[n] + per[n] for n in per}
+                generic_grads[name] = total
+                add(sum(v.reshape(batch, -1).pow(2).sum(1) for v in total.values()))
+        for emb, head in self.tied:
+            if data[emb] is None or data[head] is None:
+                continue
+            ids, g_emb = data[emb]
+            a_head, g_head = data[head]
+            add(2 * layers.embedding_linear_cross(ids, g_emb, a_head, g_head, self.layers[emb][0].padding_idx))
+        norms = sq.clamp(min=0).sqrt()
+        coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+        def accumulate(p, value):
+            if p.requires_grad:
+                sums[id(p)] = sums[id(p)] + value if id(p) in sums else value
+
+        for name, (module, kind) in self.layers.items():
+            if data[name] is None:
+                continue
+            if kind in ("linear", "conv1d_hf"):
+                a, g = data[name]
+                weight, bias = layers.linear_clipped_sums(a, g, coef)
+                accumulate(module.weight, weight if kind == "linear" else weight.t())
+                if _trainable_bias(module):
+                    accumulate(module.bias, bias)
+            elif kind == "embedding":
+                ids, g = data[name]
+                accumulate(module.weight, layers.embedding_clipped_sum(ids, g, coef, module.num_embeddings,
+                                                                       module.padding_idx))
+            else:
+                for n, per in generic_grads[name].items():
+                    c = coef.to(per.dtype).reshape(-1, *([1] * (per.dim() - 1)))
+                    accumulate(getattr(module, n), (per * c).sum(0))
+        self.clear()
+        return norms

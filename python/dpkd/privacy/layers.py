@@ -1,0 +1,101 @@
+"""Per-example gradient norms and clipped gradient sums, one layer kind at a time, from the layer's
+captured inputs A and output gradients G (batch first; every other leading dimension is "tokens").
+
+Linear-like layers never build per-example gradients unless that is cheaper: the squared norm of
+G_i^T A_i is <A_i A_i^T, G_i G_i^T> (ghost norm: 2 T^2 (d + p) flops, T^2 memory) or the instantiated
+G_i^T A_i (2 T d p flops, d p memory), chosen per layer: ghost iff 2 T^2 < d p. The clipped sum
+sum_i c_i G_i^T A_i is one ordinary weight-gradient matmul after scaling the rows of G by c_i. Small
+layers of other kinds (norms, convolutions) instantiate per-example gradients with torch.func.
+All norms are computed in fp32 (float64 inputs stay float64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, ..., f] -> [B, T, f] (T = 1 for [B, f])."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def use_ghost(tokens: int, d: int, p: int) -> bool:
+    return 2 * tokens * tokens < d * p
+
+
+def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: bool) -> torch.Tensor:
+    """Squared per-example norms of a linear layer's trainable weight and/or bias gradient;
+    a [B,T,d], g [B,T,p]."""
+    dt = _acc_dtype(a)
+    a, g = a.to(dt), g.to(dt)
+    sq = torch.zeros(g.shape[0], dtype=dt, device=g.device)
+    if weight:
+        if use_ghost(a.shape[1], a.shape[2], g.shape[2]):
+            sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        else:
+            sq = sq + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+    if bias:
+        sq = sq + g.sum(1).pow(2).sum(1)
+    return sq
+
+
+def linear_clipped_sums(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor):
+    """(sum_i c_i G_i^T A_i as [p, d], sum_i c_i sum_t g_t as [p])."""
+    dt = _acc_dtype(a)
+    gs = g.to(dt) * coef.to(dt)[:, None, None]
+    return gs.reshape(-1, gs.shape[-1]).t() @ a.to(dt).reshape(-1, a.shape[-1]), gs.sum((0, 1))
+
+
+def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """sum_{t,s} [x_t = x_s] g_t . g_s per example; ids [B,T], g [B,T,d]. The padding row gets no gradient."""
+    g = g.to(_acc_dtype(g))
+    if padding_idx is not None:
+        g = g * (ids != padding_idx)[..., None]
+    same = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
+    return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+
+def embedding_clipped_sum(ids: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, num_embeddings: int,
+                          padding_idx: int | None) -> torch.Tensor:
+    dt = _acc_dtype(g)
+    gs = g.to(dt) * coef.to(dt)[:, None, None]
+    if padding_idx is not None:
+        gs = gs * (ids != padding_idx)[..., None]
+    out = torch.zeros(num_embeddings, g.shape[-1], dtype=dt, device=g.device)
+    return out.index_add_(0, ids.reshape(-1), gs.reshape(-1, g.shape[-1]))
+
+
+def embedding_linear_cross(ids: torch.Tensor, g_emb: torch.Tensor, a_head: torch.Tensor,
+                           g_head: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """<per-example embedding grad, per-example head grad> for a tied weight [V, d]:
+    sum_{t,s} g_head[s, x_t] (e_t . a_s), with e the embedding's output grads, a the head's inputs."""
+    dt = _acc_dtype(g_emb)
+    e = g_emb.to(dt)
+    if padding_idx is not None:
+        e = e * (ids != padding_idx)[..., None]
+    picked = torch.gather(g_head.to(dt), 2, ids[:, None, :].expand(-1, g_head.shape[1], -1))  # [B, S, T]
+    dots = torch.bmm(a_head.to(dt), e.transpose(1, 2))  # [B, S, T]
+    return (picked * dots).sum((1, 2))
+
+
+def per_example_grads(module: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                      inputs: tuple, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Instantiated per-example gradients of a module's own parameters: vmap over the batch of the
+    vector-Jacobian product of the module's forward (for small layers whose forward treats examples
+    independently)."""
+    names = list(params)
+
+    def out_of(p_values, *xs):
+        return torch.func.functional_call(module, dict(zip(names, p_values)), tuple(x[None] for x in xs))[0]
+
+    def one(*args):
+        *xs, gi = args
+        _, vjp = torch.func.vjp(lambda *pv: out_of(pv, *xs), *[params[n].detach() for n in names])
+        return vjp(gi)
+
+    grads = torch.func.vmap(one)(*inputs, g)
+    return {n: gr.to(_acc_dtype(gr)) for n, gr in zip(names, grads)}

@@ -1,0 +1,88 @@
+"""The DP-SGD optimizer wrapper: clip (through the engine), add noise once per logical batch, divide by
+the expected batch size, step the wrapped optimizer, charge the accountant."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..accounting import RDPAccountant
+from . import noise
+from .engine import ClippingEngine
+
+
+class DPOptimizer:
+    """Wraps an optimizer. ``step()`` replaces each parameter's gradient with
+    (sum_i c_i g_i + N(0, sigma^2 C^2)) / L and steps the wrapped optimizer.
+
+    For gradient accumulation (a logical batch in several micro-batches) call :meth:`accumulate` after
+    each micro-batch's backward pass; ``step()`` accumulates the last one itself. Noise is drawn once,
+    in ``step()``. ``last_per_example_norms`` holds the norms of the last logical batch (for logging).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: ClippingEngine, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, sample_rate: float,
+                 accountant: RDPAccountant | None = None, secure_mode: bool = False,
+                 generator: torch.Generator | None = None) -> None:
+        self.original_optimizer = optimizer
+        self.engine = engine
+        self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
+        self.expected_batch_size, self.sample_rate = int(expected_batch_size), float(sample_rate)
+        self.accountant = accountant if accountant is not None else RDPAccountant()
+        self.secure_mode, self.generator = secure_mode, generator
+        self._sums: dict[int, torch.Tensor] = {}
+        self._norms: list[torch.Tensor] = []
+        self.last_per_example_norms = torch.zeros(0)
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in engine.params if id(p) not in owned]
+        if missing:
+            raise ValueError(f"{len(missing)} trainable parameters of the model are not in the optimizer")
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.original_optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self.engine.clear()
+        self._sums, self._norms = {}, []
+
+    def accumulate(self) -> torch.Tensor:
+        """Clip the micro-batch whose backward pass just ran; returns its per-example norms."""
+        norms = self.engine.flush(self.max_grad_norm, self._sums)
+        self._norms.append(norms.detach().cpu())
+        return norms
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.engine.pending:
+            self.accumulate()
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.engine.params:
+            acc_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            total = self._sums.get(id(p))
+            total = torch.zeros(p.shape, dtype=acc_dtype, device=p.device) if total is None else total.to(acc_dtype)
+            total = total + noise.gaussian(p.shape, std, device=p.device, dtype=acc_dtype, generator=self.generator,
+                                           secure=self.secure_mode)
+            # Divide by the public expected batch size, never the realised one (which would leak it).
+            p.grad = (total / self.expected_batch_size).to(p.dtype)
+        self.original_optimizer.step()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.last_per_example_norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
+        self._sums, self._norms = {}, []
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.original_optimizer.state_dict(), "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.original_optimizer.load_state_dict(state["optimizer"])
+        self.accountant.load_state_dict(state["accountant"])

@@ -1,0 +1,245 @@
+"""DP-SGD engine against brute-force per-example gradients (torch.func, float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from dpkd import accounting, privacy
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Exactness checks run in float64; restored after each test so other modules see float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+class TiedLM(torch.nn.Module):
+    """Embedding (padding_idx) -> LayerNorm -> Linear -> RMSNorm -> head tied to the embedding."""
+
+    def __init__(self, vocab=20, d=8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d, padding_idx=0)
+        self.norm = torch.nn.LayerNorm(d)
+        self.proj = torch.nn.Linear(d, d)
+        self.rms = torch.nn.RMSNorm(d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.rms(torch.tanh(self.proj(self.norm(self.emb(ids))))))
+
+
+def seq_loss(logits, labels):
+    """Each example's own token-mean cross entropy over its valid (non -100) tokens: [B]."""
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    valid = (labels != -100).to(ce.dtype)
+    return (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def make_case(kind, b=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        x, y = torch.randn(b, 8, generator=g), torch.randint(0, 4, (b,), generator=g)
+        loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    elif kind == "conv":
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(3 * 4 * 4, 3))
+        x, y = torch.randn(b, 1, 6, 6, generator=g), torch.randint(0, 3, (b,), generator=g)
+        loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    elif kind == "tied_lm":
+        model = TiedLM()
+        x = torch.randint(1, 20, (b, 7), generator=g)
+        x[0, 5:] = 0  # padding
+        y = torch.randint(0, 20, (b, 7), generator=g)
+        y[x == 0] = -100
+        loss = seq_loss
+    else:
+        raise ValueError(kind)
+    return model.double(), x, y, loss
+
+
+def brute_force(model, x, y, loss):
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def one(p, xi, yi):
+        return loss(functional_call(model, p, (xi[None],)), yi[None]).sum()
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(v.reshape(x.shape[0], -1).pow(2).sum(1) for v in per.values()))
+    return per, norms
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_norms_and_clipped_step_equal_brute_force(kind, reduction):
+    model, x, y, loss = make_case(kind)
+    per, norms = brute_force(model, x, y, loss)
+    c_max = float(norms.median())  # clip about half of the examples
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, dp = privacy.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=c_max, expected_batch_size=8,
+                                     sample_rate=0.1, loss_reduction=reduction)
+    dp.zero_grad()
+    per_example = loss(model(x), y)
+    (per_example.sum() if reduction == "sum" else per_example.mean()).backward()
+    dp.step()
+    torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-12)
+    coef = (c_max / (norms + 1e-6)).clamp(max=1)
+    for n, p in model.named_parameters():
+        expected = -(per[n] * coef.reshape(-1, *[1] * (per[n].dim() - 1))).sum(0) / 8
+        torch.testing.assert_close(p.detach() - before[n], expected, rtol=1e-6, atol=1e-12)
+    assert ((norms * coef) <= c_max + 1e-9).all()
+
+
+def test_ghost_and_instantiated_norms_agree():
+    from dpkd.privacy import layers
+    g = torch.Generator().manual_seed(1)
+    a, gr = torch.randn(3, 3, 7, generator=g), torch.randn(3, 3, 4, generator=g)
+    assert layers.use_ghost(3, 7, 4) and not layers.use_ghost(50, 7, 4)
+    inst = torch.bmm(gr.transpose(1, 2), a).pow(2).sum((1, 2)) + gr.sum(1).pow(2).sum(1)
+    torch.testing.assert_close(layers.linear_sq_norms(a, gr, weight=True, bias=True), inst)
+    long_a, long_g = torch.randn(2, 50, 7, generator=g), torch.randn(2, 50, 4, generator=g)
+    torch.testing.assert_close(layers.linear_sq_norms(long_a, long_g, weight=True, bias=False),
+                               torch.bmm(long_g.transpose(1, 2), long_a).pow(2).sum((1, 2)))
+
+
+def test_micro_batches_accumulate_with_one_noise_draw():
+    model, x, y, loss = make_case("mlp", b=6)
+    per, norms = brute_force(model, x, y, loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    model, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                     max_grad_norm=0.5, expected_batch_size=6, sample_rate=0.5)
+    dp.zero_grad()
+    for part in (slice(0, 2), slice(2, 6)):
+        loss(model(x[part]), y[part]).sum().backward()
+        dp.accumulate()
+    dp.step()
+    coef = (0.5 / (norms + 1e-6)).clamp(max=1)
+    for (n, p), b in zip(model.named_parameters(), before):
+        expected = -(per[n] * coef.reshape(-1, *[1] * (per[n].dim() - 1))).sum(0) / 6
+        torch.testing.assert_close(p.detach() - b, expected, rtol=1e-6, atol=1e-12)
+    assert len(dp.accountant) == 1
+
+
+def test_sensitivity_of_the_noise_free_update_is_at_most_c_over_l():
+    model, x, y, loss = make_case("tied_lm", b=5, seed=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def update(rows):
+        model.load_state_dict(state)
+        params = list(model.parameters())
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=1.0)
+        m, dp = privacy.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=5,
+                                     sample_rate=0.1)
+        dp.zero_grad()
+        loss(m(x[rows]), y[rows]).sum().backward()
+        dp.step()
+        dp.engine.remove()
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+
+    full = update(list(range(5)))
+    for drop in range(5):
+        rest = [i for i in range(5) if i != drop]
+        assert (full - update(rest)).norm() <= 0.3 / 5 + 1e-9
+
+
+def test_noise_scale_and_accountant():
+    model = torch.nn.Linear(200, 50).double()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, dp = privacy.make_private(model, opt, noise_multiplier=1.3, max_grad_norm=2.0, expected_batch_size=10,
+                                     dataset_size=1000, generator=torch.Generator().manual_seed(0))
+    draws = []
+    for _ in range(20):
+        before = model.weight.detach().clone()
+        dp.zero_grad()
+        dp.step()  # an empty Poisson batch: noise only
+        draws.append((model.weight.detach() - before).flatten())
+    z = torch.cat(draws)
+    expected_std = 1.3 * 2.0 / 10
+    assert abs(float(z.std()) / expected_std - 1) < 0.02
+    assert abs(float(z.mean())) < 4 * expected_std / math.sqrt(z.numel())
+    assert len(dp.accountant) == 20 and dp.accountant.history[0].sample_rate == pytest.approx(0.01)
+    assert dp.accountant.get_epsilon(1e-5) == accounting.epsilon(noise_multiplier=1.3, sample_rate=0.01, steps=20,
+                                                                 delta=1e-5)
+
+
+def test_secure_noise_has_the_right_scale():
+    z = privacy.gaussian((200_000,), 2.5, secure=True)
+    assert abs(float(z.std()) / 2.5 - 1) < 0.01 and abs(float(z.mean())) < 0.02
+
+
+def test_poisson_sampler():
+    sampler = privacy.PoissonBatchSampler(1000, 0.05, steps=200, generator=torch.Generator().manual_seed(0))
+    sizes = [len(b) for b in sampler]
+    assert len(sizes) == 200 and abs(sum(sizes) / 200 / 50 - 1) < 0.05
+    tiny = privacy.PoissonBatchSampler(10, 0.01, steps=50, generator=torch.Generator().manual_seed(0))
+    assert any(len(b) == 0 for b in tiny)  # empty batches happen and are yielded
+    assert len(list(privacy.PoissonBatchSampler(100, 0.1, secure_mode=True))) == 10
+
+
+def test_frozen_teacher_and_no_grad_generation_are_untouched():
+    student = torch.nn.Linear(4, 4).double()
+    teacher = torch.nn.Linear(4, 4).double().requires_grad_(False)
+    model = torch.nn.ModuleDict({"student": student, "teacher": teacher})
+    model, dp = privacy.make_private(model, torch.optim.SGD(student.parameters(), lr=0.1), noise_multiplier=0.0,
+                                     max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    assert set(dp.engine.layers) == {"student"}
+    with torch.no_grad():
+        student(torch.randn(3, 4))
+    assert not dp.engine.pending and all(not c for c in dp.engine.calls.values())
+    x = torch.randn(3, 4)
+    (student(x) - teacher(x)).pow(2).sum(1).sum().backward()
+    dp.step()
+    assert teacher.weight.grad is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(noise_multiplier=-1.0), "noise_multiplier"),
+        (dict(expected_batch_size=0), "expected_batch_size"),
+        (dict(sample_rate=None), "dataset_size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model = torch.nn.Linear(2, 2)
+    base = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    with pytest.raises(ValueError, match=match):
+        privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), **{**base, **kwargs})
+
+
+def test_unsupported_modules_listed_eval_mode_and_batch_mismatch():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.LSTM(2, 2))
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\), 2 \(LSTM\)"):
+        privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                             max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    lin = torch.nn.Linear(2, 2).eval()
+    with pytest.raises(ValueError, match="eval mode"):
+        privacy.make_private(lin, torch.optim.SGD(lin.parameters(), lr=0.1), noise_multiplier=1.0,
+                             max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        privacy.make_private(frozen, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                             noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    # A layer whose batch dimension is not first (here: transposed input) is caught at step time.
+    a, b = torch.nn.Linear(3, 3).double(), torch.nn.Linear(3, 3).double()
+    m = torch.nn.ModuleDict({"a": a, "b": b})
+    _, dp = privacy.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    h = a(torch.randn(4, 3))
+    b(h.t().reshape(3, 4)[:, :3]).sum().backward()
+    with pytest.raises(ValueError, match="batch"):
+        dp.step()
