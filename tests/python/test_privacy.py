@@ -243,3 +243,63 @@ def test_unsupported_modules_listed_eval_mode_and_batch_mismatch():
     b(h.t().reshape(3, 4)[:, :3]).sum().backward()
     with pytest.raises(ValueError, match="batch"):
         dp.step()
+
+
+def _hf_model(kind):
+    transformers = pytest.importorskip("transformers")
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        model = transformers.LlamaForCausalLM(cfg)
+    return model.double().train()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hugging_face_causal_lms_with_padding_equal_brute_force(kind):
+    torch.manual_seed(0)
+    model = _hf_model(kind)
+    g = torch.Generator().manual_seed(1)
+    b, t = 3, 9
+    ids = torch.randint(1, 64, (b, t), generator=g)
+    attention = torch.ones(b, t, dtype=torch.long)
+    attention[1, 6:] = 0  # right padding: sequences of different lengths
+    attention[2, 4:] = 0
+    positions = torch.arange(t).expand(b, t)  # [B, T]: position embeddings stay per example
+    labels = torch.where(attention.bool(), ids, torch.full_like(ids, -100))
+
+    def per_example_loss(m, rows):
+        out = m(input_ids=ids[rows], attention_mask=attention[rows], position_ids=positions[rows]).logits
+        return seq_loss(out[:, :-1], labels[rows][:, 1:])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    per = []
+    for i in range(b):  # brute force: one backward per example
+        gi = torch.autograd.grad(per_example_loss(model, [i]).sum(), params)
+        per.append(torch.cat([x.flatten() for x in gi]))
+    per = torch.stack(per)
+    norms = per.norm(dim=1)
+    c = float(norms.median())
+    before = torch.cat([p.detach().flatten() for p in params])
+    model, dp = privacy.make_private(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=c,
+                                     expected_batch_size=4, sample_rate=0.1)
+    dp.zero_grad()
+    per_example_loss(model, list(range(b))).sum().backward()
+    dp.step()
+    torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-10)
+    coef = (c / (norms + 1e-6)).clamp(max=1)
+    after = torch.cat([p.detach().flatten() for p in params])
+    torch.testing.assert_close(after - before, -(per * coef[:, None]).sum(0) / 4, rtol=1e-6, atol=1e-10)
+
+
+def test_broadcast_position_ids_are_refused_not_silently_wrong():
+    model = _hf_model("gpt2")
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    ids = torch.randint(0, 64, (3, 5))
+    model(input_ids=ids, position_ids=torch.arange(5)[None]).logits.sum().backward()
+    with pytest.raises(ValueError, match="batch"):
+        dp.step()

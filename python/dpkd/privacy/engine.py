@@ -117,7 +117,8 @@ class ClippingEngine:
         sizes = {c.grad.shape[0] for calls in self.calls.values() for c in calls if c.grad is not None}
         if len(sizes) != 1:
             raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: the batch dimension must be first "
-                             "everywhere, and the loss must be per example")
+                             "everywhere (pass Hugging Face models position_ids of shape [B, T], not [1, T]), "
+                             "and the loss must be per example")
         return sizes.pop()
 
     def _tokens(self, name: str, scale: float):
