@@ -8,9 +8,11 @@ per-example gradients for linear and embedding layers unless that is cheaper.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from . import layers
 
@@ -30,7 +32,8 @@ def layer_kind(module: torch.nn.Module) -> str | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return "conv1d_hf"
     if isinstance(module, torch.nn.Embedding):
-        return None if (module.sparse or module.max_norm is not None) else "embedding"
+        plain = not (module.sparse or module.max_norm is not None or module.scale_grad_by_freq)
+        return "embedding" if plain else None
     if isinstance(module, _GENERIC) or type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
         return "generic"
     return None
@@ -44,6 +47,37 @@ def _trainable_bias(module: torch.nn.Module) -> bool:
 class _Call:
     inputs: tuple
     grad: torch.Tensor | None = None
+
+
+class _CapturingLinear(torch.autograd.Function):
+    """y = x W^T + b whose backward records dL/dy and computes dL/dx only: the weight gradient is the
+    engine's clipped sum, so autograd never spends a GEMM on the non-private one. ``anchor`` (a scalar
+    that requires grad) keeps y in the graph even when neither x nor W needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, anchor, call):
+        ctx.save_for_backward(weight)
+        ctx.call = call
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.call.grad = g.detach()
+        (weight,) = ctx.saved_tensors
+        gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None, None
+
+
+class _CapturingEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, anchor, call):
+        ctx.call = call
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.call.grad = g.detach()
+        return None, None, None, None, None
 
 
 class ClippingEngine:
@@ -84,8 +118,34 @@ class ClippingEngine:
                 raise ValueError("parameter shared by " + ", ".join(n for n, _, _ in entries)
                                  + ": only an embedding tied to a linear head is supported")
         self.calls: dict[str, list[_Call]] = {name: [] for name in self.layers}
-        self.handles = [module.register_forward_hook(self._forward_hook(name))
-                        for name, (module, _) in self.layers.items()]
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.handles = []
+        self.patched: list[torch.nn.Module] = []
+        for name, (module, kind) in self.layers.items():
+            if kind == "generic":
+                self.handles.append(module.register_forward_hook(self._forward_hook(name)))
+            else:  # linear, GPT-2 Conv1D, embedding: forward through a capturing autograd function
+                module.forward = types.MethodType(self._capturing_forward(name, kind), module)
+                self.patched.append(module)
+
+    def _capturing_forward(self, name: str, kind: str):
+        calls, anchor = self.calls[name], self.anchor
+
+        def forward(module, x):
+            if kind == "conv1d_hf":
+                weight, bias = module.weight.t(), module.bias
+            else:
+                weight, bias = module.weight, getattr(module, "bias", None)
+            if not torch.is_grad_enabled():  # generation and evaluation: the plain layer
+                if kind == "embedding":
+                    return F.embedding(x, weight, module.padding_idx)
+                return F.linear(x, weight, bias)
+            call = _Call((x.detach(),))
+            calls.append(call)
+            if kind == "embedding":
+                return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
+            return _CapturingLinear.apply(x, weight, bias, anchor, call)
+        return forward
 
     def _forward_hook(self, name: str):
         def hook(module, args, output):
@@ -103,7 +163,9 @@ class ClippingEngine:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles = []
+        for module in self.patched:
+            del module.forward  # back to the class's forward
+        self.handles, self.patched = [], []
 
     def clear(self) -> None:
         for calls in self.calls.values():
