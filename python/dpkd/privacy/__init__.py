@@ -32,7 +32,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
                  max_grad_norm: float, expected_batch_size: int, dataset_size: int | None = None,
                  sample_rate: float | None = None, loss_reduction: LossReduction = "sum",
                  secure_mode: bool = False, accountant: RDPAccountant | None = None,
-                 generator: torch.Generator | None = None) -> tuple[torch.nn.Module, DPOptimizer]:
+                 generator: torch.Generator | None = None, distributed: bool = False,
+                 ) -> tuple[torch.nn.Module, DPOptimizer]:
     """Attach per-example clipping to ``model`` and wrap ``optimizer`` for DP-SGD.
 
     Args:
@@ -43,6 +44,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         loss_reduction: ``"sum"`` if you backpropagate loss_per_example.sum(), ``"mean"`` for .mean().
         secure_mode: noise (and PoissonBatchSampler's draws, if you pass secure_mode there too) from a
             CSPRNG; see dpkd.privacy.noise for what that does and does not protect.
+        distributed: data-parallel training over torch.distributed ranks (see DPOptimizer); the model is
+            not wrapped in DistributedDataParallel: the optimizer does the one all-reduce itself.
     Returns the same model (hooks attached; ``optimizer.engine.remove()`` detaches them) and a DPOptimizer.
     """
     if not isinstance(model, torch.nn.Module):
@@ -65,7 +68,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
     try:
         dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, sample_rate=sample_rate, accountant=accountant,
-                         secure_mode=secure_mode, generator=generator)
+                         secure_mode=secure_mode, generator=generator, distributed=distributed)
     except Exception:
         engine.remove()
         raise

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import torch
 
+import torch.distributed as dist
+
 from ..accounting import RDPAccountant
 from . import noise
 from .engine import ClippingEngine
@@ -19,18 +21,26 @@ class DPOptimizer:
     For gradient accumulation (a logical batch in several micro-batches) call :meth:`accumulate` after
     each micro-batch's backward pass; ``step()`` accumulates the last one itself. Noise is drawn once,
     in ``step()``. ``last_per_example_norms`` holds the norms of the last logical batch (for logging).
+
+    ``distributed=True`` (torch.distributed initialised; do NOT also wrap the model in
+    DistributedDataParallel): each rank clips its own examples, rank 0 alone adds the noise to its
+    clipped sum, and one all-reduce sums the ranks, so the total carries the noise exactly once.
+    ``expected_batch_size`` is then the global one.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, engine: ClippingEngine, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float,
                  accountant: RDPAccountant | None = None, secure_mode: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, distributed: bool = False) -> None:
         self.original_optimizer = optimizer
         self.engine = engine
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size, self.sample_rate = int(expected_batch_size), float(sample_rate)
         self.accountant = accountant if accountant is not None else RDPAccountant()
         self.secure_mode, self.generator = secure_mode, generator
+        if distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs torch.distributed to be initialised")
+        self.distributed = distributed
         self._sums: dict[int, torch.Tensor] = {}
         self._norms: list[torch.Tensor] = []
         self.last_per_example_norms = torch.zeros(0)
@@ -70,8 +80,11 @@ class DPOptimizer:
             acc_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             total = self._sums.get(id(p))
             total = torch.zeros(p.shape, dtype=acc_dtype, device=p.device) if total is None else total.to(acc_dtype)
-            total = total + noise.gaussian(p.shape, std, device=p.device, dtype=acc_dtype, generator=self.generator,
-                                           secure=self.secure_mode)
+            if not self.distributed or dist.get_rank() == 0:
+                total = total + noise.gaussian(p.shape, std, device=p.device, dtype=acc_dtype,
+                                               generator=self.generator, secure=self.secure_mode)
+            if self.distributed:
+                dist.all_reduce(total)
             # Divide by the public expected batch size, never the realised one (which would leak it).
             p.grad = (total / self.expected_batch_size).to(p.dtype)
         self.original_optimizer.step()
