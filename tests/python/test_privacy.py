@@ -303,3 +303,22 @@ def test_broadcast_position_ids_are_refused_not_silently_wrong():
     model(input_ids=ids, position_ids=torch.arange(5)[None]).logits.sum().backward()
     with pytest.raises(ValueError, match="batch"):
         dp.step()
+
+
+def test_bf16_autocast_norms_close_to_fp32():
+    model, x, y, loss = make_case("tied_lm", b=4, seed=5)
+    model = model.float()
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                                 max_grad_norm=1e9, expected_batch_size=4, sample_rate=0.1)
+    dp.zero_grad()
+    loss(model(x).float(), y).sum().backward()
+    dp.step()
+    exact = dp.last_per_example_norms.clone()
+    dp.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    loss(out.float(), y).sum().backward()
+    dp.step()
+    assert dp.last_per_example_norms.dtype == torch.float32
+    torch.testing.assert_close(dp.last_per_example_norms, exact, rtol=3e-2, atol=0)
