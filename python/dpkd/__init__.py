@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (loads libtorch, which dpkd._C links against)
 
-from . import _ops, accounting, losses, nn, privacy, select, taid, topk
+from . import _ops, accounting, fused_linear, losses, nn, privacy, select, taid, topk
 from ._C import with_cuda
 from .losses import (
     TokenStats,
@@ -15,6 +15,7 @@ from .losses import (
     token_stats,
     tvd,
 )
+from .fused_linear import fused_linear_distill_loss
 from .taid import TAIDSchedule, taid_loss
 from .topk import topk_forward_kl
 
@@ -24,6 +25,8 @@ __all__ = [
     "accounting",
     "distill_loss",
     "forward_kl",
+    "fused_linear",
+    "fused_linear_distill_loss",
     "generalized_jsd",
     "losses",
     "nn",

@@ -90,7 +90,14 @@ def _check(
                          "pass allow_vocab_mismatch=True to treat the missing columns as probability 0")
     if s.shape[-1] == 0 or t.shape[-1] == 0:
         raise ValueError("student_logits and teacher_logits need a vocabulary dimension of at least 1")
-    lead = tuple(s.shape[:-1])
+    check_token_tensors(tuple(s.shape[:-1]), s.device, labels, mask, weights)
+    check_options(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, reduction=reduction,
+                  hard_label_weight=hard_label_weight, has_labels=labels is not None)
+
+
+def check_token_tensors(lead: tuple[int, ...], device: torch.device, labels: torch.Tensor | None,
+                        mask: torch.Tensor | None, weights: torch.Tensor | None) -> None:
+    """Per-token labels, mask and weights: shape ``lead`` (the logits without the vocabulary), same device."""
     for name, extra in (("labels", labels), ("mask", mask), ("weights", weights)):
         if extra is None:
             continue
@@ -98,14 +105,18 @@ def _check(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(extra).__name__}")
         if tuple(extra.shape) != lead:
             raise ValueError(f"{name} must have shape {lead} (the logits without the vocabulary), got {tuple(extra.shape)}")
-        if extra.device != s.device:
-            raise ValueError(f"{name} is on {extra.device} but student_logits is on {s.device}")
+        if extra.device != device:
+            raise ValueError(f"{name} is on {extra.device} but the logits are on {device}")
     if labels is not None and labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be bool, got {mask.dtype}")
     if weights is not None and not weights.is_floating_point():
         raise TypeError(f"weights must be a floating tensor, got {weights.dtype}")
+
+
+def check_options(*, divergence: str, beta: float, alpha: float, temperature: float, reduction: str,
+                  hard_label_weight: float, has_labels: bool) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if reduction not in REDUCTIONS:
@@ -118,7 +129,7 @@ def _check(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= hard_label_weight <= 1.0:
         raise ValueError(f"hard_label_weight must be in [0, 1], got {hard_label_weight}")
-    if hard_label_weight > 0 and labels is None:
+    if hard_label_weight > 0 and not has_labels:
         raise ValueError("hard_label_weight > 0 needs labels")
 
 

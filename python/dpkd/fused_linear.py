@@ -1,0 +1,182 @@
+"""Distillation from hidden states and output heads without materialising full-batch logits.
+
+The tokens are processed in chunks: each chunk's student and teacher logits are formed by matmuls
+(fp32 accumulation), the fused objective kernels return that chunk's losses and the gradient of the
+reduced loss with respect to its logits, and the gradients of the student's hidden states, head weight
+and bias are accumulated right away; only [chunk, V] logits ever exist. Tokens that carry no loss
+(ignore_index, mask, weight 0) enter no matmul. As in Liger-Kernel's fused linear losses, the gradients
+are computed in the forward pass and scaled by the upstream gradient in the backward pass, so the loss
+must be reduced to a scalar (sum, mean or batchmean).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops, losses
+
+__all__ = ["fused_linear_distill_loss"]
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+            softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunk logits and, with softcapping, d logits / d pre-cap logits."""
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    if scale != 1.0:
+        z = z * scale
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z.float() / softcap)
+    return (softcap * t).to(z.dtype), 1 - t * t
+
+
+def _chunk_rows(vocab: int, device: torch.device, chunk_size: int | None) -> int:
+    if chunk_size:
+        return chunk_size
+    # Room for the two models' logits and the logits gradient in fp32, in 1/8 of the free memory.
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
+    return max(1, min(8192, free // 8 // (3 * 4 * max(vocab, 1))))
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts):
+        (divergence, beta, alpha, temperature, hard_label_weight, ignore_index, s_scale, s_cap, t_scale, t_cap,
+         chunk, fp32_accum) = opts
+        n = h_s.shape[0]
+        active = (row_scale != 0).nonzero().flatten()
+        per_token = torch.zeros(n, dtype=torch.float32, device=h_s.device)
+        stats = torch.full((n, _ops.N_STATS), float("nan"), dtype=torch.float32, device=h_s.device)
+        grad_h = torch.zeros_like(h_s) if h_s.requires_grad else None
+        acc = torch.float32 if fp32_accum else w_s.dtype
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if w_s.requires_grad else None
+        grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=w_s.device) if b_s is not None and b_s.requires_grad \
+            else None
+        for start in range(0, active.numel(), chunk):
+            rows = active[start:start + chunk]
+            hs = h_s[rows]
+            zs, cap_grad = _logits(hs, w_s, b_s, s_scale, s_cap)
+            with torch.no_grad():
+                zt, _ = _logits(h_t[rows], w_t, b_t, t_scale, t_cap)
+            lab = None if labels is None else labels[rows]
+            loss, st, state = torch.ops.dpkd.distill_forward(zs.detach(), zt, lab, divergence, beta, alpha, temperature,
+                                                             1.0, False, hard_label_weight, ignore_index)
+            per_token[rows], stats[rows] = loss, st
+            g = torch.ops.dpkd.distill_backward(row_scale[rows].float().contiguous(), zs.detach(), zt, lab, state,
+                                                divergence, beta, alpha, temperature, 1.0, False, hard_label_weight,
+                                                ignore_index)
+            if cap_grad is not None:
+                g = (g.float() * cap_grad).to(g.dtype)
+            if s_scale != 1.0:
+                g = g * s_scale
+            if grad_h is not None:
+                grad_h[rows] = (g @ w_s).to(h_s.dtype)
+            if grad_w is not None:
+                grad_w += (g.t() @ hs).to(acc)
+            if grad_b is not None:
+                grad_b += g.sum(0).to(acc)
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_s.dtype),
+                     None if grad_b is None else grad_b.to(b_s.dtype))
+        ctx.mark_non_differentiable(stats)
+        return (per_token * row_scale).sum(), stats
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_stats):
+        grad_h, grad_w, grad_b = ctx.grads
+        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: losses.Divergence = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: losses.Reduction = "mean",
+    hard_label_weight: float = 0.0,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    allow_vocab_mismatch: bool = False,
+    chunk_size: int | None = None,
+    fp32_weight_grad: bool | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
+    """:func:`dpkd.distill_loss` of ``softcap(scale (h W^T + b))`` for both models, from hidden states.
+
+    Args:
+        student_hidden: [N, H_s] or [B, T, H_s]; student_weight [V, H_s] (e.g. ``lm_head.weight``).
+        teacher_hidden: [N, H_t] or [B, T, H_t]; teacher_weight [V_t, H_t]. The teacher gets no gradient.
+        reduction: ``sum``, ``mean`` (over valid tokens) or ``batchmean``; ``none`` is not available here.
+        student_softcap / teacher_softcap: Gemma-style ``c tanh(z / c)`` after the logit scale.
+        chunk_size: tokens per chunk (default from free memory).
+        fp32_weight_grad: accumulate the head-weight gradient in fp32 (default: on for 16-bit weights).
+        return_stats: also return :class:`dpkd.TokenStats` (NaN for tokens that carry no loss).
+    Example with Hugging Face models::
+
+        s = student(input_ids, output_hidden_states=True); t = teacher(input_ids, output_hidden_states=True)
+        loss = fused_linear_distill_loss(s.hidden_states[-1], student.lm_head.weight,
+                                         t.hidden_states[-1], teacher.lm_head.weight, divergence="jsd")
+    """
+    if reduction not in ("sum", "mean", "batchmean"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'batchmean' for the fused linear loss, got {reduction!r}")
+    for name, w, h in (("student_weight", student_weight, student_hidden), ("teacher_weight", teacher_weight,
+                                                                             teacher_hidden)):
+        if w.dim() != 2 or w.shape[1] != h.shape[-1]:
+            raise ValueError(f"{name} must be [V, {h.shape[-1]}] to match the hidden size, got {tuple(w.shape)}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
+                         f"{tuple(student_hidden.shape)} must agree in all but the hidden dimension")
+    if student_weight.shape[0] != teacher_weight.shape[0] and not allow_vocab_mismatch:
+        raise ValueError(f"vocabulary sizes differ (student_weight {student_weight.shape[0]}, teacher_weight "
+                         f"{teacher_weight.shape[0]}); pass allow_vocab_mismatch=True")
+    lead = tuple(student_hidden.shape[:-1])
+    for name, t in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if t is not None and not t > 0:
+            raise ValueError(f"{name} must be > 0, got {t}")
+    losses.check_token_tensors(lead, student_hidden.device, labels, mask, weights)
+    losses.check_options(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, reduction=reduction,
+                         hard_label_weight=hard_label_weight, has_labels=labels is not None)
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    n = h_s.shape[0]
+    valid = torch.ones(n, dtype=torch.bool, device=h_s.device)
+    if mask is not None:
+        valid &= mask.reshape(-1)
+    flat_labels = None
+    if labels is not None:
+        flat_labels = labels.reshape(-1).to(torch.int64)
+        valid &= flat_labels != ignore_index
+    row_scale = valid.float()
+    if weights is not None:
+        row_scale = row_scale * weights.reshape(-1).float()
+    if reduction == "mean":
+        row_scale = row_scale / valid.sum().clamp(min=1)
+    elif reduction == "batchmean":
+        row_scale = row_scale / max(lead[0] if lead else 1, 1)
+    if fp32_weight_grad is None:
+        fp32_weight_grad = student_weight.dtype in (torch.bfloat16, torch.float16)
+    chunk = _chunk_rows(student_weight.shape[0], h_s.device, chunk_size)
+    opts = (divergence, float(beta), float(alpha), float(temperature), float(hard_label_weight), int(ignore_index),
+            float(student_logit_scale), student_softcap, float(teacher_logit_scale), teacher_softcap, chunk,
+            bool(fp32_weight_grad))
+    loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, teacher_weight.detach(),
+                                            None if teacher_bias is None else teacher_bias.detach(), flat_labels,
+                                            row_scale, opts)
+    if return_stats:
+        return loss, losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
+    return loss

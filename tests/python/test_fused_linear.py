@@ -1,0 +1,111 @@
+"""Fused linear-head distillation against the logits path with autograd through the matmuls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dpkd
+
+
+def setup(n=24, hs=12, ht=20, v=97, vt=None, dtype=torch.float32, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    h_s, w_s = r(n, hs).requires_grad_(True), (r(v, hs) * 0.5).requires_grad_(True)
+    b_s = (r(v) * 0.1).requires_grad_(True) if bias else None
+    h_t, w_t = r(n, ht), r(vt or v, ht) * 0.5
+    return h_s, w_s, b_s, h_t, w_t
+
+
+def reference(h_s, w_s, b_s, h_t, w_t, *, s_cap=None, t_cap=None, **kw):
+    zs = h_s @ w_s.t() + (b_s if b_s is not None else 0)
+    zt = h_t @ w_t.t()
+    if s_cap:
+        zs = s_cap * torch.tanh(zs / s_cap)
+    if t_cap:
+        zt = t_cap * torch.tanh(zt / t_cap)
+    return dpkd.distill_loss(zs, zt.detach(), **kw)
+
+
+def grads(loss, *ts):
+    return torch.autograd.grad(loss, [t for t in ts if t is not None])
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_matches_logits_path(divergence, reduction):
+    h_s, w_s, b_s, h_t, w_t = setup()
+    labels = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(1))
+    labels[::5] = -100
+    w = torch.rand(24, generator=torch.Generator().manual_seed(2))
+    w[3] = 0.0
+    kw = dict(divergence=divergence, temperature=1.5, labels=labels, weights=w, reduction=reduction,
+              hard_label_weight=0.2)
+    got = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, chunk_size=5, **kw)
+    ref = reference(h_s, w_s, b_s, h_t, w_t, **kw)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(grads(got, h_s, w_s, b_s), grads(ref, h_s, w_s, b_s)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_softcap_scale_and_3d_shapes_and_stats():
+    h_s, w_s, b_s, h_t, w_t = setup(n=12, bias=False)
+    h_s3 = h_s.reshape(3, 4, -1)
+    got, st = dpkd.fused_linear_distill_loss(h_s3, w_s, h_t.reshape(3, 4, -1), w_t, divergence="jsd",
+                                             student_softcap=5.0, teacher_softcap=3.0, return_stats=True)
+    ref = reference(h_s, w_s, None, h_t, w_t, s_cap=5.0, t_cap=3.0, divergence="jsd")
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(grads(got, h_s, w_s), grads(ref, h_s, w_s)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert st.student_entropy.shape == (3, 4)
+
+
+def test_unselected_tokens_enter_no_matmul_and_get_zero_gradient():
+    h_s, w_s, b_s, h_t, w_t = setup(n=10)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[1, 7]] = True
+    calls = []
+    orig = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return orig(a, b)
+
+    torch.Tensor.__matmul__ = counting
+    try:
+        loss = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, mask=mask, reduction="sum")
+    finally:
+        torch.Tensor.__matmul__ = orig
+    # Only the two selected tokens' rows ever meet a weight: no operand has all 10 token rows.
+    assert calls and all(10 not in (sa[0], sb[0]) and 10 not in (sa[-1], sb[-1]) for sa, sb in calls)
+    (g,) = torch.autograd.grad(loss, [h_s])
+    assert (g[~mask] == 0).all() and (g[mask] != 0).any()
+
+
+def test_bf16_with_fp32_weight_gradient():
+    h_s, w_s, b_s, h_t, w_t = setup(n=64, hs=32, ht=48, v=300, dtype=torch.bfloat16, bias=False)
+    got = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, divergence="jsd", chunk_size=16)
+    assert w_s.dtype == torch.bfloat16
+    hs64 = h_s.detach().double().requires_grad_(True)
+    ws64 = w_s.detach().double().requires_grad_(True)
+    zs = (hs64 @ ws64.t())
+    zt = (h_t.double() @ w_t.double().t())
+    lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    lm = torch.logsumexp(torch.stack([lp + torch.log(torch.tensor(0.5)), lq + torch.log(torch.tensor(0.5))]), 0)
+    ref = (0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)).mean()
+    g_ref = torch.autograd.grad(ref, [hs64, ws64])
+    g = torch.autograd.grad(got, [h_s, w_s])
+    for a, b in zip(g, g_ref):
+        assert float((a.double() - b).norm() / b.norm()) < 2e-2
+
+
+def test_bad_arguments():
+    h_s, w_s, b_s, h_t, w_t = setup()
+    with pytest.raises(ValueError, match="reduction"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, reduction="none")
+    with pytest.raises(ValueError, match="teacher_weight"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t[:, :5])
+    with pytest.raises(ValueError, match="allow_vocab_mismatch"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t[:90])
+    with pytest.raises(ValueError, match="beta"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, beta=2.0)
