@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (loads libtorch, which dpkd._C links against)
 
-from . import _ops, accounting, fused_linear, losses, nn, privacy, select, taid, topk
+from . import _ops, accounting, fused_linear, losses, nn, opd, privacy, select, taid, topk
 from ._C import with_cuda
 from .losses import (
     TokenStats,
@@ -30,6 +30,7 @@ __all__ = [
     "generalized_jsd",
     "losses",
     "nn",
+    "opd",
     "privacy",
     "reverse_kl",
     "select",

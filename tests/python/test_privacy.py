@@ -322,3 +322,30 @@ def test_bf16_autocast_norms_close_to_fp32():
     dp.step()
     assert dp.last_per_example_norms.dtype == torch.float32
     torch.testing.assert_close(dp.last_per_example_norms, exact, rtol=3e-2, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["tied_lm", "conv"])
+def test_several_rows_per_example(kind):
+    """A prompt with k sampled continuations is one example: its gradient sums over its k rows."""
+    model, x, y, loss = make_case(kind, b=6, seed=11)
+    k = 2
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def example_loss(rows):
+        return loss(model(x[rows]), y[rows]).view(-1, k).mean(1)
+
+    per = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(example_loss([2 * i, 2 * i + 1]).sum(),
+                                                                           params)]) for i in range(3)])
+    norms = per.norm(dim=1)
+    c = float(norms.median())
+    before = torch.cat([p.detach().flatten() for p in params])
+    _, dp = privacy.make_private(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=c,
+                                 expected_batch_size=3, sample_rate=0.1)
+    dp.engine.rows_per_example = k
+    dp.zero_grad()
+    example_loss(list(range(6))).sum().backward()
+    dp.step()
+    torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-12)
+    coef = (c / (norms + 1e-6)).clamp(max=1)
+    after = torch.cat([p.detach().flatten() for p in params])
+    torch.testing.assert_close(after - before, -(per * coef[:, None]).sum(0) / 3, rtol=1e-6, atol=1e-12)

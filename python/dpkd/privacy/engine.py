@@ -118,6 +118,9 @@ class ClippingEngine:
                 raise ValueError("parameter shared by " + ", ".join(n for n, _, _ in entries)
                                  + ": only an embedding tied to a linear head is supported")
         self.calls: dict[str, list[_Call]] = {name: [] for name in self.layers}
+        # Rows per privacy unit: k consecutive batch rows (e.g. a prompt's k sampled continuations)
+        # form one example, whose gradient is the sum over its rows.
+        self.rows_per_example = 1
         self.anchor = torch.zeros((), requires_grad=True)
         self.handles = []
         self.patched: list[torch.nn.Module] = []
@@ -176,12 +179,21 @@ class ClippingEngine:
         return any(c.grad is not None for calls in self.calls.values() for c in calls)
 
     def _batch_size(self) -> int:
+        """Examples in the captured batch (rows / rows_per_example)."""
         sizes = {c.grad.shape[0] for calls in self.calls.values() for c in calls if c.grad is not None}
         if len(sizes) != 1:
             raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: the batch dimension must be first "
                              "everywhere (pass Hugging Face models position_ids of shape [B, T], not [1, T]), "
                              "and the loss must be per example")
-        return sizes.pop()
+        rows = sizes.pop()
+        if rows % self.rows_per_example:
+            raise ValueError(f"{rows} batch rows do not split into examples of {self.rows_per_example} rows")
+        return rows // self.rows_per_example
+
+    def _group(self, x: torch.Tensor) -> torch.Tensor:
+        """[R, T, f] -> [R / k, k T, f]: an example's rows become extra tokens of that example."""
+        k = self.rows_per_example
+        return x if k == 1 else x.reshape(x.shape[0] // k, k * x.shape[1], *x.shape[2:])
 
     def _tokens(self, name: str, scale: float):
         """(inputs, output grads) of every call of a layer, calls concatenated as extra tokens."""
@@ -190,11 +202,11 @@ class ClippingEngine:
         if not done:
             return None
         if kind == "embedding":
-            ids = torch.cat([c.inputs[0].reshape(c.inputs[0].shape[0], -1) for c in done], 1)
-            return ids, torch.cat([layers.flatten_tokens(c.grad) for c in done], 1) * scale
+            ids = torch.cat([c.inputs[0].reshape(c.inputs[0].shape[0], -1, 1) for c in done], 1)
+            return self._group(ids)[..., 0], self._group(torch.cat([layers.flatten_tokens(c.grad) for c in done], 1)) * scale
         if kind in ("linear", "conv1d_hf"):
             a = torch.cat([layers.flatten_tokens(c.inputs[0]) for c in done], 1)
-            return a, torch.cat([layers.flatten_tokens(c.grad) for c in done], 1) * scale
+            return self._group(a), self._group(torch.cat([layers.flatten_tokens(c.grad) for c in done], 1)) * scale
         return done, scale
 
     def flush(self, max_grad_norm: float, sums: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -227,6 +239,7 @@ class ClippingEngine:
                 total = None
                 for c in calls:
                     per = layers.per_example_grads(module, params, c.inputs, c.grad * sc)
+                    per = {n: v.reshape(batch, -1, *v.shape[1:]).sum(1) for n, v in per.items()}  # rows -> examples
                     total = per if total is None else {n: total[n] + per[n] for n in per}
                 generic_grads[name] = total
                 add(sum(v.reshape(batch, -1).pow(2).sum(1) for v in total.values()))

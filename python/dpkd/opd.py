@@ -1,0 +1,264 @@
+"""DP-OPD: differentially private on-policy distillation, and its baselines, as a step-by-step trainer.
+
+Each step takes a Poisson-sampled logical batch of private prompts and
+  1. samples ``num_samples`` continuations per prompt from the student (no gradient, DP hooks inactive),
+  2. scores prompt + continuation with the frozen teacher under ``torch.no_grad()``,
+  3. computes the distillation loss on continuation tokens only (optionally on selected tokens, per
+     sequence), as one loss per example: the token mean of each continuation, averaged over the
+     example's continuations,
+  4. takes a DP-SGD step and charges the accountant.
+The same trainer runs the baselines: ``dp_sft`` (DP fine-tuning on ground-truth continuations),
+``dp_offpolicy_kd`` (teacher targets on ground-truth continuations) and ``kd`` (DP-OPD without privacy).
+Models are Hugging Face causal LMs or any nn.Module mapping token ids [B, T] to logits [B, T, V].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any, Callable, Literal
+
+import torch
+
+from . import accounting, losses, privacy
+
+Method = Literal["dp_opd", "dp_sft", "dp_offpolicy_kd", "kd"]
+METHODS: tuple[str, ...] = ("dp_opd", "dp_sft", "dp_offpolicy_kd", "kd")
+
+__all__ = ["METHODS", "OPDConfig", "OPDTrainer", "continuation_losses", "sample_continuations"]
+
+
+@dataclasses.dataclass
+class OPDConfig:
+    method: Method = "dp_opd"
+    divergence: losses.Divergence = "jsd"
+    beta: float = 0.5
+    loss_temperature: float = 1.0
+    num_samples: int = 1                 # continuations per prompt (one example = a prompt and all of them)
+    max_new_tokens: int = 16
+    sample_temperature: float = 1.0
+    top_p: float = 1.0
+    ground_truth_fraction: float = 0.0   # GKD's lambda: a fraction of examples use the ground truth instead
+    expected_batch_size: int = 8
+    steps: int = 100
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # None: calibrated from target_epsilon
+    target_epsilon: float | None = 2.0
+    delta: float | None = None             # None: 1 / N^1.1 (below 1 / N)
+    secure_mode: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.num_samples < 1 or self.max_new_tokens < 1 or self.expected_batch_size < 1 or self.steps < 1:
+            raise ValueError("num_samples, max_new_tokens, expected_batch_size and steps must be >= 1")
+        if not 0.0 <= self.ground_truth_fraction <= 1.0:
+            raise ValueError(f"ground_truth_fraction must be in [0, 1], got {self.ground_truth_fraction}")
+
+    @property
+    def private(self) -> bool:
+        return self.method != "kd"
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """Logits of an HF causal LM (explicit [B, T] position ids: per-example DP needs them) or of a plain module."""
+    if hasattr(model, "config") and hasattr(model, "generate"):
+        positions = (attention.long().cumsum(1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    return model(ids)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum - sorted_logits.softmax(-1) > top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+@torch.no_grad()
+def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, num_samples: int, max_new_tokens: int,
+                         temperature: float = 1.0, top_p: float = 1.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B * num_samples, P + max_new_tokens] token ids: each prompt repeated, continued by sampling.
+
+    Prompts are equal-length [B, P] here (the demo's; left-pad for others). A plain loop over the
+    full prefix: fine for the small models this library trains privately.
+    """
+    was_training = model.training
+    model.eval()
+    seq = prompts.repeat_interleave(num_samples, 0)
+    for _ in range(max_new_tokens):
+        attention = torch.ones_like(seq)
+        logits = _logits(model, seq, attention)[:, -1].float() / temperature
+        probs = _nucleus(logits, top_p).softmax(-1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(seq.device)
+        seq = torch.cat([seq, nxt], 1)
+    model.train(was_training)
+    return seq
+
+
+def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | None, sequences: torch.Tensor,
+                        prompt_len: int, config: OPDConfig, *, hard_labels: bool = False,
+                        select: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-sequence losses [S] over continuation tokens only, the per-token losses [S, T-1] (0 outside
+    the continuation) and the selected fraction. ``hard_labels``: cross entropy to the sequence's own
+    tokens (DP fine-tuning) instead of the teacher."""
+    inputs, targets = sequences[:, :-1], sequences[:, 1:]
+    attention = torch.ones_like(inputs)
+    cont = torch.zeros_like(targets, dtype=torch.bool)
+    cont[:, prompt_len - 1:] = True  # positions whose next token is a continuation token
+    s_logits = _logits(student, inputs, attention)
+    labels = torch.where(cont, targets, torch.full_like(targets, -100))
+    if hard_labels:
+        per_token = torch.nn.functional.cross_entropy(s_logits.transpose(1, 2).float(), labels, reduction="none",
+                                                      ignore_index=-100)
+        fraction = 1.0
+    else:
+        with torch.no_grad():
+            t_logits = _logits(teacher, inputs, attention).to(s_logits.dtype)
+        weights_seen = {}
+
+        def rule(stats, valid):
+            chosen = select(stats, valid)
+            if config.private:
+                chosen.check_private()  # one example's selection may depend on that example alone
+            weights_seen["w"] = chosen.weights()
+            return chosen
+
+        per_token = losses.distill_loss(s_logits, t_logits, divergence=config.divergence, beta=config.beta,
+                                        temperature=config.loss_temperature, labels=labels, reduction="none",
+                                        allow_vocab_mismatch=s_logits.shape[-1] != t_logits.shape[-1],
+                                        select=rule if select is not None else None)
+        fraction = float(weights_seen["w"][cont].mean()) if select is not None else 1.0
+    per_seq = (per_token * cont).sum(1) / cont.sum(1).clamp(min=1)
+    return per_seq, per_token, fraction
+
+
+class OPDTrainer:
+    """Step-by-step trainer (``step()`` returns a metrics dict); ``train()`` runs ``config.steps`` steps."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, prompts: torch.Tensor,
+                 continuations: torch.Tensor | None, config: OPDConfig, *, select: Callable | None = None,
+                 log_path: str | None = None) -> None:
+        self.config, self.select, self.log_path = config, select, log_path
+        self.student, self.teacher = student.train(), teacher
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
+        elif config.method != "dp_sft":
+            raise ValueError(f"method {config.method!r} needs a teacher")
+        if continuations is None and (config.method in ("dp_sft", "dp_offpolicy_kd") or config.ground_truth_fraction):
+            raise ValueError(f"method {config.method!r} (or ground_truth_fraction > 0) needs ground-truth continuations")
+        if continuations is not None and continuations.shape[1] < config.max_new_tokens:
+            raise ValueError(f"continuations have {continuations.shape[1]} tokens, fewer than max_new_tokens")
+        self.prompts, self.continuations = prompts, continuations
+        n = prompts.shape[0]
+        self.sample_rate = min(1.0, config.expected_batch_size / n)
+        self.delta = config.delta if config.delta is not None else 1.0 / n**1.1
+        sigma = config.noise_multiplier
+        if config.private and sigma is None:
+            if config.target_epsilon is None:
+                raise ValueError("give noise_multiplier or target_epsilon")
+            sigma = accounting.calibrate_noise(target_epsilon=config.target_epsilon, delta=self.delta,
+                                               sample_rate=self.sample_rate, steps=config.steps)
+        self.noise_multiplier = sigma if config.private else 0.0
+        self.generator = torch.Generator().manual_seed(config.seed)
+        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
+        if config.private:
+            _, self.optimizer = privacy.make_private(
+                student, optimizer, noise_multiplier=sigma, max_grad_norm=config.max_grad_norm,
+                expected_batch_size=config.expected_batch_size, sample_rate=self.sample_rate,
+                secure_mode=config.secure_mode, generator=torch.Generator().manual_seed(config.seed + 1))
+        else:
+            self.optimizer = optimizer
+        self.steps_done = 0
+
+    @property
+    def epsilon(self) -> float:
+        if not self.config.private:
+            return math.inf
+        return self.optimizer.accountant.get_epsilon(self.delta)
+
+    def _batch(self) -> torch.Tensor:
+        keep = torch.rand(self.prompts.shape[0], generator=self.generator) < self.sample_rate
+        return keep.nonzero().flatten()
+
+    def _sequences(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Prompt + continuation for each of the example's num_samples rows: sampled from the student, or the
+        ground truth (the off-policy baselines, and a ground_truth_fraction of examples under GKD mixing)."""
+        cfg = self.config
+        prompts = self.prompts[rows]
+        k, m = cfg.num_samples, cfg.max_new_tokens
+        truth = None
+        if self.continuations is not None:
+            truth = torch.cat([prompts, self.continuations[rows][:, :m]], 1).repeat_interleave(k, 0)
+        if cfg.method in ("dp_sft", "dp_offpolicy_kd"):
+            return truth, prompts.shape[1]
+        seqs = sample_continuations(self.student, prompts, num_samples=k, max_new_tokens=m,
+                                    temperature=cfg.sample_temperature, top_p=cfg.top_p, generator=self.generator)
+        if cfg.ground_truth_fraction > 0:
+            pick = (torch.rand(rows.numel(), generator=self.generator) < cfg.ground_truth_fraction)
+            pick = pick.repeat_interleave(k).to(seqs.device)
+            seqs[pick] = truth[pick]
+        return seqs, prompts.shape[1]
+
+    def step(self) -> dict[str, Any]:
+        cfg, t0 = self.config, time.perf_counter()
+        rows = self._batch()
+        self.optimizer.zero_grad()
+        loss_value, fraction, tokens = float("nan"), float("nan"), 0
+        if rows.numel():  # an empty Poisson batch still takes a (noise-only) step
+            seqs, p_len = self._sequences(rows)
+            if cfg.private:
+                self.optimizer.engine.rows_per_example = cfg.num_samples
+            per_seq, _, fraction = continuation_losses(self.student, self.teacher, seqs, p_len, cfg,
+                                                       hard_labels=cfg.method == "dp_sft", select=self.select)
+            per_example = per_seq.view(rows.numel(), cfg.num_samples).mean(1)
+            per_example.sum().backward()
+            loss_value = float(per_example.detach().mean())
+            tokens = int(seqs.shape[0] * cfg.max_new_tokens)
+        self.optimizer.step()
+        self.steps_done += 1
+        norms = getattr(self.optimizer, "last_per_example_norms", torch.zeros(0))
+        metrics = {"step": self.steps_done, "loss": loss_value, "epsilon": self.epsilon, "batch": int(rows.numel()),
+                   "selected_fraction": fraction, "tokens_per_s": tokens / (time.perf_counter() - t0),
+                   "norm_p50": float(norms.quantile(0.5)) if norms.numel() else float("nan"),
+                   "norm_p90": float(norms.quantile(0.9)) if norms.numel() else float("nan")}
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        return metrics
+
+    def train(self, *, progress: bool = True) -> list[dict[str, Any]]:
+        remaining = range(self.steps_done, self.config.steps)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        bar = tqdm(remaining, desc=self.config.method, disable=not progress) if tqdm else remaining
+        history = []
+        for _ in bar:
+            m = self.step()
+            history.append(m)
+            if tqdm:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", eps=f"{m['epsilon']:.2f}")
+        return history
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "steps_done": self.steps_done,
+                "noise_generator": self.optimizer.generator.get_state() if self.config.private else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        if self.config.private:
+            self.optimizer.generator.set_state(state["noise_generator"])
+        self.steps_done = state["steps_done"]

@@ -1,0 +1,95 @@
+"""The DP-OPD loop end to end on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dpkd
+from dpkd import accounting, opd, select
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab=17, d=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.mix = torch.nn.Linear(2 * d, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], 1)  # causal: token and its predecessor
+        return self.head(self.norm(torch.tanh(self.mix(torch.cat([e, prev], -1)))))
+
+
+def data(n=40, p=4, m=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 17, (n, p), generator=g), torch.randint(0, 17, (n, m), generator=g)
+
+
+def trainer(method="dp_opd", steps=4, **kw):
+    prompts, conts = data()
+    cfg = opd.OPDConfig(method=method, steps=steps, expected_batch_size=6, max_new_tokens=5, num_samples=2,
+                        target_epsilon=4.0, **kw)
+    return opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts, cfg)
+
+
+def test_only_continuation_tokens_carry_loss():
+    prompts, _ = data()
+    cfg = opd.OPDConfig()
+    seqs = opd.sample_continuations(TinyLM(seed=1), prompts[:3], num_samples=2, max_new_tokens=5,
+                                    generator=torch.Generator().manual_seed(0))
+    assert seqs.shape == (6, 9) and torch.equal(seqs[::2, :4], prompts[:3])
+    _, per_token, _ = opd.continuation_losses(TinyLM(seed=1), TinyLM(seed=2), seqs, 4, cfg)
+    assert (per_token[:, :3] == 0).all() and (per_token[:, 3:] > 0).all()
+
+
+def test_teacher_gets_no_gradient_and_epsilon_matches_accounting():
+    t = trainer(steps=5)
+    teacher_before = [p.clone() for p in t.teacher.parameters()]
+    history = t.train(progress=False)
+    assert len(history) == 5 and all(p.grad is None for p in t.teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, t.teacher.parameters()))
+    expected = accounting.epsilon(noise_multiplier=t.noise_multiplier, sample_rate=t.sample_rate, steps=5,
+                                  delta=t.delta)
+    assert history[-1]["epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert expected <= 4.0  # sigma was calibrated for exactly these 5 steps
+
+
+@pytest.mark.parametrize("method", ["dp_opd", "kd", "dp_sft", "dp_offpolicy_kd"])
+def test_resume_continues_identically(method, tmp_path):
+    straight = trainer(method, steps=4)
+    straight.train(progress=False)
+    first = trainer(method, steps=4)
+    for _ in range(2):
+        first.step()
+    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
+    resumed = trainer(method, steps=4)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    resumed.train(progress=False)
+    for a, b in zip(straight.student.parameters(), resumed.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_selection_under_dp_must_be_per_sequence():
+    t = trainer(steps=2)
+    t.select = lambda st, valid: select.entropy_top_fraction(st.student_entropy, 0.5, valid=valid, scope="batch")
+    with pytest.raises(ValueError, match="DP"):
+        for _ in range(3):
+            t.step()
+    t.select = lambda st, valid: select.entropy_top_fraction(st.student_entropy, 0.5, valid=valid)
+    m = t.step()
+    assert m["batch"] == 0 or 0.4 <= m["selected_fraction"] <= 0.7
+
+
+def test_metrics_and_json_log(tmp_path):
+    prompts, conts = data()
+    log = tmp_path / "log.jsonl"
+    t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                       opd.OPDConfig(steps=3, expected_batch_size=6, max_new_tokens=4, target_epsilon=2.0),
+                       log_path=str(log))
+    t.train(progress=False)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and '"epsilon"' in lines[0] and '"norm_p90"' in lines[0]
