@@ -1,4 +1,4 @@
-"""Command line: ``python -m dpkd budget ...`` (privacy-budget report)."""
+"""Command line: ``python -m dpkd demo`` (DP-OPD end to end) and ``python -m dpkd budget`` (privacy budget)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget.add_argument("--target-epsilon", type=float, help="calibrate the noise multiplier for this epsilon")
     budget.add_argument("--plot", metavar="FILE.png", help="draw epsilon against steps into FILE.png")
     budget.set_defaults(run=_budget)
+    demo = sub.add_parser(
+        "demo",
+        help="DP-OPD against DP fine-tuning, off-policy DP distillation and non-private distillation",
+        description=__import__("dpkd.demo", fromlist=["run"]).__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from .demo import add_arguments, run as run_demo
+
+    add_arguments(demo)
+    demo.set_defaults(run=lambda a: (run_demo(a), 0)[1])
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -47,7 +47,7 @@ class OPDConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None  # None: calibrated from target_epsilon
     target_epsilon: float | None = 2.0
-    delta: float | None = None             # None: 1 / N^1.1 (below 1 / N)
+    delta: float | None = None             # None: 1 / N^2
     secure_mode: bool = False
     seed: int = 0
 
@@ -160,7 +160,7 @@ class OPDTrainer:
         self.prompts, self.continuations = prompts, continuations
         n = prompts.shape[0]
         self.sample_rate = min(1.0, config.expected_batch_size / n)
-        self.delta = config.delta if config.delta is not None else 1.0 / n**1.1
+        self.delta = config.delta if config.delta is not None else 1.0 / n**2
         sigma = config.noise_multiplier
         if config.private and sigma is None:
             if config.target_epsilon is None:

@@ -249,3 +249,44 @@ def test_bad_input_names_the_argument(call, name):
 def test_steps_must_be_an_integer():
     with pytest.raises(TypeError, match="steps"):
         acc.epsilon(noise_multiplier=1, sample_rate=0.1, steps=2.5, delta=1e-5)
+
+
+# --- published vectors (TF-Privacy, Opacus, dp_accounting; sources in the closing note of this change) ---
+
+TFP_ORDERS = [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5] + list(range(5, 64)) + [128, 256, 512]
+
+
+def test_tf_privacy_composition_basic_conversion():
+    orders = [1.25, 1.5, 1.75, 2., 2.5, 3., 4., 5., 6., 7., 8., 10., 12., 14., 16., 20., 24., 28., 32., 64., 256.]
+    a = acc.RDPAccountant()
+    a.step(noise_multiplier=0.4, sample_rate=1e-4, steps=40000)
+    a.step(noise_multiplier=2.0, sample_rate=0.1, steps=100)
+    eps, order = a.get_privacy_spent(delta=1e-5, orders=orders, conversion="basic")
+    assert eps == pytest.approx(8.509656, abs=5e-6) and order == 2.5
+
+
+def test_tf_privacy_target_delta_basic_conversion():
+    r = 10000 * acc.rdp(0.01, 4.0, range(2, 33))
+    eps, order = acc.epsilon_from_rdp(list(range(2, 33)), r, 1e-5, conversion="basic")
+    assert eps == pytest.approx(1.258575, abs=5e-6) and order == 20
+
+
+@pytest.mark.parametrize("n,batch,sigma,epochs,delta,improved,basic,order", [
+    (60000, 150, 1.3, 15, 1e-5, 0.7242234026109595, 0.941870567, 19.0),
+    (100000, 100, 1.0, 30, 1e-7, 1.4154988495444842, 1.70928734, 13.0),
+])
+def test_tf_privacy_compute_dp_sgd_privacy(n, batch, sigma, epochs, delta, improved, basic, order):
+    steps, q = math.ceil(epochs * n / batch), batch / n
+    kw = dict(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, orders=TFP_ORDERS)
+    assert acc.privacy_spent(**kw) == (pytest.approx(improved, abs=1e-7), order)
+    assert acc.privacy_spent(**kw, conversion="basic") == (pytest.approx(basic, abs=1e-8), order)
+
+
+def test_opacus_rdp_doctest_and_gdp_bounds():
+    a = acc.RDPAccountant()
+    a.step(noise_multiplier=1.0, sample_rate=1e-5, steps=10)
+    a.step(noise_multiplier=3.0, sample_rate=1e-4, steps=4)
+    eps, order = a.get_privacy_spent(delta=1e-5, orders=range(2, 33))
+    assert eps == pytest.approx(0.33634406339259565, rel=1e-9) and order == 23
+    gdp = acc.gdp_epsilon(noise_multiplier=1.5, sample_rate=0.04, steps=int(90 // 0.04), delta=1e-5)
+    assert 6.59 < gdp < 6.6
