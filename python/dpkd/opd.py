@@ -8,7 +8,8 @@ Each step takes a Poisson-sampled logical batch of private prompts and
      example's continuations,
   4. takes a DP-SGD step and charges the accountant.
 The same trainer runs the baselines: ``dp_sft`` (DP fine-tuning on ground-truth continuations),
-``dp_offpolicy_kd`` (teacher targets on ground-truth continuations) and ``kd`` (DP-OPD without privacy).
+``dp_offpolicy_kd`` (teacher targets on ground-truth continuations), ``kd`` (DP-OPD without privacy)
+and ``sft`` (fine-tuning without privacy: what memorisation looks like).
 Models are Hugging Face causal LMs or any nn.Module mapping token ids [B, T] to logits [B, T, V].
 """
 
@@ -24,8 +25,8 @@ import torch
 
 from . import accounting, losses, privacy
 
-Method = Literal["dp_opd", "dp_sft", "dp_offpolicy_kd", "kd"]
-METHODS: tuple[str, ...] = ("dp_opd", "dp_sft", "dp_offpolicy_kd", "kd")
+Method = Literal["dp_opd", "dp_sft", "dp_offpolicy_kd", "kd", "sft"]
+METHODS: tuple[str, ...] = ("dp_opd", "dp_sft", "dp_offpolicy_kd", "kd", "sft")
 
 __all__ = ["METHODS", "OPDConfig", "OPDTrainer", "continuation_losses", "sample_continuations"]
 
@@ -61,7 +62,11 @@ class OPDConfig:
 
     @property
     def private(self) -> bool:
-        return self.method != "kd"
+        return self.method not in ("kd", "sft")
+
+    @property
+    def on_ground_truth(self) -> bool:
+        return self.method in ("dp_sft", "dp_offpolicy_kd", "sft")
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -151,9 +156,9 @@ class OPDTrainer:
         self.student, self.teacher = student.train(), teacher
         if teacher is not None:
             teacher.requires_grad_(False).eval()
-        elif config.method != "dp_sft":
+        elif config.method not in ("dp_sft", "sft"):
             raise ValueError(f"method {config.method!r} needs a teacher")
-        if continuations is None and (config.method in ("dp_sft", "dp_offpolicy_kd") or config.ground_truth_fraction):
+        if continuations is None and (config.on_ground_truth or config.ground_truth_fraction):
             raise ValueError(f"method {config.method!r} (or ground_truth_fraction > 0) needs ground-truth continuations")
         if continuations is not None and continuations.shape[1] < config.max_new_tokens:
             raise ValueError(f"continuations have {continuations.shape[1]} tokens, fewer than max_new_tokens")
@@ -198,7 +203,7 @@ class OPDTrainer:
         truth = None
         if self.continuations is not None:
             truth = torch.cat([prompts, self.continuations[rows][:, :m]], 1).repeat_interleave(k, 0)
-        if cfg.method in ("dp_sft", "dp_offpolicy_kd"):
+        if cfg.on_ground_truth:
             return truth, prompts.shape[1]
         seqs = sample_continuations(self.student, prompts, num_samples=k, max_new_tokens=m,
                                     temperature=cfg.sample_temperature, top_p=cfg.top_p, generator=self.generator)
@@ -218,7 +223,8 @@ class OPDTrainer:
             if cfg.private:
                 self.optimizer.engine.rows_per_example = cfg.num_samples
             per_seq, _, fraction = continuation_losses(self.student, self.teacher, seqs, p_len, cfg,
-                                                       hard_labels=cfg.method == "dp_sft", select=self.select)
+                                                       hard_labels=cfg.method in ("dp_sft", "sft"),
+                                                       select=self.select)
             per_example = per_seq.view(rows.numel(), cfg.num_samples).mean(1)
             per_example.sum().backward()
             loss_value = float(per_example.detach().mean())
