@@ -43,7 +43,7 @@ WALKTHROUGH = [
     new_markdown_cell("# DP-OPD walk-through\nThe demo's corpus and models at a reduced size: pre-train a "
                       "teacher and a student on public data, then adapt the student on private data with DP-OPD "
                       "and DP fine-tuning at the same epsilon, and plot what happens."),
-    new_code_cell("import math, copy, torch\nimport matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+    new_code_cell("import math, copy, torch\nimport matplotlib.pyplot as plt\n"
                   "from dpkd import accounting, opd, select\n"
                   "from dpkd.demo import pretrain, perplexity\nfrom dpkd.demo.corpus import make_corpus, "
                   "CONTINUATION_LEN\nfrom dpkd.demo.model import TinyCausalLM\n"
