@@ -173,6 +173,13 @@ class OPDTrainer:
             sigma = accounting.calibrate_noise(target_epsilon=config.target_epsilon, delta=self.delta,
                                                sample_rate=self.sample_rate, steps=config.steps)
         self.noise_multiplier = sigma if config.private else 0.0
+        # Training stops before a step would take epsilon past target_epsilon (with a calibrated sigma
+        # that is exactly config.steps; with a given sigma possibly fewer).
+        self.total_steps = config.steps
+        if config.private and config.target_epsilon is not None:
+            self.total_steps = min(config.steps, accounting.max_steps(
+                target_epsilon=config.target_epsilon, delta=self.delta, noise_multiplier=sigma,
+                sample_rate=self.sample_rate))
         self.generator = torch.Generator().manual_seed(config.seed)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
         if config.private:
@@ -191,8 +198,13 @@ class OPDTrainer:
         return self.optimizer.accountant.get_epsilon(self.delta)
 
     def _batch(self) -> torch.Tensor:
-        keep = torch.rand(self.prompts.shape[0], generator=self.generator) < self.sample_rate
-        return keep.nonzero().flatten()
+        """Poisson sampling of the examples (from os.urandom in secure mode)."""
+        n = self.prompts.shape[0]
+        if self.config.secure_mode:
+            keep = torch.from_numpy(privacy.noise.secure_uniform(n)) < self.sample_rate
+        else:
+            keep = torch.rand(n, generator=self.generator) < self.sample_rate
+        return keep.nonzero().flatten().to(self.prompts.device)
 
     def _sequences(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Prompt + continuation for each of the example's num_samples rows: sampled from the student, or the
@@ -242,7 +254,8 @@ class OPDTrainer:
         return metrics
 
     def train(self, *, progress: bool = True) -> list[dict[str, Any]]:
-        remaining = range(self.steps_done, self.config.steps)
+        """Runs the remaining steps (up to ``total_steps``: the target epsilon is never exceeded)."""
+        remaining = range(self.steps_done, self.total_steps)
         try:
             from tqdm.auto import tqdm
         except ImportError:

@@ -93,3 +93,14 @@ def test_metrics_and_json_log(tmp_path):
     t.train(progress=False)
     lines = log.read_text().splitlines()
     assert len(lines) == 3 and '"epsilon"' in lines[0] and '"norm_p90"' in lines[0]
+
+
+def test_training_stops_at_the_target_epsilon():
+    prompts, conts = data()
+    cfg = opd.OPDConfig(steps=50, expected_batch_size=6, max_new_tokens=3, noise_multiplier=1.0, target_epsilon=3.0)
+    t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts, cfg)
+    history = t.train(progress=False)
+    assert len(history) == t.total_steps < 50
+    assert history[-1]["epsilon"] <= 3.0
+    assert accounting.epsilon(noise_multiplier=1.0, sample_rate=t.sample_rate, steps=t.total_steps + 1,
+                              delta=t.delta) > 3.0
