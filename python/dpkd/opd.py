@@ -93,12 +93,25 @@ def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, num_s
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """[B * num_samples, P + max_new_tokens] token ids: each prompt repeated, continued by sampling.
 
-    Prompts are equal-length [B, P] here (the demo's; left-pad for others). A plain loop over the
-    full prefix: fine for the small models this library trains privately.
+    Prompts are equal-length [B, P]. Hugging Face models sample through ``generate`` (KV cache), seeded
+    from ``generator`` without touching the global RNG; other modules by a loop over the full prefix.
+    Generation never stops early: every continuation has max_new_tokens tokens.
     """
     was_training = model.training
     model.eval()
     seq = prompts.repeat_interleave(num_samples, 0)
+    if hasattr(model, "generate") and hasattr(model, "config"):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
+        devices = [seq.device] if seq.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq), do_sample=True,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, top_k=0,
+                                 pad_token_id=model.config.eos_token_id)
+        model.train(was_training)
+        return out
     for _ in range(max_new_tokens):
         attention = torch.ones_like(seq)
         logits = _logits(model, seq, attention)[:, -1].float() / temperature
@@ -249,9 +262,25 @@ class OPDTrainer:
                    "norm_p50": float(norms.quantile(0.5)) if norms.numel() else float("nan"),
                    "norm_p90": float(norms.quantile(0.9)) if norms.numel() else float("nan")}
         if self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            self._log(metrics)
         return metrics
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        """Append to the log: CSV when the path ends in .csv, else JSON lines."""
+        path = self.log_path
+        if path.endswith(".csv"):
+            import csv
+            import os
+
+            new = not os.path.exists(path) or os.path.getsize(path) == 0
+            with open(path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(metrics))
+                if new:
+                    writer.writeheader()
+                writer.writerow(metrics)
+        else:
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
 
     def train(self, *, progress: bool = True) -> list[dict[str, Any]]:
         """Runs the remaining steps (up to ``total_steps``: the target epsilon is never exceeded)."""

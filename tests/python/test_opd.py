@@ -104,3 +104,33 @@ def test_training_stops_at_the_target_epsilon():
     assert history[-1]["epsilon"] <= 3.0
     assert accounting.epsilon(noise_multiplier=1.0, sample_rate=t.sample_rate, steps=t.total_steps + 1,
                               delta=t.delta) > 3.0
+
+
+def test_csv_log(tmp_path):
+    prompts, conts = data()
+    log = tmp_path / "log.csv"
+    t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                       opd.OPDConfig(steps=2, expected_batch_size=6, max_new_tokens=3, target_epsilon=2.0),
+                       log_path=str(log))
+    t.train(progress=False)
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("step,loss,epsilon") and len(lines) == 3
+
+
+def test_hugging_face_student_and_teacher_with_kv_cache_sampling():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=17, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    student, teacher = transformers.GPT2LMHeadModel(cfg), transformers.GPT2LMHeadModel(cfg)
+    prompts, conts = data()
+    seqs = opd.sample_continuations(student, prompts[:2], num_samples=2, max_new_tokens=5,
+                                    generator=torch.Generator().manual_seed(3))
+    again = opd.sample_continuations(student, prompts[:2], num_samples=2, max_new_tokens=5,
+                                     generator=torch.Generator().manual_seed(3))
+    assert seqs.shape == (4, 9) and torch.equal(seqs, again) and torch.equal(seqs[::2, :4], prompts[:2])
+    t = opd.OPDTrainer(student, teacher, prompts, conts,
+                       opd.OPDConfig(steps=2, expected_batch_size=6, max_new_tokens=5, num_samples=2,
+                                     target_epsilon=3.0))
+    history = t.train(progress=False)
+    assert len(history) == 2 and all(p.grad is None for p in teacher.parameters())
