@@ -12,12 +12,11 @@ the non-private step.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from dpkd import privacy
+from timing import measure
 
 
 class Block(torch.nn.Module):
@@ -46,25 +45,6 @@ class LM(torch.nn.Module):
 def per_example_loss(logits, labels):
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
     return ce.mean(1)
-
-
-def run(name, make_step, device, repeat):
-    step = make_step()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    return statistics.median(times), peak
 
 
 def main() -> None:
@@ -107,8 +87,8 @@ def main() -> None:
             opt.step()
         return step
 
-    rows = [("non-private", *run("non-private", non_private, dev, args.repeat)),
-            ("dpkd", *run("dpkd", dpkd_step, dev, args.repeat))]
+    rows = [("non-private", *measure(non_private(), dev, args.repeat)),
+            ("dpkd", *measure(dpkd_step(), dev, args.repeat))]
     try:
         import opacus
 
@@ -124,7 +104,7 @@ def main() -> None:
                 opt.step()
             return step
 
-        rows.append(("Opacus hooks", *run("opacus", opacus_step, dev, args.repeat)))
+        rows.append(("Opacus hooks", *measure(opacus_step(), dev, args.repeat)))
     except ImportError:
         pass
     base = rows[0][1]

@@ -9,12 +9,11 @@ fp32-logit gradients, at 100%, 50% and 10% of tokens selected.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import dpkd
+from timing import measure
 
 
 def eager_jsd(h_s, w_s, h_t, w_t, mask):
@@ -25,25 +24,6 @@ def eager_jsd(h_s, w_s, h_t, w_t, mask):
     lm = torch.logsumexp(torch.stack([lp + half, lq + half]), 0)
     per = 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
     return (per * mask).sum() / mask.sum()
-
-
-def measure(fn, device, repeat):
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
-    return statistics.median(times), peak
 
 
 def main() -> None:

@@ -8,27 +8,12 @@ the statistics themselves.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import dpkd
 from dpkd import select
-
-
-def timed(fn, device: str, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from timing import measure
 
 
 def main() -> None:
@@ -50,16 +35,16 @@ def main() -> None:
         return run
 
     with torch.no_grad():
-        plain = timed(lambda: dpkd.generalized_jsd(s, te), args.device, args.repeat)
-        with_stats = timed(lambda: dpkd.generalized_jsd(s, te, return_stats=True), args.device, args.repeat)
+        plain = measure(lambda: dpkd.generalized_jsd(s, te), args.device, args.repeat)[0]
+        with_stats = measure(lambda: dpkd.generalized_jsd(s, te, return_stats=True), args.device, args.repeat)[0]
     print(f"[{b}x{t}, V={v}, {dtype}, {args.device}] forward: loss {plain:.1f} ms, loss + statistics "
           f"{with_stats:.1f} ms (+{100 * (with_stats / plain - 1):.1f}%: the statistics come from the same pass)")
-    full = timed(fwd_bwd(), args.device, args.repeat)
+    full = measure(fwd_bwd(), args.device, args.repeat)[0]
     print(f"fwd+bwd, all tokens: {full:.1f} ms")
     for fraction in (0.5, 0.1):
         def rule(st, valid, fraction=fraction):
             return select.entropy_top_fraction(st.student_entropy, fraction, valid=valid)
-        ms = timed(fwd_bwd(rule), args.device, args.repeat)
+        ms = measure(fwd_bwd(rule), args.device, args.repeat)[0]
         print(f"fwd+bwd, {int(fraction * 100)}% of tokens (entropy, per sequence): {ms:.1f} ms ({ms / full:.2f}x)")
 
 
