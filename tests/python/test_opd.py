@@ -134,3 +134,15 @@ def test_hugging_face_student_and_teacher_with_kv_cache_sampling():
                                      target_epsilon=3.0))
     history = t.train(progress=False)
     assert len(history) == 2 and all(p.grad is None for p in teacher.parameters())
+
+
+def test_ground_truth_mixing_replaces_whole_examples():
+    prompts, conts = data()
+    for fraction, expect_truth in ((1.0, True), (0.0, False)):
+        t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                           opd.OPDConfig(steps=1, expected_batch_size=6, max_new_tokens=4, num_samples=2,
+                                         ground_truth_fraction=fraction, target_epsilon=2.0))
+        rows = torch.arange(5)
+        seqs, p_len = t._sequences(rows)
+        truth = torch.cat([prompts[rows], conts[rows][:, :4]], 1).repeat_interleave(2, 0)
+        assert p_len == 4 and torch.equal(seqs, truth) == expect_truth
