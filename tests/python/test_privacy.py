@@ -349,3 +349,11 @@ def test_several_rows_per_example(kind):
     coef = (c / (norms + 1e-6)).clamp(max=1)
     after = torch.cat([p.detach().flatten() for p in params])
     torch.testing.assert_close(after - before, -(per * coef[:, None]).sum(0) / 3, rtol=1e-6, atol=1e-12)
+
+
+def test_optimizer_parameters_outside_the_model_are_refused():
+    model = torch.nn.Linear(2, 2)
+    stray = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="outside the private model"):
+        privacy.make_private(model, torch.optim.SGD(list(model.parameters()) + [stray], lr=0.1),
+                             noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)

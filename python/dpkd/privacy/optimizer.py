@@ -48,6 +48,12 @@ class DPOptimizer:
         missing = [p for p in engine.params if id(p) not in owned]
         if missing:
             raise ValueError(f"{len(missing)} trainable parameters of the model are not in the optimizer")
+        clipped = {id(p) for p in engine.params}
+        unclipped = [p for group in optimizer.param_groups for p in group["params"]
+                     if p.requires_grad and id(p) not in clipped]
+        if unclipped:
+            # Their gradients would be stepped without clipping or noise.
+            raise ValueError(f"optimizer holds {len(unclipped)} trainable parameters outside the private model")
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
