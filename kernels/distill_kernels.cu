@@ -2,8 +2,8 @@
 // block's threads, CUB block reductions, fp32 accumulation. The per-element math is row_math.h's,
 // shared with the CPU kernels.
 //
-// Forward: (standardization moments,) log-sum-exp of both models, then the loss / <q, g> / entropy
-// pass: 2 reads of each row (3 with standardization). Backward: 1 read of each row and 1 write of the
+// Forward: (standardization: mean and std, 2 reads,) log-sum-exp of both models, then the loss / <q, g> / entropy
+// pass: 2 reads of each row (4 with standardization). Backward: 1 read of each row and 1 write of the
 // gradient (2 reads with standardization). Rows with zero upstream gradient only write zeros.
 #include <cub/block/block_reduce.cuh>
 #include <cuda_bf16.h>
@@ -96,33 +96,44 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
   const int64_t width = vs > vt ? vs : vt;
   const float inv_t = 1.f / o.temperature;
 
-  // Standardization: mean and population std over finite entries, per model.
+  // Standardization: mean, then population std, over finite entries, per model (two passes: a
+  // single-pass E[z^2] - mean^2 would cancel catastrophically in fp32 for large logits).
   float mean_s = 0.f, scale_s = inv_t, mean_t = 0.f, scale_t = inv_t, std_s = 0.f, count_s = static_cast<float>(vs);
   if (o.standardize) {
-    Sum4 m{0.f, 0.f, 0.f, 0.f}, m2{0.f, 0.f, 0.f, 0.f};
+    Sum4 m{0.f, 0.f, 0.f, 0.f};
     for (int64_t j = threadIdx.x; j < width; j += kThreads) {
       const float zs = row.student(j), zt = row.teacher(j, zs);
-      if (isfinite(zs)) { m.a += 1.f; m.b += zs; m.c += zs * zs; }
-      if (isfinite(zt)) { m2.a += 1.f; m2.b += zt; m2.c += zt * zt; }
+      if (isfinite(zs)) { m.a += 1.f; m.b += zs; }
+      if (isfinite(zt)) { m.c += 1.f; m.d += zt; }
     }
-    const Sum4 rs = ReduceSum4(temp.sum4).Reduce(m, AddSum4());
-    __syncthreads();
-    const Sum4 rt = ReduceSum4(temp.sum4).Reduce(m2, AddSum4());
+    const Sum4 sums = ReduceSum4(temp.sum4).Reduce(m, AddSum4());
     if (threadIdx.x == 0) {
-      const float ms = rs.b / rs.a, mt = rt.b / rt.a;
-      shared[0] = ms;
-      shared[1] = sqrtf(fmaxf(rs.c / rs.a - ms * ms, 0.f));
-      shared[2] = mt;
-      shared[3] = sqrtf(fmaxf(rt.c / rt.a - mt * mt, 0.f));
-      shared[4] = rs.a;
+      shared[0] = sums.b / sums.a;
+      shared[2] = sums.d / sums.c;
+      shared[4] = sums.a;
+      shared[5] = sums.c;
     }
     __syncthreads();
     mean_s = shared[0];
+    mean_t = shared[2];
+    count_s = shared[4];
+    const float count_t = shared[5];
+    Sum4 v{0.f, 0.f, 0.f, 0.f};
+    for (int64_t j = threadIdx.x; j < width; j += kThreads) {
+      const float zs = row.student(j), zt = row.teacher(j, zs);
+      if (isfinite(zs)) v.a += (zs - mean_s) * (zs - mean_s);
+      if (isfinite(zt)) v.b += (zt - mean_t) * (zt - mean_t);
+    }
+    __syncthreads();
+    const Sum4 vars = ReduceSum4(temp.sum4).Reduce(v, AddSum4());
+    if (threadIdx.x == 0) {
+      shared[1] = sqrtf(vars.a / count_s);
+      shared[3] = sqrtf(vars.b / count_t);
+    }
+    __syncthreads();
     std_s = shared[1];
     scale_s = inv_t / (std_s + o.standardize_eps);
-    mean_t = shared[2];
     scale_t = inv_t / (shared[3] + o.standardize_eps);
-    count_s = shared[4];
   }
 
   const bool has_label = labels != nullptr && labels[i] != o.ignore_index;
