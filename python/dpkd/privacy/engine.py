@@ -238,7 +238,9 @@ class ClippingEngine:
                 params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
                 total = None
                 for c in calls:
-                    per = layers.per_example_grads(module, params, c.inputs, c.grad * sc)
+                    per = layers.norm_per_example_grads(module, c.inputs[0], c.grad * sc, set(params))
+                    if per is None:
+                        per = layers.per_example_grads(module, params, c.inputs, c.grad * sc)
                     per = {n: v.reshape(batch, -1, *v.shape[1:]).sum(1) for n, v in per.items()}  # rows -> examples
                     total = per if total is None else {n: total[n] + per[n] for n in per}
                 generic_grads[name] = total

@@ -5,7 +5,8 @@ Linear-like layers never build per-example gradients unless that is cheaper: the
 G_i^T A_i is <A_i A_i^T, G_i G_i^T> (ghost norm: 2 T^2 (d + p) flops, T^2 memory) or the instantiated
 G_i^T A_i (2 T d p flops, d p memory), chosen per layer: ghost iff 2 T^2 < d p. The clipped sum
 sum_i c_i G_i^T A_i is one ordinary weight-gradient matmul after scaling the rows of G by c_i. Small
-layers of other kinds (norms, convolutions) instantiate per-example gradients with torch.func.
+layers of other kinds instantiate per-example gradients: LayerNorm and RMSNorm in closed form, others
+(GroupNorm, convolutions, Hugging Face's RMSNorm) through torch.func.
 All norms are computed in fp32 (float64 inputs stay float64).
 """
 
@@ -99,3 +100,30 @@ def per_example_grads(module: torch.nn.Module, params: dict[str, torch.nn.Parame
 
     grads = torch.func.vmap(one)(*inputs, g)
     return {n: gr.to(_acc_dtype(gr)) for n, gr in zip(names, grads)}
+
+
+def norm_per_example_grads(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
+                           trainable: set[str]) -> dict[str, torch.Tensor] | None:
+    """Closed-form per-example gradients of nn.LayerNorm and nn.RMSNorm affine parameters:
+    weight: sum over tokens of g * x_hat, bias: sum of g (x_hat the normalised input). None for other
+    layers (they take the torch.func path)."""
+    is_ln = isinstance(module, torch.nn.LayerNorm)
+    is_rms = hasattr(torch.nn, "RMSNorm") and isinstance(module, torch.nn.RMSNorm)
+    if not (is_ln or is_rms) or not getattr(module, "elementwise_affine", True):
+        return None
+    shape = tuple(module.normalized_shape)
+    dims = tuple(range(-len(shape), 0))
+    dt = _acc_dtype(x)
+    xf, gf = x.to(dt), g.to(dt)
+    if is_ln:
+        mean = xf.mean(dims, keepdim=True)
+        x_hat = (xf - mean) * torch.rsqrt(xf.var(dims, unbiased=False, keepdim=True) + module.eps)
+    else:
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        x_hat = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+    out = {}
+    if "weight" in trainable:
+        out["weight"] = (gf * x_hat).reshape(x.shape[0], -1, *shape).sum(1)
+    if "bias" in trainable:
+        out["bias"] = gf.reshape(x.shape[0], -1, *shape).sum(1)
+    return out
