@@ -297,3 +297,23 @@ def test_topk_teacher_validates_inputs():
         dpkd.topk_forward_kl(s, ids + 9, torch.zeros(3, 2))
     with pytest.raises(ValueError, match="teacher_logprobs"):
         dpkd.topk_forward_kl(s, ids, torch.zeros(3, 3))
+
+
+def test_semantics_of_pytorch_kldiv_and_liger_jsd_tvd():
+    """Same numbers as torch.nn.KLDivLoss(log_target=True) (Liger's KL loss mirrors it) and Liger's documented
+    JSD(beta) = beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q, P the teacher, averaged over
+    non-ignored tokens, and TVD = 1/2 sum |P - Q| per token."""
+    s, t = logits(12, 300, 3.0, seed=31), logits(12, 300, 3.0, seed=32)
+    labels = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(4))
+    labels[[2, 7]] = -100
+    lq, lp = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+    kl = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)(lq, lp)
+    assert dpkd.forward_kl(s, t, reduction="batchmean").item() == pytest.approx(kl.item(), rel=1e-5)
+    beta = 0.3
+    lm = torch.log(beta * lp.exp() + (1 - beta) * lq.exp())
+    jsd = beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
+    keep = labels != -100
+    got = dpkd.generalized_jsd(s, t, beta=beta, labels=labels, reduction="mean")
+    assert got.item() == pytest.approx((jsd[keep].sum() / keep.sum()).item(), rel=1e-5)
+    tvd = 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    torch.testing.assert_close(dpkd.tvd(s, t, reduction="none").double(), tvd, rtol=1e-5, atol=1e-7)
