@@ -114,10 +114,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& s
   return {at::empty({n}, f32), at::empty({n, kNumStats}, f32), at::empty({n, kRowState}, f32)};
 }
 
+// inplace_backward only tells the autograd formula (python/dpkd/_ops.py) which backward op to call.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
-    bool standardize, double hard_label_weight, int64_t ignore_index) {
+    bool standardize, double hard_label_weight, int64_t ignore_index, bool /*inplace_backward*/) {
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);
   auto [loss, stats, state] = empty_outputs(p.student);
@@ -145,6 +146,24 @@ at::Tensor distill_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& s
   return grad;
 }
 
+// The gradient written over the student logits (rows must be contiguous: the gradient shares their layout).
+at::Tensor distill_backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor& student, const at::Tensor& teacher,
+                                        const std::optional<at::Tensor>& labels, const at::Tensor& row_state,
+                                        const std::string& divergence, double beta, double alpha, double temperature,
+                                        double teacher_mix, bool standardize, double hard_label_weight,
+                                        int64_t ignore_index) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.stride(1) == 1, "in-place backward needs row-contiguous student_logits");
+  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index);
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
+  dispatch_dtype(student.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    backward<T>(student.size(0), g.data_ptr<float>(), view<T>(student), view<T>(p.teacher), p.labels_ptr(),
+                state.data_ptr<float>(), p.options, reinterpret_cast<T*>(student.data_ptr()), student.stride(0));
+  });
+  return student;
+}
+
 #ifdef DPKD_WITH_CUDA
 cuda::DType cuda_dtype(at::ScalarType t) {
   switch (t) {
@@ -155,10 +174,11 @@ cuda::DType cuda_dtype(at::ScalarType t) {
   }
 }
 
+// inplace_backward only tells the autograd formula (python/dpkd/_ops.py) which backward op to call.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
-    bool standardize, double hard_label_weight, int64_t ignore_index) {
+    bool standardize, double hard_label_weight, int64_t ignore_index, bool /*inplace_backward*/) {
   const c10::cuda::CUDAGuard guard(student.device());
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);
@@ -168,6 +188,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
                 p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(),
                 at::cuda::getCurrentCUDAStream());
   return {loss, stats, state};
+}
+
+at::Tensor distill_backward_inplace_cuda(const at::Tensor& grad_loss, at::Tensor& student, const at::Tensor& teacher,
+                                         const std::optional<at::Tensor>& labels, const at::Tensor& row_state,
+                                         const std::string& divergence, double beta, double alpha, double temperature,
+                                         double teacher_mix, bool standardize, double hard_label_weight,
+                                         int64_t ignore_index) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.stride(1) == 1, "in-place backward needs row-contiguous student_logits");
+  const c10::cuda::CUDAGuard guard(student.device());
+  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index);
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
+  // Each thread reads an element before writing it, and row reductions precede the writes.
+  cuda::backward(cuda_dtype(student.scalar_type()), student.size(0), g.data_ptr<float>(), student.data_ptr(),
+                 student.size(1), student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0),
+                 p.labels_ptr(), state.data_ptr<float>(), p.options, student.data_ptr(), student.stride(0),
+                 at::cuda::getCurrentCUDAStream());
+  return student;
 }
 
 at::Tensor distill_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
@@ -192,21 +230,27 @@ at::Tensor distill_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& 
 
 TORCH_LIBRARY(dpkd, m) {
   m.def("distill_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, float beta, float alpha, "
-        "float temperature, float teacher_mix, bool standardize, float hard_label_weight, int ignore_index) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float temperature, float teacher_mix, bool standardize, float hard_label_weight, int ignore_index, "
+        "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def("distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor row_state, "
         "str divergence, float beta, float alpha, float temperature, float teacher_mix, bool standardize, "
         "float hard_label_weight, int ignore_index) -> Tensor");
+  // The same, written over the student logits' storage (saves the [N, V] gradient buffer).
+  m.def("distill_backward_(Tensor grad_loss, Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor row_state, "
+        "str divergence, float beta, float alpha, float temperature, float teacher_mix, bool standardize, "
+        "float hard_label_weight, int ignore_index) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(dpkd, CPU, m) {
   m.impl("distill_forward", &dpkd::distill::distill_forward_cpu);
   m.impl("distill_backward", &dpkd::distill::distill_backward_cpu);
+  m.impl("distill_backward_", &dpkd::distill::distill_backward_inplace_cpu);
 }
 
 #ifdef DPKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(dpkd, CUDA, m) {
   m.impl("distill_forward", &dpkd::distill::distill_forward_cuda);
   m.impl("distill_backward", &dpkd::distill::distill_backward_cuda);
+  m.impl("distill_backward_", &dpkd::distill::distill_backward_inplace_cuda);
 }
 #endif

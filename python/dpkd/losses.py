@@ -146,6 +146,7 @@ def _fused(
     standardize: bool,
     hard_label_weight: float,
     ignore_index: int,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported."""
     lead = student_logits.shape[:-1]
@@ -155,7 +156,7 @@ def _fused(
     t2 = t2.detach()  # no gradient flows into the teacher
     loss, stats = _ops.distill(
         s2, t2, l1, divergence, float(beta), float(alpha), float(temperature), float(teacher_mix),
-        bool(standardize), float(hard_label_weight), int(ignore_index),
+        bool(standardize), float(hard_label_weight), int(ignore_index), bool(inplace_backward),
     )
     if not torch.compiler.is_compiling():
         # The kernels see NaN (and +inf) as NaN row statistics; name the culprit instead of returning NaN.
@@ -202,6 +203,7 @@ def distill_loss(
     allow_vocab_mismatch: bool = False,
     return_stats: bool = False,
     select: Selection | Callable[[TokenStats, torch.Tensor | None], Selection] | None = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Token-level distillation loss between student and teacher logits.
 
@@ -228,14 +230,21 @@ def distill_loss(
         select: a :class:`dpkd.select.Selection`, or a rule ``f(stats, valid) -> Selection`` applied to this
             pass's statistics, e.g. ``lambda st, valid: select.entropy_top_fraction(st.student_entropy,
             0.5, valid=valid)``. Its weights multiply ``weights``; unselected tokens get no gradient work.
+        inplace_backward: write the gradient over ``student_logits``' storage instead of a new [N, V]
+            buffer. Safe when nothing else reads the logits after this loss's backward (the usual case: they
+            come from the LM head's matmul, whose backward needs only its inputs); wrong if they feed another
+            loss or are inspected after ``backward()``. Needs row-contiguous logits.
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
            allow_vocab_mismatch=allow_vocab_mismatch)
+    if inplace_backward and (student_logits.is_leaf or student_logits.stride(-1) != 1):
+        raise ValueError("inplace_backward needs student_logits computed by the model (a non-leaf tensor) with "
+                         "contiguous rows: a leaf's storage would become its own gradient")
     per_token, stats = _fused(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
         temperature=temperature, teacher_mix=1.0, standardize=standardize, hard_label_weight=hard_label_weight,
-        ignore_index=ignore_index,
+        ignore_index=ignore_index, inplace_backward=inplace_backward,
     )
     if scale_by_temperature_squared and temperature != 1.0:
         per_token = per_token * (temperature * temperature)

@@ -317,3 +317,21 @@ def test_semantics_of_pytorch_kldiv_and_liger_jsd_tvd():
     assert got.item() == pytest.approx((jsd[keep].sum() / keep.sum()).item(), rel=1e-5)
     tvd = 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
     torch.testing.assert_close(dpkd.tvd(s, t, reduction="none").double(), tvd, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_writes_the_gradient_over_the_logits(dtype):
+    g = torch.Generator().manual_seed(33)
+    h = torch.randn(6, 5, 16, generator=g).to(dtype).requires_grad_(True)
+    w = (torch.randn(300, 16, generator=g) * 0.5).to(dtype).requires_grad_(True)
+    t = logits(30, 300, 3.0, dtype, seed=34).reshape(6, 5, 300)
+    grads = []
+    for inplace in (False, True):
+        h.grad = w.grad = None
+        z = h @ w.t()
+        dpkd.generalized_jsd(z, t, beta=0.3, temperature=1.5, standardize=True, inplace_backward=inplace).backward()
+        grads.append((h.grad.clone(), w.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="non-leaf"):
+        dpkd.forward_kl(logits(3, 10, seed=35).requires_grad_(True), logits(3, 10, seed=36), inplace_backward=True)
