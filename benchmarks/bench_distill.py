@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 import dpkd
+from timing import measure
 
 
 def eager_jsd(s: torch.Tensor, t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
@@ -51,31 +50,12 @@ def liger_fns():
     }
 
 
-def measure(fn, s: torch.Tensor, t: torch.Tensor, repeat: int) -> tuple[float, float]:
+def fwd_bwd(fn, s: torch.Tensor, t: torch.Tensor, repeat: int) -> tuple[float, float]:
     """(median ms of forward + backward, peak extra MB on CUDA or nan)."""
-    cuda = s.is_cuda
-
     def once():
         s.grad = None
         fn(s, t).backward()
-
-    for _ in range(2):
-        once()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        once()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
-    return statistics.median(times), peak
+    return measure(once, "cuda" if s.is_cuda else "cpu", repeat)
 
 
 def _rss_mb(field: str) -> float:
@@ -144,14 +124,14 @@ def main() -> None:
         s = (torch.randn(n, vocab, generator=g, device=args.device) * 4).to(dtype).requires_grad_(True)
         t = (torch.randn(n, vocab, generator=g, device=args.device) * 4).to(dtype)
         for name, fn in ours.items():
-            ms, mb = measure(fn, s, t, args.repeat)
+            ms, mb = fwd_bwd(fn, s, t, args.repeat)
             if not cuda:
                 mb = cpu_peak_mb("dpkd", name, n, vocab)
             row = f"N={n:<6} {name:<11} dpkd {ms:8.2f} ms ({mb:7.0f} MB)"
             for peer, fns in peers.items():
                 if name in fns:
                     try:
-                        pms, pmb = measure(fns[name], s, t, args.repeat)
+                        pms, pmb = fwd_bwd(fns[name], s, t, args.repeat)
                         if not cuda and peer in ("eager", "torch.compile"):
                             pmb = cpu_peak_mb(peer, name, n, vocab)
                         row += f" | {peer} {pms:8.2f} ms ({pmb:7.0f} MB) x{pms / ms:5.1f}"

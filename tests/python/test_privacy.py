@@ -357,3 +357,30 @@ def test_optimizer_parameters_outside_the_model_are_refused():
     with pytest.raises(ValueError, match="outside the private model"):
         privacy.make_private(model, torch.optim.SGD(list(model.parameters()) + [stray], lr=0.1),
                              noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+
+
+def test_a_weight_used_outside_its_module_is_refused():
+    class Sneaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.a(x) + torch.nn.functional.linear(x, self.a.weight)  # second use bypasses the layer
+
+    model = Sneaky().double()
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    dp.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(ValueError, match="outside its module"):
+        dp.step()
+    # Ordinary steps, with or without zero_grad in between, pass the check.
+    plain = torch.nn.Linear(3, 3).double()
+    _, dp = privacy.make_private(plain, torch.optim.SGD(plain.parameters(), lr=0.1), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    for zero in (True, False, False):
+        if zero:
+            dp.zero_grad()
+        plain(torch.randn(4, 3)).sum().backward()
+        dp.step()

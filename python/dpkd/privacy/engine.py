@@ -130,6 +130,10 @@ class ClippingEngine:
             else:  # linear, GPT-2 Conv1D, embedding: forward through a capturing autograd function
                 module.forward = types.MethodType(self._capturing_forward(name, kind), module)
                 self.patched.append(module)
+        # Autograd never writes these parameters' .grad: if it does, they were used outside their module.
+        self.patched_params = [(n, p) for m_name, (module, kind) in self.layers.items() if kind != "generic"
+                               for n, p in ((f"{m_name}.{pn}", p) for pn, p in module.named_parameters(recurse=False))
+                               if p.requires_grad]
 
     def _capturing_forward(self, name: str, kind: str):
         calls, anchor = self.calls[name], self.anchor

@@ -43,6 +43,7 @@ class DPOptimizer:
         self.distributed = distributed
         self._sums: dict[int, torch.Tensor] = {}
         self._norms: list[torch.Tensor] = []
+        self._assigned: dict[int, tuple[torch.Tensor, int]] = {}  # the .grad tensors step() wrote
         self.last_per_example_norms = torch.zeros(0)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [p for p in engine.params if id(p) not in owned]
@@ -67,9 +68,22 @@ class DPOptimizer:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self.engine.clear()
         self._sums, self._norms = {}, []
+        self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params if p.grad is not None}
+
+    def _check_unseen_uses(self) -> None:
+        """A parameter of a capturing layer that autograd gave a gradient was used outside its module
+        (e.g. F.linear(x, layer.weight)): that use is invisible to per-example clipping."""
+        for name, p in self.engine.patched_params:
+            if p.grad is None:
+                continue
+            mine = self._assigned.get(id(p))
+            if mine is None or p.grad is not mine[0] or p.grad._version != mine[1]:
+                raise ValueError(f"parameter {name} received a gradient from outside its module (for example "
+                                 "F.linear on its weight); DP-SGD cannot clip that use per example")
 
     def accumulate(self) -> torch.Tensor:
         """Clip the micro-batch whose backward pass just ran; returns its per-example norms."""
+        self._check_unseen_uses()
         norms = self.engine.flush(self.max_grad_norm, self._sums)
         self._norms.append(norms.detach().cpu())
         return norms
@@ -81,6 +95,8 @@ class DPOptimizer:
                 loss = closure()
         if self.engine.pending:
             self.accumulate()
+        else:
+            self._check_unseen_uses()
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.engine.params:
             acc_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -94,6 +110,7 @@ class DPOptimizer:
             # Divide by the public expected batch size, never the realised one (which would leak it).
             p.grad = (total / self.expected_batch_size).to(p.dtype)
         self.original_optimizer.step()
+        self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.last_per_example_norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
         self._sums, self._norms = {}, []
