@@ -45,16 +45,33 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(student, teacher, labels, output[2])
 
 
+# Each divergence seen from the teacher's side: D(p, q) as a function of the teacher's logits is the
+# divergence below with the two models' roles exchanged (JSD's beta becomes 1 - beta).
+_SWAPPED = {"forward_kl": "reverse_kl", "reverse_kl": "forward_kl", "jsd": "jsd", "skew_kl": "skew_reverse_kl",
+            "skew_reverse_kl": "skew_kl", "tvd": "tvd"}
+
+
+def _teacher_grad(grad_loss, student, teacher, labels, options):
+    """d loss / d teacher logits (self-distillation): the same kernels with the roles exchanged. The
+    hard-label term does not depend on the teacher, so its rows are scaled by 1 - w."""
+    divergence, beta, alpha, temperature, teacher_mix, standardize, hard_label_weight, ignore_index = options
+    if teacher_mix != 1.0:
+        raise ValueError("no teacher gradient through TAID's interpolated target")
+    swapped = (_SWAPPED[divergence], 1.0 - beta, alpha, temperature, 1.0, standardize, 0.0, ignore_index)
+    _, _, state = torch.ops.dpkd.distill_forward(teacher, student, labels, *swapped)
+    scale = grad_loss.float() * (1.0 - hard_label_weight) if labels is not None else grad_loss.float()
+    return torch.ops.dpkd.distill_backward(scale.contiguous(), teacher, student, labels, state, *swapped)
+
+
 def _backward(ctx, grad_loss, grad_stats, grad_state):
     student, teacher, labels, row_state = ctx.saved_tensors
-    grad_student = None
+    grad_student = grad_teacher = None
+    if ctx.needs_input_grad[1]:  # before an in-place student backward overwrites the student logits
+        grad_teacher = _teacher_grad(grad_loss, student, teacher, labels, ctx.options)
     if ctx.needs_input_grad[0]:
         op = torch.ops.dpkd.distill_backward_ if ctx.inplace else torch.ops.dpkd.distill_backward
         grad_student = op(grad_loss.float().contiguous(), student, teacher, labels, row_state, *ctx.options)
-    if ctx.needs_input_grad[1]:
-        raise NotImplementedError("the fused distillation ops do not compute a gradient for teacher_logits; "
-                                  "detach the teacher logits")
-    return (grad_student,) + (None,) * (ctx.n_inputs - 1)
+    return (grad_student, grad_teacher) + (None,) * (ctx.n_inputs - 2)
 
 
 torch.library.register_autograd("dpkd::distill_forward", _backward, setup_context=_setup_context)

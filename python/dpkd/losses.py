@@ -147,13 +147,15 @@ def _fused(
     hard_label_weight: float,
     ignore_index: int,
     inplace_backward: bool = False,
+    teacher_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported."""
     lead = student_logits.shape[:-1]
     s2 = student_logits.reshape(-1, student_logits.shape[-1])
     t2 = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     l1 = None if labels is None else labels.reshape(-1).to(torch.int64)
-    t2 = t2.detach()  # no gradient flows into the teacher
+    if not teacher_grad:
+        t2 = t2.detach()  # no gradient flows into the teacher unless asked for
     loss, stats = _ops.distill(
         s2, t2, l1, divergence, float(beta), float(alpha), float(temperature), float(teacher_mix),
         bool(standardize), float(hard_label_weight), int(ignore_index), bool(inplace_backward),
@@ -204,13 +206,14 @@ def distill_loss(
     return_stats: bool = False,
     select: Selection | Callable[[TokenStats, torch.Tensor | None], Selection] | None = None,
     inplace_backward: bool = False,
+    teacher_grad: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Token-level distillation loss between student and teacher logits.
 
     Args:
         student_logits: [N, V] or [B, T, V] logits of the model being trained.
         teacher_logits: the teacher's logits, same shape (V may differ with ``allow_vocab_mismatch``:
-            the missing columns then have probability 0). No gradient flows into them.
+            the missing columns then have probability 0). No gradient flows into them unless ``teacher_grad``.
         divergence: ``forward_kl`` KL(p||q), ``reverse_kl`` KL(q||p), ``jsd`` the generalized JSD
             beta KL(p||m) + (1-beta) KL(q||m) with m = beta p + (1-beta) q (beta = 0 is forward KL and
             beta = 1 reverse KL, as in TRL), ``skew_kl`` KL(p || alpha p + (1-alpha) q),
@@ -234,6 +237,8 @@ def distill_loss(
             buffer. Safe when nothing else reads the logits after this loss's backward (the usual case: they
             come from the LM head's matmul, whose backward needs only its inputs); wrong if they feed another
             loss or are inspected after ``backward()``. Needs row-contiguous logits.
+        teacher_grad: let the gradient flow into ``teacher_logits`` too (self-distillation, where teacher and
+            student share weights). Off by default: the teacher is detached.
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
@@ -244,7 +249,7 @@ def distill_loss(
     per_token, stats = _fused(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
         temperature=temperature, teacher_mix=1.0, standardize=standardize, hard_label_weight=hard_label_weight,
-        ignore_index=ignore_index, inplace_backward=inplace_backward,
+        ignore_index=ignore_index, inplace_backward=inplace_backward, teacher_grad=teacher_grad,
     )
     if scale_by_temperature_squared and temperature != 1.0:
         per_token = per_token * (temperature * temperature)

@@ -335,3 +335,25 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="non-leaf"):
         dpkd.forward_kl(logits(3, 10, seed=35).requires_grad_(True), logits(3, 10, seed=36), inplace_backward=True)
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_teacher_gradient_for_self_distillation(div):
+    s = logits(7, 301, 3.0, seed=37).requires_grad_(True)
+    t = logits(7, 301, 3.0, seed=38).requires_grad_(True)
+    labels = torch.randint(0, 301, (7,), generator=torch.Generator().manual_seed(5))
+    labels[2] = -100
+    kw = dict(divergence=div, beta=0.3, alpha=0.2, temperature=1.5, standardize=True, hard_label_weight=0.25,
+              labels=labels)
+    dpkd.distill_loss(s, t, teacher_grad=True, **kw).backward()
+    s64, t64 = s.detach().double().requires_grad_(True), t.detach().double().requires_grad_(True)
+    keep = labels != -100
+    div_ref = ref_divergence(s64, t64, div, beta=0.3, alpha=0.2, temperature=1.5, standardize=True)
+    ce = torch.nn.functional.cross_entropy(s64, labels.clamp(min=0), reduction="none")
+    (((0.75 * div_ref + 0.25 * ce) * keep).sum() / keep.sum()).backward()
+    assert rel_err(t.grad, t64.grad) < 1e-4
+    assert rel_err(s.grad, s64.grad) < 1e-4
+    # Off by default.
+    t.grad = None
+    dpkd.distill_loss(s, t, **kw).backward()
+    assert t.grad is None
