@@ -130,20 +130,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
   return {loss, stats, state};
 }
 
+// The student-logit gradient into `out` (a fresh buffer, or the student logits themselves).
+void backward_into_cpu(const Prepared& p, const at::Tensor& grad_loss, const at::Tensor& row_state, at::Tensor& out) {
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
+  dispatch_dtype(p.student.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    backward<T>(p.student.size(0), g.data_ptr<float>(), view<T>(p.student), view<T>(p.teacher), p.labels_ptr(),
+                state.data_ptr<float>(), p.options, reinterpret_cast<T*>(out.data_ptr()), out.stride(0));
+  });
+}
+
 at::Tensor distill_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
                                 const std::optional<at::Tensor>& labels, const at::Tensor& row_state,
                                 const std::string& divergence, double beta, double alpha, double temperature,
                                 double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);
-  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
   at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
-  dispatch_dtype(p.student.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    backward<T>(p.student.size(0), g.data_ptr<float>(), view<T>(p.student), view<T>(p.teacher), p.labels_ptr(),
-                state.data_ptr<float>(), p.options, reinterpret_cast<T*>(grad.data_ptr()), grad.stride(0));
-  });
+  backward_into_cpu(p, grad_loss, row_state, grad);
   return grad;
+}
+
+void check_inplace(const at::Tensor& student) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.stride(1) == 1, "in-place backward needs row-contiguous student_logits");
 }
 
 // The gradient written over the student logits (rows must be contiguous: the gradient shares their layout).
@@ -152,15 +161,10 @@ at::Tensor distill_backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor&
                                         const std::string& divergence, double beta, double alpha, double temperature,
                                         double teacher_mix, bool standardize, double hard_label_weight,
                                         int64_t ignore_index) {
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.stride(1) == 1, "in-place backward needs row-contiguous student_logits");
+  check_inplace(student);
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);
-  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
-  dispatch_dtype(student.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    backward<T>(student.size(0), g.data_ptr<float>(), view<T>(student), view<T>(p.teacher), p.labels_ptr(),
-                state.data_ptr<float>(), p.options, reinterpret_cast<T*>(student.data_ptr()), student.stride(0));
-  });
+  backward_into_cpu(p, grad_loss, row_state, student);
   return student;
 }
 
@@ -190,21 +194,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
   return {loss, stats, state};
 }
 
+// Each thread reads an element before writing it, and row reductions precede the writes, so `out` may be
+// the student logits themselves.
+void backward_into_cuda(const Prepared& p, const at::Tensor& grad_loss, const at::Tensor& row_state, at::Tensor& out) {
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
+  cuda::backward(cuda_dtype(p.student.scalar_type()), p.student.size(0), g.data_ptr<float>(), p.student.data_ptr(),
+                 p.student.size(1), p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0),
+                 p.labels_ptr(), state.data_ptr<float>(), p.options, out.data_ptr(), out.stride(0),
+                 at::cuda::getCurrentCUDAStream());
+}
+
 at::Tensor distill_backward_inplace_cuda(const at::Tensor& grad_loss, at::Tensor& student, const at::Tensor& teacher,
                                          const std::optional<at::Tensor>& labels, const at::Tensor& row_state,
                                          const std::string& divergence, double beta, double alpha, double temperature,
                                          double teacher_mix, bool standardize, double hard_label_weight,
                                          int64_t ignore_index) {
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.stride(1) == 1, "in-place backward needs row-contiguous student_logits");
+  check_inplace(student);
   const c10::cuda::CUDAGuard guard(student.device());
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);
-  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
-  // Each thread reads an element before writing it, and row reductions precede the writes.
-  cuda::backward(cuda_dtype(student.scalar_type()), student.size(0), g.data_ptr<float>(), student.data_ptr(),
-                 student.size(1), student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0),
-                 p.labels_ptr(), state.data_ptr<float>(), p.options, student.data_ptr(), student.stride(0),
-                 at::cuda::getCurrentCUDAStream());
+  backward_into_cuda(p, grad_loss, row_state, student);
   return student;
 }
 
@@ -215,12 +224,8 @@ at::Tensor distill_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(student.device());
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);
-  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
   at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
-  cuda::backward(cuda_dtype(p.student.scalar_type()), p.student.size(0), g.data_ptr<float>(), p.student.data_ptr(),
-                 p.student.size(1), p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0),
-                 p.labels_ptr(), state.data_ptr<float>(), p.options, grad.data_ptr(), grad.stride(0),
-                 at::cuda::getCurrentCUDAStream());
+  backward_into_cuda(p, grad_loss, row_state, grad);
   return grad;
 }
 #endif

@@ -169,6 +169,14 @@ def _fused(
     return loss.reshape(lead), stats.reshape(*lead, 5)
 
 
+def valid_tokens(labels: torch.Tensor | None, mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:
+    """Tokens that carry loss: ``mask`` and labels other than ``ignore_index`` (None: all of them)."""
+    if labels is None:
+        return mask
+    valid = labels != ignore_index
+    return valid if mask is None else mask & valid
+
+
 def _reduce(per_token: torch.Tensor, valid: torch.Tensor | None, weights: torch.Tensor | None,
             reduction: str) -> torch.Tensor:
     if weights is not None:
@@ -253,9 +261,7 @@ def distill_loss(
     )
     if scale_by_temperature_squared and temperature != 1.0:
         per_token = per_token * (temperature * temperature)
-    valid = mask
-    if labels is not None:
-        valid = labels != ignore_index if valid is None else valid & (labels != ignore_index)
+    valid = valid_tokens(labels, mask, ignore_index)
     token_stats_ = TokenStats(*stats.unbind(-1))
     if select is not None:
         chosen = select if not callable(select) else select(token_stats_, valid)

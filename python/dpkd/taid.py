@@ -45,9 +45,7 @@ def taid_loss(
         temperature=temperature, teacher_mix=t, standardize=False, hard_label_weight=0.0, ignore_index=ignore_index,
     )
     per_token = per_token + stats[..., 1]  # + H(p_t): constant in the student (p_t uses sg(z_s))
-    valid = mask
-    if labels is not None:
-        valid = labels != ignore_index if valid is None else valid & (labels != ignore_index)
+    valid = losses.valid_tokens(labels, mask, ignore_index)
     return losses._reduce(per_token, valid, weights, reduction)
 
 

@@ -122,7 +122,5 @@ def topk_forward_kl(
                                           float(temperature), bool(tail), int(chunk))
     if not torch.compiler.is_compiling() and torch.isnan(lse).any():
         raise ValueError("student_logits contains NaN or +inf")
-    valid = mask
-    if labels is not None:
-        valid = labels != ignore_index if valid is None else valid & (labels != ignore_index)
+    valid = losses.valid_tokens(labels, mask, ignore_index)
     return losses._reduce(per_token.reshape(lead), valid, weights, reduction)
