@@ -111,6 +111,11 @@ def main() -> None:
         "jsd": lambda s, t: dpkd.generalized_jsd(s, t, beta=0.5),
         "forward_kl": lambda s, t: dpkd.forward_kl(s, t),
     }
+    # The same with the gradient left to the separate backward kernel (as with reduction="none" or select).
+    unfused = {
+        "jsd": lambda s, t: dpkd.generalized_jsd(s, t, beta=0.5, fuse_backward=False),
+        "forward_kl": lambda s, t: dpkd.forward_kl(s, t, fuse_backward=False),
+    }
     eager = {"jsd": eager_jsd, "forward_kl": eager_forward_kl}
     peers: dict[str, dict] = {"eager": eager}
     if not args.no_compile:
@@ -127,7 +132,8 @@ def main() -> None:
             ms, mb = fwd_bwd(fn, s, t, args.repeat)
             if not cuda:
                 mb = cpu_peak_mb("dpkd", name, n, vocab)
-            row = f"N={n:<6} {name:<11} dpkd {ms:8.2f} ms ({mb:7.0f} MB)"
+            ums, _ = fwd_bwd(unfused[name], s, t, args.repeat)
+            row = f"N={n:<6} {name:<11} dpkd {ms:8.2f} ms ({mb:7.0f} MB) [separate bwd {ums:8.2f} ms]"
             for peer, fns in peers.items():
                 if name in fns:
                     try:

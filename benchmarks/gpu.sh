@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # One device-tool call: build dpkd with CUDA against the machine's torch, run the CUDA tests, then the
 # GPU benchmarks (objectives, selection, fused linear, DP-SGD). Each part is bounded so the whole call
-# fits the 10-minute command limit; pass a part name to run only it: bash benchmarks/gpu.sh [build|test|
-# objectives|select|fused|dp|demo].
+# fits the 10-minute command limit; pass part names to run only those: bash benchmarks/gpu.sh [build|test|
+# objectives|select|fused|dp|demo], comma-separated.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 part=${1:-all}
-want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
+want() { [ "$part" = all ] || [[ ",$part," == *",$1,"* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-pip install -q scikit-build-core hypothesis mpmath nbformat 2>/dev/null || true
-time pip install --no-build-isolation -q -e . 2>&1 | tail -3
+# The device machine has no package index: Eigen's headers travel in .deps/ (scripts/device_deps.sh makes
+# it), the benchmarks' peers (Liger-Kernel, Opacus) as wheels in .whl/; both are carried by the call.
+if [ -d .deps/eigen ] && [ ! -d /usr/share/eigen3/cmake ]; then
+  cp -r .deps/eigen/include/eigen3 /usr/include/ && mkdir -p /usr/share/eigen3 && cp -r .deps/eigen/share/eigen3/cmake /usr/share/eigen3/
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+time python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tail -20
 python3 -c "import dpkd; assert dpkd.with_cuda, 'dpkd was built without CUDA'; print('dpkd with CUDA')" || exit 1
-want test && timeout 240 python3 -m pytest -q -x tests/python/test_losses_cuda.py 2>&1 | tail -5
+want test && timeout 240 python3 -m pytest -q -rf --tb=short tests/python/test_losses_cuda.py 2>&1 | tail -60
 want objectives && timeout 180 python3 benchmarks/bench_distill.py --device cuda --repeat 10
 want select && timeout 60 python3 benchmarks/bench_select.py --device cuda
 want fused && timeout 120 python3 benchmarks/bench_fused_linear.py --device cuda --n 8192 --vocab 128256 --hs 2048 --ht 4096

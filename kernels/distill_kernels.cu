@@ -6,59 +6,18 @@
 // pass: 2 reads of each row (4 with standardization). Backward: 1 read of each row and 1 write of the
 // gradient (2 reads with standardization). Rows with zero upstream gradient only write zeros.
 #include <cub/block/block_reduce.cuh>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
 #include "distill_cuda.h"
+#include "distill_device.cuh"
 
 namespace dpkd::distill::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <class T> __device__ __forceinline__ T from_float(float f);
-template <> __device__ __forceinline__ float from_float<float>(float f) { return f; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float f) { return __float2bfloat16(f); }
-template <> __device__ __forceinline__ __half from_float<__half>(float f) { return __float2half(f); }
-
-// A running (max, sum of exp(x - max)) pair and its merge: the log-sum-exp as a block reduction.
-struct MaxSum {
-  float max;
-  float sum;
-};
-struct MergeMaxSum {
-  __device__ __forceinline__ MaxSum operator()(const MaxSum& a, const MaxSum& b) const {
-    if (a.max == -INFINITY) return b;
-    if (b.max == -INFINITY) return a;
-    const float m = fmaxf(a.max, b.max);
-    return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
-  }
-};
-__device__ __forceinline__ void add(MaxSum& acc, float x) {
-  if (x == -INFINITY) return;
-  if (x > acc.max) {
-    acc.sum = acc.sum * expf(acc.max - x) + 1.f;
-    acc.max = x;
-  } else {
-    acc.sum += expf(x - acc.max);
-  }
-}
-
-struct Sum4 {
-  float a, b, c, d;
-};
-struct AddSum4 {
-  __device__ __forceinline__ Sum4 operator()(const Sum4& x, const Sum4& y) const {
-    return {x.a + y.a, x.b + y.b, x.c + y.c, x.d + y.d};
-  }
-};
 
 template <class T>
 struct RowIn {
@@ -68,14 +27,9 @@ struct RowIn {
   float mix;
   __device__ __forceinline__ float student(int64_t j) const { return j < vs ? to_float(s[j]) : -INFINITY; }
   __device__ __forceinline__ float teacher(int64_t j, float zs) const {
-    const float zt = j < vt ? to_float(t[j]) : -INFINITY;
-    return mix == 1.f ? zt : (mix == 0.f ? zs : mix * zt + (1.f - mix) * zs);
+    return mix_teacher(mix, j < vt ? to_float(t[j]) : -INFINITY, zs);
   }
 };
-
-__device__ __forceinline__ float prob(float x, float max, float log_sum) {
-  return x == -INFINITY ? 0.f : expf((x - max) - log_sum);
-}
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const T* student, int64_t vs, int64_t s_stride,
@@ -147,9 +101,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
     const float zs = row.student(j), zt = row.teacher(j, zs);
     bad_s += !(zs < INFINITY);
     bad_t += !(zt < INFINITY);
-    if (raw_needed) add(acc_raw, zs);
-    add(acc_s, (zs - mean_s) * scale_s);
-    add(acc_t, (zt - mean_t) * scale_t);
+    if (raw_needed) add<MathFor<T>>(acc_raw, zs);
+    add<MathFor<T>>(acc_s, (zs - mean_s) * scale_s);
+    add<MathFor<T>>(acc_t, (zt - mean_t) * scale_t);
   }
   __syncthreads();
   const MaxSum ls = ReduceMaxSum(temp.max_sum).Reduce(acc_s, MergeMaxSum());
@@ -177,61 +131,34 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
   const float c = lse_s - lse_t;
 
   // Pass 2: divergence, <q, g>, sum q x, sum p y.
-  const Divergence d = effective_divergence(o.objective);
+  const RowContext ctx{effective_divergence(o.objective), o.objective, max_s, log_sum_s, max_t, log_sum_t, c, 0.f};
   Sum4 part{0.f, 0.f, 0.f, 0.f};
   for (int64_t j = threadIdx.x; j < width; j += kThreads) {
     const float zs = row.student(j), zt = row.teacher(j, zs);
-    const float x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
-    const float q = prob(x, max_s, log_sum_s), p = prob(y, max_t, log_sum_t);
-    if (q == 0.f && p == 0.f) continue;
-    const ElementTerms<float> e = element_terms<ScalarMath>(d, o.objective, q, p, y - x, c);
-    part.a += e.loss;
-    if (q > 0.f) { part.b += q * e.g; part.c += q * x; }
-    if (p > 0.f) part.d += p * y;
+    accumulate_terms<MathFor<T>>(part, ctx, (zs - mean_s) * scale_s, (zt - mean_t) * scale_t);
   }
   __syncthreads();
   const Sum4 total = ReduceSum4(temp.sum4).Reduce(part, AddSum4());
   if (threadIdx.x == 0) {
-    const float nan = __int_as_float(0x7fc00000);
-    float* st = stats + i * kNumStats;
-    st[kStudentEntropy] = row_bad_s ? nan : lse_s - total.c;
-    st[kTeacherEntropy] = row_bad_t ? nan : lse_t - total.d;
-    st[kDivergence] = total.a;
+    RowSummary r{ctx, total, row_bad_s, row_bad_t, mean_s, scale_s, mean_t, scale_t, std_s, count_s, raw_max,
+                 raw_log_sum};
     if (has_label) {
-      const float zl = row.student(label), yl = (row.teacher(label, zl) - mean_t) * scale_t;
-      st[kStudentLabelLogprob] = (zl - mean_s) * scale_s - lse_s;
-      st[kTeacherLabelLogprob] = yl - lse_t;
-      const float ce = (raw_max + raw_log_sum) - zl;
-      loss[i] = o.hard_label_weight > 0.f ? (1.f - o.hard_label_weight) * total.a + o.hard_label_weight * ce : total.a;
-    } else {
-      st[kStudentLabelLogprob] = nan;
-      st[kTeacherLabelLogprob] = nan;
-      loss[i] = labels != nullptr ? 0.f : total.a;
+      const float zl = row.student(label);
+      r.student_label_logit = zl;
+      r.teacher_label_logit = row.teacher(label, zl);
     }
-    float* rs = state + i * kRowState;
-    for (int k = 0; k < kRowState; ++k) rs[k] = 0.f;
-    rs[kMaxS] = max_s;
-    rs[kLogSumS] = log_sum_s;
-    rs[kMaxT] = max_t;
-    rs[kLogSumT] = log_sum_t;
-    rs[kQG] = total.b;
-    rs[kMeanS] = mean_s;
-    rs[kScaleS] = scale_s;
-    rs[kMeanT] = mean_t;
-    rs[kScaleT] = scale_t;
-    rs[kStdS] = std_s;
-    rs[kCountS] = count_s;
-    rs[kRawMax] = raw_max;
-    rs[kRawLogSum] = raw_log_sum;
+    write_row(r, i, labels != nullptr, has_label, o, loss, stats, state);
   }
 }
 
+// `vectorized`: no standardization, equal vocabularies and 16-byte aligned rows, so whole packs are read
+// and written.
 template <class T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, const float* grad_loss, const T* student,
                                                             int64_t vs, int64_t s_stride, const T* teacher, int64_t vt,
                                                             int64_t t_stride, const int64_t* labels,
                                                             const float* state, RowOptions o, T* grad,
-                                                            int64_t g_stride) {
+                                                            int64_t g_stride, bool vectorized) {
   using ReduceSum4 = cub::BlockReduce<Sum4, kThreads>;
   __shared__ typename ReduceSum4::TempStorage temp;
   __shared__ float shared[2];
@@ -250,18 +177,35 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
   const float w = has_label ? o.hard_label_weight : 0.f;
   const float a = (1.f - w) * gl, b = w * gl;
   const int64_t label = has_label ? labels[i] : -1;
-  const Divergence d = effective_divergence(o.objective);
-  const float c = (st[kMaxS] + st[kLogSumS]) - (st[kMaxT] + st[kLogSumT]);
+  const RowContext ctx{effective_divergence(o.objective), o.objective, st[kMaxS], st[kLogSumS], st[kMaxT], st[kLogSumT],
+                       (st[kMaxS] + st[kLogSumS]) - (st[kMaxT] + st[kLogSumT]), st[kQG]};
   const float mean_s = st[kMeanS], scale_s = st[kScaleS], mean_t = st[kMeanT], scale_t = st[kScaleT];
 
-  auto grad_x = [&](int64_t j, float zs) {
-    const float x = (zs - mean_s) * scale_s, y = (row.teacher(j, zs) - mean_t) * scale_t;
-    const float q = prob(x, st[kMaxS], st[kLogSumS]), p = prob(y, st[kMaxT], st[kLogSumT]);
-    if (q == 0.f && p == 0.f) return 0.f;
-    const ElementTerms<float> e = element_terms<ScalarMath>(d, o.objective, q, p, y - x, c);
-    return element_grad<ScalarMath>(d, q, p, e.g, st[kQG]);
-  };
+  if (vectorized) {
+    constexpr int P = Pack<T>::kSize;
+    const int64_t packs = vs / P;
+    for (int64_t k = threadIdx.x; k < packs; k += kThreads) {
+      const Pack<T> ps = reinterpret_cast<const Pack<T>*>(row.s)[k], pt = reinterpret_cast<const Pack<T>*>(row.t)[k];
+      Pack<T> po;
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float zs = to_float(ps.v[e]), zt = mix_teacher(o.teacher_mix, to_float(pt.v[e]), zs);
+        po.v[e] = from_float<T>(raw_grad<MathFor<T>>(ctx, zs * scale_s, zt * scale_t, zs, a, b, scale_s, st[kRawMax],
+                                         st[kRawLogSum], k * P + e == label));
+      }
+      store_pack(out + k * P, po);
+    }
+    for (int64_t j = packs * P + threadIdx.x; j < vs; j += kThreads) {
+      const float zs = row.student(j);
+      out[j] = from_float<T>(raw_grad<MathFor<T>>(ctx, zs * scale_s, row.teacher(j, zs) * scale_t, zs, a, b, scale_s,
+                                      st[kRawMax], st[kRawLogSum], j == label));
+    }
+    return;
+  }
 
+  auto grad_x = [&](int64_t j, float zs) {
+    return divergence_grad<MathFor<T>>(ctx, (zs - mean_s) * scale_s, (row.teacher(j, zs) - mean_t) * scale_t);
+  };
   float g1_mean = 0.f, g2_term = 0.f;
   if (o.standardize) {
     Sum4 part{0.f, 0.f, 0.f, 0.f};
@@ -288,10 +232,20 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
     if (zs > -INFINITY) {
       const float gx = grad_x(j, zs);
       gz = a * scale_s * (o.standardize ? gx - g1_mean - (zs - mean_s) * g2_term : gx);
-      if (b != 0.f) gz += b * (prob(zs, st[kRawMax], st[kRawLogSum]) - (j == label ? 1.f : 0.f));
+      if (b != 0.f) gz += b * (prob<MathFor<T>>(zs, st[kRawMax], st[kRawLogSum]) - (j == label ? 1.f : 0.f));
     }
     out[j] = from_float<T>(gz);
   }
+}
+
+// Each block reads the scale and returns at once when it is 1: the common loss.backward() costs a launch.
+template <class T>
+__global__ void scale_kernel(T* x, int64_t n, const float* scale) {
+  const float s = *scale;
+  if (s == 1.f) return;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[j] = from_float<T>(to_float(x[j]) * s);
 }
 
 void check(cudaError_t err, const char* what) {
@@ -311,8 +265,12 @@ void dispatch(DType dtype, F&& f) {
 
 void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_vocab, int64_t student_stride,
              const void* teacher, int64_t teacher_vocab, int64_t teacher_stride, const int64_t* labels,
-             const RowOptions& options, float* loss, float* stats, float* row_state, cudaStream_t stream) {
+             const RowOptions& options, float* loss, float* stats, float* row_state, const float* grad_weight,
+             void* grad_student, int64_t grad_stride, cudaStream_t stream) {
   if (n_rows == 0) return;
+  if (cluster_forward(dtype, n_rows, student, student_vocab, student_stride, teacher, teacher_vocab, teacher_stride,
+                      labels, options, loss, stats, row_state, grad_weight, grad_student, grad_stride, stream))
+    return;
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     forward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
@@ -320,6 +278,9 @@ void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_v
         teacher_vocab, teacher_stride, labels, options, loss, stats, row_state);
   });
   check(cudaGetLastError(), "dpkd distill forward kernel");
+  if (grad_student != nullptr)
+    backward(dtype, n_rows, grad_weight, student, student_vocab, student_stride, teacher, teacher_vocab,
+             teacher_stride, labels, row_state, options, grad_student, grad_stride, stream);
 }
 
 void backward(DType dtype, int64_t n_rows, const float* grad_loss, const void* student, int64_t student_vocab,
@@ -329,12 +290,25 @@ void backward(DType dtype, int64_t n_rows, const float* grad_loss, const void* s
   if (n_rows == 0) return;
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const bool vectorized = !options.standardize && student_vocab == teacher_vocab &&
+                            packs_aligned<T>(student, student_stride) && packs_aligned<T>(teacher, teacher_stride) &&
+                            packs_aligned<T>(grad_student, grad_stride);
     backward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
         n_rows, grad_loss, static_cast<const T*>(student), student_vocab, student_stride,
         static_cast<const T*>(teacher), teacher_vocab, teacher_stride, labels, row_state, options,
-        static_cast<T*>(grad_student), grad_stride);
+        static_cast<T*>(grad_student), grad_stride, vectorized);
   });
   check(cudaGetLastError(), "dpkd distill backward kernel");
+}
+
+void scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream) {
+  if (n == 0) return;
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t blocks = (n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096;
+    scale_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(static_cast<T*>(x), n, scale);
+  });
+  check(cudaGetLastError(), "dpkd scale kernel");
 }
 
 }  // namespace dpkd::distill::cuda

@@ -151,6 +151,33 @@ at::Tensor distill_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& s
   return grad;
 }
 
+void check_grad_weight(const at::Tensor& grad_weight, const at::Tensor& student) {
+  TORCH_CHECK_VALUE(grad_weight.dim() == 1 && grad_weight.size(0) == student.size(0), "grad_weight must have shape [",
+                    student.size(0), "], got ", grad_weight.sizes());
+  TORCH_CHECK_VALUE(grad_weight.device() == student.device(), "grad_weight is on ", grad_weight.device(),
+                    " but student_logits is on ", student.device());
+}
+
+// The forward pass and the gradient of sum_i grad_weight[i] * loss[i] with respect to the student logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
+    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
+  check_grad_weight(grad_weight, student);
+  auto [loss, stats, state] = distill_forward_cpu(student, teacher, labels, divergence, beta, alpha, temperature,
+                                                  teacher_mix, standardize, hard_label_weight, ignore_index, false);
+  at::Tensor grad = distill_backward_cpu(grad_weight, student, teacher, labels, state, divergence, beta, alpha,
+                                         temperature, teacher_mix, standardize, hard_label_weight, ignore_index);
+  return {loss, stats, grad};
+}
+
+// self *= scale (a one-element tensor), skipped when scale is 1.
+at::Tensor& scale_unless_one_cpu(at::Tensor& self, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(scale.numel() == 1, "scale must have one element, got ", scale.numel());
+  if (scale.item<double>() != 1.0) self.mul_(scale.to(self.scalar_type()));
+  return self;
+}
+
 void check_inplace(const at::Tensor& student) {
   TORCH_CHECK_VALUE(student.dim() == 2 && student.stride(1) == 1, "in-place backward needs row-contiguous student_logits");
 }
@@ -189,9 +216,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
   auto [loss, stats, state] = empty_outputs(p.student);
   cuda::forward(cuda_dtype(p.student.scalar_type()), p.student.size(0), p.student.data_ptr(), p.student.size(1),
                 p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0), p.labels_ptr(),
-                p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(),
-                at::cuda::getCurrentCUDAStream());
+                p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(), nullptr, nullptr,
+                0, at::cuda::getCurrentCUDAStream());
   return {loss, stats, state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
+    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  check_grad_weight(grad_weight, student);
+  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index);
+  auto [loss, stats, state] = empty_outputs(p.student);
+  const at::Tensor weight = grad_weight.to(at::kFloat).contiguous();
+  at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
+  cuda::forward(cuda_dtype(p.student.scalar_type()), p.student.size(0), p.student.data_ptr(), p.student.size(1),
+                p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0), p.labels_ptr(),
+                p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(),
+                weight.data_ptr<float>(), grad.data_ptr(), grad.stride(0), at::cuda::getCurrentCUDAStream());
+  return {loss, stats, grad};
+}
+
+at::Tensor& scale_unless_one_cuda(at::Tensor& self, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(scale.numel() == 1, "scale must have one element, got ", scale.numel());
+  TORCH_CHECK_VALUE(self.is_contiguous(), "scale_unless_one_ needs a contiguous tensor");
+  const c10::cuda::CUDAGuard guard(self.device());
+  const at::Tensor s = scale.to(self.device(), at::kFloat).contiguous();
+  cuda::scale_unless_one(cuda_dtype(self.scalar_type()), self.data_ptr(), self.numel(), s.data_ptr<float>(),
+                         at::cuda::getCurrentCUDAStream());
+  return self;
 }
 
 // Each thread reads an element before writing it, and row reductions precede the writes, so `out` may be
@@ -237,6 +292,12 @@ TORCH_LIBRARY(dpkd, m) {
   m.def("distill_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, float beta, float alpha, "
         "float temperature, float teacher_mix, bool standardize, float hard_label_weight, int ignore_index, "
         "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
+  // The forward and, in the same pass where the device allows, the gradient of sum_i grad_weight[i] loss[i].
+  m.def("distill_forward_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_weight, str divergence, "
+        "float beta, float alpha, float temperature, float teacher_mix, bool standardize, float hard_label_weight, "
+        "int ignore_index) -> (Tensor, Tensor, Tensor)");
+  // self *= scale, without touching self when the (device-resident) scale is 1.
+  m.def("scale_unless_one_(Tensor(a!) self, Tensor scale) -> Tensor(a!)");
   m.def("distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor row_state, "
         "str divergence, float beta, float alpha, float temperature, float teacher_mix, bool standardize, "
         "float hard_label_weight, int ignore_index) -> Tensor");
@@ -250,6 +311,8 @@ TORCH_LIBRARY_IMPL(dpkd, CPU, m) {
   m.impl("distill_forward", &dpkd::distill::distill_forward_cpu);
   m.impl("distill_backward", &dpkd::distill::distill_backward_cpu);
   m.impl("distill_backward_", &dpkd::distill::distill_backward_inplace_cpu);
+  m.impl("distill_forward_grad", &dpkd::distill::distill_forward_grad_cpu);
+  m.impl("scale_unless_one_", &dpkd::distill::scale_unless_one_cpu);
 }
 
 #ifdef DPKD_WITH_CUDA
@@ -257,5 +320,7 @@ TORCH_LIBRARY_IMPL(dpkd, CUDA, m) {
   m.impl("distill_forward", &dpkd::distill::distill_forward_cuda);
   m.impl("distill_backward", &dpkd::distill::distill_backward_cuda);
   m.impl("distill_backward_", &dpkd::distill::distill_backward_inplace_cuda);
+  m.impl("distill_forward_grad", &dpkd::distill::distill_forward_grad_cuda);
+  m.impl("scale_unless_one_", &dpkd::distill::scale_unless_one_cuda);
 }
 #endif

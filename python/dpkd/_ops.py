@@ -33,6 +33,19 @@ def _distill_backward_inplace_fake(grad_loss, student, teacher, labels, row_stat
     return student
 
 
+@torch.library.register_fake("dpkd::distill_forward_grad")
+def _distill_forward_grad_fake(student, teacher, labels, grad_weight, divergence, beta, alpha, temperature,
+                               teacher_mix, standardize, hard_label_weight, ignore_index):
+    n = student.shape[0]
+    f32 = dict(dtype=torch.float32, device=student.device)
+    return student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32), torch.empty_like(student)
+
+
+@torch.library.register_fake("dpkd::scale_unless_one_")
+def _scale_unless_one_fake(self, scale):
+    return self
+
+
 # The forward op's arguments after (student, teacher, labels) that the backward op takes too.
 _N_OPTIONS = 8
 
@@ -85,3 +98,34 @@ def distill(student, teacher, labels, divergence, beta, alpha, temperature, teac
                                                     teacher_mix, standardize, hard_label_weight, ignore_index,
                                                     inplace_backward)
     return loss, stats
+
+
+class _GradFromForward(torch.autograd.Function):
+    """A scalar loss whose gradient with respect to ``student`` the forward kernel already wrote: the
+    backward pass only scales it by the upstream gradient, on the device and only when that is not 1."""
+
+    @staticmethod
+    def forward(ctx, student, loss, grad):
+        ctx.grad = grad
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("this distillation loss's gradient was computed in its forward pass and is used up: "
+                               "backward through it once, or pass fuse_backward=False")
+        return torch.ops.dpkd.scale_unless_one_(grad, grad_output), None, None
+
+
+def distill_reduced(student, teacher, labels, grad_weight, reduce, divergence, beta, alpha, temperature, teacher_mix,
+                    standardize, hard_label_weight, ignore_index):
+    """(scalar loss, per-row loss, statistics) for 2-D logits, the student gradient of
+    sum_i grad_weight[i] * loss[i] computed by the forward kernel. ``reduce(per_row)`` forms the
+    scalar; it must equal that weighted sum."""
+    with torch.no_grad():
+        per_row, stats, grad = torch.ops.dpkd.distill_forward_grad(
+            student.detach(), teacher.detach(), labels, grad_weight, divergence, beta, alpha, temperature, teacher_mix,
+            standardize, hard_label_weight, ignore_index)
+        loss = reduce(per_row)
+    return _GradFromForward.apply(student, loss, grad), per_row, stats

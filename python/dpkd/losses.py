@@ -148,25 +148,34 @@ def _fused(
     ignore_index: int,
     inplace_backward: bool = False,
     teacher_grad: bool = False,
+    reduce_with: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported."""
+    """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported.
+
+    ``reduce_with=(row_weights, reduce)``: return ``reduce(per_token)`` instead, a scalar equal to
+    ``sum(row_weights * per_token)`` whose student gradient the forward kernel computes."""
     lead = student_logits.shape[:-1]
     s2 = student_logits.reshape(-1, student_logits.shape[-1])
     t2 = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     l1 = None if labels is None else labels.reshape(-1).to(torch.int64)
     if not teacher_grad:
         t2 = t2.detach()  # no gradient flows into the teacher unless asked for
-    loss, stats = _ops.distill(
-        s2, t2, l1, divergence, float(beta), float(alpha), float(temperature), float(teacher_mix),
-        bool(standardize), float(hard_label_weight), int(ignore_index), bool(inplace_backward),
-    )
+    options = (divergence, float(beta), float(alpha), float(temperature), float(teacher_mix), bool(standardize),
+               float(hard_label_weight), int(ignore_index))
+    if reduce_with is not None:
+        row_weights, reduce = reduce_with
+        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights.reshape(-1).float(),
+                                              lambda per_row: reduce(per_row.reshape(lead)), *options)
+    else:
+        loss, stats = _ops.distill(s2, t2, l1, *options, bool(inplace_backward))
+        loss = loss.reshape(lead)
     if not torch.compiler.is_compiling():
         # The kernels see NaN (and +inf) as NaN row statistics; name the culprit instead of returning NaN.
         for column, name in ((0, "student_logits"), (1, "teacher_logits")):
             if torch.isnan(stats[:, column]).any():
                 row = int(torch.isnan(stats[:, column]).nonzero()[0, 0])
                 raise ValueError(f"{name} contains NaN or +inf (first in flattened row {row})")
-    return loss.reshape(lead), stats.reshape(*lead, 5)
+    return loss, stats.reshape(*lead, 5)
 
 
 def valid_tokens(labels: torch.Tensor | None, mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:
@@ -194,6 +203,22 @@ def _reduce(per_token: torch.Tensor, valid: torch.Tensor | None, weights: torch.
     return total / count.clamp(min=1)
 
 
+def _reduction_weights(shape: torch.Size, valid: torch.Tensor | None, weights: torch.Tensor | None,
+                       reduction: str, device: torch.device) -> torch.Tensor:
+    """d _reduce(per_token, valid, weights, reduction) / d per_token, for reductions to a scalar."""
+    w = torch.ones(shape, dtype=torch.float32, device=device)
+    if weights is not None:
+        w = w * weights.float()
+    if valid is not None:
+        w = torch.where(valid, w, torch.zeros((), dtype=w.dtype, device=device))
+    if reduction == "mean":
+        count = valid.sum() if valid is not None else torch.tensor(w.numel(), device=device)
+        w = w / count.clamp(min=1)
+    elif reduction == "batchmean":
+        w = w / max(shape[0] if len(shape) else 1, 1)
+    return w
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -215,6 +240,7 @@ def distill_loss(
     select: Selection | Callable[[TokenStats, torch.Tensor | None], Selection] | None = None,
     inplace_backward: bool = False,
     teacher_grad: bool = False,
+    fuse_backward: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Token-level distillation loss between student and teacher logits.
 
@@ -247,6 +273,10 @@ def distill_loss(
             loss or are inspected after ``backward()``. Needs row-contiguous logits.
         teacher_grad: let the gradient flow into ``teacher_logits`` too (self-distillation, where teacher and
             student share weights). Off by default: the teacher is detached.
+        fuse_backward: where the loss reduces to a scalar (``sum``, ``mean``, ``batchmean``) without
+            ``select``, ``teacher_grad`` or ``inplace_backward``, compute the student gradient in the forward
+            kernel: on a Hopper GPU, forward and backward then read the logits once. The [N, V] gradient is
+            held from the forward to the backward pass, and the loss can be backpropagated through once.
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
@@ -254,15 +284,24 @@ def distill_loss(
     if inplace_backward and (student_logits.is_leaf or student_logits.stride(-1) != 1):
         raise ValueError("inplace_backward needs student_logits computed by the model (a non-leaf tensor) with "
                          "contiguous rows: a leaf's storage would become its own gradient")
+    valid = valid_tokens(labels, mask, ignore_index)
+    t2 = temperature * temperature if scale_by_temperature_squared else 1.0
+    reduce_with = None
+    if (fuse_backward and reduction != "none" and select is None and not teacher_grad and not inplace_backward
+            and student_logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        row_weights = _reduction_weights(student_logits.shape[:-1], valid, weights, reduction, student_logits.device)
+        reduce_with = (row_weights * t2, lambda per_token: _reduce(per_token * t2, valid, weights, reduction))
     per_token, stats = _fused(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
         temperature=temperature, teacher_mix=1.0, standardize=standardize, hard_label_weight=hard_label_weight,
         ignore_index=ignore_index, inplace_backward=inplace_backward, teacher_grad=teacher_grad,
+        reduce_with=reduce_with,
     )
-    if scale_by_temperature_squared and temperature != 1.0:
-        per_token = per_token * (temperature * temperature)
-    valid = valid_tokens(labels, mask, ignore_index)
     token_stats_ = TokenStats(*stats.unbind(-1))
+    if reduce_with is not None:
+        return (per_token, token_stats_) if return_stats else per_token
+    if t2 != 1.0:
+        per_token = per_token * t2
     if select is not None:
         chosen = select if not callable(select) else select(token_stats_, valid)
         if tuple(chosen.values.shape) != tuple(per_token.shape):

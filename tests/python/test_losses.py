@@ -357,3 +357,38 @@ def test_teacher_gradient_for_self_distillation(div):
     t.grad = None
     dpkd.distill_loss(s, t, **kw).backward()
     assert t.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_gradient_from_forward_equals_separate_backward(reduction):
+    """fuse_backward (gradient written by the forward op, scaled by the upstream gradient) against the
+    separate backward op, with labels, a mask, weights, hard labels and T^2 scaling."""
+    s, t = logits(2 * 5, 301, seed=11), logits(2 * 5, 301, seed=12)
+    s, t = s.reshape(2, 5, 301), t.reshape(2, 5, 301)
+    labels = torch.randint(0, 301, (2, 5), generator=torch.Generator().manual_seed(0))
+    labels[0, 1] = -100
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3] = False
+    weights = torch.rand(2, 5, generator=torch.Generator().manual_seed(1))
+    kw = dict(divergence="skew_kl", labels=labels, mask=mask, weights=weights, reduction=reduction, temperature=1.5,
+              hard_label_weight=0.2, scale_by_temperature_squared=True)
+    results = []
+    for fuse in (False, True):
+        sd = s.clone().requires_grad_(True)
+        loss = dpkd.distill_loss(sd, t, fuse_backward=fuse, **kw)
+        (loss * 0.37).backward()
+        results.append((loss.detach(), sd.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)
+    assert results[1][1][0, 1].abs().max() == 0 and results[1][1][1, 3].abs().max() == 0
+
+
+def test_gradient_from_forward_is_used_once_and_skipped_without_grad():
+    s, t = logits(4, 50, seed=1), logits(4, 50, seed=2)
+    sd = s.clone().requires_grad_(True)
+    loss = dpkd.generalized_jsd(sd, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="used up"):
+        loss.backward()
+    with torch.no_grad():
+        assert dpkd.generalized_jsd(sd, t).grad_fn is None

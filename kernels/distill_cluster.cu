@@ -1,0 +1,253 @@
+// The forward pass as one Hopper thread-block cluster per row (sm_90): the row is split across the
+// cluster's blocks, each block keeps its slice of both models' logits in shared memory (64 KB), and the
+// two row reductions (log-sum-exps, then divergence and <q, g>) go through distributed shared memory. Each
+// logit is read from memory once, where the one-block-per-row kernel reads it twice; given a gradient
+// buffer, the same kernel also writes the gradient, so forward and backward together cost one read of
+// both models' logits and one write of the gradient.
+//
+// Taken when the device is sm_90 or newer, without standardization, with equal vocabularies of at most
+// kMaxCluster * 256 * 128 bytes per model and 16-byte aligned rows; distill_kernels.cu handles the rest.
+#include <cooperative_groups.h>
+#include <cub/block/block_reduce.cuh>
+
+#include <stdexcept>
+#include <string>
+
+#include "distill_cuda.h"
+#include "distill_device.cuh"
+
+namespace dpkd::distill::cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kClusterThreads = 256;
+constexpr int kPacksPerThread = 8;  // 128 bytes of each model's logits per thread, cached in shared memory
+constexpr int kMaxCluster = 16;     // a non-portable cluster size, which Hopper allows
+
+struct Pass1 {
+  MaxSum s, t, raw;
+  float bad_s, bad_t;
+};
+__device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
+  return {merge(a.s, b.s), merge(a.t, b.t), merge(a.raw, b.raw), a.bad_s + b.bad_s, a.bad_t + b.bad_t};
+}
+struct MergePass1 {
+  __device__ __forceinline__ Pass1 operator()(const Pass1& a, const Pass1& b) const { return merge(a, b); }
+};
+
+// Divergence D is a template parameter: the per-element loops then hold one objective's code, not a
+// six-way switch per element.
+template <class T, Divergence D>
+__global__ void __launch_bounds__(kClusterThreads)
+    cluster_kernel(const T* student, int64_t s_stride, const T* teacher, int64_t t_stride, int64_t v,
+                   const int64_t* labels, RowOptions o, bool raw_needed, float* loss, float* stats, float* state,
+                   const float* grad_weight, T* grad, int64_t g_stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int P = Pack<T>::kSize, K = kPacksPerThread;
+  using Math = MathFor<T>;
+  using Reduce1 = cub::BlockReduce<Pass1, kClusterThreads>;
+  using Reduce2 = cub::BlockReduce<Sum4, kClusterThreads>;
+  __shared__ union {
+    typename Reduce1::TempStorage r1;
+    typename Reduce2::TempStorage r2;
+  } temp;
+  __shared__ Pass1 block1, row1;  // this block's partial (read by the whole cluster), and the row's
+  __shared__ Sum4 block2, row2;
+  // The block's slice of both rows, raw, -inf past the vocabulary: read from memory once, then reused.
+  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  Pack<T>* s_cache = reinterpret_cast<Pack<T>*>(cache_bytes);
+  Pack<T>* t_cache = s_cache + K * kClusterThreads;
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), size = cluster.num_blocks();
+  const int64_t i = blockIdx.x / size;
+  const T* s_row = student + i * s_stride;
+  const T* t_row = teacher + i * t_stride;
+  const int64_t base = static_cast<int64_t>(rank) * kClusterThreads * K * P;
+  auto index = [&](int k) { return base + (static_cast<int64_t>(k) * kClusterThreads + threadIdx.x) * P; };
+  const float scale = 1.f / o.temperature, mix = o.teacher_mix;
+
+  // Load, and the thread's maxima on the way.
+  float max_x = -INFINITY, max_y = -INFINITY, max_raw = -INFINITY, bad_s = 0.f, bad_t = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j0 = index(k);
+    Pack<T> ps, pt;
+    if (j0 + P <= v) {
+      ps = *reinterpret_cast<const Pack<T>*>(s_row + j0);
+      pt = *reinterpret_cast<const Pack<T>*>(t_row + j0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        ps.v[e] = j0 + e < v ? s_row[j0 + e] : from_float<T>(-INFINITY);
+        pt.v[e] = j0 + e < v ? t_row[j0 + e] : from_float<T>(-INFINITY);
+      }
+    }
+    s_cache[k * kClusterThreads + threadIdx.x] = ps;
+    t_cache[k * kClusterThreads + threadIdx.x] = pt;
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      const float zs = to_float(ps.v[e]), zt = mix_teacher(mix, to_float(pt.v[e]), zs);
+      max_x = fmaxf(max_x, zs * scale);
+      max_y = fmaxf(max_y, zt * scale);
+      max_raw = fmaxf(max_raw, zs);
+      bad_s += !(zs < INFINITY);
+      bad_t += !(zt < INFINITY);
+    }
+  }
+  // Each thread reads back only what it wrote: no barrier needed before these loops.
+  auto for_each = [&](auto&& f) {
+    for (int k = 0; k < K; ++k) {
+      const Pack<T> ps = s_cache[k * kClusterThreads + threadIdx.x], pt = t_cache[k * kClusterThreads + threadIdx.x];
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float zs = to_float(ps.v[e]);
+        f(zs, mix_teacher(mix, to_float(pt.v[e]), zs));
+      }
+    }
+  };
+
+  // Pass 1: the log-sum-exps (and the raw student's, for the hard-label term); NaN or +inf flagged.
+  Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, bad_s, bad_t};
+  for_each([&](float zs, float zt) {
+    if (max_x != -INFINITY) p1.s.sum += Math::exp(zs * scale - max_x);
+    if (max_y != -INFINITY) p1.t.sum += Math::exp(zt * scale - max_y);
+    if (raw_needed && max_raw != -INFINITY) p1.raw.sum += Math::exp(zs - max_raw);
+  });
+  p1 = Reduce1(temp.r1).Reduce(p1, MergePass1());
+  if (threadIdx.x == 0) block1 = p1;
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    Pass1 r = *cluster.map_shared_rank(&block1, 0);
+    for (unsigned b = 1; b < size; ++b) r = merge(r, *cluster.map_shared_rank(&block1, b));
+    row1 = r;
+  }
+  __syncthreads();
+  const Pass1 r1 = row1;
+  const float log_sum_s = logf(r1.s.sum), log_sum_t = logf(r1.t.sum);
+  RowContext ctx{D, o.objective, r1.s.max, log_sum_s, r1.t.max, log_sum_t,
+                 (r1.s.max + log_sum_s) - (r1.t.max + log_sum_t), 0.f};
+
+  // Pass 2: divergence, <q, g>, sum q x, sum p y.
+  Sum4 part{0.f, 0.f, 0.f, 0.f};
+  for_each([&](float zs, float zt) { accumulate_terms<Math>(part, ctx, zs * scale, zt * scale); });
+  part = Reduce2(temp.r2).Reduce(part, AddSum4());
+  if (threadIdx.x == 0) block2 = part;
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    // Every block merges in rank order, so all see the same <q, g>.
+    Sum4 r = *cluster.map_shared_rank(&block2, 0);
+    for (unsigned b = 1; b < size; ++b) r = r + *cluster.map_shared_rank(&block2, b);
+    row2 = r;
+  }
+  cluster.sync();  // the cluster's shared-memory reads are done before any block moves on or exits
+  const Sum4 total = row2;
+  ctx.qg = total.b;
+  const bool has_label = labels != nullptr && labels[i] != o.ignore_index;
+  const int64_t label = has_label ? labels[i] : -1;
+  const float raw_max = raw_needed ? r1.raw.max : r1.s.max;
+  const float raw_log_sum = raw_needed ? logf(r1.raw.sum) : log_sum_s;
+  if (rank == 0 && threadIdx.x == 0) {
+    RowSummary r{ctx, total, r1.bad_s > 0.f, r1.bad_t > 0.f, 0.f, scale, 0.f, scale, 0.f, static_cast<float>(v),
+                 raw_max, raw_log_sum};
+    if (has_label) {
+      r.student_label_logit = to_float(s_row[label]);
+      r.teacher_label_logit = mix_teacher(mix, to_float(t_row[label]), r.student_label_logit);
+    }
+    write_row(r, i, labels != nullptr, has_label, o, loss, stats, state);
+  }
+  if (grad == nullptr) return;
+
+  // The gradient of grad_weight[i] * loss[i], from the cache.
+  const float gl = grad_weight[i];
+  const bool zero = gl == 0.f || (labels != nullptr && !has_label);
+  const float w = has_label ? o.hard_label_weight : 0.f;
+  const float a = (1.f - w) * gl, b = w * gl;
+  T* out = grad + i * g_stride;
+  for (int k = 0; k < K; ++k) {
+    const int64_t j0 = index(k);
+    const Pack<T> ps = s_cache[k * kClusterThreads + threadIdx.x], pt = t_cache[k * kClusterThreads + threadIdx.x];
+    Pack<T> po;
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      const float zs = to_float(ps.v[e]), zt = mix_teacher(mix, to_float(pt.v[e]), zs);
+      po.v[e] = from_float<T>(zero ? 0.f
+                                   : raw_grad<Math>(ctx, zs * scale, zt * scale, zs, a, b, scale, raw_max, raw_log_sum,
+                                              j0 + e == label));
+    }
+    if (j0 + P <= v) {
+      store_pack(out + j0, po);
+    } else {
+#pragma unroll
+      for (int e = 0; e < P; ++e)
+        if (j0 + e < v) out[j0 + e] = po.v[e];
+    }
+  }
+#else
+  __trap();  // the host launches this kernel only on sm_90 and newer
+#endif
+}
+
+}  // namespace
+
+bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t student_vocab, int64_t student_stride,
+                     const void* teacher, int64_t teacher_vocab, int64_t teacher_stride, const int64_t* labels,
+                     const RowOptions& options, float* loss, float* stats, float* row_state, const float* grad_weight,
+                     void* grad, int64_t grad_stride, cudaStream_t stream) {
+  if (options.standardize || student_vocab != teacher_vocab) return false;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9)
+    return false;
+  bool launched = false;
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int P = Pack<T>::kSize;
+    const int64_t per_block = static_cast<int64_t>(kClusterThreads) * kPacksPerThread * P;
+    const int64_t size = (student_vocab + per_block - 1) / per_block;
+    if (size < 1 || size > kMaxCluster || n_rows * size > INT32_MAX) return;
+    if (!packs_aligned<T>(student, student_stride) || !packs_aligned<T>(teacher, teacher_stride)) return;
+    if (grad != nullptr && !packs_aligned<T>(grad, grad_stride)) return;
+    const Divergence d = effective_divergence(options.objective);
+    auto kernel = d == Divergence::kForwardKL       ? cluster_kernel<T, Divergence::kForwardKL>
+                  : d == Divergence::kReverseKL     ? cluster_kernel<T, Divergence::kReverseKL>
+                  : d == Divergence::kJSD           ? cluster_kernel<T, Divergence::kJSD>
+                  : d == Divergence::kSkewKL        ? cluster_kernel<T, Divergence::kSkewKL>
+                  : d == Divergence::kSkewReverseKL ? cluster_kernel<T, Divergence::kSkewReverseKL>
+                                                    : cluster_kernel<T, Divergence::kTVD>;
+    const int smem = 2 * kPacksPerThread * kClusterThreads * 16;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
+        (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+      (void)cudaGetLastError();
+      return;
+    }
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(n_rows * size));
+    config.blockDim = dim3(kClusterThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned>(size);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    const bool raw_needed = labels != nullptr && options.hard_label_weight > 0.f && options.temperature != 1.f;
+    const cudaError_t err =
+        cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(student), student_stride,
+                           static_cast<const T*>(teacher), teacher_stride, student_vocab, labels, options, raw_needed,
+                           loss, stats, row_state, grad_weight, static_cast<T*>(grad), grad_stride);
+    if (err != cudaSuccess) throw std::runtime_error(std::string("dpkd cluster forward kernel: ") + cudaGetErrorString(err));
+    launched = true;
+  };
+  switch (dtype) {
+    case DType::kFloat32: launch(float{}); break;
+    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
+    case DType::kFloat16: launch(__half{}); break;
+  }
+  return launched;
+}
+
+}  // namespace dpkd::distill::cuda

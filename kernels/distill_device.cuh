@@ -1,0 +1,204 @@
+// Device-side pieces shared by the distillation kernels (distill_kernels.cu: one block per row, any
+// layout; distill_cluster.cu: one Hopper thread-block cluster per row, the row held in registers):
+// dtype conversion, 16-byte packs, log-sum-exp merging, and the per-element forward and gradient terms
+// on top of row_math.h.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "distill/row_math.h"
+
+namespace dpkd::distill::cuda {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <class T> __device__ __forceinline__ T from_float(float f);
+template <> __device__ __forceinline__ float from_float<float>(float f) { return f; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float f) { return __float2bfloat16(f); }
+template <> __device__ __forceinline__ __half from_float<__half>(float f) { return __float2half(f); }
+
+// 16 bytes of logits: one vector load or store.
+template <class T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// One 16-byte store to global memory (written out: the compiler splits a store of an assembled pack).
+template <class T>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T>& p) {
+  uint32_t w[4];
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) memcpy(&w[k], &p.v[k], 4);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      uint16_t lo, hi;
+      memcpy(&lo, &p.v[2 * k], 2);
+      memcpy(&hi, &p.v[2 * k + 1], 2);
+      w[k] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+    }
+  }
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+}
+
+// Rows that can be read and written as whole packs: 16-byte aligned base and a row stride of whole packs.
+template <class T>
+inline bool packs_aligned(const void* p, int64_t stride) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % Pack<T>::kSize == 0;
+}
+
+// 16-bit logits carry 3 significant digits: the hardware exp2/log2 approximations (relative error near
+// 1e-7, growing to ~1e-6 for |x| ~ 50) are far below that and cut the per-element instruction count,
+// which bounds these kernels, about in half. fp32 logits keep the accurate library functions.
+struct FastMath : ScalarMath {
+  static __device__ __forceinline__ float exp(float x) { return __expf(x); }
+  static __device__ __forceinline__ float log1p(float x) {
+    const float u = 1.f + x;  // log(u) * x / (u - 1) corrects for the rounding of 1 + x
+    return u == 1.f ? x : __logf(u) * __fdividef(x, u - 1.f);
+  }
+};
+template <class T>
+using MathFor = std::conditional_t<std::is_same_v<T, float>, ScalarMath, FastMath>;
+
+// A running (max, sum of exp(x - max)) pair and its merge: the log-sum-exp as a reduction.
+struct MaxSum {
+  float max;
+  float sum;
+};
+__device__ __forceinline__ MaxSum merge(const MaxSum& a, const MaxSum& b) {
+  if (a.max == -INFINITY) return b;
+  if (b.max == -INFINITY) return a;
+  const float m = fmaxf(a.max, b.max);
+  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+struct MergeMaxSum {
+  __device__ __forceinline__ MaxSum operator()(const MaxSum& a, const MaxSum& b) const { return merge(a, b); }
+};
+template <class M>
+__device__ __forceinline__ void add(MaxSum& acc, float x) {
+  if (x == -INFINITY) return;
+  if (x > acc.max) {
+    acc.sum = acc.sum * M::exp(acc.max - x) + 1.f;
+    acc.max = x;
+  } else {
+    acc.sum += M::exp(x - acc.max);
+  }
+}
+
+struct Sum4 {
+  float a, b, c, d;
+};
+__device__ __forceinline__ Sum4 operator+(const Sum4& x, const Sum4& y) {
+  return {x.a + y.a, x.b + y.b, x.c + y.c, x.d + y.d};
+}
+struct AddSum4 {
+  __device__ __forceinline__ Sum4 operator()(const Sum4& x, const Sum4& y) const { return x + y; }
+};
+
+template <class M>
+__device__ __forceinline__ float prob(float x, float max, float log_sum) {
+  return x == -INFINITY ? 0.f : M::exp((x - max) - log_sum);
+}
+
+// A row's log-sum-exps and objective once the first pass is done: everything the per-element terms need.
+struct RowContext {
+  Divergence d;
+  ObjectiveParams objective;
+  float max_s, log_sum_s, max_t, log_sum_t;
+  float c;   // lse_s - lse_t
+  float qg;  // <q, g>, known after the second pass
+};
+
+// One entry's contribution to (divergence, <q, g>, sum q x, sum p y), for transformed logits x and y.
+template <class M>
+__device__ __forceinline__ void accumulate_terms(Sum4& part, const RowContext& r, float x, float y) {
+  const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
+  if (q == 0.f && p == 0.f) return;
+  const ElementTerms<float> e = element_terms<M>(r.d, r.objective, q, p, y - x, r.c);
+  part.a += e.loss;
+  if (q > 0.f) {
+    part.b += q * e.g;
+    part.c += q * x;
+  }
+  if (p > 0.f) part.d += p * y;
+}
+
+// d divergence / d x for one entry.
+template <class M>
+__device__ __forceinline__ float divergence_grad(const RowContext& r, float x, float y) {
+  const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
+  if (q == 0.f && p == 0.f) return 0.f;
+  const ElementTerms<float> e = element_terms<M>(r.d, r.objective, q, p, y - x, r.c);
+  return element_grad<M>(r.d, q, p, e.g, r.qg);
+}
+
+// TAID: the teacher's logits become mix z_t + (1 - mix) z_s.
+__device__ __forceinline__ float mix_teacher(float mix, float zt, float zs) {
+  return mix == 1.f ? zt : (mix == 0.f ? zs : mix * zt + (1.f - mix) * zs);
+}
+
+// Everything a finished row writes: its loss, statistics and the state the backward pass reads.
+struct RowSummary {
+  RowContext ctx;
+  Sum4 total;  // (divergence, <q, g>, sum q x, sum p y)
+  bool bad_s, bad_t;
+  float mean_s, scale_s, mean_t, scale_t, std_s, count_s, raw_max, raw_log_sum;
+  float student_label_logit = 0.f, teacher_label_logit = 0.f;  // raw (teacher: after TAID mixing)
+};
+
+__device__ inline void write_row(const RowSummary& r, int64_t i, bool has_labels, bool has_label,
+                                 const RowOptions& o, float* loss, float* stats, float* state) {
+  const float nan = __int_as_float(0x7fc00000);
+  const float lse_s = r.ctx.max_s + r.ctx.log_sum_s, lse_t = r.ctx.max_t + r.ctx.log_sum_t;
+  float* st = stats + i * kNumStats;
+  st[kStudentEntropy] = r.bad_s ? nan : lse_s - r.total.c;
+  st[kTeacherEntropy] = r.bad_t ? nan : lse_t - r.total.d;
+  st[kDivergence] = r.total.a;
+  if (has_label) {
+    st[kStudentLabelLogprob] = (r.student_label_logit - r.mean_s) * r.scale_s - lse_s;
+    st[kTeacherLabelLogprob] = (r.teacher_label_logit - r.mean_t) * r.scale_t - lse_t;
+    const float ce = (r.raw_max + r.raw_log_sum) - r.student_label_logit;
+    loss[i] = o.hard_label_weight > 0.f ? (1.f - o.hard_label_weight) * r.total.a + o.hard_label_weight * ce
+                                        : r.total.a;
+  } else {
+    st[kStudentLabelLogprob] = nan;
+    st[kTeacherLabelLogprob] = nan;
+    loss[i] = has_labels ? 0.f : r.total.a;
+  }
+  float* rs = state + i * kRowState;
+  for (int k = 0; k < kRowState; ++k) rs[k] = 0.f;
+  rs[kMaxS] = r.ctx.max_s;
+  rs[kLogSumS] = r.ctx.log_sum_s;
+  rs[kMaxT] = r.ctx.max_t;
+  rs[kLogSumT] = r.ctx.log_sum_t;
+  rs[kQG] = r.total.b;
+  rs[kMeanS] = r.mean_s;
+  rs[kScaleS] = r.scale_s;
+  rs[kMeanT] = r.mean_t;
+  rs[kScaleT] = r.scale_t;
+  rs[kStdS] = r.std_s;
+  rs[kCountS] = r.count_s;
+  rs[kRawMax] = r.raw_max;
+  rs[kRawLogSum] = r.raw_log_sum;
+}
+
+// The gradient of a row's loss with respect to one raw student logit zs (no standardization): the
+// divergence part scaled by a = (1 - w) dL and the hard-label part by b = w dL.
+template <class M>
+__device__ __forceinline__ float raw_grad(const RowContext& r, float x, float y, float zs, float a, float b,
+                                          float scale_s, float raw_max, float raw_log_sum, bool is_label) {
+  if (zs == -INFINITY) return 0.f;
+  float gz = a * scale_s * divergence_grad<M>(r, x, y);
+  if (b != 0.f) gz += b * (prob<M>(zs, raw_max, raw_log_sum) - (is_label ? 1.f : 0.f));
+  return gz;
+}
+
+}  // namespace dpkd::distill::cuda
