@@ -2,7 +2,7 @@
 # One device-tool call: build dpkd with CUDA against the machine's torch, run the CUDA tests, then the
 # GPU benchmarks (objectives, selection, fused linear, DP-SGD). Each part is bounded so the whole call
 # fits the 10-minute command limit; pass part names to run only those: bash benchmarks/gpu.sh [build|test|
-# objectives|select|fused|dp|demo], comma-separated.
+# objectives|profile|select|fused|dp|demo], comma-separated.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
@@ -23,6 +23,7 @@ time python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>
 python3 -c "import dpkd; assert dpkd.with_cuda, 'dpkd was built without CUDA'; print('dpkd with CUDA')" || exit 1
 want test && timeout 240 python3 -m pytest -q -rf --tb=short tests/python/test_losses_cuda.py 2>&1 | tail -60
 want objectives && timeout 180 python3 benchmarks/bench_distill.py --device cuda --repeat 10
+want profile && for d in jsd forward_kl; do timeout 60 python3 benchmarks/profile_distill.py --divergence $d; done
 want select && timeout 60 python3 benchmarks/bench_select.py --device cuda
 want fused && timeout 120 python3 benchmarks/bench_fused_linear.py --device cuda --n 8192 --vocab 128256 --hs 2048 --ht 4096
 want dp && timeout 120 python3 benchmarks/bench_dpsgd.py --device cuda --layers 8 --hidden 512 --batch 32 --seq 256

@@ -32,12 +32,14 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sc
     return (softcap * t).to(z.dtype), 1 - t * t
 
 
-def _chunk_rows(vocab: int, device: torch.device, chunk_size: int | None) -> int:
+def _chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device, chunk_size: int | None) -> int:
     if chunk_size:
         return chunk_size
-    # Room for the two models' logits and the logits gradient in fp32, in 1/8 of the free memory.
+    # The two models' [chunk, V] logits and the logits gradient in at most 768 MiB (and 1/8 of the free
+    # memory): past ~1000 rows the matmuls gain little, while every row more costs memory.
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
-    return max(1, min(8192, free // 8 // (3 * 4 * max(vocab, 1))))
+    budget = min(free // 8, 768 << 20)
+    return max(1, min(8192, budget // (3 * torch.finfo(dtype).bits // 8 * max(vocab, 1))))
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -61,12 +63,11 @@ class _FusedLinearDistill(torch.autograd.Function):
             with torch.no_grad():
                 zt, _ = _logits(h_t[rows], w_t, b_t, t_scale, t_cap)
             lab = None if labels is None else labels[rows]
-            loss, st, state = torch.ops.dpkd.distill_forward(zs.detach(), zt, lab, divergence, beta, alpha, temperature,
-                                                             1.0, False, hard_label_weight, ignore_index)
+            # The chunk's losses and the gradient of sum(row_scale * loss) in one op (one read of the logits).
+            loss, st, g = torch.ops.dpkd.distill_forward_grad(zs.detach(), zt, lab, row_scale[rows].float().contiguous(),
+                                                              divergence, beta, alpha, temperature, 1.0, False,
+                                                              hard_label_weight, ignore_index)
             per_token[rows], stats[rows] = loss, st
-            g = torch.ops.dpkd.distill_backward(row_scale[rows].float().contiguous(), zs.detach(), zt, lab, state,
-                                                divergence, beta, alpha, temperature, 1.0, False, hard_label_weight,
-                                                ignore_index)
             if cap_grad is not None:
                 g = (g.float() * cap_grad).to(g.dtype)
             if s_scale != 1.0:
@@ -123,7 +124,7 @@ def fused_linear_distill_loss(
         teacher_hidden: [N, H_t] or [B, T, H_t]; teacher_weight [V_t, H_t]. The teacher gets no gradient.
         reduction: ``sum``, ``mean`` (over valid tokens) or ``batchmean``; ``none`` is not available here.
         student_softcap / teacher_softcap: Gemma-style ``c tanh(z / c)`` after the logit scale.
-        chunk_size: tokens per chunk (default from free memory).
+        chunk_size: tokens per chunk (default: [chunk, V] logits and gradient within 768 MiB and 1/8 of free memory).
         fp32_weight_grad: accumulate the head-weight gradient in fp32 (default: on for 16-bit weights).
         return_stats: also return :class:`dpkd.TokenStats` (NaN for tokens that carry no loss).
     Example with Hugging Face models::
@@ -170,7 +171,7 @@ def fused_linear_distill_loss(
         row_scale = row_scale / max(lead[0] if lead else 1, 1)
     if fp32_weight_grad is None:
         fp32_weight_grad = student_weight.dtype in (torch.bfloat16, torch.float16)
-    chunk = _chunk_rows(student_weight.shape[0], h_s.device, chunk_size)
+    chunk = _chunk_rows(student_weight.shape[0], student_weight.dtype, h_s.device, chunk_size)
     opts = (divergence, float(beta), float(alpha), float(temperature), float(hard_label_weight), int(ignore_index),
             float(student_logit_scale), student_softcap, float(teacher_logit_scale), teacher_softcap, chunk,
             bool(fp32_weight_grad))
