@@ -25,12 +25,29 @@ constexpr int kClusterThreads = 256;
 constexpr int kPacksPerThread = 8;  // 128 bytes of each model's logits per thread, cached in shared memory
 constexpr int kMaxCluster = 16;     // a non-portable cluster size, which Hopper allows
 
+// The first pass's row state. For the two KLs it also carries sums weighted like the log-sum-exps' (in
+// units of exp(x - s.max) and exp(y - t.max)), which give the loss, <q, g> and the entropies in the same
+// pass: the KLs need no second pass.
 struct Pass1 {
   MaxSum s, t, raw;
+  float s_x, s_xy;  // sum exp(x - s.max) x, sum exp(x - s.max) (x - y)
+  float t_y, t_yx;  // sum exp(y - t.max) y, sum exp(y - t.max) (y - x)
   float bad_s, bad_t;
 };
+__device__ __forceinline__ float rescale(float max, float to) { return max == -INFINITY ? 0.f : expf(max - to); }
 __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
-  return {merge(a.s, b.s), merge(a.t, b.t), merge(a.raw, b.raw), a.bad_s + b.bad_s, a.bad_t + b.bad_t};
+  const float ms = fmaxf(a.s.max, b.s.max), mt = fmaxf(a.t.max, b.t.max);
+  const float as = rescale(a.s.max, ms), bs = rescale(b.s.max, ms), at = rescale(a.t.max, mt),
+              bt = rescale(b.t.max, mt);
+  return {{ms, a.s.sum * as + b.s.sum * bs},
+          {mt, a.t.sum * at + b.t.sum * bt},
+          merge(a.raw, b.raw),
+          a.s_x * as + b.s_x * bs,
+          a.s_xy * as + b.s_xy * bs,
+          a.t_y * at + b.t_y * bt,
+          a.t_yx * at + b.t_yx * bt,
+          a.bad_s + b.bad_s,
+          a.bad_t + b.bad_t};
 }
 struct MergePass1 {
   __device__ __forceinline__ Pass1 operator()(const Pass1& a, const Pass1& b) const { return merge(a, b); }
@@ -109,10 +126,26 @@ __global__ void __launch_bounds__(kClusterThreads)
   };
 
   // Pass 1: the log-sum-exps (and the raw student's, for the hard-label term); NaN or +inf flagged.
-  Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, bad_s, bad_t};
+  constexpr bool kl = D == Divergence::kForwardKL || D == Divergence::kReverseKL;
+  Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, 0.f, 0.f, 0.f, 0.f, bad_s, bad_t};
   for_each([&](float zs, float zt) {
-    if (max_x != -INFINITY) p1.s.sum += Math::exp(zs * scale - max_x);
-    if (max_y != -INFINITY) p1.t.sum += Math::exp(zt * scale - max_y);
+    const float x = zs * scale, y = zt * scale;
+    if (max_x != -INFINITY) {
+      const float e = Math::exp(x - max_x);
+      p1.s.sum += e;
+      if (kl && x > -INFINITY) {
+        p1.s_x += e * x;
+        p1.s_xy += e * (x - y);
+      }
+    }
+    if (max_y != -INFINITY) {
+      const float e = Math::exp(y - max_y);
+      p1.t.sum += e;
+      if (kl && y > -INFINITY) {
+        p1.t_y += e * y;
+        p1.t_yx += e * (y - x);
+      }
+    }
     if (raw_needed && max_raw != -INFINITY) p1.raw.sum += Math::exp(zs - max_raw);
   });
   p1 = Reduce1(temp.r1).Reduce(p1, MergePass1());
@@ -129,20 +162,30 @@ __global__ void __launch_bounds__(kClusterThreads)
   RowContext ctx{D, o.objective, r1.s.max, log_sum_s, r1.t.max, log_sum_t,
                  (r1.s.max + log_sum_s) - (r1.t.max + log_sum_t), 0.f};
 
-  // Pass 2: divergence, <q, g>, sum q x, sum p y.
-  Sum4 part{0.f, 0.f, 0.f, 0.f};
-  for_each([&](float zs, float zt) { accumulate_terms<Math>(part, ctx, zs * scale, zt * scale); });
-  part = Reduce2(temp.r2).Reduce(part, AddSum4());
-  if (threadIdx.x == 0) block2 = part;
-  cluster.sync();
-  if (threadIdx.x == 0) {
-    // Every block merges in rank order, so all see the same <q, g>.
-    Sum4 r = *cluster.map_shared_rank(&block2, 0);
-    for (unsigned b = 1; b < size; ++b) r = r + *cluster.map_shared_rank(&block2, b);
-    row2 = r;
+  // (divergence, <q, g>, sum q x, sum p y): for the KLs from the first pass (reverse KL: g = x - y), else
+  // from a second pass.
+  Sum4 total;
+  if constexpr (kl) {
+    cluster.sync();  // the cluster's shared-memory reads are done before any block moves on or exits
+    const float s_mean = r1.s.sum > 0.f ? 1.f / r1.s.sum : 0.f, t_mean = r1.t.sum > 0.f ? 1.f / r1.t.sum : 0.f;
+    const float sum_qd = r1.s_xy * s_mean;
+    total = {D == Divergence::kForwardKL ? r1.t_yx * t_mean + ctx.c : sum_qd - ctx.c,
+             D == Divergence::kReverseKL ? sum_qd : 0.f, r1.s_x * s_mean, r1.t_y * t_mean};
+  } else {
+    Sum4 part{0.f, 0.f, 0.f, 0.f};
+    for_each([&](float zs, float zt) { accumulate_terms<Math>(part, ctx, zs * scale, zt * scale); });
+    part = Reduce2(temp.r2).Reduce(part, AddSum4());
+    if (threadIdx.x == 0) block2 = part;
+    cluster.sync();
+    if (threadIdx.x == 0) {
+      // Every block merges in rank order, so all see the same <q, g>.
+      Sum4 r = *cluster.map_shared_rank(&block2, 0);
+      for (unsigned b = 1; b < size; ++b) r = r + *cluster.map_shared_rank(&block2, b);
+      row2 = r;
+    }
+    cluster.sync();  // the cluster's shared-memory reads are done before any block moves on or exits
+    total = row2;
   }
-  cluster.sync();  // the cluster's shared-memory reads are done before any block moves on or exits
-  const Sum4 total = row2;
   ctx.qg = total.b;
   const bool has_label = labels != nullptr && labels[i] != o.ignore_index;
   const int64_t label = has_label ? labels[i] : -1;

@@ -42,6 +42,18 @@ def _chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device, chunk_size
     return max(1, min(8192, budget // (3 * torch.finfo(dtype).bits // 8 * max(vocab, 1))))
 
 
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b. With an fp32 ``acc`` and 16-bit factors on CUDA, cuBLAS accumulates into ``acc`` in
+    place; elsewhere the product is formed and added (a [V, H] temporary per chunk)."""
+    if acc.dtype != a.dtype and acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):  # a torch without mixed-dtype addmm
+            pass
+    acc += (a @ b).to(acc.dtype)
+
+
 class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts):
@@ -75,7 +87,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[rows] = (g @ w_s).to(h_s.dtype)
             if grad_w is not None:
-                grad_w += (g.t() @ hs).to(acc)
+                _add_matmul(grad_w, g.t(), hs)
             if grad_b is not None:
                 grad_b += g.sum(0).to(acc)
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_s.dtype),
