@@ -32,7 +32,6 @@ struct Pass1 {
   MaxSum s, t, raw;
   float s_x, s_xy;  // sum exp(x - s.max) x, sum exp(x - s.max) (x - y)
   float t_y, t_yx;  // sum exp(y - t.max) y, sum exp(y - t.max) (y - x)
-  float bad_s, bad_t;
 };
 __device__ __forceinline__ float rescale(float max, float to) { return max == -INFINITY ? 0.f : expf(max - to); }
 __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
@@ -45,10 +44,11 @@ __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
           a.s_x * as + b.s_x * bs,
           a.s_xy * as + b.s_xy * bs,
           a.t_y * at + b.t_y * bt,
-          a.t_yx * at + b.t_yx * bt,
-          a.bad_s + b.bad_s,
-          a.bad_t + b.bad_t};
+          a.t_yx * at + b.t_yx * bt};
 }
+// NaN or +inf in a row: its exp-sum is NaN (exp(NaN - m), or exp(inf - inf) at the +inf maximum).
+__device__ __forceinline__ bool bad(const MaxSum& m) { return isnan(m.sum) || m.max == INFINITY; }
+
 struct MergePass1 {
   __device__ __forceinline__ Pass1 operator()(const Pass1& a, const Pass1& b) const { return merge(a, b); }
 };
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kClusterThreads)
   const float scale = 1.f / o.temperature, mix = o.teacher_mix;
 
   // Load, and the thread's maxima on the way.
-  float max_x = -INFINITY, max_y = -INFINITY, max_raw = -INFINITY, bad_s = 0.f, bad_t = 0.f;
+  float max_x = -INFINITY, max_y = -INFINITY, max_raw = -INFINITY;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t j0 = index(k);
@@ -109,8 +109,6 @@ __global__ void __launch_bounds__(kClusterThreads)
       max_x = fmaxf(max_x, zs * scale);
       max_y = fmaxf(max_y, zt * scale);
       max_raw = fmaxf(max_raw, zs);
-      bad_s += !(zs < INFINITY);
-      bad_t += !(zt < INFINITY);
     }
   }
   // Each thread reads back only what it wrote: no barrier needed before these loops.
@@ -125,9 +123,9 @@ __global__ void __launch_bounds__(kClusterThreads)
     }
   };
 
-  // Pass 1: the log-sum-exps (and the raw student's, for the hard-label term); NaN or +inf flagged.
+  // Pass 1: the log-sum-exps (and the raw student's, for the hard-label term).
   constexpr bool kl = D == Divergence::kForwardKL || D == Divergence::kReverseKL;
-  Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, 0.f, 0.f, 0.f, 0.f, bad_s, bad_t};
+  Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, 0.f, 0.f, 0.f, 0.f};
   for_each([&](float zs, float zt) {
     const float x = zs * scale, y = zt * scale;
     if (max_x != -INFINITY) {
@@ -192,7 +190,7 @@ __global__ void __launch_bounds__(kClusterThreads)
   const float raw_max = raw_needed ? r1.raw.max : r1.s.max;
   const float raw_log_sum = raw_needed ? logf(r1.raw.sum) : log_sum_s;
   if (rank == 0 && threadIdx.x == 0) {
-    RowSummary r{ctx, total, r1.bad_s > 0.f, r1.bad_t > 0.f, 0.f, scale, 0.f, scale, 0.f, static_cast<float>(v),
+    RowSummary r{ctx, total, bad(r1.s), bad(r1.t), 0.f, scale, 0.f, scale, 0.f, static_cast<float>(v),
                  raw_max, raw_log_sum};
     if (has_label) {
       r.student_label_logit = to_float(s_row[label]);

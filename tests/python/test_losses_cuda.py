@@ -82,6 +82,13 @@ def test_cuda_extreme_logits_and_nan_report():
     s[2, 5] = float("nan")
     with pytest.raises(ValueError, match="student_logits"):
         dpkd.forward_kl(s.cuda(), t.cuda())
+    s[2, 5] = 0.0
+    for div in DIVS:  # V = 1000 takes the cluster kernel, V = 1001 the one-block-per-row one
+        for v in (1000, 1001):
+            bad_t = torch.nn.functional.pad(t, (0, v - 1000)).clone()
+            bad_t[1, 7] = float("inf")
+            with pytest.raises(ValueError, match="teacher_logits"):
+                dpkd.distill_loss(torch.nn.functional.pad(s, (0, v - 1000)).cuda(), bad_t.cuda(), divergence=div)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
