@@ -1,12 +1,15 @@
-"""One DP-SGD training step against a non-private step and Opacus (when importable), same model, data
-and batch, measured in one run.
+"""One DP-SGD training step against a non-private step and Opacus (hooks and ghost clipping, when
+importable), same model, data and batch, measured in one run.
 
     python benchmarks/bench_dpsgd.py                      # CPU: small LM-shaped model
-    python benchmarks/bench_dpsgd.py --device cuda --layers 8 --hidden 512 --batch 32 --seq 256
+    python benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256
+    python benchmarks/bench_dpsgd.py --device cuda --model gpt2 --layers 12 --hidden 768 --vocab 50257
 
-Model: token embedding -> n x [LayerNorm, MLP d -> 4d -> d with residual] -> LayerNorm -> head, a
-per-example token-mean cross entropy. Prints median step time and (CUDA) peak memory, as ratios to
-the non-private step.
+Models: ``mlp`` (token embedding -> n x [LayerNorm, MLP d -> 4d -> d with residual] -> LayerNorm ->
+head), or Hugging Face ``llama`` / ``gpt2`` causal LMs built from configs (no downloads); a per-example
+token-mean cross entropy. Prints median step time and (CUDA) the step's peak allocated memory, model and
+optimizer state included, as ratios to the non-private step. A peer that cannot run a model (Opacus has
+no per-sample rule for some HF modules) is reported as failed.
 """
 
 from __future__ import annotations
@@ -42,6 +45,34 @@ class LM(torch.nn.Module):
         return self.head(self.norm(self.blocks(self.emb(ids))))
 
 
+def make_model(kind: str, vocab: int, d: int, n_layers: int, seq: int) -> torch.nn.Module:
+    if kind == "mlp":
+        return LM(vocab, d, n_layers)
+    import transformers
+
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=int(8 * d / 3) // 64 * 64,
+                                          num_hidden_layers=n_layers, num_attention_heads=max(1, d // 64),
+                                          max_position_embeddings=seq, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=d, n_layer=n_layers, n_head=max(1, d // 64),
+                                         n_positions=seq)
+        model = transformers.GPT2LMHeadModel(config)
+
+    class Logits(torch.nn.Module):  # ids -> logits, like LM
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            # Per-example position ids: with HF's default [1, T] ids the position embedding's gradient is
+            # summed over the batch before any hook sees it, and dpkd refuses it.
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            return self.lm(input_ids=ids, position_ids=positions).logits
+    return Logits(model)
+
+
 def per_example_loss(logits, labels):
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
     return ce.mean(1)
@@ -50,6 +81,7 @@ def per_example_loss(logits, labels):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", choices=["mlp", "llama", "gpt2"], default="mlp")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=1000)
@@ -64,7 +96,7 @@ def main() -> None:
 
     def fresh():
         torch.manual_seed(0)
-        return LM(args.vocab, args.hidden, args.layers).to(dev).train()
+        return make_model(args.model, args.vocab, args.hidden, args.layers, args.seq).to(dev).train()
 
     def non_private():
         model = fresh()
@@ -87,10 +119,27 @@ def main() -> None:
             opt.step()
         return step
 
-    rows = [("non-private", *measure(non_private(), dev, args.repeat)),
-            ("dpkd", *measure(dpkd_step(), dev, args.repeat))]
+    rows = [("non-private", *measure(non_private(), dev, args.repeat, absolute=True)),
+            ("dpkd", *measure(dpkd_step(), dev, args.repeat, absolute=True))]
     try:
         import opacus
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        def opacus_ghost_step():
+            model = fresh()
+            gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, use_ghost_clipping=True)
+            opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=1e-3), noise_multiplier=1.0,
+                                                  max_grad_norm=1.0, expected_batch_size=args.batch)
+            criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss())
+
+            def step():
+                opt.zero_grad()
+                logits = gsm(ids)
+                criterion(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), shape=logits.shape).backward()
+                opt.step()
+            return step
 
         def opacus_step():
             model = fresh()
@@ -104,11 +153,15 @@ def main() -> None:
                 opt.step()
             return step
 
-        rows.append(("Opacus hooks", *measure(opacus_step(), dev, args.repeat)))
+        for name, make in (("Opacus hooks", opacus_step), ("Opacus ghost", opacus_ghost_step)):
+            try:
+                rows.append((name, *measure(make(), dev, args.repeat, absolute=True)))
+            except Exception as e:  # a peer failing (unsupported module, OOM) must not hide the others
+                print(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     except ImportError:
         pass
     base = rows[0][1]
-    print(f"{dev}: {args.layers} layers, d={args.hidden}, V={args.vocab}, B={args.batch}, T={args.seq}")
+    print(f"{dev}: {args.model}, {args.layers} layers, d={args.hidden}, V={args.vocab}, B={args.batch}, T={args.seq}")
     for name, ms, mb in rows:
         print(f"{name:<14} {ms:9.1f} ms  x{ms / base:5.2f}" + ("" if mb != mb else f"  peak {mb:8.0f} MB"))
 

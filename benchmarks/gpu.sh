@@ -26,5 +26,6 @@ want objectives && timeout 180 python3 benchmarks/bench_distill.py --device cuda
 want profile && for d in jsd forward_kl; do timeout 60 python3 benchmarks/profile_distill.py --divergence $d; done
 want select && timeout 60 python3 benchmarks/bench_select.py --device cuda
 want fused && timeout 120 python3 benchmarks/bench_fused_linear.py --device cuda --n 8192 --vocab 128256 --hs 2048 --ht 4096
-want dp && timeout 120 python3 benchmarks/bench_dpsgd.py --device cuda --layers 8 --hidden 512 --batch 32 --seq 256
+want dp && timeout 120 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256
+want dp && timeout 150 python3 benchmarks/bench_dpsgd.py --device cuda --model gpt2 --layers 12 --hidden 768 --vocab 50257 --batch 16 --seq 256
 want demo && timeout 300 python3 -m dpkd demo --device cuda --size medium --quiet

@@ -10,14 +10,15 @@ from typing import Callable
 import torch
 
 
-def measure(fn: Callable[[], object], device: str, repeat: int) -> tuple[float, float]:
-    """(median ms, peak extra MB on CUDA or nan) of ``fn()``."""
+def measure(fn: Callable[[], object], device: str, repeat: int, absolute: bool = False) -> tuple[float, float]:
+    """(median ms, peak extra MB on CUDA or nan) of ``fn()``; ``absolute``: the peak of all allocated
+    memory (for training steps, where what a method keeps between steps belongs to it)."""
     cuda = device == "cuda"
     fn()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = 0 if absolute else torch.cuda.memory_allocated()
     times = []
     for _ in range(repeat):
         if cuda:
