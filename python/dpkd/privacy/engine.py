@@ -199,19 +199,23 @@ class ClippingEngine:
         k = self.rows_per_example
         return x if k == 1 else x.reshape(x.shape[0] // k, k * x.shape[1], *x.shape[2:])
 
-    def _tokens(self, name: str, scale: float):
-        """(inputs, output grads) of every call of a layer, calls concatenated as extra tokens."""
+    def _tokens(self, name: str):
+        """(inputs, output grads) of every call of a layer, calls concatenated as extra tokens (a layer called
+        once is used as captured, without a copy); output grads not yet scaled by the loss reduction."""
         module, kind = self.layers[name]
         done = [c for c in self.calls[name] if c.grad is not None]
         if not done:
             return None
+        if kind not in ("embedding", "linear", "conv1d_hf"):
+            return done
+
+        def tokens(xs):
+            return self._group(xs[0] if len(xs) == 1 else torch.cat(xs, 1))
+
+        g = tokens([layers.flatten_tokens(c.grad) for c in done])
         if kind == "embedding":
-            ids = torch.cat([c.inputs[0].reshape(c.inputs[0].shape[0], -1, 1) for c in done], 1)
-            return self._group(ids)[..., 0], self._group(torch.cat([layers.flatten_tokens(c.grad) for c in done], 1)) * scale
-        if kind in ("linear", "conv1d_hf"):
-            a = torch.cat([layers.flatten_tokens(c.inputs[0]) for c in done], 1)
-            return self._group(a), self._group(torch.cat([layers.flatten_tokens(c.grad) for c in done], 1)) * scale
-        return done, scale
+            return tokens([c.inputs[0].reshape(c.inputs[0].shape[0], -1, 1) for c in done])[..., 0], g
+        return tokens([layers.flatten_tokens(c.inputs[0]) for c in done]), g
 
     def flush(self, max_grad_norm: float, sums: dict[int, torch.Tensor]) -> torch.Tensor:
         """Clip this micro-batch: add sum_i c_i g_i into ``sums`` (keyed by id(param)); returns ||g_i||."""
@@ -219,8 +223,10 @@ class ClippingEngine:
             self.clear()
             return torch.zeros(0)
         batch = self._batch_size()
+        # A mean-reduced loss scales every captured output gradient by 1/batch: undone here, as a factor on
+        # the (quadratic) squared norms and the (linear) clipped sums rather than a pass over the gradients.
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        data = {name: self._tokens(name, scale) for name in self.layers}
+        data = {name: self._tokens(name) for name in self.layers}
         sq = None
         generic_grads = {}
 
@@ -233,12 +239,13 @@ class ClippingEngine:
                 continue
             if kind in ("linear", "conv1d_hf"):
                 a, g = data[name]
-                add(layers.linear_sq_norms(a, g, weight=module.weight.requires_grad, bias=_trainable_bias(module)))
+                add(scale**2 * layers.linear_sq_norms(a, g, weight=module.weight.requires_grad,
+                                                      bias=_trainable_bias(module)))
             elif kind == "embedding":
                 ids, g = data[name]
-                add(layers.embedding_sq_norms(ids, g, module.padding_idx))
+                add(scale**2 * layers.embedding_sq_norms(ids, g, module.padding_idx))
             else:
-                calls, sc = data[name]
+                calls, sc = data[name], scale
                 params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
                 total = None
                 for c in calls:
@@ -254,9 +261,11 @@ class ClippingEngine:
                 continue
             ids, g_emb = data[emb]
             a_head, g_head = data[head]
-            add(2 * layers.embedding_linear_cross(ids, g_emb, a_head, g_head, self.layers[emb][0].padding_idx))
+            add(2 * scale**2 * layers.embedding_linear_cross(ids, g_emb, a_head, g_head,
+                                                              self.layers[emb][0].padding_idx))
         norms = sq.clamp(min=0).sqrt()
         coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        captured_coef = coef * scale  # for the captured (unscaled) output gradients
 
         def accumulate(p, value):
             if p.requires_grad:
@@ -267,13 +276,13 @@ class ClippingEngine:
                 continue
             if kind in ("linear", "conv1d_hf"):
                 a, g = data[name]
-                weight, bias = layers.linear_clipped_sums(a, g, coef)
+                weight, bias = layers.linear_clipped_sums(a, g, captured_coef)
                 accumulate(module.weight, weight if kind == "linear" else weight.t())
                 if _trainable_bias(module):
                     accumulate(module.bias, bias)
             elif kind == "embedding":
                 ids, g = data[name]
-                accumulate(module.weight, layers.embedding_clipped_sum(ids, g, coef, module.num_embeddings,
+                accumulate(module.weight, layers.embedding_clipped_sum(ids, g, captured_coef, module.num_embeddings,
                                                                        module.padding_idx))
             else:
                 for n, per in generic_grads[name].items():

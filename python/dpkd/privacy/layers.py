@@ -47,8 +47,14 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: boo
 def linear_clipped_sums(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor):
     """(sum_i c_i G_i^T A_i as [p, d], sum_i c_i sum_t g_t as [p])."""
     dt = _acc_dtype(a)
-    gs = g.to(dt) * coef.to(dt)[:, None, None]
-    return gs.reshape(-1, gs.shape[-1]).t() @ a.to(dt).reshape(-1, a.shape[-1]), gs.sum((0, 1))
+    a, g, c = a.to(dt), g.to(dt), coef.to(dt)
+    # The per-example factors go on the narrower of the two (one pass over the smaller tensor); the bias
+    # sum weights the per-example token sums.
+    if a.shape[-1] <= g.shape[-1]:
+        weight = g.reshape(-1, g.shape[-1]).t() @ (a * c[:, None, None]).reshape(-1, a.shape[-1])
+    else:
+        weight = (g * c[:, None, None]).reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+    return weight, (g.sum(1) * c[:, None]).sum(0)
 
 
 def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
@@ -115,9 +121,8 @@ def norm_per_example_grads(module: torch.nn.Module, x: torch.Tensor, g: torch.Te
     dims = tuple(range(-len(shape), 0))
     dt = _acc_dtype(x)
     xf, gf = x.to(dt), g.to(dt)
-    if is_ln:
-        mean = xf.mean(dims, keepdim=True)
-        x_hat = (xf - mean) * torch.rsqrt(xf.var(dims, unbiased=False, keepdim=True) + module.eps)
+    if is_ln:  # the fused kernel without the affine part (the same x_hat as the forward's)
+        x_hat = torch.nn.functional.layer_norm(xf, shape, eps=module.eps)
     else:
         eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
         x_hat = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
