@@ -276,9 +276,10 @@ def distill_loss(
         teacher_grad: let the gradient flow into ``teacher_logits`` too (self-distillation, where teacher and
             student share weights). Off by default: the teacher is detached.
         fuse_backward: where the loss reduces to a scalar (``sum``, ``mean``, ``batchmean``) without
-            ``select``, ``teacher_grad`` or ``inplace_backward``, compute the student gradient in the forward
-            kernel: on a Hopper GPU, forward and backward then read the logits once. The [N, V] gradient is
-            held from the forward to the backward pass, and the loss can be backpropagated through once.
+            ``select``, ``teacher_grad``, ``inplace_backward`` or differentiable ``weights``, compute the
+            student gradient in the forward kernel: on a Hopper GPU, forward and backward then read the
+            logits once. The [N, V] gradient is held from the forward to the backward pass, and the loss
+            can be backpropagated through once.
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
@@ -290,7 +291,8 @@ def distill_loss(
     t2 = temperature * temperature if scale_by_temperature_squared else 1.0
     reduce_with = None
     if (fuse_backward and reduction != "none" and select is None and not teacher_grad and not inplace_backward
-            and student_logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            and student_logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (weights is None or not weights.requires_grad)):
         row_weights = _reduction_weights(student_logits.shape[:-1], valid, weights, reduction, student_logits.device)
         reduce_with = (row_weights * t2, lambda per_token: _reduce(per_token * t2, valid, weights, reduction))
     per_token, stats = _fused(

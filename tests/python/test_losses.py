@@ -392,3 +392,11 @@ def test_gradient_from_forward_is_used_once_and_skipped_without_grad():
         loss.backward()
     with torch.no_grad():
         assert dpkd.generalized_jsd(sd, t).grad_fn is None
+
+
+def test_differentiable_weights_keep_their_gradient():
+    s, t = logits(6, 40, seed=3), logits(6, 40, seed=4)
+    w = torch.rand(6, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    sd = s.clone().requires_grad_(True)
+    dpkd.forward_kl(sd, t, weights=w, reduction="sum").backward()
+    torch.testing.assert_close(w.grad, dpkd.forward_kl(s, t, reduction="none").detach())
