@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops, losses
+from . import _ops, losses, topk
 
 __all__ = ["fused_linear_distill_loss"]
 
@@ -55,10 +55,12 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _FusedLinearDistill(torch.autograd.Function):
+    """``objective(rows, student_logits, labels, row_weights) -> (loss [R], stats [R, 5], d sum(row_weights
+    * loss) / d student_logits)`` on each chunk; the student's head gradients accumulated from it."""
+
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts):
-        (divergence, beta, alpha, temperature, hard_label_weight, ignore_index, s_scale, s_cap, t_scale, t_cap,
-         chunk, fp32_accum) = opts
+    def forward(ctx, h_s, w_s, b_s, objective, labels, row_scale, opts):
+        s_scale, s_cap, chunk, fp32_accum = opts
         n = h_s.shape[0]
         active = (row_scale != 0).nonzero().flatten()
         per_token = torch.zeros(n, dtype=torch.float32, device=h_s.device)
@@ -72,13 +74,8 @@ class _FusedLinearDistill(torch.autograd.Function):
             rows = active[start:start + chunk]
             hs = h_s[rows]
             zs, cap_grad = _logits(hs, w_s, b_s, s_scale, s_cap)
-            with torch.no_grad():
-                zt, _ = _logits(h_t[rows], w_t, b_t, t_scale, t_cap)
             lab = None if labels is None else labels[rows]
-            # The chunk's losses and the gradient of sum(row_scale * loss) in one op (one read of the logits).
-            loss, st, g = torch.ops.dpkd.distill_forward_grad(zs.detach(), zt, lab, row_scale[rows].float().contiguous(),
-                                                              divergence, beta, alpha, temperature, 1.0, False,
-                                                              hard_label_weight, ignore_index)
+            loss, st, g = objective(rows, zs.detach(), lab, row_scale[rows].float().contiguous())
             per_token[rows], stats[rows] = loss, st
             if cap_grad is not None:
                 g = (g.float() * cap_grad).to(g.dtype)
@@ -99,15 +96,17 @@ class _FusedLinearDistill(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_stats):
         grad_h, grad_w, grad_b = ctx.grads
         scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
 
 
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
     *,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    topk_tail: bool = False,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     divergence: losses.Divergence = "forward_kl",
@@ -134,6 +133,9 @@ def fused_linear_distill_loss(
     Args:
         student_hidden: [N, H_s] or [B, T, H_s]; student_weight [V, H_s] (e.g. ``lm_head.weight``).
         teacher_hidden: [N, H_t] or [B, T, H_t]; teacher_weight [V_t, H_t]. The teacher gets no gradient.
+        teacher_topk: instead of the teacher's hidden states and head, a top-k teacher ``(ids, logprobs)``,
+            each [..., K] (see :func:`dpkd.topk_forward_kl`): forward KL over the kept ids, with the bucket
+            of the remaining mass if ``topk_tail``. Statistics then hold only the divergence.
         reduction: ``sum``, ``mean`` (over valid tokens) or ``batchmean``; ``none`` is not available here.
         student_softcap / teacher_softcap: Gemma-style ``c tanh(z / c)`` after the logit scale.
         chunk_size: tokens per chunk (default: [chunk, V] logits and gradient within 768 MiB and 1/8 of free memory).
@@ -147,16 +149,32 @@ def fused_linear_distill_loss(
     """
     if reduction not in ("sum", "mean", "batchmean"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'batchmean' for the fused linear loss, got {reduction!r}")
-    for name, w, h in (("student_weight", student_weight, student_hidden), ("teacher_weight", teacher_weight,
-                                                                             teacher_hidden)):
-        if w.dim() != 2 or w.shape[1] != h.shape[-1]:
-            raise ValueError(f"{name} must be [V, {h.shape[-1]}] to match the hidden size, got {tuple(w.shape)}")
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
-                         f"{tuple(student_hidden.shape)} must agree in all but the hidden dimension")
-    if student_weight.shape[0] != teacher_weight.shape[0] and not allow_vocab_mismatch:
-        raise ValueError(f"vocabulary sizes differ (student_weight {student_weight.shape[0]}, teacher_weight "
-                         f"{teacher_weight.shape[0]}); pass allow_vocab_mismatch=True")
+    if (teacher_topk is None) == (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("give the teacher as teacher_hidden and teacher_weight, or as teacher_topk=(ids, logprobs)")
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight must be [V, {student_hidden.shape[-1]}] to match the hidden size, got "
+                         f"{tuple(student_weight.shape)}")
+    if teacher_topk is None:
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+            raise ValueError(f"teacher_weight must be [V, {teacher_hidden.shape[-1]}] to match the hidden size, got "
+                             f"{tuple(teacher_weight.shape)}")
+        if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
+                             f"{tuple(student_hidden.shape)} must agree in all but the hidden dimension")
+        if student_weight.shape[0] != teacher_weight.shape[0] and not allow_vocab_mismatch:
+            raise ValueError(f"vocabulary sizes differ (student_weight {student_weight.shape[0]}, teacher_weight "
+                             f"{teacher_weight.shape[0]}); pass allow_vocab_mismatch=True")
+    else:
+        ids, logprobs = teacher_topk
+        if ids.shape != logprobs.shape or ids.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(f"teacher_topk ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must both be "
+                             f"{tuple(student_hidden.shape[:-1])} + (K,)")
+        if ids.dtype != torch.int64:
+            raise TypeError(f"teacher_topk ids must be int64, got {ids.dtype}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= student_weight.shape[0]):
+            raise ValueError(f"teacher_topk ids must be in [0, {student_weight.shape[0]})")
+        if divergence != "forward_kl" or hard_label_weight:
+            raise ValueError("a top-k teacher takes divergence='forward_kl' and no hard_label_weight")
     lead = tuple(student_hidden.shape[:-1])
     for name, t in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
         if t is not None and not t > 0:
@@ -165,7 +183,6 @@ def fused_linear_distill_loss(
     losses.check_options(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, reduction=reduction,
                          hard_label_weight=hard_label_weight, has_labels=labels is not None)
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     n = h_s.shape[0]
     valid = torch.ones(n, dtype=torch.bool, device=h_s.device)
     if mask is not None:
@@ -184,12 +201,31 @@ def fused_linear_distill_loss(
     if fp32_weight_grad is None:
         fp32_weight_grad = student_weight.dtype in (torch.bfloat16, torch.float16)
     chunk = _chunk_rows(student_weight.shape[0], student_weight.dtype, h_s.device, chunk_size)
-    opts = (divergence, float(beta), float(alpha), float(temperature), float(hard_label_weight), int(ignore_index),
-            float(student_logit_scale), student_softcap, float(teacher_logit_scale), teacher_softcap, chunk,
-            bool(fp32_weight_grad))
-    loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, teacher_weight.detach(),
-                                            None if teacher_bias is None else teacher_bias.detach(), flat_labels,
-                                            row_scale, opts)
+
+    if teacher_topk is None:
+        h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+        w_t, b_t = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+        options = (divergence, float(beta), float(alpha), float(temperature), 1.0, False, float(hard_label_weight),
+                   int(ignore_index))
+
+        def objective(rows, zs, lab, row_weights):
+            # The chunk's losses and the gradient of sum(row_weights * loss) in one op (one read of the logits).
+            with torch.no_grad():
+                zt, _ = _logits(h_t[rows], w_t, b_t, float(teacher_logit_scale), teacher_softcap)
+            return torch.ops.dpkd.distill_forward_grad(zs, zt, lab, row_weights, *options)
+    else:
+        k = teacher_topk[0].shape[-1]
+        t_ids, t_logp = teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k)
+
+        def objective(rows, zs, lab, row_weights):
+            loss, g = topk.loss_and_grad(zs, t_ids[rows], t_logp[rows], float(temperature), bool(topk_tail),
+                                         row_weights)
+            st = torch.full((rows.numel(), _ops.N_STATS), float("nan"), dtype=torch.float32, device=zs.device)
+            st[:, 2] = loss
+            return loss, st, g
+
+    opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad))
+    loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts)
     if return_stats:
         return loss, losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
     return loss

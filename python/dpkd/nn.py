@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from . import losses
+from . import fused_linear, losses
 
-__all__ = ["DistillLoss", "ForwardKLLoss", "GeneralizedJSDLoss", "ReverseKLLoss", "SkewKLLoss",
-           "SkewReverseKLLoss", "TVDLoss"]
+__all__ = ["DistillLoss", "ForwardKLLoss", "FusedLinearDistillLoss", "GeneralizedJSDLoss", "ReverseKLLoss",
+           "SkewKLLoss", "SkewReverseKLLoss", "TVDLoss"]
 
 
 class DistillLoss(torch.nn.Module):
@@ -57,3 +57,25 @@ class SkewReverseKLLoss(DistillLoss):
 class TVDLoss(DistillLoss):
     def __init__(self, **options) -> None:
         super().__init__("tvd", **options)
+
+
+class FusedLinearDistillLoss(torch.nn.Module):
+    """``FusedLinearDistillLoss(divergence=..., **options)(student_hidden, student_weight, teacher_hidden,
+    teacher_weight, labels=None, ...)``: :func:`dpkd.fused_linear_distill_loss` with its options fixed at
+    construction (pass ``teacher_topk=`` in the call for a top-k teacher)."""
+
+    def __init__(self, divergence: losses.Divergence = "forward_kl", **options) -> None:
+        super().__init__()
+        if divergence not in losses.DIVERGENCES:
+            raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {divergence!r}")
+        self.divergence = divergence
+        self.options = options
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                **call_options) -> torch.Tensor:
+        return fused_linear.fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                      divergence=self.divergence, **{**self.options, **call_options})
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"divergence={self.divergence!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])

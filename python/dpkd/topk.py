@@ -62,16 +62,23 @@ class _TopKForwardKL(torch.autograd.Function):
         grad = torch.empty_like(x)
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
-            _, lse, lq, p, tail_ratio = _row_terms(x[rows], ids[rows], logp[rows], temperature, tail)
-            q = torch.exp(x[rows].float() / temperature - lse[:, None])
-            # q * (sum_K p [+ p_tail]) - p on K  [- (p_tail / q_tail) q off K]
-            scale = (p.sum(-1) + (1 - p.sum(-1)).clamp(min=0) - tail_ratio) if tail else p.sum(-1)
-            g = q * scale[:, None]
-            on_k = p - (tail_ratio[:, None] * lq.exp() if tail else 0)
-            g.scatter_add_(1, ids[rows], -on_k)
-            g *= (grad_loss[rows].float() / temperature)[:, None]
-            grad[rows] = g.to(x.dtype)
+            grad[rows] = loss_and_grad(x[rows], ids[rows], logp[rows], temperature, tail, grad_loss[rows])[1]
         return grad, None, None, None, None, None
+
+
+def loss_and_grad(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, temperature: float, tail: bool,
+                  grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (fp32) and the gradient of sum_i grad_loss[i] loss[i] with respect to the logits x
+    (x's dtype), for one chunk of rows."""
+    loss, lse, lq, p, tail_ratio = _row_terms(x, ids, logp, temperature, tail)
+    q = torch.exp(x.float() / temperature - lse[:, None])
+    # q * (sum_K p [+ p_tail]) - p on K  [- (p_tail / q_tail) q off K]
+    scale = (p.sum(-1) + (1 - p.sum(-1)).clamp(min=0) - tail_ratio) if tail else p.sum(-1)
+    g = q * scale[:, None]
+    on_k = p - (tail_ratio[:, None] * lq.exp() if tail else 0)
+    g.scatter_add_(1, ids, -on_k)
+    g *= (grad_loss.float() / temperature)[:, None]
+    return loss, g.to(x.dtype)
 
 
 def topk_forward_kl(

@@ -109,3 +109,47 @@ def test_bad_arguments():
         dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t[:90])
     with pytest.raises(ValueError, match="beta"):
         dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, beta=2.0)
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_topk_teacher_matches_logits_path(tail):
+    h_s, w_s, b_s, _, _ = setup(n=3 * 8)
+    g = torch.Generator().manual_seed(4)
+    teacher = torch.randn(3, 8, 97, generator=g)
+    logp, ids = torch.log_softmax(teacher, -1).topk(6, dim=-1)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, 2] = False
+    hs3 = h_s.reshape(3, 8, -1)
+    got, stats = dpkd.fused_linear_distill_loss(hs3, w_s, student_bias=b_s, teacher_topk=(ids, logp), topk_tail=tail,
+                                                temperature=1.3, mask=mask, chunk_size=5, return_stats=True)
+    zs = (hs3 @ w_s.t() + b_s)
+    ref = dpkd.topk_forward_kl(zs, ids, logp, tail=tail, temperature=1.3, mask=mask)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(grads(got, h_s, w_s, b_s), grads(ref, h_s, w_s, b_s)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    per_token = dpkd.topk_forward_kl(zs, ids, logp, tail=tail, temperature=1.3, reduction="none")
+    torch.testing.assert_close(stats.divergence[mask], per_token[mask].float(), rtol=1e-5, atol=1e-7)
+    assert torch.isnan(stats.student_entropy).all()
+
+
+def test_teacher_given_once_and_topk_checks():
+    h_s, w_s, _, h_t, w_t = setup()
+    ids = torch.zeros(24, 4, dtype=torch.int64)
+    logp = torch.full((24, 4), -2.0)
+    with pytest.raises(ValueError, match="teacher_topk"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, teacher_topk=(ids, logp))
+    with pytest.raises(ValueError, match="teacher_hidden and teacher_weight"):
+        dpkd.fused_linear_distill_loss(h_s, w_s)
+    with pytest.raises(ValueError, match="forward_kl"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids, logp), divergence="jsd")
+    with pytest.raises(ValueError, match=r"in \[0, 97\)"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids + 97, logp))
+
+
+def test_module_form_matches_function():
+    h_s, w_s, b_s, h_t, w_t = setup()
+    module = dpkd.nn.FusedLinearDistillLoss("jsd", beta=0.3, temperature=2.0)
+    assert "beta=0.3" in repr(module)
+    torch.testing.assert_close(module(h_s, w_s, h_t, w_t, student_bias=b_s),
+                               dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, divergence="jsd",
+                                                              beta=0.3, temperature=2.0))
