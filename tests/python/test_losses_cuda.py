@@ -31,9 +31,10 @@ def pair(n, v, scale, dtype, seed):
 @pytest.mark.parametrize("fuse", [True, False])
 def test_cuda_matches_reference(div, dtype, tol, n, v, temperature, fuse):
     if dtype == torch.float32 and div in ("jsd", "skew_reverse_kl", "tvd"):
-        # Their gradients q (g - <q, g>) cancel where g ~ r = log p/q is large next to g - <q, g> (TVD: where
-        # g = +-1/2 nearly balances): any fp32 evaluation is ~1e-4..1e-3 off in relative norm at T = 0.7,
-        # V = 128256 (the CPU kernels, measured: 1.0e-4, 2.3e-4, 3.2e-4). The KLs stay at 1e-5.
+        # Their gradients q (g - <q, g>) cancel where g - <q, g> is small next to g (peaked rows, T = 0.7,
+        # V = 128256): 1e-4..1e-3 off in relative norm. The CPU kernels take g relative to g at the most
+        # likely entry (row state kGRef) and reach 1e-5 (tests/python/test_losses.py); the CUDA kernels do not
+        # shift yet (they store kGRef = 0). The KLs stay at 1e-5.
         tol = 3e-3
     s, t = pair(n, v, 4.0, dtype, seed=n + v)
     s_gpu = s.cuda().requires_grad_(True)

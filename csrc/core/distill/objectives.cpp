@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 namespace dpkd::distill {
 namespace {
@@ -180,6 +181,7 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   const Divergence d = effective_divergence(o.objective);
   const bool single_pass = d == Divergence::kForwardKL || d == Divergence::kReverseKL;
   OnlineSoftmax lse_s, lse_t, lse_raw;
+  int64_t argmax_s = -1;  // the student's most likely entry (two-pass objectives: where g_ref is taken)
   float x_label = -INFINITY, y_label = -INFINITY, z_label = -INFINITY;
   auto take_label = [&](int64_t j0, const Tile& x, const Tile& y) {
     if (label >= j0 && label < j0 + kTile) {
@@ -198,6 +200,8 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
       lse_s.add(x, &x, d == Divergence::kReverseKL ? &x_minus_y : nullptr);
       lse_t.add(y, &y, d == Divergence::kForwardKL ? &y_minus_x : nullptr);
     } else {
+      Eigen::Index k;
+      if (x.maxCoeff(&k) > lse_s.max) argmax_s = j0 + k;
       lse_s.add(x);
       lse_t.add(y);
     }
@@ -207,8 +211,9 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   const double full_lse_s = static_cast<double>(lse_s.max) + ls_s, full_lse_t = static_cast<double>(lse_t.max) + ls_t;
   const float c = static_cast<float>(full_lse_s - full_lse_t);
 
-  // Pass 2 (all but the KLs): the divergence, <q, g>, and the entropies' sums.
+  // Pass 2 (all but the KLs): the divergence, <q, g - g_ref>, and the entropies' sums.
   double div = 0.0, qg = 0.0, qx = 0.0, py = 0.0;
+  float g_ref = 0.f;
   if (single_pass) {
     qx = lse_s.mean1();
     py = lse_t.mean1();
@@ -217,14 +222,21 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
                                       : lse_s.mean2() - (full_lse_s - full_lse_t);
     qg = d == Divergence::kReverseKL ? lse_s.mean2() : 0.0;  // <q, x - y>: g without its constant
   } else {
-    for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
+    auto terms = [&](int64_t j0) {  // reads the tile at j0 into zs, zt
       row.read(j0, zs, zt);
       const Tile x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
-      take_label(j0, x, y);
       const Tile q = probabilities(x, lse_s.max, ls_s), p = probabilities(y, lse_t.max, ls_t);
-      const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile(y - x), c);
+      return std::tuple{x, y, q, p, element_terms<TileMath>(d, o.objective, q, p, Tile(y - x), c)};
+    };
+    if (argmax_s >= 0) {
+      const int64_t j0 = argmax_s / kTile * kTile;
+      g_ref = std::get<4>(terms(j0)).g[argmax_s - j0];
+    }
+    for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
+      const auto [x, y, q, p, e] = terms(j0);
+      take_label(j0, x, y);
       div += e.loss.sum();
-      qg += masked(q, e.g).sum();
+      qg += masked(q, Tile(e.g - g_ref)).sum();
       qx += masked(q, x).sum();
       py += masked(p, y).sum();
     }
@@ -258,6 +270,7 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   st[kCountS] = static_cast<float>(count_s);
   st[kRawMax] = lse_raw.max;
   st[kRawLogSum] = raw_log_sum;
+  st[kGRef] = g_ref;
 }
 
 template <class T>
@@ -283,7 +296,7 @@ void backward_row(Row<T>& row, float grad, const int64_t* labels, int64_t i, con
     const Tile q = probabilities(x, st[kMaxS], st[kLogSumS]), p = probabilities(y, st[kMaxT], st[kLogSumT]);
     if (d == Divergence::kForwardKL) return Tile(q - p);
     const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile(y - x), c);
-    return element_grad<TileMath>(d, q, p, e.g, st[kQG]);
+    return element_grad<TileMath>(d, q, p, Tile(e.g - st[kGRef]), st[kQG]);
   };
 
   // Standardization's Jacobian needs two row sums of the x-gradient first.
