@@ -10,9 +10,8 @@ __all__ = ["DistillLoss", "ForwardKLLoss", "FusedLinearDistillLoss", "Generalize
            "SkewKLLoss", "SkewReverseKLLoss", "TVDLoss"]
 
 
-class DistillLoss(torch.nn.Module):
-    """``DistillLoss(divergence=..., **options)(student_logits, teacher_logits, labels=None, ...)``:
-    :func:`dpkd.distill_loss` with its options fixed at construction."""
+class _ConfiguredLoss(torch.nn.Module):
+    """A loss function's divergence and options, fixed at construction; call options override them."""
 
     def __init__(self, divergence: losses.Divergence = "forward_kl", **options) -> None:
         super().__init__()
@@ -21,12 +20,19 @@ class DistillLoss(torch.nn.Module):
         self.divergence = divergence
         self.options = options
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **call_options) -> torch.Tensor:
-        return losses.distill_loss(student_logits, teacher_logits, divergence=self.divergence,
-                                   **{**self.options, **call_options})
+    def _options(self, call_options: dict) -> dict:
+        return {"divergence": self.divergence, **self.options, **call_options}
 
     def extra_repr(self) -> str:
         return ", ".join([f"divergence={self.divergence!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
+
+
+class DistillLoss(_ConfiguredLoss):
+    """``DistillLoss(divergence=..., **options)(student_logits, teacher_logits, labels=None, ...)``:
+    :func:`dpkd.distill_loss` with its options fixed at construction."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **call_options) -> torch.Tensor:
+        return losses.distill_loss(student_logits, teacher_logits, **self._options(call_options))
 
 
 class ForwardKLLoss(DistillLoss):
@@ -59,23 +65,13 @@ class TVDLoss(DistillLoss):
         super().__init__("tvd", **options)
 
 
-class FusedLinearDistillLoss(torch.nn.Module):
+class FusedLinearDistillLoss(_ConfiguredLoss):
     """``FusedLinearDistillLoss(divergence=..., **options)(student_hidden, student_weight, teacher_hidden,
     teacher_weight, labels=None, ...)``: :func:`dpkd.fused_linear_distill_loss` with its options fixed at
     construction (pass ``teacher_topk=`` in the call for a top-k teacher)."""
-
-    def __init__(self, divergence: losses.Divergence = "forward_kl", **options) -> None:
-        super().__init__()
-        if divergence not in losses.DIVERGENCES:
-            raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {divergence!r}")
-        self.divergence = divergence
-        self.options = options
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                 **call_options) -> torch.Tensor:
         return fused_linear.fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                                      divergence=self.divergence, **{**self.options, **call_options})
-
-    def extra_repr(self) -> str:
-        return ", ".join([f"divergence={self.divergence!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
+                                                      **self._options(call_options))
