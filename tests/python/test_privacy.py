@@ -258,10 +258,17 @@ def _hf_model(kind):
     return model.double().train()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_lora"])
 def test_hugging_face_causal_lms_with_padding_equal_brute_force(kind):
     torch.manual_seed(0)
-    model = _hf_model(kind)
+    model = _hf_model(kind.removesuffix("_lora"))
+    if kind.endswith("_lora"):  # PEFT LoRA adapters: only they train, through frozen base layers
+        peft = pytest.importorskip("peft")
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+        model = peft.get_peft_model(model, config)
+        for name, p in model.named_parameters():  # LoRA's B starts at zero: give the test non-zero adapters
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
     g = torch.Generator().manual_seed(1)
     b, t = 3, 9
     ids = torch.randint(1, 64, (b, t), generator=g)
