@@ -114,13 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& s
   return {at::empty({n}, f32), at::empty({n, kNumStats}, f32), at::empty({n, kRowState}, f32)};
 }
 
-// inplace_backward only tells the autograd formula (python/dpkd/_ops.py) which backward op to call.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
-    bool standardize, double hard_label_weight, int64_t ignore_index, bool /*inplace_backward*/) {
-  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const Prepared& p) {
   auto [loss, stats, state] = empty_outputs(p.student);
   dispatch_dtype(p.student.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -128,6 +122,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
                loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>());
   });
   return {loss, stats, state};
+}
+
+// inplace_backward only tells the autograd formula (python/dpkd/_ops.py) which backward op to call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
+    bool standardize, double hard_label_weight, int64_t ignore_index, bool /*inplace_backward*/) {
+  return forward_cpu(prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index));
 }
 
 // The student-logit gradient into `out` (a fresh buffer, or the student logits themselves).
@@ -164,10 +167,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cpu(
     const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
     double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
   check_grad_weight(grad_weight, student);
-  auto [loss, stats, state] = distill_forward_cpu(student, teacher, labels, divergence, beta, alpha, temperature,
-                                                  teacher_mix, standardize, hard_label_weight, ignore_index, false);
-  at::Tensor grad = distill_backward_cpu(grad_weight, student, teacher, labels, state, divergence, beta, alpha,
-                                         temperature, teacher_mix, standardize, hard_label_weight, ignore_index);
+  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                             hard_label_weight, ignore_index);  // checked and made row-contiguous once for both
+  auto [loss, stats, state] = forward_cpu(p);
+  at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
+  backward_into_cpu(p, grad_weight, state, grad);
   return {loss, stats, grad};
 }
 

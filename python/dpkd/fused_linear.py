@@ -183,21 +183,10 @@ def fused_linear_distill_loss(
     losses.check_options(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, reduction=reduction,
                          hard_label_weight=hard_label_weight, has_labels=labels is not None)
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    n = h_s.shape[0]
-    valid = torch.ones(n, dtype=torch.bool, device=h_s.device)
-    if mask is not None:
-        valid &= mask.reshape(-1)
-    flat_labels = None
-    if labels is not None:
-        flat_labels = labels.reshape(-1).to(torch.int64)
-        valid &= flat_labels != ignore_index
-    row_scale = valid.float()
-    if weights is not None:
-        row_scale = row_scale * weights.reshape(-1).float()
-    if reduction == "mean":
-        row_scale = row_scale / valid.sum().clamp(min=1)
-    elif reduction == "batchmean":
-        row_scale = row_scale / max(lead[0] if lead else 1, 1)
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    # d loss / d per-token loss: the logits path's reduction; zero rows enter no matmul.
+    row_scale = losses._reduction_weights(lead, losses.valid_tokens(labels, mask, ignore_index), weights, reduction,
+                                          h_s.device).reshape(-1)
     if fp32_weight_grad is None:
         fp32_weight_grad = student_weight.dtype in (torch.bfloat16, torch.float16)
     chunk = _chunk_rows(student_weight.shape[0], student_weight.dtype, h_s.device, chunk_size)
