@@ -46,6 +46,8 @@ def _worker(rank, port, sigma, out):
     rows = slice(0, 3) if rank == 0 else slice(3, 8)  # unequal shards
     delta = _update(_model(), x[rows], y[rows], sigma, True, seed=100 + rank)
     torch.save(delta, f"{out}.{rank}")
+    # Rank 0 hosts the rendezvous store: leaving before rank 1 is done with it aborts rank 1 (seen in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
