@@ -34,18 +34,19 @@ def main() -> None:
     ap.add_argument("--hs", type=int, default=256)
     ap.add_argument("--ht", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 on the CPU")
     args = ap.parse_args()
     dev = args.device
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
     g = torch.Generator(device=dev).manual_seed(0)
     r = lambda *s, sc=1.0: (torch.randn(*s, generator=g, device=dev) * sc).to(dtype)  # noqa: E731
     h_s, w_s = r(args.n, args.hs).requires_grad_(True), r(args.vocab, args.hs, sc=args.hs**-0.5).requires_grad_(True)
     h_t, w_t = r(args.n, args.ht), r(args.vocab, args.ht, sc=args.ht**-0.5)
 
-    def ours(mask):
+    def ours(mask, **kw):
         def run():
             h_s.grad = w_s.grad = None
-            dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, divergence="jsd", mask=mask).backward()
+            dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, divergence="jsd", mask=mask, **kw).backward()
         return run
 
     def eager(mask):
@@ -78,20 +79,26 @@ def main() -> None:
     # would not fit.
     full = torch.ones(args.n, dtype=torch.bool, device=dev)
     k = min(args.n, 2048)
-    hk, wk = h_s.detach()[:k].clone().requires_grad_(True), w_s.detach().clone().requires_grad_(True)
-    dpkd.fused_linear_distill_loss(hk, wk, h_t[:k], w_t, divergence="jsd").backward()
-    hs32, ws32 = hk.detach().float().requires_grad_(True), wk.detach().float().requires_grad_(True)
+    hs32, ws32 = h_s.detach()[:k].float().requires_grad_(True), w_s.detach().float().requires_grad_(True)
     eager_jsd(hs32, ws32, h_t[:k].float(), w_t.float(), full[:k].float()).backward()
-    err = max(float((a.float() - b).norm() / b.norm()) for a, b in zip((hk.grad, wk.grad), (hs32.grad, ws32.grad)))
+    errors = []
+    for fp32_logits in (True, False):
+        hk, wk = h_s.detach()[:k].clone().requires_grad_(True), w_s.detach().clone().requires_grad_(True)
+        dpkd.fused_linear_distill_loss(hk, wk, h_t[:k], w_t, divergence="jsd", fp32_logits=fp32_logits).backward()
+        errors.append(" ".join(f"{float((a.float() - b).norm() / b.norm()):.1e}"
+                               for a, b in zip((hk.grad, wk.grad), (hs32.grad, ws32.grad))))
     del hk, wk, hs32, ws32
     print(f"{dev} {dtype}: N={args.n} V={args.vocab} H_s={args.hs} H_t={args.ht}; generalized JSD(0.5); "
-          f"dpkd gradient rel. error vs fp32 logits {err:.1e}")
+          f"gradient rel. error (hidden, weight) vs fp32 logits: dpkd {errors[0]}, dpkd bf16 logits {errors[1]}")
     for fraction in (1.0, 0.5, 0.1):
         mask = torch.rand(args.n, generator=g, device=dev) < fraction if fraction < 1 else full
         ms, mb = measure(ours(mask), dev, args.repeat)
         ems, emb = measure(eager(mask), dev, args.repeat)
         row = (f"{int(fraction * 100):>3}% tokens: dpkd {ms:8.1f} ms ({mb:7.0f} MB) | eager {ems:8.1f} ms "
                f"({emb:7.0f} MB) x{ems / ms:4.1f}")
+        if dtype != torch.float32:
+            bms, bmb = measure(ours(mask, fp32_logits=False), dev, args.repeat)
+            row += f" | dpkd bf16 logits {bms:8.1f} ms ({bmb:7.0f} MB)"
         if dev == "cuda":
             for name, peer in (("liger", liger), ("liger chunked", liger_chunked)):
                 try:

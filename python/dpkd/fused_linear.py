@@ -18,10 +18,21 @@ from . import _ops, losses, topk
 __all__ = ["fused_linear_distill_loss"]
 
 
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 from 16-bit factors without rounding the product to 16 bits: cuBLAS writes fp32
+    directly; elsewhere the factors are widened."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mixed-dtype mm
+            pass
+    return a.float() @ b.float()
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
-            softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunk logits and, with softcapping, d logits / d pre-cap logits."""
-    z = h @ weight.t()
+            softcap: float | None, fp32: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunk logits (fp32 if ``fp32``, else h's dtype) and, with softcapping, d logits / d pre-cap logits."""
+    z = _matmul_fp32(h, weight.t()) if fp32 and h.dtype != torch.float32 else h @ weight.t()
     if bias is not None:
         z = z + bias
     if scale != 1.0:
@@ -33,6 +44,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sc
 
 
 def _chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device, chunk_size: int | None) -> int:
+    """Tokens per chunk for [chunk, V] logits of ``dtype``."""
     if chunk_size:
         return chunk_size
     # The two models' [chunk, V] logits and the logits gradient in at most 768 MiB (and 1/8 of the free
@@ -43,15 +55,17 @@ def _chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device, chunk_size
 
 
 def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b. With an fp32 ``acc`` and 16-bit factors on CUDA, cuBLAS accumulates into ``acc`` in
-    place; elsewhere the product is formed and added (a [V, H] temporary per chunk)."""
-    if acc.dtype != a.dtype and acc.is_cuda:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):  # a torch without mixed-dtype addmm
-            pass
-    acc += (a @ b).to(acc.dtype)
+    """acc += a @ b, the product never rounded below ``acc``'s precision: with an fp32 ``acc`` and 16-bit
+    factors, cuBLAS accumulates into ``acc`` in place; elsewhere the factors are widened."""
+    if acc.dtype != a.dtype:
+        if acc.is_cuda:
+            try:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+                return
+            except (RuntimeError, TypeError):  # a torch without mixed-dtype addmm
+                pass
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+    acc.addmm_(a, b)
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -60,7 +74,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, objective, labels, row_scale, opts):
-        s_scale, s_cap, chunk, fp32_accum = opts
+        s_scale, s_cap, chunk, fp32_accum, fp32_logits = opts
         n = h_s.shape[0]
         active = (row_scale != 0).nonzero().flatten()
         per_token = torch.zeros(n, dtype=torch.float32, device=h_s.device)
@@ -73,20 +87,28 @@ class _FusedLinearDistill(torch.autograd.Function):
         for start in range(0, active.numel(), chunk):
             rows = active[start:start + chunk]
             hs = h_s[rows]
-            zs, cap_grad = _logits(hs, w_s, b_s, s_scale, s_cap)
+            zs, cap_grad = _logits(hs, w_s, b_s, s_scale, s_cap, fp32_logits)
             lab = None if labels is None else labels[rows]
             loss, st, g = objective(rows, zs.detach(), lab, row_scale[rows].float().contiguous())
             per_token[rows], stats[rows] = loss, st
+            del zs
             if cap_grad is not None:
                 g = (g.float() * cap_grad).to(g.dtype)
             if s_scale != 1.0:
                 g = g * s_scale
-            if grad_h is not None:
-                grad_h[rows] = (g @ w_s).to(h_s.dtype)
-            if grad_w is not None:
-                _add_matmul(grad_w, g.t(), hs)
             if grad_b is not None:
                 grad_b += g.sum(0).to(acc)
+            # An fp32 logits gradient meets 16-bit weights as g = hi + lo, both 16-bit: hi alone suffices
+            # for the hidden states' gradient (the sum over V averages its rounding out), but the sum over
+            # tokens in the weight gradient does not average it, so that one also takes lo.
+            parts = [g] if g.dtype == hs.dtype else [g.to(hs.dtype)]
+            if grad_h is not None:
+                grad_h[rows] = (parts[0] @ w_s).to(h_s.dtype)
+            if grad_w is not None:
+                if g.dtype != hs.dtype:
+                    parts.append((g - parts[0].float()).to(hs.dtype))
+                for part in parts:
+                    _add_matmul(grad_w, part.t(), hs)
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_s.dtype),
                      None if grad_b is None else grad_b.to(b_s.dtype))
         ctx.mark_non_differentiable(stats)
@@ -126,6 +148,7 @@ def fused_linear_distill_loss(
     allow_vocab_mismatch: bool = False,
     chunk_size: int | None = None,
     fp32_weight_grad: bool | None = None,
+    fp32_logits: bool | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
     """:func:`dpkd.distill_loss` of ``softcap(scale (h W^T + b))`` for both models, from hidden states.
@@ -140,6 +163,11 @@ def fused_linear_distill_loss(
         student_softcap / teacher_softcap: Gemma-style ``c tanh(z / c)`` after the logit scale.
         chunk_size: tokens per chunk (default: [chunk, V] logits and gradient within 768 MiB and 1/8 of free memory).
         fp32_weight_grad: accumulate the head-weight gradient in fp32 (default: on for 16-bit weights).
+        fp32_logits: form each chunk's logits in fp32 from the 16-bit matmul's fp32 accumulator instead of
+            rounding them to 16 bits (default: on for 16-bit weights). Rounded bf16 logits put the head-weight
+            gradient ~4e-3 (relative norm) away from the fp32-logit gradient; fp32 logits bring it to bf16's
+            own rounding (~1.7e-3), for one more [V, chunk] x [chunk, H_s] matmul per chunk (the weight
+            gradient of the fp32 logits gradient's low half) and fp32 objective kernels.
         return_stats: also return :class:`dpkd.TokenStats` (NaN for tokens that carry no loss).
     Example with Hugging Face models::
 
@@ -187,9 +215,11 @@ def fused_linear_distill_loss(
     # d loss / d per-token loss: the logits path's reduction; zero rows enter no matmul.
     row_scale = losses._reduction_weights(lead, losses.valid_tokens(labels, mask, ignore_index), weights, reduction,
                                           h_s.device).reshape(-1)
-    if fp32_weight_grad is None:
-        fp32_weight_grad = student_weight.dtype in (torch.bfloat16, torch.float16)
-    chunk = _chunk_rows(student_weight.shape[0], student_weight.dtype, h_s.device, chunk_size)
+    half = student_weight.dtype in (torch.bfloat16, torch.float16)
+    fp32_weight_grad = half if fp32_weight_grad is None else fp32_weight_grad
+    fp32_logits = half if fp32_logits is None else fp32_logits
+    chunk = _chunk_rows(student_weight.shape[0], torch.float32 if fp32_logits else student_weight.dtype, h_s.device,
+                        chunk_size)
 
     if teacher_topk is None:
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
@@ -200,7 +230,9 @@ def fused_linear_distill_loss(
         def objective(rows, zs, lab, row_weights):
             # The chunk's losses and the gradient of sum(row_weights * loss) in one op (one read of the logits).
             with torch.no_grad():
-                zt, _ = _logits(h_t[rows], w_t, b_t, float(teacher_logit_scale), teacher_softcap)
+                zt, _ = _logits(h_t[rows], w_t, b_t, float(teacher_logit_scale), teacher_softcap, fp32_logits)
+            if zt.dtype != zs.dtype:  # the two heads' dtypes may differ; the kernels take one
+                zt = zt.to(zs.dtype)
             return torch.ops.dpkd.distill_forward_grad(zs, zt, lab, row_weights, *options)
     else:
         k = teacher_topk[0].shape[-1]
@@ -213,7 +245,7 @@ def fused_linear_distill_loss(
             st[:, 2] = loss
             return loss, st, g
 
-    opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad))
+    opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
     loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts)
     if return_stats:
         return loss, losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
