@@ -1,6 +1,6 @@
 """Registration glue for the compiled ops: fake (meta) kernels, so torch.compile traces the ops without
 graph breaks, and autograd formulas. The ops themselves are defined once, in C++, with TORCH_LIBRARY
-(csrc/torch/distill_ops.cpp); importing dpkd._C registers them."""
+(csrc/torch/distill_ops.cpp, clipping_ops.cpp); importing dpkd._C registers them."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ def _distill_forward_grad_fake(student, teacher, labels, grad_weight, divergence
 @torch.library.register_fake("dpkd::scale_unless_one_")
 def _scale_unless_one_fake(self, scale):
     return self
+
+
+@torch.library.register_fake("dpkd::ghost_sq_norms")
+def _ghost_sq_norms_fake(activations, output_grads, block):
+    dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
+    return activations.new_empty(activations.shape[0], dtype=dtype)
 
 
 # The forward op's arguments after (student, teacher, labels) that the backward op takes too.

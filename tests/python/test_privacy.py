@@ -38,6 +38,19 @@ class TiedLM(torch.nn.Module):
         return self.head(self.rms(torch.tanh(self.proj(self.norm(self.emb(ids))))))
 
 
+class SharedSeqMLP(torch.nn.Module):
+    """Token-wise layers over [B, T, 4], l1 applied twice: long sequences of narrow layers, whose per-example
+    gradients are cheaper than ghost norms (instantiated as the gradients arrive, summed over calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = torch.nn.Linear(4, 4)
+        self.l2 = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(torch.tanh(self.l1(x))))).mean(1)
+
+
 def seq_loss(logits, labels):
     """Each example's own token-mean cross entropy over its valid (non -100) tokens: [B]."""
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
@@ -56,6 +69,10 @@ def make_case(kind, b=6, seed=0):
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                     torch.nn.Linear(3 * 4 * 4, 3))
         x, y = torch.randn(b, 1, 6, 6, generator=g), torch.randint(0, 3, (b,), generator=g)
+        loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    elif kind == "shared_seq":
+        model = SharedSeqMLP()
+        x, y = torch.randn(b, 10, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
         loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
     elif kind == "tied_lm":
         model = TiedLM()
@@ -80,7 +97,7 @@ def brute_force(model, x, y, loss):
     return per, norms
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm", "shared_seq"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_norms_and_clipped_step_equal_brute_force(kind, reduction):
     model, x, y, loss = make_case(kind)
@@ -93,6 +110,8 @@ def test_norms_and_clipped_step_equal_brute_force(kind, reduction):
     dp.zero_grad()
     per_example = loss(model(x), y)
     (per_example.sum() if reduction == "sum" else per_example.mean()).backward()
+    instantiated = {"shared_seq": {"l1": True, "l2": True}, "tied_lm": {"proj": True, "head": False}}
+    assert dp.engine.instantiate == instantiated.get(kind, dp.engine.instantiate)
     dp.step()
     torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-12)
     coef = (c_max / (norms + 1e-6)).clamp(max=1)
@@ -112,6 +131,40 @@ def test_ghost_and_instantiated_norms_agree():
     long_a, long_g = torch.randn(2, 50, 7, generator=g), torch.randn(2, 50, 4, generator=g)
     torch.testing.assert_close(layers.linear_sq_norms(long_a, long_g, weight=True, bias=False),
                                torch.bmm(long_g.transpose(1, 2), long_a).pow(2).sum((1, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,block", [(1, 128), (37, 8), (37, 37), (40, 8), (64, 1000), (300, 128)])
+def test_blocked_ghost_norms_equal_instantiated_per_example_gradients(dtype, tokens, block):
+    """dpkd::ghost_sq_norms over token blocks (ragged last block, one block, one token) against the squared
+    norms of the instantiated float64 per-example gradients G_i^T A_i of the same (rounded) inputs."""
+    g = torch.Generator().manual_seed(tokens + block)
+    a = (torch.randn(3, tokens, 9, generator=g, dtype=torch.float64) * 3).to(dtype)
+    gr = torch.randn(3, tokens, 5, generator=g, dtype=torch.float64).to(dtype)
+    got = torch.ops.dpkd.ghost_sq_norms(a, gr, block)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = torch.bmm(gr.double().transpose(1, 2), a.double()).pow(2).sum((1, 2))
+    torch.testing.assert_close(got.double(), want, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+    with pytest.raises(ValueError, match="block"):
+        torch.ops.dpkd.ghost_sq_norms(a, gr, 0)
+    with pytest.raises(ValueError, match="agree in batch and tokens"):
+        torch.ops.dpkd.ghost_sq_norms(a[:2], gr, block)
+
+
+def test_embedding_norms_sum_repeated_ids_and_skip_padding():
+    from dpkd.privacy import layers
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 6, (4, 23), generator=g)  # many repeats within each example
+    ids[1, 5:] = 0
+    gr = torch.randn(4, 23, 5, generator=g, dtype=torch.float64)
+    for padding_idx in (None, 0):
+        per_example = torch.zeros(4, 6, 5, dtype=torch.float64)
+        for i in range(4):
+            per_example[i].index_add_(0, ids[i], gr[i])
+        if padding_idx is not None:
+            per_example[:, padding_idx] = 0
+        torch.testing.assert_close(layers.embedding_sq_norms(ids, gr, padding_idx), per_example.pow(2).sum((1, 2)),
+                                   rtol=1e-12, atol=0)
 
 
 def test_micro_batches_accumulate_with_one_noise_draw():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import typing
 from typing import Literal
 
 import torch
@@ -45,8 +46,17 @@ def _trainable_bias(module: torch.nn.Module) -> bool:
 
 @dataclasses.dataclass
 class _Call:
+    """One forward call of a layer: its inputs, then its output gradient, or, for a linear layer whose
+    per-example gradients are cheaper than its ghost norm, those gradients (and the bias's) instead of both."""
     inputs: tuple
     grad: torch.Tensor | None = None
+    rows: int = 0
+    per_example: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+    on_grad: typing.Callable[[_Call, torch.Tensor], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.rows > 0
 
 
 class _CapturingLinear(torch.autograd.Function):
@@ -62,7 +72,7 @@ class _CapturingLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ctx.call.grad = g.detach()
+        ctx.call.on_grad(ctx.call, g.detach())
         (weight,) = ctx.saved_tensors
         gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
         return gx, None, None, None, None
@@ -76,7 +86,7 @@ class _CapturingEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ctx.call.grad = g.detach()
+        ctx.call.on_grad(ctx.call, g.detach())
         return None, None, None, None, None
 
 
@@ -118,6 +128,7 @@ class ClippingEngine:
                 raise ValueError("parameter shared by " + ", ".join(n for n, _, _ in entries)
                                  + ": only an embedding tied to a linear head is supported")
         self.calls: dict[str, list[_Call]] = {name: [] for name in self.layers}
+        self.instantiate: dict[str, bool] = {}  # linear layers: per-example gradients (True) or ghost norms
         # Rows per privacy unit: k consecutive batch rows (e.g. a prompt's k sampled continuations)
         # form one example, whose gradient is the sum over its rows.
         self.rows_per_example = 1
@@ -137,6 +148,7 @@ class ClippingEngine:
 
     def _capturing_forward(self, name: str, kind: str):
         calls, anchor = self.calls[name], self.anchor
+        receive = self._keep_grad if kind == "embedding" else self._linear_grad(name)
 
         def forward(module, x):
             if kind == "conv1d_hf":
@@ -147,7 +159,7 @@ class ClippingEngine:
                 if kind == "embedding":
                     return F.embedding(x, weight, module.padding_idx)
                 return F.linear(x, weight, bias)
-            call = _Call((x.detach(),))
+            call = _Call((x.detach(),), on_grad=receive)
             calls.append(call)
             if kind == "embedding":
                 return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
@@ -162,10 +174,37 @@ class ClippingEngine:
             self.calls[name].append(call)
 
             def capture(g):
-                call.grad = g.detach()
+                self._keep_grad(call, g.detach())
 
             output.register_hook(capture)
         return hook
+
+    @staticmethod
+    def _keep_grad(call: _Call, g: torch.Tensor) -> None:
+        call.grad, call.rows = g, g.shape[0]
+
+    def _linear_grad(self, name: str):
+        """Output-gradient receiver of a linear layer. Where instantiating is cheaper than the ghost norm
+        (2 T^2 >= d p, decided at the layer's first call of a batch), the per-example gradients G_i^T A_i are
+        formed right away and the layer's inputs and output gradients dropped: they are no smaller than the
+        per-example gradients then, and the clipped sum becomes a weighted sum of them instead of a matmul."""
+        module, _ = self.layers[name]
+        tied_head = any(head == name for _, head in self.tied)  # its cross term with the embedding needs A, G
+
+        def receive(call: _Call, g: torch.Tensor) -> None:
+            a = layers.flatten_tokens(call.inputs[0])
+            g3 = layers.flatten_tokens(g)
+            if name not in self.instantiate:
+                self.instantiate[name] = not tied_head and not layers.use_ghost(
+                    g3.shape[1] * self.rows_per_example, a.shape[-1], g3.shape[-1])
+            if not self.instantiate[name] or g3.shape[0] % self.rows_per_example:  # flush names the bad shape
+                self._keep_grad(call, g)
+                return
+            a, g3 = self._group(a), self._group(g3)
+            call.per_example = layers.linear_per_example_grads(a, g3, weight=module.weight.requires_grad,
+                                                               bias=_trainable_bias(module))
+            call.inputs, call.rows = (), g.shape[0]
+        return receive
 
     def remove(self) -> None:
         for h in self.handles:
@@ -177,14 +216,15 @@ class ClippingEngine:
     def clear(self) -> None:
         for calls in self.calls.values():
             calls.clear()
+        self.instantiate.clear()
 
     @property
     def pending(self) -> bool:
-        return any(c.grad is not None for calls in self.calls.values() for c in calls)
+        return any(c.done for calls in self.calls.values() for c in calls)
 
     def _batch_size(self) -> int:
         """Examples in the captured batch (rows / rows_per_example)."""
-        sizes = {c.grad.shape[0] for calls in self.calls.values() for c in calls if c.grad is not None}
+        sizes = {c.rows for calls in self.calls.values() for c in calls if c.done}
         if len(sizes) != 1:
             raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: the batch dimension must be first "
                              "everywhere (pass Hugging Face models position_ids of shape [B, T], not [1, T]), "
@@ -201,13 +241,17 @@ class ClippingEngine:
 
     def _tokens(self, name: str):
         """(inputs, output grads) of every call of a layer, calls concatenated as extra tokens (a layer called
-        once is used as captured, without a copy); output grads not yet scaled by the loss reduction."""
+        once is used as captured, without a copy); output grads not yet scaled by the loss reduction. For an
+        instantiated linear layer: ("per_example", weight, bias), summed over its calls."""
         module, kind = self.layers[name]
-        done = [c for c in self.calls[name] if c.grad is not None]
+        done = [c for c in self.calls[name] if c.done]
         if not done:
             return None
         if kind not in ("embedding", "linear", "conv1d_hf"):
             return done
+        if self.instantiate.get(name):
+            parts = zip(*(c.per_example for c in done))
+            return ("per_example", *(None if p[0] is None else sum(p[1:], p[0]) for p in parts))
 
         def tokens(xs):
             return self._group(xs[0] if len(xs) == 1 else torch.cat(xs, 1))
@@ -237,7 +281,9 @@ class ClippingEngine:
         for name, (module, kind) in self.layers.items():
             if data[name] is None:
                 continue
-            if kind in ("linear", "conv1d_hf"):
+            if kind in ("linear", "conv1d_hf") and self.instantiate.get(name):
+                add(scale**2 * sum(p.reshape(batch, -1).pow(2).sum(1) for p in data[name][1:] if p is not None))
+            elif kind in ("linear", "conv1d_hf"):
                 a, g = data[name]
                 add(scale**2 * layers.linear_sq_norms(a, g, weight=module.weight.requires_grad,
                                                       bias=_trainable_bias(module)))
@@ -275,9 +321,13 @@ class ClippingEngine:
             if data[name] is None:
                 continue
             if kind in ("linear", "conv1d_hf"):
-                a, g = data[name]
-                weight, bias = layers.linear_clipped_sums(a, g, captured_coef)
-                accumulate(module.weight, weight if kind == "linear" else weight.t())
+                if self.instantiate.get(name):
+                    weight, bias = (None if p is None else torch.tensordot(captured_coef.to(p.dtype), p, 1)
+                                    for p in data[name][1:])
+                else:
+                    weight, bias = layers.linear_clipped_sums(*data[name], captured_coef)
+                if module.weight.requires_grad:
+                    accumulate(module.weight, weight if kind == "linear" else weight.t())
                 if _trainable_bias(module):
                     accumulate(module.bias, bias)
             elif kind == "embedding":

@@ -2,8 +2,9 @@
 captured inputs A and output gradients G (batch first; every other leading dimension is "tokens").
 
 Linear-like layers never build per-example gradients unless that is cheaper: the squared norm of
-G_i^T A_i is <A_i A_i^T, G_i G_i^T> (ghost norm: 2 T^2 (d + p) flops, T^2 memory) or the instantiated
-G_i^T A_i (2 T d p flops, d p memory), chosen per layer: ghost iff 2 T^2 < d p. The clipped sum
+G_i^T A_i is <A_i A_i^T, G_i G_i^T> (ghost norm, the C++ op dpkd::ghost_sq_norms: at most 2 T^2 (d + p)
+flops, about half of it for long sequences, block^2 memory) or the instantiated G_i^T A_i (2 T d p flops,
+d p memory), chosen per layer: ghost iff 2 T^2 < d p. The clipped sum
 sum_i c_i G_i^T A_i is one ordinary weight-gradient matmul after scaling the rows of G by c_i. Small
 layers of other kinds instantiate per-example gradients: LayerNorm and RMSNorm in closed form, others
 (GroupNorm, convolutions, Hugging Face's RMSNorm) through torch.func.
@@ -13,6 +14,13 @@ All norms are computed in fp32 (float64 inputs stay float64).
 from __future__ import annotations
 
 import torch
+
+from .. import _ops  # noqa: F401  (registers torch.ops.dpkd.*)
+
+# Tokens per Gram block of the ghost norm: blocks that stay in cache on the CPU (4x faster than whole
+# [T, T] Grams at T = 1024), fewer and larger matmuls on GPUs.
+_GHOST_BLOCK = {"cpu": 128}
+_GHOST_BLOCK_DEFAULT = 512
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -32,16 +40,25 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: boo
     """Squared per-example norms of a linear layer's trainable weight and/or bias gradient;
     a [B,T,d], g [B,T,p]."""
     dt = _acc_dtype(a)
-    a, g = a.to(dt), g.to(dt)
     sq = torch.zeros(g.shape[0], dtype=dt, device=g.device)
     if weight:
         if use_ghost(a.shape[1], a.shape[2], g.shape[2]):
-            sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+            block = _GHOST_BLOCK.get(a.device.type, _GHOST_BLOCK_DEFAULT)
+            sq = sq + torch.ops.dpkd.ghost_sq_norms(a, g, block)
         else:
-            sq = sq + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+            sq = sq + torch.bmm(g.to(dt).transpose(1, 2), a.to(dt)).pow(2).sum((1, 2))
     if bias:
-        sq = sq + g.sum(1).pow(2).sum(1)
+        sq = sq + g.to(dt).sum(1).pow(2).sum(1)
     return sq
+
+
+def linear_per_example_grads(a: torch.Tensor, g: torch.Tensor, *, weight: bool,
+                             bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-example gradients of a linear layer's weight ([B, p, d]: G_i^T A_i) and bias ([B, p]); a [B,T,d],
+    g [B,T,p]; None for a frozen one."""
+    dt = _acc_dtype(a)
+    g = g.to(dt)
+    return (torch.bmm(g.transpose(1, 2), a.to(dt)) if weight else None), (g.sum(1) if bias else None)
 
 
 def linear_clipped_sums(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor):
@@ -58,12 +75,18 @@ def linear_clipped_sums(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor):
 
 
 def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
-    """sum_{t,s} [x_t = x_s] g_t . g_s per example; ids [B,T], g [B,T,d]. The padding row gets no gradient."""
+    """Squared norm of each example's embedding gradient, whose row v is the sum of g_t over the tokens with
+    x_t = v: tokens sorted by id within each example, each run of equal ids summed (no [T, T] matrix, no
+    host sync); ids [B,T], g [B,T,d]. The padding row gets no gradient."""
     g = g.to(_acc_dtype(g))
     if padding_idx is not None:
         g = g * (ids != padding_idx)[..., None]
-    same = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
-    return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    sorted_ids, order = ids.sort(dim=1)
+    run = torch.cat([torch.zeros_like(sorted_ids[:, :1]), (sorted_ids[:, 1:] != sorted_ids[:, :-1]).long()], 1)
+    run = run.cumsum(1)[..., None].expand(-1, -1, g.shape[-1])  # [B, T, d]: the run of each sorted token
+    sorted_g = g.gather(1, order[..., None].expand(-1, -1, g.shape[-1]))
+    rows = torch.zeros_like(g).scatter_add_(1, run, sorted_g)
+    return rows.pow(2).sum((1, 2))
 
 
 def embedding_clipped_sum(ids: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, num_embeddings: int,
