@@ -51,6 +51,37 @@ class SharedSeqMLP(torch.nn.Module):
         return self.l2(torch.tanh(self.l1(torch.tanh(self.l1(x))))).mean(1)
 
 
+class GemmaStyleRMSNorm(torch.nn.Module):
+    """An RMSNorm as Hugging Face writes them: x_hat in fp32, scaled by (1 + w), cast back."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.3 * torch.randn(d))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x_hat * (1.0 + self.weight.float())).type_as(x)
+
+
+class WeightFirstRMSNorm(GemmaStyleRMSNorm):
+    """Named like an RMSNorm, but the weight scales the input before the normalisation."""
+
+    def forward(self, x):
+        x = x * self.weight
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class NormedSeq(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.l1, self.norm, self.l2 = torch.nn.Linear(4, 6), norm, torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.l2(self.norm(torch.tanh(self.l1(x)))).mean(1)
+
+
 def seq_loss(logits, labels):
     """Each example's own token-mean cross entropy over its valid (non -100) tokens: [B]."""
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
@@ -73,6 +104,10 @@ def make_case(kind, b=6, seed=0):
     elif kind == "shared_seq":
         model = SharedSeqMLP()
         x, y = torch.randn(b, 10, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
+        loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    elif kind in ("gemma_rmsnorm", "weight_first_rmsnorm"):
+        model = NormedSeq((GemmaStyleRMSNorm if kind == "gemma_rmsnorm" else WeightFirstRMSNorm)(6))
+        x, y = torch.randn(b, 5, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
         loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
     elif kind == "tied_lm":
         model = TiedLM()
@@ -97,7 +132,7 @@ def brute_force(model, x, y, loss):
     return per, norms
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm", "shared_seq"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm", "shared_seq", "gemma_rmsnorm", "weight_first_rmsnorm"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_norms_and_clipped_step_equal_brute_force(kind, reduction):
     model, x, y, loss = make_case(kind)
@@ -113,6 +148,9 @@ def test_norms_and_clipped_step_equal_brute_force(kind, reduction):
     instantiated = {"shared_seq": {"l1": True, "l2": True}, "tied_lm": {"proj": True, "head": False}}
     assert dp.engine.instantiate == instantiated.get(kind, dp.engine.instantiate)
     dp.step()
+    # An RMSNorm-named class takes the closed form only where it agrees with torch.func.
+    closed_form = {"gemma_rmsnorm": {"norm": True}, "weight_first_rmsnorm": {"norm": False}}
+    assert dp.engine.closed_form_ok == closed_form.get(kind, {})
     torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-12)
     coef = (c_max / (norms + 1e-6)).clamp(max=1)
     for n, p in model.named_parameters():
@@ -136,19 +174,21 @@ def test_ghost_and_instantiated_norms_agree():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,block", [(1, 128), (37, 8), (37, 37), (40, 8), (64, 1000), (300, 128)])
 def test_blocked_ghost_norms_equal_instantiated_per_example_gradients(dtype, tokens, block):
-    """dpkd::ghost_sq_norms over token blocks (ragged last block, one block, one token) against the squared
-    norms of the instantiated float64 per-example gradients G_i^T A_i of the same (rounded) inputs."""
+    """dpkd::ghost_sq_norms of two layers reading one input, over token blocks (ragged last block, one block,
+    one token), against the squared norms of the instantiated float64 per-example gradients G_i^T A_i of the
+    same (rounded) inputs."""
     g = torch.Generator().manual_seed(tokens + block)
     a = (torch.randn(3, tokens, 9, generator=g, dtype=torch.float64) * 3).to(dtype)
     gr = torch.randn(3, tokens, 5, generator=g, dtype=torch.float64).to(dtype)
-    got = torch.ops.dpkd.ghost_sq_norms(a, gr, block)
+    gr2 = torch.randn(3, tokens, 2, generator=g, dtype=torch.float64).to(dtype)  # a second layer reading a
+    got = torch.ops.dpkd.ghost_sq_norms(a, [gr, gr2], block)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    want = torch.bmm(gr.double().transpose(1, 2), a.double()).pow(2).sum((1, 2))
+    want = sum(torch.bmm(x.double().transpose(1, 2), a.double()).pow(2).sum((1, 2)) for x in (gr, gr2))
     torch.testing.assert_close(got.double(), want, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
     with pytest.raises(ValueError, match="block"):
-        torch.ops.dpkd.ghost_sq_norms(a, gr, 0)
+        torch.ops.dpkd.ghost_sq_norms(a, [gr], 0)
     with pytest.raises(ValueError, match="agree in batch and tokens"):
-        torch.ops.dpkd.ghost_sq_norms(a[:2], gr, block)
+        torch.ops.dpkd.ghost_sq_norms(a[:2], [gr], block)
 
 
 def test_embedding_norms_sum_repeated_ids_and_skip_padding():

@@ -36,6 +36,12 @@ def use_ghost(tokens: int, d: int, p: int) -> bool:
     return 2 * tokens * tokens < d * p
 
 
+def ghost_sq_norms(a: torch.Tensor, gs: list[torch.Tensor]) -> torch.Tensor:
+    """sum_l ||G_l,i^T A_i||^2 per example for layers l that read the same input a [B,T,d]; gs: their
+    output gradients [B,T,p_l] (ghost norms, A's Gram formed once)."""
+    return torch.ops.dpkd.ghost_sq_norms(a, gs, _GHOST_BLOCK.get(a.device.type, _GHOST_BLOCK_DEFAULT))
+
+
 def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: bool) -> torch.Tensor:
     """Squared per-example norms of a linear layer's trainable weight and/or bias gradient;
     a [B,T,d], g [B,T,p]."""
@@ -43,8 +49,7 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: boo
     sq = torch.zeros(g.shape[0], dtype=dt, device=g.device)
     if weight:
         if use_ghost(a.shape[1], a.shape[2], g.shape[2]):
-            block = _GHOST_BLOCK.get(a.device.type, _GHOST_BLOCK_DEFAULT)
-            sq = sq + torch.ops.dpkd.ghost_sq_norms(a, g, block)
+            sq = sq + ghost_sq_norms(a, [g])
         else:
             sq = sq + torch.bmm(g.to(dt).transpose(1, 2), a.to(dt)).pow(2).sum((1, 2))
     if bias:
@@ -129,6 +134,23 @@ def per_example_grads(module: torch.nn.Module, params: dict[str, torch.nn.Parame
 
     grads = torch.func.vmap(one)(*inputs, g)
     return {n: gr.to(_acc_dtype(gr)) for n, gr in zip(names, grads)}
+
+
+def hf_rmsnorm_per_example_grads(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
+                                 trainable: set[str]) -> dict[str, torch.Tensor] | None:
+    """Per-example weight gradients of a Hugging Face-style RMSNorm (LlamaRMSNorm, Gemma's (1 + w) form, ...):
+    y = w' * x_hat with x_hat = x / sqrt(mean(x^2) + eps) formed in fp32 and cast back, so dy/dw = x_hat and
+    the gradient is sum over tokens of g * x_hat. None if the module does not look like one. A class may
+    carry the name and compute something else: the engine checks this against torch.func once per module."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (not type(module).__name__.endswith("RMSNorm") or trainable != {"weight"} or not isinstance(eps, float)
+            or weight is None or weight.dim() != 1 or weight.shape[0] != x.shape[-1]):
+        return None
+    x32 = x.float()
+    x_hat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    dt = _acc_dtype(x)
+    return {"weight": (g.to(dt) * x_hat.to(dt)).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
 
 
 def norm_per_example_grads(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
