@@ -169,9 +169,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cpu(
   check_grad_weight(grad_weight, student);
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);  // checked and made row-contiguous once for both
-  auto [loss, stats, state] = forward_cpu(p);
+  auto [loss, stats, state] = empty_outputs(p.student);
   at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
-  backward_into_cpu(p, grad_weight, state, grad);
+  const at::Tensor w = grad_weight.to(at::kFloat).contiguous();
+  dispatch_dtype(p.student.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    forward_backward<T>(p.student.size(0), view<T>(p.student), view<T>(p.teacher), p.labels_ptr(), w.data_ptr<float>(),
+                        p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(),
+                        reinterpret_cast<T*>(grad.data_ptr()), grad.stride(0));
+  });
   return {loss, stats, grad};
 }
 
@@ -297,6 +303,7 @@ TORCH_LIBRARY(dpkd, m) {
         "float temperature, float teacher_mix, bool standardize, float hard_label_weight, int ignore_index, "
         "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   // The forward and, in the same pass where the device allows, the gradient of sum_i grad_weight[i] loss[i].
+  // Rows with grad_weight 0 may be skipped (the CPU kernel does): their loss and statistics are then 0 and NaN.
   m.def("distill_forward_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_weight, str divergence, "
         "float beta, float alpha, float temperature, float teacher_mix, bool standardize, float hard_label_weight, "
         "int ignore_index) -> (Tensor, Tensor, Tensor)");

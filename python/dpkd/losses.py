@@ -162,20 +162,29 @@ def _fused(
         t2 = t2.detach()  # no gradient flows into the teacher unless asked for
     options = (divergence, float(beta), float(alpha), float(temperature), float(teacher_mix), bool(standardize),
                float(hard_label_weight), int(ignore_index))
+    skipped = None
     if reduce_with is not None:
         row_weights, reduce = reduce_with
-        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights.reshape(-1).float(),
+        row_weights = row_weights.reshape(-1).float()
+        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights,
                                               lambda per_row: reduce(per_row.reshape(lead)), *options)
+        # Rows without weight carry nothing: the CPU kernel skips them, and on every device their statistics
+        # read NaN and their logits are not checked.
+        skipped = row_weights == 0
+        stats = stats.masked_fill(skipped[:, None], float("nan"))
     else:
         loss, stats = _ops.distill(s2, t2, l1, *options, bool(inplace_backward))
         loss = loss.reshape(lead)
     if not torch.compiler.is_compiling():
         # The kernels see NaN (and +inf) as NaN row statistics; name the culprit instead of returning NaN.
         # One host synchronisation for both models; the row is looked up only on failure.
-        bad = torch.isnan(stats[:, :2]).any(0).tolist() if stats.shape[0] else [False, False]
+        nan = torch.isnan(stats[:, :2])
+        if skipped is not None:
+            nan &= ~skipped[:, None]
+        bad = nan.any(0).tolist() if stats.shape[0] else [False, False]
         for column, name in ((0, "student_logits"), (1, "teacher_logits")):
             if bad[column]:
-                row = int(torch.isnan(stats[:, column]).nonzero()[0, 0])
+                row = int(nan[:, column].nonzero()[0, 0])
                 raise ValueError(f"{name} contains NaN or +inf (first in flattened row {row})")
     return loss, stats.reshape(*lead, 5)
 
@@ -278,8 +287,11 @@ def distill_loss(
         fuse_backward: where the loss reduces to a scalar (``sum``, ``mean``, ``batchmean``) without
             ``select``, ``teacher_grad``, ``inplace_backward`` or differentiable ``weights``, compute the
             student gradient in the forward kernel: on a Hopper GPU, forward and backward then read the
-            logits once. The [N, V] gradient is held from the forward to the backward pass, and the loss
-            can be backpropagated through once.
+            logits once; on the CPU each row's backward follows its forward while the row is in cache. The
+            [N, V] gradient is held from the forward to the backward pass, and the loss can be
+            backpropagated through once. Tokens without weight (masked, ignored, weight 0) are not computed
+            (on the CPU; on CUDA they are, and discarded): their statistics are NaN and their logits are not
+            checked for NaN.
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,

@@ -105,6 +105,32 @@ TEST(DistillCpu, InPlaceBackwardEqualsOutOfPlace) {
   for (int64_t j = 0; j < v; ++j) ASSERT_EQ(grad[2 * v + j], 0.f);  // zero upstream gradient
 }
 
+TEST(DistillCpu, ForwardBackwardEqualsTheTwoPassesAndSkipsRowsWithoutWeight) {
+  const int64_t n = 4, v = 300;
+  auto s = random_logits(n * v, 2.f, 5), t = random_logits(n * v, 2.f, 6);
+  s[1 * v + 7] = NAN;  // a row without weight is not even read
+  RowOptions o;
+  o.objective = make_objective(Divergence::kJSD, 0.3, 0.1);
+  const std::vector<float> g{0.5f, 0.f, 1.f, 2.f};
+  std::vector<float> loss(n), stats(n * kNumStats), state(n * kRowState), grad(n * v);
+  forward<float>(n, {s.data(), v, v}, {t.data(), v, v}, nullptr, o, loss.data(), stats.data(), state.data());
+  backward<float>(n, g.data(), {s.data(), v, v}, {t.data(), v, v}, nullptr, state.data(), o, grad.data(), v);
+  std::vector<float> loss2(n), stats2(n * kNumStats), state2(n * kRowState), grad2(n * v, 1.f);
+  forward_backward<float>(n, {s.data(), v, v}, {t.data(), v, v}, nullptr, g.data(), o, loss2.data(), stats2.data(),
+                          state2.data(), grad2.data(), v);
+  for (int64_t i = 0; i < n; ++i) {
+    if (g[i] == 0.f) {
+      EXPECT_EQ(loss2[i], 0.f);
+      for (int k = 0; k < kNumStats; ++k) EXPECT_TRUE(std::isnan(stats2[i * kNumStats + k]));
+      for (int64_t j = 0; j < v; ++j) ASSERT_EQ(grad2[i * v + j], 0.f);
+      continue;
+    }
+    EXPECT_EQ(loss2[i], loss[i]);
+    for (int k = 0; k < kNumStats; ++k) EXPECT_EQ(std::isnan(stats2[i * kNumStats + k]), std::isnan(stats[i * kNumStats + k]));
+    for (int64_t j = 0; j < v; ++j) ASSERT_EQ(grad2[i * v + j], grad[i * v + j]) << i << " " << j;
+  }
+}
+
 TEST(DistillCpu, HalfAndBFloat16RoundTrip) {
   for (float f : {0.f, -0.f, 1.f, -2.5f, 65504.f, 6.1035156e-05f, 5.9604645e-08f, 1e-3f, 3.14159f}) {
     EXPECT_EQ(half_to_float(float_to_half(f)), f == 3.14159f ? 3.140625f : (f == 1e-3f ? 0.0010004044f : f)) << f;

@@ -415,6 +415,30 @@ def test_gradient_from_forward_equals_separate_backward(reduction):
     assert results[1][1][0, 1].abs().max() == 0 and results[1][1][1, 3].abs().max() == 0
 
 
+def test_tokens_without_weight_are_skipped_by_the_fused_loss():
+    """The fused path computes nothing for tokens without weight: their statistics are NaN, their logits are
+    not checked (NaN in a padded row is no error), and loss and gradient equal the unfused path's."""
+    s, t = logits(6, 301, seed=13), logits(6, 301, seed=14)
+    mask = torch.tensor([True, False, True, True, False, True])
+    fused, unfused = [], []
+    for fuse, out in ((True, fused), (False, unfused)):
+        sd = s.clone().requires_grad_(True)
+        loss, stats = dpkd.generalized_jsd(sd, t, mask=mask, fuse_backward=fuse, return_stats=True)
+        loss.backward()
+        out.extend([loss.detach(), torch.stack(list(stats), -1), sd.grad])
+    torch.testing.assert_close(fused[0], unfused[0], rtol=0, atol=0)
+    assert torch.isnan(fused[1][~mask]).all() and not torch.isnan(unfused[1][~mask][:, :3]).any()  # no labels
+    torch.testing.assert_close(fused[1][mask], unfused[1][mask], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fused[2], unfused[2], rtol=1e-6, atol=1e-9)
+    s[1, 7] = t[4, 3] = float("nan")  # padded rows with garbage
+    sd = s.clone().requires_grad_(True)
+    dpkd.generalized_jsd(sd, t, mask=mask).backward()
+    assert torch.isfinite(sd.grad).all() and (sd.grad[~mask] == 0).all()
+    s[0, 7] = float("nan")  # a row that counts
+    with pytest.raises(ValueError, match=r"student_logits contains NaN .* row 0"):
+        dpkd.generalized_jsd(s.clone().requires_grad_(True), t, mask=mask)
+
+
 def test_gradient_from_forward_is_used_once_and_skipped_without_grad():
     s, t = logits(4, 50, seed=1), logits(4, 50, seed=2)
     sd = s.clone().requires_grad_(True)

@@ -350,9 +350,32 @@ void backward(int64_t n_rows, const float* grad_loss, Logits<T> student, Logits<
   }
 }
 
+template <typename T>
+void forward_backward(int64_t n_rows, Logits<T> student, Logits<T> teacher, const int64_t* labels,
+                      const float* grad_loss, const RowOptions& options, float* loss, float* stats, float* row_state,
+                      T* grad_student, int64_t grad_student_stride) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t i = 0; i < n_rows; ++i) {
+    Row<T> row = make_row(student, teacher, i, options);
+    float* st = row_state + i * kRowState;
+    if (grad_loss[i] == 0.f) {  // a row without weight: nothing to compute
+      loss[i] = 0.f;
+      for (int k = 0; k < kNumStats; ++k) stats[i * kNumStats + k] = nan;
+      for (int k = 0; k < kRowState; ++k) st[k] = 0.f;
+    } else {
+      forward_row(row, labels, i, options, loss + i, stats + i * kNumStats, st);
+    }
+    // Right after the forward pass, while the row is still in cache (this writes zeros for a skipped row).
+    backward_row(row, grad_loss[i], labels, i, options, st, grad_student + i * grad_student_stride);
+  }
+}
+
 #define DPKD_INSTANTIATE(T)                                                                                      \
   template void forward<T>(int64_t, Logits<T>, Logits<T>, const int64_t*, const RowOptions&, float*, float*,   \
                            float*);                                                                            \
+  template void forward_backward<T>(int64_t, Logits<T>, Logits<T>, const int64_t*, const float*,               \
+                                    const RowOptions&, float*, float*, float*, T*, int64_t);                   \
   template void backward<T>(int64_t, const float*, Logits<T>, Logits<T>, const int64_t*, const float*,         \
                             const RowOptions&, T*, int64_t);
 DPKD_INSTANTIATE(float)

@@ -35,4 +35,11 @@ template <typename T>
 void backward(int64_t n_rows, const float* grad_loss, Logits<T> student, Logits<T> teacher, const int64_t* labels,
               const float* row_state, const RowOptions& options, T* grad_student, int64_t grad_student_stride);
 
+// forward and then backward, row by row (each row's second read comes from cache), for the gradient of
+// sum_i grad_loss[i] loss_i. Rows with grad_loss[i] == 0 are skipped: loss 0, statistics NaN, gradient 0.
+template <typename T>
+void forward_backward(int64_t n_rows, Logits<T> student, Logits<T> teacher, const int64_t* labels,
+                      const float* grad_loss, const RowOptions& options, float* loss, float* stats, float* row_state,
+                      T* grad_student, int64_t grad_student_stride);
+
 }  // namespace dpkd::distill
