@@ -352,7 +352,13 @@ def _hf_model(kind):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_lora"])
-def test_hugging_face_causal_lms_with_padding_equal_brute_force(kind):
+@pytest.mark.parametrize("norms", ["ghost", "instantiated"])
+def test_hugging_face_causal_lms_with_padding_equal_brute_force(kind, norms, monkeypatch):
+    """norms: the layers' own choice (ghost norms at these sizes), or per-example gradients everywhere
+    (formed as the gradients arrive; GPT-2's Conv1D layers hold their weights transposed)."""
+    if norms == "instantiated":
+        from dpkd.privacy import layers
+        monkeypatch.setattr(layers, "use_ghost", lambda tokens, d, p: False)
     torch.manual_seed(0)
     model = _hf_model(kind.removesuffix("_lora"))
     if kind.endswith("_lora"):  # PEFT LoRA adapters: only they train, through frozen base layers
