@@ -291,6 +291,7 @@ class ClippingEngine:
         sq = None
         generic_grads = {}
         ghost: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # input -> (input, output grads)
+        bias_grads = {}  # linear layers: per-example bias gradients [B, p] (instantiated layers: in data)
 
         def add(v):
             nonlocal sq
@@ -304,7 +305,8 @@ class ClippingEngine:
             elif kind in ("linear", "conv1d_hf"):
                 a, g = data[name]
                 if _trainable_bias(module):
-                    add(scale**2 * layers.linear_sq_norms(a, g, weight=False, bias=True))
+                    bias_grads[name] = layers.linear_per_example_grads(a, g, weight=False, bias=True)[1]
+                    add(scale**2 * bias_grads[name].pow(2).sum(1))
                 if module.weight.requires_grad and layers.use_ghost(a.shape[1], a.shape[2], g.shape[2]):
                     # Layers that read the very same tensor share its Gram.
                     key = (a.data_ptr(), a.shape, a.stride(), a.dtype, a.device)
@@ -342,6 +344,9 @@ class ClippingEngine:
         coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         captured_coef = coef * scale  # for the captured (unscaled) output gradients
 
+        def weighted(per_example):  # sum_i c_i per_example[i]
+            return torch.tensordot(captured_coef.to(per_example.dtype), per_example, 1)
+
         def accumulate(p, value):
             if p.requires_grad:
                 sums[id(p)] = sums[id(p)] + value if id(p) in sums else value
@@ -350,15 +355,19 @@ class ClippingEngine:
             if data[name] is None:
                 continue
             if kind in ("linear", "conv1d_hf"):
+                # sum_i c_i (per-example gradient) where those exist, else one matmul with the rows of G scaled
                 if self.instantiate.get(name):
-                    weight, bias = (None if p is None else torch.tensordot(captured_coef.to(p.dtype), p, 1)
-                                    for p in data[name][1:])
+                    per_weight, per_bias = data[name][1:]
+                    weight = None if per_weight is None else weighted(per_weight)
                 else:
-                    weight, bias = layers.linear_clipped_sums(*data[name], captured_coef)
-                if module.weight.requires_grad:
+                    per_bias = bias_grads.get(name)
+                    weight = None
+                    if module.weight.requires_grad:
+                        weight = layers.linear_clipped_sum(*data[name], captured_coef)
+                if weight is not None:
                     accumulate(module.weight, weight if kind == "linear" else weight.t())
-                if _trainable_bias(module):
-                    accumulate(module.bias, bias)
+                if per_bias is not None:
+                    accumulate(module.bias, weighted(per_bias))
             elif kind == "embedding":
                 ids, g = data[name]
                 accumulate(module.weight, layers.embedding_clipped_sum(ids, g, captured_coef, module.num_embeddings,

@@ -66,17 +66,14 @@ def linear_per_example_grads(a: torch.Tensor, g: torch.Tensor, *, weight: bool,
     return (torch.bmm(g.transpose(1, 2), a.to(dt)) if weight else None), (g.sum(1) if bias else None)
 
 
-def linear_clipped_sums(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor):
-    """(sum_i c_i G_i^T A_i as [p, d], sum_i c_i sum_t g_t as [p])."""
+def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_i c_i G_i^T A_i as [p, d]."""
     dt = _acc_dtype(a)
     a, g, c = a.to(dt), g.to(dt), coef.to(dt)
-    # The per-example factors go on the narrower of the two (one pass over the smaller tensor); the bias
-    # sum weights the per-example token sums.
+    # The per-example factors go on the narrower of the two: one pass over the smaller tensor.
     if a.shape[-1] <= g.shape[-1]:
-        weight = g.reshape(-1, g.shape[-1]).t() @ (a * c[:, None, None]).reshape(-1, a.shape[-1])
-    else:
-        weight = (g * c[:, None, None]).reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
-    return weight, (g.sum(1) * c[:, None]).sum(0)
+        return g.reshape(-1, g.shape[-1]).t() @ (a * c[:, None, None]).reshape(-1, a.shape[-1])
+    return (g * c[:, None, None]).reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
 
 
 def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
