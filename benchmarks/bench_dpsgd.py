@@ -7,8 +7,9 @@ importable), same model, data and batch, measured in one run.
 
 Models: ``mlp`` (token embedding -> n x [LayerNorm, MLP d -> 4d -> d with residual] -> LayerNorm ->
 head), or Hugging Face ``llama`` / ``gpt2`` causal LMs built from configs (no downloads); a per-example
-token-mean cross entropy. Prints median step time and (CUDA) the step's peak allocated memory, model and
-optimizer state included, as ratios to the non-private step. A peer that cannot run a model (Opacus has
+token-mean cross entropy. Prints median step time and the step's peak memory, model and optimizer state
+included (CUDA: the allocator's peak; CPU: live tensor storage, from PyTorch's memory profiler), as ratios
+to the non-private step. A peer that cannot run a model (Opacus has
 no per-sample rule for some HF modules) is reported as failed.
 """
 
@@ -19,7 +20,7 @@ import argparse
 import torch
 
 from dpkd import privacy
-from timing import measure
+from timing import cpu_tensor_peak_mb, measure
 
 
 class Block(torch.nn.Module):
@@ -119,8 +120,12 @@ def main() -> None:
             opt.step()
         return step
 
-    rows = [("non-private", *measure(non_private(), dev, args.repeat, absolute=True)),
-            ("dpkd", *measure(dpkd_step(), dev, args.repeat, absolute=True))]
+    def run(make):
+        step = make()
+        ms, mb = measure(step, dev, args.repeat, absolute=True)
+        return ms, (cpu_tensor_peak_mb(step) if dev == "cpu" else mb)
+
+    rows = [("non-private", *run(non_private)), ("dpkd", *run(dpkd_step))]
     try:
         import opacus
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -155,15 +160,16 @@ def main() -> None:
 
         for name, make in (("Opacus hooks", opacus_step), ("Opacus ghost", opacus_ghost_step)):
             try:
-                rows.append((name, *measure(make(), dev, args.repeat, absolute=True)))
+                rows.append((name, *run(make)))
             except Exception as e:  # a peer failing (unsupported module, OOM) must not hide the others
                 print(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     except ImportError:
         pass
-    base = rows[0][1]
+    base, base_mb = rows[0][1], rows[0][2]
     print(f"{dev}: {args.model}, {args.layers} layers, d={args.hidden}, V={args.vocab}, B={args.batch}, T={args.seq}")
     for name, ms, mb in rows:
-        print(f"{name:<14} {ms:9.1f} ms  x{ms / base:5.2f}" + ("" if mb != mb else f"  peak {mb:8.0f} MB"))
+        print(f"{name:<14} {ms:9.1f} ms  x{ms / base:5.2f}"
+              + (f"  peak {mb:8.0f} MB  x{mb / base_mb:5.2f}" if mb == mb else "  peak n/a"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Shared timing for the benchmarks: median wall time after a warm-up, CUDA-synchronised, and the CUDA
-allocator's peak above what was allocated before the timed runs."""
+allocator's peak above what was allocated before the timed runs; on the CPU, the peak of live tensors
+during one call from PyTorch's memory profiler."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Callable
@@ -30,3 +32,29 @@ def measure(fn: Callable[[], object], device: str, repeat: int, absolute: bool =
         times.append((time.perf_counter() - t0) * 1e3)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
     return statistics.median(times), peak
+
+
+def cpu_tensor_peak_mb(fn: Callable[[], object]) -> float:
+    """Peak MB of live CPU tensor storage during one ``fn()``: the storages alive before the call (found
+    through the garbage collector, each once: parameters, gradients, optimizer state, anything a method
+    keeps between steps) plus the memory profiler's peak of what the call allocates. nan where the
+    profiler's memory timeline is not available or cannot follow the call (its data-flow analysis rejects
+    some in-place hook patterns, e.g. Opacus's)."""
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+    except ImportError:
+        return float("nan")
+    gc.collect()
+    before = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_sparse:
+            storage = obj.untyped_storage()
+            before[storage.data_ptr()] = storage.nbytes()
+    with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    try:
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    except (AssertionError, RuntimeError, KeyError):
+        return float("nan")
+    totals = [sum(row) for row in sizes] or [0]
+    return (sum(before.values()) + max(totals) - totals[0]) / 2**20

@@ -230,9 +230,15 @@ class ClippingEngine:
             del module.forward  # back to the class's forward
         self.handles, self.patched = [], []
 
+    def _release(self, name: str) -> None:
+        # The autograd graph (alive while the loss is) still refers to the calls: empty them, not just the list.
+        for c in self.calls[name]:
+            c.inputs, c.grad, c.per_example = (), None, None
+        self.calls[name].clear()
+
     def clear(self) -> None:
-        for calls in self.calls.values():
-            calls.clear()
+        for name in self.calls:
+            self._release(name)
         self.instantiate.clear()
 
     @property
@@ -333,6 +339,7 @@ class ClippingEngine:
                 add(sum(v.reshape(batch, -1).pow(2).sum(1) for v in total.values()))
         for a, gs in ghost.values():
             add(scale**2 * layers.ghost_sq_norms(a, gs))
+        ghost.clear()
         for emb, head in self.tied:
             if data[emb] is None or data[head] is None:
                 continue
@@ -351,29 +358,33 @@ class ClippingEngine:
             if p.requires_grad:
                 sums[id(p)] = sums[id(p)] + value if id(p) in sums else value
 
+        # Each layer's captured tensors are released once its clipped sum is formed: the parameter gradients
+        # grow as they shrink, so the step's peak stays that of the end of the backward pass.
         for name, (module, kind) in self.layers.items():
-            if data[name] is None:
+            entry, data[name] = data[name], None
+            self._release(name)
+            if entry is None:
                 continue
             if kind in ("linear", "conv1d_hf"):
                 # sum_i c_i (per-example gradient) where those exist, else one matmul with the rows of G scaled
                 if self.instantiate.get(name):
-                    per_weight, per_bias = data[name][1:]
+                    per_weight, per_bias = entry[1:]
                     weight = None if per_weight is None else weighted(per_weight)
                 else:
-                    per_bias = bias_grads.get(name)
+                    per_bias = bias_grads.pop(name, None)
                     weight = None
                     if module.weight.requires_grad:
-                        weight = layers.linear_clipped_sum(*data[name], captured_coef)
+                        weight = layers.linear_clipped_sum(*entry, captured_coef)
                 if weight is not None:
                     accumulate(module.weight, weight if kind == "linear" else weight.t())
                 if per_bias is not None:
                     accumulate(module.bias, weighted(per_bias))
             elif kind == "embedding":
-                ids, g = data[name]
+                ids, g = entry
                 accumulate(module.weight, layers.embedding_clipped_sum(ids, g, captured_coef, module.num_embeddings,
                                                                        module.padding_idx))
             else:
-                for n, per in generic_grads[name].items():
+                for n, per in generic_grads.pop(name).items():
                     c = coef.to(per.dtype).reshape(-1, *([1] * (per.dim() - 1)))
                     accumulate(getattr(module, n), (per * c).sum(0))
         self.clear()
