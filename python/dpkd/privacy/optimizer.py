@@ -100,15 +100,16 @@ class DPOptimizer:
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.engine.params:
             acc_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            # The engine's sums are fresh tensors of its own: noise and scale go in place.
             total = self._sums.get(id(p))
             total = torch.zeros(p.shape, dtype=acc_dtype, device=p.device) if total is None else total.to(acc_dtype)
             if not self.distributed or dist.get_rank() == 0:
-                total = total + noise.gaussian(p.shape, std, device=p.device, dtype=acc_dtype,
-                                               generator=self.generator, secure=self.secure_mode)
+                total.add_(noise.gaussian(p.shape, std, device=p.device, dtype=acc_dtype, generator=self.generator,
+                                          secure=self.secure_mode))
             if self.distributed:
                 dist.all_reduce(total)
             # Divide by the public expected batch size, never the realised one (which would leak it).
-            p.grad = (total / self.expected_batch_size).to(p.dtype)
+            p.grad = total.div_(self.expected_batch_size).to(p.dtype)
         self.original_optimizer.step()
         self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
