@@ -11,6 +11,8 @@ must be reduced to a scalar (sum, mean or batchmean).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _ops, losses, topk
@@ -18,21 +20,39 @@ from . import _ops, losses, topk
 __all__ = ["fused_linear_distill_loss"]
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32 from 16-bit factors without rounding the product to 16 bits: cuBLAS writes fp32
-    directly; elsewhere the factors are widened."""
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without mixed-dtype mm
-            pass
-    return a.float() @ b.float()
+@functools.cache
+def _mixed_mm(device: torch.device) -> bool:
+    """Whether bf16 x bf16 -> fp32 ``mm`` and in-place ``addmm`` (``out_dtype``) run on ``device`` (cuBLAS in
+    recent torch)."""
+    if device.type != "cuda":
+        return False
+    try:
+        x = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        acc = torch.mm(x, x, out_dtype=torch.float32)
+        torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+        return acc.dtype == torch.float32 and bool((acc == 4).all())
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _logit_weight(weight: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """The head weight as the chunk loop multiplies it: for fp32 logits from a 16-bit head on a device without
+    a mixed-precision matmul, widened once here rather than in every chunk."""
+    if fp32 and weight.dtype != torch.float32 and not _mixed_mm(weight.device):
+        return weight.float()
+    return weight
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
             softcap: float | None, fp32: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunk logits (fp32 if ``fp32``, else h's dtype) and, with softcapping, d logits / d pre-cap logits."""
-    z = _matmul_fp32(h, weight.t()) if fp32 and h.dtype != torch.float32 else h @ weight.t()
+    """Chunk logits (fp32 if ``fp32``, else h's dtype) and, with softcapping, d logits / d pre-cap logits.
+    ``weight`` comes from ``_logit_weight``: a 16-bit h meets an fp32 weight only where it was widened."""
+    if not fp32 or h.dtype == torch.float32:
+        z = h @ weight.t()
+    elif weight.dtype == torch.float32:
+        z = h.float() @ weight.t()
+    else:  # the product never rounded to 16 bits: cuBLAS writes its fp32 accumulator
+        z = torch.mm(h, weight.t(), out_dtype=torch.float32)
     if bias is not None:
         z = z + bias
     if scale != 1.0:
@@ -58,12 +78,9 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, the product never rounded below ``acc``'s precision: with an fp32 ``acc`` and 16-bit
     factors, cuBLAS accumulates into ``acc`` in place; elsewhere the factors are widened."""
     if acc.dtype != a.dtype:
-        if acc.is_cuda:
-            try:
-                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-                return
-            except (RuntimeError, TypeError):  # a torch without mixed-dtype addmm
-                pass
+        if _mixed_mm(acc.device):
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
         a, b = a.to(acc.dtype), b.to(acc.dtype)
     acc.addmm_(a, b)
 
@@ -84,10 +101,11 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if w_s.requires_grad else None
         grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=w_s.device) if b_s is not None and b_s.requires_grad \
             else None
+        w_logits = _logit_weight(w_s, fp32_logits)
         for start in range(0, active.numel(), chunk):
             rows = active[start:start + chunk]
             hs = h_s[rows]
-            zs, cap_grad = _logits(hs, w_s, b_s, s_scale, s_cap, fp32_logits)
+            zs, cap_grad = _logits(hs, w_logits, b_s, s_scale, s_cap, fp32_logits)
             lab = None if labels is None else labels[rows]
             loss, st, g = objective(rows, zs.detach(), lab, row_scale[rows].float().contiguous())
             per_token[rows], stats[rows] = loss, st
@@ -223,7 +241,8 @@ def fused_linear_distill_loss(
 
     if teacher_topk is None:
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-        w_t, b_t = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+        w_t = _logit_weight(teacher_weight.detach(), fp32_logits)
+        b_t = None if teacher_bias is None else teacher_bias.detach()
         options = (divergence, float(beta), float(alpha), float(temperature), 1.0, False, float(hard_label_weight),
                    int(ignore_index))
 

@@ -439,6 +439,29 @@ def test_tokens_without_weight_are_skipped_by_the_fused_loss():
         dpkd.generalized_jsd(s.clone().requires_grad_(True), t, mask=mask)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and dpkd.with_cuda), reason="needs CUDA"))])
+@pytest.mark.parametrize("v", [301, 50304])
+def test_tokens_of_weight_zero_holding_nan_carry_nothing(device, v):
+    """weights = 0 (not a mask) on rows holding NaN: loss and gradient equal those of the other rows alone, on
+    the CPU (whose kernel skips such rows) and on CUDA (whose one-block kernels compute them, to be discarded)."""
+    s, t = logits(6, v, seed=21).to(device), logits(6, v, seed=22).to(device)
+    weights = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.0, 1.5], device=device)
+    keep = weights != 0
+    s[1, 3] = t[4, 0] = float("nan")
+    grads, totals = [], []
+    for rows, w in ((slice(None), weights), (keep, weights[keep])):
+        sd = s[rows].clone().requires_grad_(True)
+        loss = dpkd.generalized_jsd(sd, t[rows], weights=w, reduction="sum")
+        loss.backward()
+        totals.append(loss.detach())
+        grads.append(sd.grad)
+    assert torch.isfinite(totals[0])
+    torch.testing.assert_close(totals[0], totals[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[0][keep], grads[1], rtol=1e-6, atol=1e-9)
+    assert (grads[0][~keep] == 0).all()
+
+
 def test_gradient_from_forward_is_used_once_and_skipped_without_grad():
     s, t = logits(4, 50, seed=1), logits(4, 50, seed=2)
     sd = s.clone().requires_grad_(True)

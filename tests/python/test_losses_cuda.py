@@ -105,8 +105,10 @@ def test_cuda_forward_grad_op_matches_cpu_with_teacher_mix(dtype, v):
     outs = [torch.ops.dpkd.distill_forward_grad(s.to(d), t.to(d), labels.to(d), weight.to(d), *args)
             for d in ("cpu", "cuda")]
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
-    for a, b in zip(outs[1], outs[0]):
-        torch.testing.assert_close(a.cpu().float(), b.float(), equal_nan=True, **tol)
+    counted = weight != 0  # the CPU op skips rows without weight (loss 0, statistics NaN); CUDA computes them
+    for a, b in zip(outs[1][:2], outs[0][:2]):
+        torch.testing.assert_close(a.cpu().float()[counted], b.float()[counted], equal_nan=True, **tol)
+    torch.testing.assert_close(outs[1][2].cpu().float(), outs[0][2].float(), **tol)
     assert outs[1][2][5].abs().max() == 0 and outs[1][2][2].abs().max() == 0
 
 

@@ -145,8 +145,11 @@ def test_norms_and_clipped_step_equal_brute_force(kind, reduction):
     dp.zero_grad()
     per_example = loss(model(x), y)
     (per_example.sum() if reduction == "sum" else per_example.mean()).backward()
-    instantiated = {"shared_seq": {"l1": True, "l2": True}, "tied_lm": {"proj": True, "head": False}}
-    assert dp.engine.instantiate == instantiated.get(kind, dp.engine.instantiate)
+    # Per-example gradients where 2 T^2 >= d p (token-wise layers), ghost norms for T = 1 and the tied head.
+    seq = {"l1": True, "l2": True}
+    instantiated = {"mlp": {"0": False, "2": False}, "conv": {"3": False}, "tied_lm": {"proj": True, "head": False},
+                    "shared_seq": seq, "gemma_rmsnorm": seq, "weight_first_rmsnorm": seq}
+    assert dp.engine.instantiate == instantiated[kind]
     dp.step()
     # An RMSNorm-named class takes the closed form only where it agrees with torch.func.
     closed_form = {"gemma_rmsnorm": {"norm": True}, "weight_first_rmsnorm": {"norm": False}}
@@ -157,6 +160,35 @@ def test_norms_and_clipped_step_equal_brute_force(kind, reduction):
         expected = -(per[n] * coef.reshape(-1, *[1] * (per[n].dim() - 1))).sum(0) / 8
         torch.testing.assert_close(p.detach() - before[n], expected, rtol=1e-6, atol=1e-12)
     assert ((norms * coef) <= c_max + 1e-9).all()
+
+
+def test_closed_form_is_judged_on_a_nonzero_gradient():
+    """A first step whose gradients are all zero cannot tell a misnamed RMSNorm from a real one: the verdict
+    waits for a step that can, and that step's norms are still the true ones."""
+    model, x, y, loss = make_case("weight_first_rmsnorm")
+    _, norms = brute_force(model, x, y, loss)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                                 max_grad_norm=1e9, expected_batch_size=6, sample_rate=0.1)
+    (0.0 * loss(model(x), y)).sum().backward()
+    dp.step()
+    assert dp.engine.closed_form_ok == {}
+    loss(model(x), y).sum().backward()
+    dp.step()
+    assert dp.engine.closed_form_ok == {"norm": False}
+    torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "shared_seq", "weight_first_rmsnorm"])
+def test_a_second_backward_through_the_same_forward_is_refused(kind):
+    """retain_graph=True and a second backward before the step would need the two gradients added before
+    anything is formed from them (ghost, instantiated and torch.func layers alike): a clear error instead."""
+    model, x, y, loss = make_case(kind)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=6, sample_rate=0.1)
+    out = model(x)
+    loss(out, y).sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward pass reached layer"):
+        out.pow(2).sum().backward()
 
 
 def test_ghost_and_instantiated_norms_agree():

@@ -52,6 +52,7 @@ class _Call:
     grad: torch.Tensor | None = None
     rows: int = 0
     per_example: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+    rows_per_example: int = 1  # the engine's grouping when per_example was formed
     on_grad: typing.Callable[[_Call, torch.Tensor], None] | None = None
 
     @property
@@ -149,7 +150,7 @@ class ClippingEngine:
 
     def _capturing_forward(self, name: str, kind: str):
         calls, anchor = self.calls[name], self.anchor
-        receive = self._keep_grad if kind == "embedding" else self._linear_grad(name)
+        receive = self._keep_grad(name) if kind == "embedding" else self._linear_grad(name)
 
         def forward(module, x):
             if kind == "conv1d_hf":
@@ -173,16 +174,24 @@ class ClippingEngine:
                 return  # generation, evaluation, or a frozen path: nothing to capture
             call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
             self.calls[name].append(call)
-
-            def capture(g):
-                self._keep_grad(call, g.detach())
-
-            output.register_hook(capture)
+            keep = self._keep_grad(name)
+            output.register_hook(lambda g: keep(call, g.detach()))
         return hook
 
     @staticmethod
-    def _keep_grad(call: _Call, g: torch.Tensor) -> None:
-        call.grad, call.rows = g, g.shape[0]
+    def _once(name: str, call: _Call) -> None:
+        # A second backward pass through the same forward (retain_graph=True) would need its gradient added
+        # to the first before anything is formed from it; refused rather than half supported.
+        if call.done:
+            raise RuntimeError(f"a second backward pass reached layer {name!r} through the same forward call "
+                               "before optimizer.step(): DP-SGD here takes one backward pass per forward pass "
+                               "-- add the per-example losses and call backward() once")
+
+    def _keep_grad(self, name: str):
+        def keep(call: _Call, g: torch.Tensor) -> None:
+            self._once(name, call)
+            call.grad, call.rows = g, g.shape[0]
+        return keep
 
     def _linear_grad(self, name: str):
         """Output-gradient receiver of a linear layer. Where instantiating is cheaper than the ghost norm
@@ -191,20 +200,22 @@ class ClippingEngine:
         per-example gradients then, and the clipped sum becomes a weighted sum of them instead of a matmul."""
         module, _ = self.layers[name]
         tied_head = any(head == name for _, head in self.tied)  # its cross term with the embedding needs A, G
+        keep = self._keep_grad(name)
 
         def receive(call: _Call, g: torch.Tensor) -> None:
+            self._once(name, call)
             a = layers.flatten_tokens(call.inputs[0])
             g3 = layers.flatten_tokens(g)
             if name not in self.instantiate:
                 self.instantiate[name] = not tied_head and not layers.use_ghost(
                     g3.shape[1] * self.rows_per_example, a.shape[-1], g3.shape[-1])
             if not self.instantiate[name] or g3.shape[0] % self.rows_per_example:  # flush names the bad shape
-                self._keep_grad(call, g)
+                keep(call, g)
                 return
             a, g3 = self._group(a), self._group(g3)
             call.per_example = layers.linear_per_example_grads(a, g3, weight=module.weight.requires_grad,
                                                                bias=_trainable_bias(module))
-            call.inputs, call.rows = (), g.shape[0]
+            call.inputs, call.rows, call.rows_per_example = (), g.shape[0], self.rows_per_example
         return receive
 
     def _checked_closed_form(self, name: str, module: torch.nn.Module, params: dict, inputs: tuple,
@@ -218,9 +229,11 @@ class ClippingEngine:
         if per is None or name in self.closed_form_ok:
             return per
         ref = layers.per_example_grads(module, params, inputs, g)
+        scales = {n: float(ref[n].norm()) for n in ref}
+        if not all(0 < v < float("inf") for v in scales.values()):
+            return ref  # a zero or non-finite gradient proves nothing: check again at the next call
         tol = 5e-2 if inputs[0].dtype in (torch.bfloat16, torch.float16) else 1e-4
-        self.closed_form_ok[name] = all(
-            float((per[n] - ref[n]).norm()) <= tol * float(ref[n].norm()) for n in ref)
+        self.closed_form_ok[name] = all(float((per[n] - ref[n]).norm()) <= tol * scales[n] for n in ref)
         return per if self.closed_form_ok[name] else ref
 
     def remove(self) -> None:
@@ -253,6 +266,9 @@ class ClippingEngine:
                              "everywhere (pass Hugging Face models position_ids of shape [B, T], not [1, T]), "
                              "and the loss must be per example")
         rows = sizes.pop()
+        if any(c.per_example is not None and c.rows_per_example != self.rows_per_example
+               for calls in self.calls.values() for c in calls):
+            raise ValueError("rows_per_example changed between the backward pass and the step")
         if rows % self.rows_per_example:
             raise ValueError(f"{rows} batch rows do not split into examples of {self.rows_per_example} rows")
         return rows // self.rows_per_example
