@@ -52,6 +52,16 @@ def _ghost_sq_norms_fake(activations, output_grads, block):
     return activations.new_empty(activations.shape[0], dtype=dtype)
 
 
+@torch.library.register_fake("dpkd::select_top_fraction")
+def _select_top_fraction_fake(score, valid, fraction, largest):
+    return torch.empty_like(valid)
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether dpkd's op ``op`` has a kernel for ``device``'s type (dispatch key)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dpkd::{op}", device.type.upper())
+
+
 # The forward op's arguments after (student, teacher, labels) that the backward op takes too.
 _N_OPTIONS = 8
 

@@ -25,7 +25,7 @@ def loop_top_fraction(score, fraction, valid, largest=True):
     out = torch.zeros_like(valid)
     for i in range(score.shape[0]):
         idx = [j for j in range(score.shape[1]) if valid[i, j]]
-        k = math.ceil(fraction * len(idx))
+        k = math.ceil(fraction * len(idx) - 1e-9)
         # stable: higher score first, ties to the earlier position
         idx.sort(key=lambda j: (-score[i, j].item() if largest else score[i, j].item(), j))
         for j in idx[:k]:
@@ -39,6 +39,41 @@ def test_top_fraction_per_sequence_matches_loop(fraction, largest):
     x, valid = stats()
     got = select.top_fraction(x, fraction, valid=valid, largest=largest)
     assert torch.equal(got, loop_top_fraction(x, fraction, valid, largest))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_selection_op_equals_stable_sort_on_long_rows(largest):
+    """The C++ selection (nth_element) against the PyTorch stable sort, on rows long enough to run in
+    parallel, with ties (including -0 against +0), padding, and non-finite scores."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(16, 4099, generator=g) * 3).round() / 2
+    x[x == 0] = -0.0
+    x[0, :7] = float("nan")
+    x[1, 3] = float("inf")
+    valid = torch.rand(16, 4099, generator=g) > 0.2
+    valid[2] = False  # a sequence of padding only
+    for fraction in (0.0, 0.07, 0.3, 1.0):
+        got = select.top_fraction(x, fraction, valid=valid, largest=largest)
+        v = valid & torch.isfinite(x)
+        ref = select._top_fraction_by_sorting(x, v, fraction, largest)
+        assert torch.equal(got, ref)
+        assert torch.equal(got.sum(-1), torch.tensor([math.ceil(fraction * int(n) - 1e-9) for n in v.sum(-1)]))
+
+
+def test_fraction_of_a_whole_number_of_tokens_is_that_number():
+    x = torch.arange(100.0)
+    assert int(select.top_fraction(x, 0.07).sum()) == 7  # 0.07 * 100 = 7.000000000000001
+    assert int(select._top_fraction_by_sorting(x[None], torch.ones(1, 100, dtype=torch.bool), 0.07, True).sum()) == 7
+
+
+def test_selection_op_names_bad_arguments():
+    s, v = torch.rand(2, 5), torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="valid must have the shape"):
+        torch.ops.dpkd.select_top_fraction(s, v[:, :3], 0.5, True)
+    with pytest.raises(TypeError, match="score must be float32"):
+        torch.ops.dpkd.select_top_fraction(s.double(), v, 0.5, True)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        torch.ops.dpkd.select_top_fraction(s, v, 1.5, True)
 
 
 def test_top_fraction_batch_scope_ranks_across_sequences():

@@ -1,0 +1,24 @@
+// Per-sequence token selection: the top fraction of a row's valid scores (python/dpkd/select.py).
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace dpkd::select {
+
+// ceil(fraction * n), with a 1e-9 slack so that a fraction meant to give a whole number does (0.07 of
+// 100 is 7, though 0.07 * 100 = 7.000000000000001 in binary floating point).
+int64_t selected_count(double fraction, int64_t n);
+
+// Marks in selected[0, cols) the selected_count(fraction, n) highest scores (lowest if !largest) among the
+// row's n valid entries (valid[j] != 0; the caller excludes non-finite scores), ties to the earlier column;
+// every other entry is cleared. O(cols) expected: a selection, not a sort. `scratch` is reused across rows.
+void top_fraction_row(const float* score, const bool* valid, int64_t cols, double fraction, bool largest,
+                      bool* selected, std::vector<std::pair<float, int64_t>>& scratch);
+
+// top_fraction_row over `rows` contiguous rows of `cols`, rows in parallel.
+void top_fraction_rows(const float* score, const bool* valid, int64_t rows, int64_t cols, double fraction,
+                       bool largest, bool* selected);
+
+}  // namespace dpkd::select
