@@ -14,11 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifdef __CUDACC__
-#define DPKD_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define DPKD_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace dpkd::distill {
 

@@ -1,14 +1,8 @@
 #include "select/top_fraction.h"
 
 #include <algorithm>
-#include <cmath>
 
 namespace dpkd::select {
-
-int64_t selected_count(double fraction, int64_t n) {
-  const double k = std::ceil(fraction * static_cast<double>(n) - 1e-9);
-  return std::clamp<int64_t>(static_cast<int64_t>(k), 0, n);
-}
 
 void top_fraction_row(const float* score, const bool* valid, int64_t cols, double fraction, bool largest,
                       bool* selected, std::vector<std::pair<float, int64_t>>& scratch) {

@@ -1,15 +1,22 @@
 // Per-sequence token selection: the top fraction of a row's valid scores (python/dpkd/select.py).
 #pragma once
 
+#include <math.h>
+
 #include <cstdint>
 #include <utility>
 #include <vector>
 
+#include "host_device.h"
+
 namespace dpkd::select {
 
 // ceil(fraction * n), with a 1e-9 slack so that a fraction meant to give a whole number does (0.07 of
-// 100 is 7, though 0.07 * 100 = 7.000000000000001 in binary floating point).
-int64_t selected_count(double fraction, int64_t n);
+// 100 is 7, though 0.07 * 100 = 7.000000000000001 in binary floating point). fraction in [0, 1].
+DPKD_HOST_DEVICE int64_t selected_count(double fraction, int64_t n) {
+  const auto k = static_cast<int64_t>(ceil(fraction * static_cast<double>(n) - 1e-9));
+  return k < 0 ? 0 : (k > n ? n : k);
+}
 
 // Marks in selected[0, cols) the selected_count(fraction, n) highest scores (lowest if !largest) among the
 // row's n valid entries (valid[j] != 0; the caller excludes non-finite scores), ties to the earlier column;
