@@ -30,7 +30,7 @@ at::Tensor top_fraction_cpu(const at::Tensor& score, const at::Tensor& valid, do
 
 TORCH_LIBRARY_FRAGMENT(dpkd, m) {
   // Per row: the ceil(fraction * n) highest (lowest if not largest) scores among its n valid entries, ties to
-  // the earlier column (a stable sort's first k); the caller marks non-finite scores invalid.
+  // the earlier column (a stable sort's first k); a non-finite score is not valid.
   m.def("select_top_fraction(Tensor score, Tensor valid, float fraction, bool largest) -> Tensor");
 }
 

@@ -58,6 +58,15 @@ TEST(SelectTopFraction, EqualsStableSortWithTiesAndPadding) {
   }
 }
 
+TEST(SelectTopFraction, NonFiniteScoresAreNotValid) {
+  const float score[5] = {NAN, 1.0f, INFINITY, -INFINITY, 2.0f};
+  const bool valid[5] = {true, true, true, true, true};
+  bool selected[5];
+  std::vector<std::pair<float, int64_t>> scratch;
+  top_fraction_row(score, valid, 5, 1.0, true, selected, scratch);
+  EXPECT_TRUE(!selected[0] && selected[1] && !selected[2] && !selected[3] && selected[4]);
+}
+
 TEST(SelectTopFraction, NoValidEntriesSelectsNothing) {
   const float score[3] = {1.0f, 2.0f, 3.0f};
   const bool valid[3] = {false, false, false};

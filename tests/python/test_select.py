@@ -57,6 +57,7 @@ def test_selection_op_equals_stable_sort_on_long_rows(largest):
         v = valid & torch.isfinite(x)
         ref = select._top_fraction_by_sorting(x, v, fraction, largest)
         assert torch.equal(got, ref)
+        assert torch.equal(torch.ops.dpkd.select_top_fraction(x, valid, fraction, largest), ref)  # finite: its job
         assert torch.equal(got.sum(-1), torch.tensor([math.ceil(fraction * int(n) - 1e-9) for n in v.sum(-1)]))
 
 

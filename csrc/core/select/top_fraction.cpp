@@ -1,6 +1,7 @@
 #include "select/top_fraction.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace dpkd::select {
 
@@ -9,7 +10,7 @@ void top_fraction_row(const float* score, const bool* valid, int64_t cols, doubl
   scratch.clear();
   for (int64_t j = 0; j < cols; ++j) {
     selected[j] = false;
-    if (valid[j]) scratch.emplace_back(largest ? score[j] : -score[j], j);
+    if (valid[j] && std::isfinite(score[j])) scratch.emplace_back(largest ? score[j] : -score[j], j);
   }
   const auto k = selected_count(fraction, static_cast<int64_t>(scratch.size()));
   if (k == 0) return;

@@ -19,8 +19,8 @@ DPKD_HOST_DEVICE int64_t selected_count(double fraction, int64_t n) {
 }
 
 // Marks in selected[0, cols) the selected_count(fraction, n) highest scores (lowest if !largest) among the
-// row's n valid entries (valid[j] != 0; the caller excludes non-finite scores), ties to the earlier column;
-// every other entry is cleared. O(cols) expected: a selection, not a sort. `scratch` is reused across rows.
+// row's n valid entries (valid[j] and a finite score), ties to the earlier column; every other entry is
+// cleared. O(cols) expected: a selection, not a sort. `scratch` is reused across rows.
 void top_fraction_row(const float* score, const bool* valid, int64_t cols, double fraction, bool largest,
                       bool* selected, std::vector<std::pair<float, int64_t>>& scratch);
 
