@@ -41,6 +41,9 @@ def _update(model, x, y, sigma, distributed, seed):
 
 
 def _worker(rank, port, sigma, out):
+    from dpkd.privacy import optimizer as dp_optimizer
+
+    dp_optimizer._BUCKET_ELEMENTS = 700  # 1000 | 200 | 600 + 3: noise and all-reduce in three buckets
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A rank that cannot reach the other fails within two minutes instead of gloo's default half hour.
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))

@@ -14,6 +14,23 @@ from . import noise
 from .engine import ClippingEngine
 
 
+# Elements per noise draw and all-reduce (64 MB in fp32): few kernels and collectives, a bounded transient.
+_BUCKET_ELEMENTS = 1 << 24
+
+
+def _buckets(tensors: list[torch.Tensor], cap: int):
+    """Consecutive groups of ``tensors`` of at most ``cap`` elements (a larger tensor alone)."""
+    bucket, size = [], 0
+    for t in tensors:
+        if bucket and size + t.numel() > cap:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
+
+
 class DPOptimizer:
     """Wraps an optimizer. ``step()`` replaces each parameter's gradient with
     (sum_i c_i g_i + N(0, sigma^2 C^2)) / L and steps the wrapped optimizer.
@@ -85,7 +102,7 @@ class DPOptimizer:
         """Clip the micro-batch whose backward pass just ran; returns its per-example norms."""
         self._check_unseen_uses()
         norms = self.engine.flush(self.max_grad_norm, self._sums)
-        self._norms.append(norms.detach().cpu())
+        self._norms.append(norms.detach())  # on the model's device: no host synchronisation
         return norms
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -97,25 +114,43 @@ class DPOptimizer:
             self.accumulate()
         else:
             self._check_unseen_uses()
-        std = self.noise_multiplier * self.max_grad_norm
+        # Parameters in groups of one device and accumulation dtype: one noise draw, one all-reduce and a
+        # few multi-tensor kernels per group rather than several kernels per parameter.
+        groups: dict[tuple, list[torch.nn.Parameter]] = {}
         for p in self.engine.params:
-            acc_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            groups.setdefault((p.device, torch.float64 if p.dtype == torch.float64 else torch.float32), []).append(p)
+        for (device, acc_dtype), params in groups.items():
             # The engine's sums are fresh tensors of its own: noise and scale go in place.
-            total = self._sums.get(id(p))
-            total = torch.zeros(p.shape, dtype=acc_dtype, device=p.device) if total is None else total.to(acc_dtype)
-            if not self.distributed or dist.get_rank() == 0:
-                total.add_(noise.gaussian(p.shape, std, device=p.device, dtype=acc_dtype, generator=self.generator,
-                                          secure=self.secure_mode))
-            if self.distributed:
-                dist.all_reduce(total)
+            totals = [torch.zeros(p.shape, dtype=acc_dtype, device=device) if id(p) not in self._sums
+                      else self._sums[id(p)].to(acc_dtype) for p in params]
+            self._add_noise(totals, device, acc_dtype)
             # Divide by the public expected batch size, never the realised one (which would leak it).
-            p.grad = total.div_(self.expected_batch_size).to(p.dtype)
+            torch._foreach_div_(totals, float(self.expected_batch_size))
+            for p, total in zip(params, totals):
+                p.grad = total.to(p.dtype)
         self.original_optimizer.step()
         self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.last_per_example_norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
         self._sums, self._norms = {}, []
         return loss
+
+    def _add_noise(self, totals: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+        """N(0, sigma^2 C^2) into every tensor (on rank 0 alone when distributed, then summed over ranks)."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for bucket in _buckets(totals, _BUCKET_ELEMENTS):
+            sizes = [t.numel() for t in bucket]
+            if self.distributed:
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+                if dist.get_rank() == 0 and std > 0:
+                    flat.add_(noise.gaussian(flat.shape, std, device=device, dtype=dtype, generator=self.generator,
+                                             secure=self.secure_mode))
+                dist.all_reduce(flat)
+                torch._foreach_copy_(bucket, [part.view_as(t) for t, part in zip(bucket, flat.split(sizes))])
+            elif std > 0:
+                draw = noise.gaussian((sum(sizes),), std, device=device, dtype=dtype, generator=self.generator,
+                                      secure=self.secure_mode)
+                torch._foreach_add_(bucket, [part.view_as(t) for t, part in zip(bucket, draw.split(sizes))])
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.original_optimizer.state_dict(), "accountant": self.accountant.state_dict()}
