@@ -123,8 +123,8 @@ class _FusedLinearDistill(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[rows] = (parts[0] @ w_s).to(h_s.dtype)
             if grad_w is not None:
-                if g.dtype != hs.dtype:
-                    parts.append((g - parts[0].float()).to(hs.dtype))
+                if g.dtype != hs.dtype:  # lo = g - hi, computed in fp32 and written in 16 bits by one kernel
+                    parts.append(torch.sub(g, parts[0], out=torch.empty_like(parts[0])))
                 for part in parts:
                     _add_matmul(grad_w, part.t(), hs)
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_s.dtype),
