@@ -266,6 +266,16 @@ def fused_linear_distill_loss(
 
     opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
     loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts)
+    if teacher_topk is None and not torch.compiler.is_compiling():
+        # NaN or +inf in either model's logits shows as NaN entropies; one host synchronisation per call, after
+        # every chunk is queued. Tokens without weight are not computed (NaN statistics by design).
+        nan = torch.isnan(stats[:, :2]) & (row_scale != 0)[:, None]
+        bad = nan.any(0).tolist() if stats.shape[0] else [False, False]
+        for column, model in ((0, "student"), (1, "teacher")):
+            if bad[column]:
+                row = int(nan[:, column].nonzero()[0, 0])
+                raise ValueError(f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf "
+                                 f"(first in flattened token {row})")
     if return_stats:
         return loss, losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
     return loss

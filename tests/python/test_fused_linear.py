@@ -138,6 +138,22 @@ def test_topk_teacher_matches_logits_path(tail):
     assert torch.isnan(stats.student_entropy).all()
 
 
+def test_nan_in_hidden_states_is_reported_unless_the_token_carries_no_loss():
+    h_s, w_s, _, h_t, w_t = setup()
+    mask = torch.ones(h_s.shape[0], dtype=torch.bool)
+    mask[3] = False
+    h_s.data[3, 0] = float("nan")  # a token without loss: not computed, no error
+    dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, divergence="jsd", mask=mask, chunk_size=5).backward()
+    assert torch.isfinite(h_s.grad).all()
+    h_s.data[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"student's logits .* token 7"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, divergence="jsd", mask=mask, chunk_size=5)
+    h_s.data[7, 1] = 0.0
+    h_t[9, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"teacher's logits .* token 9"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, divergence="jsd", mask=mask, chunk_size=5)
+
+
 def test_teacher_given_once_and_topk_checks():
     h_s, w_s, _, h_t, w_t = setup()
     ids = torch.zeros(24, 4, dtype=torch.int64)
