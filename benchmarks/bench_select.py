@@ -1,6 +1,7 @@
 """What token selection costs and saves: forward + backward of the fused loss with 100%, 50% and 10% of
 tokens selected (entropy top-fraction per sequence, from the same pass's statistics; or chosen before the
-pass and given as a mask), the price of the statistics themselves, and of the selection rule.
+pass and given as a mask), with peak memory above the inputs (the logits' gradient included), the price
+of the statistics themselves, and of the selection rule.
 
     python benchmarks/bench_select.py [--device cuda]
 """
@@ -30,8 +31,8 @@ def main() -> None:
 
     def fwd_bwd(rule=None, mask=None):
         def run():
-            s.grad = None
             dpkd.generalized_jsd(s, te, select=rule, mask=mask).backward()
+            s.grad = None
         return run
 
     with torch.no_grad():
@@ -39,17 +40,19 @@ def main() -> None:
         with_stats = measure(lambda: dpkd.generalized_jsd(s, te, return_stats=True), args.device, args.repeat)[0]
     print(f"[{b}x{t}, V={v}, {dtype}, {args.device}] forward: loss {plain:.1f} ms, loss + statistics "
           f"{with_stats:.1f} ms (+{100 * (with_stats / plain - 1):.1f}%: the statistics come from the same pass)")
-    full = measure(fwd_bwd(), args.device, args.repeat)[0]
-    print(f"fwd+bwd, all tokens: {full:.1f} ms")
+    full, full_mb = measure(fwd_bwd(), args.device, args.repeat, cpu_memory=True)
+    print(f"fwd+bwd, all tokens: {full:.1f} ms, peak {full_mb:.0f} MB above the inputs")
     for fraction in (0.5, 0.1):
         def rule(st, valid, fraction=fraction):
             return select.entropy_top_fraction(st.student_entropy, fraction, valid=valid)
-        ms = measure(fwd_bwd(rule), args.device, args.repeat)[0]
-        print(f"fwd+bwd, {int(fraction * 100)}% of tokens (entropy, per sequence): {ms:.1f} ms ({ms / full:.2f}x)")
+        ms, mb = measure(fwd_bwd(rule), args.device, args.repeat, cpu_memory=True)
+        print(f"fwd+bwd, {int(fraction * 100)}% of tokens (entropy, per sequence): {ms:.1f} ms ({ms / full:.2f}x), "
+              f"peak {mb:.0f} MB")
         # Chosen before the pass (e.g. from an earlier pass's statistics): the fused loss skips the rest.
         known = torch.rand(b, t, generator=g, device=args.device) < fraction
-        ms = measure(fwd_bwd(mask=known), args.device, args.repeat)[0]
-        print(f"fwd+bwd, {int(fraction * 100)}% of tokens chosen in advance (mask): {ms:.1f} ms ({ms / full:.2f}x)")
+        ms, mb = measure(fwd_bwd(mask=known), args.device, args.repeat, cpu_memory=True)
+        print(f"fwd+bwd, {int(fraction * 100)}% of tokens chosen in advance (mask): {ms:.1f} ms ({ms / full:.2f}x), "
+              f"peak {mb:.0f} MB")
     # The rule itself: dpkd's per-sequence selection op against the PyTorch stable sort it replaces.
     for rows, tokens in ((8, 512), (32, 4096), (64, 8192)):
         score = torch.randn(rows, tokens, generator=g, device=args.device)

@@ -12,9 +12,11 @@ from typing import Callable
 import torch
 
 
-def measure(fn: Callable[[], object], device: str, repeat: int, absolute: bool = False) -> tuple[float, float]:
-    """(median ms, peak extra MB on CUDA or nan) of ``fn()``; ``absolute``: the peak of all allocated
-    memory (for training steps, where what a method keeps between steps belongs to it)."""
+def measure(fn: Callable[[], object], device: str, repeat: int, absolute: bool = False,
+            cpu_memory: bool = False) -> tuple[float, float]:
+    """(median ms, peak extra MB) of ``fn()``: on CUDA the allocator's, on the CPU with ``cpu_memory`` the
+    memory profiler's (one more, profiled call; else nan). ``absolute``: the peak of all allocated memory
+    (for training steps, where what a method keeps between steps belongs to it)."""
     cuda = device == "cuda"
     fn()
     if cuda:
@@ -30,14 +32,18 @@ def measure(fn: Callable[[], object], device: str, repeat: int, absolute: bool =
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = cpu_tensor_peak_mb(fn, absolute) if cpu_memory else float("nan")
     return statistics.median(times), peak
 
 
-def cpu_tensor_peak_mb(fn: Callable[[], object]) -> float:
+def cpu_tensor_peak_mb(fn: Callable[[], object], absolute: bool = True) -> float:
     """Peak MB of live CPU tensor storage during one ``fn()``: the storages alive before the call (found
     through the garbage collector, each once: parameters, gradients, optimizer state, anything a method
-    keeps between steps) plus the memory profiler's peak of what the call allocates. nan where the
+    keeps between steps; left out unless ``absolute``) plus the memory profiler's peak of what the call
+    allocates. nan where the
     profiler's memory timeline is not available or cannot follow the call (its data-flow analysis rejects
     some in-place hook patterns, e.g. Opacus's)."""
     try:
@@ -46,7 +52,7 @@ def cpu_tensor_peak_mb(fn: Callable[[], object]) -> float:
         return float("nan")
     gc.collect()
     before = {}
-    for obj in gc.get_objects():
+    for obj in gc.get_objects() if absolute else ():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_sparse:
             storage = obj.untyped_storage()
             before[storage.data_ptr()] = storage.nbytes()
