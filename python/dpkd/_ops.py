@@ -57,9 +57,15 @@ def _select_top_fraction_fake(score, valid, fraction, largest):
     return torch.empty_like(valid)
 
 
+# Device types each op has a kernel for, read once: a plain lookup that torch.compile traces through.
+_KERNEL_DEVICES = {op: {d for d in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(f"dpkd::{op}",
+                                                                                                    d.upper())}
+                   for op in ("select_top_fraction",)}
+
+
 def has_kernel(op: str, device: torch.device) -> bool:
-    """Whether dpkd's op ``op`` has a kernel for ``device``'s type (dispatch key)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dpkd::{op}", device.type.upper())
+    """Whether dpkd's op ``op`` has a kernel for ``device``'s type."""
+    return device.type in _KERNEL_DEVICES[op]
 
 
 # The forward op's arguments after (student, teacher, labels) that the backward op takes too.

@@ -360,6 +360,9 @@ def test_frozen_teacher_and_no_grad_generation_are_untouched():
     [
         (dict(max_grad_norm=0.0), "max_grad_norm"),
         (dict(noise_multiplier=-1.0), "noise_multiplier"),
+        (dict(noise_multiplier=float("nan")), "noise_multiplier"),
+        (dict(noise_multiplier=float("inf")), "noise_multiplier"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm"),
         (dict(expected_batch_size=0), "expected_batch_size"),
         (dict(sample_rate=None), "dataset_size"),
     ],
@@ -369,6 +372,29 @@ def test_bad_arguments(kwargs, match):
     base = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
     with pytest.raises(ValueError, match=match):
         privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), **{**base, **kwargs})
+
+
+def test_an_empty_micro_batch_keeps_the_norms_on_the_model_device():
+    """Norms stay on the model's device; an empty micro-batch (Poisson sampling) adds none, on that device
+    too ('meta' stands in for a GPU: the step then fails only where meta tensors cannot be stepped)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).to("meta")
+    model, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                     max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    model(torch.randn(3, 4, device="meta")).sum().backward()
+    dp.accumulate()
+    dp.accumulate()  # a micro-batch that drew no examples
+    assert [(n.device.type, tuple(n.shape)) for n in dp._norms] == [("meta", (3,)), ("meta", (0,))]
+    assert torch.cat(dp._norms).device.type == "meta"
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan")])
+def test_optimizer_made_directly_refuses_a_bad_sigma(sigma):
+    """Not only make_private: a DPOptimizer built by hand must not exist with a sigma that would step
+    without noise."""
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        privacy.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), privacy.ClippingEngine(model),
+                            noise_multiplier=sigma, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
 
 
 def test_unsupported_modules_listed_eval_mode_and_batch_mismatch():

@@ -61,6 +61,22 @@ def test_selection_op_equals_stable_sort_on_long_rows(largest):
         assert torch.equal(got.sum(-1), torch.tensor([math.ceil(fraction * int(n) - 1e-9) for n in v.sum(-1)]))
 
 
+def test_rules_compile_without_graph_breaks():
+    """torch.compile(fullgraph=True) through a rule (the op has a fake kernel; which kernel to use is a plain
+    lookup) and through a loss that applies one."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(lambda x: select.top_fraction(x, 0.3), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), select.top_fraction(x, 0.3))
+    s = torch.randn(4, 16, 50, generator=torch.Generator().manual_seed(1))
+    t = torch.randn(4, 16, 50, generator=torch.Generator().manual_seed(2))
+
+    def loss(s, t):
+        return dpkd.distill_loss(s, t, divergence="jsd",
+                                 select=lambda st, v: select.entropy_top_fraction(st.student_entropy, 0.5, valid=v))
+
+    torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="aot_eager")(s, t), loss(s, t))
+
+
 def test_fraction_of_a_whole_number_of_tokens_is_that_number():
     x = torch.arange(100.0)
     assert int(select.top_fraction(x, 0.07).sum()) == 7  # 0.07 * 100 = 7.000000000000001

@@ -22,7 +22,7 @@ import torch
 from ..accounting import RDPAccountant
 from .engine import ClippingEngine, LossReduction, layer_kind
 from .noise import gaussian
-from .optimizer import DPOptimizer
+from .optimizer import DPOptimizer, check_arguments
 from .sampler import PoissonBatchSampler
 
 __all__ = ["ClippingEngine", "DPOptimizer", "PoissonBatchSampler", "gaussian", "layer_kind", "make_private"]
@@ -52,12 +52,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not model.training:
         raise ValueError("model is in eval mode: call model.train() before make_private")
-    if not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    if not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    if int(expected_batch_size) <= 0:
-        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+    check_arguments(noise_multiplier, max_grad_norm, expected_batch_size)
     if sample_rate is None:
         if dataset_size is None or dataset_size <= 0:
             raise ValueError("give dataset_size (> 0) or sample_rate")

@@ -304,7 +304,7 @@ class ClippingEngine:
         """Clip this micro-batch: add sum_i c_i g_i into ``sums`` (keyed by id(param)); returns ||g_i||."""
         if not self.pending:
             self.clear()
-            return torch.zeros(0)
+            return torch.zeros(0, device=self.params[0].device)
         batch = self._batch_size()
         # A mean-reduced loss scales every captured output gradient by 1/batch: undone here, as a factor on
         # the (quadratic) squared norms and the (linear) clipped sums rather than a pass over the gradients.

@@ -3,6 +3,7 @@ the expected batch size, step the wrapped optimizer, charge the accountant."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -12,6 +13,17 @@ import torch.distributed as dist
 from ..accounting import RDPAccountant
 from . import noise
 from .engine import ClippingEngine
+
+
+def check_arguments(noise_multiplier: float, max_grad_norm: float, expected_batch_size: int) -> None:
+    """DP-SGD's parameters, checked wherever an optimizer is made: a NaN, infinite or negative sigma must
+    never reach a step (it would step without noise)."""
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
+    if int(expected_batch_size) <= 0:
+        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
 
 
 # Elements per noise draw and all-reduce (64 MB in fp32): few kernels and collectives, a bounded transient.
@@ -49,6 +61,7 @@ class DPOptimizer:
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float,
                  accountant: RDPAccountant | None = None, secure_mode: bool = False,
                  generator: torch.Generator | None = None, distributed: bool = False) -> None:
+        check_arguments(noise_multiplier, max_grad_norm, expected_batch_size)
         self.original_optimizer = optimizer
         self.engine = engine
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
