@@ -200,6 +200,12 @@ def fused_linear_distill_loss(
     if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"student_weight must be [V, {student_hidden.shape[-1]}] to match the hidden size, got "
                          f"{tuple(student_weight.shape)}")
+    pairs = [("student", student_hidden, student_weight)]
+    if teacher_topk is None:
+        pairs.append(("teacher", teacher_hidden, teacher_weight))
+    for model, hidden, weight in pairs:
+        if hidden.dtype != weight.dtype:  # the head's matmul takes one dtype (autocast casts both)
+            raise TypeError(f"{model}_hidden ({hidden.dtype}) and {model}_weight ({weight.dtype}) must have one dtype")
     if teacher_topk is None:
         if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
             raise ValueError(f"teacher_weight must be [V, {teacher_hidden.shape[-1]}] to match the hidden size, got "

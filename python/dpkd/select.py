@@ -98,7 +98,7 @@ def _valid(score: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is not None:
         if valid.shape != score.shape:
             raise ValueError(f"valid must have shape {tuple(score.shape)}, got {tuple(valid.shape)}")
-        v = v & valid
+        v = v & valid.bool()
     return v
 
 
@@ -139,8 +139,12 @@ def _top_fraction_by_sorting(s: torch.Tensor, v: torch.Tensor, fraction: float, 
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    k = torch.ceil(fraction * v.sum(-1, keepdim=True).double() - 1e-9).long()
-    return (rank < k) & v
+    return (rank < _selected_count(fraction, v.sum(-1, keepdim=True))) & v
+
+
+def _selected_count(fraction: float, n: torch.Tensor) -> torch.Tensor:
+    """ceil(fraction * n - 1e-9), the product rounded before the slack is taken: as the C++ selected_count."""
+    return torch.ceil(fraction * n.double() - 1e-9).long()
 
 
 def entropy_top_fraction(student_entropy: torch.Tensor, fraction: float = 0.5, *,

@@ -32,6 +32,8 @@ TEST(SelectTopFraction, CountHasSlackForWholeNumbers) {
   EXPECT_EQ(selected_count(0.0, 9), 0);
   EXPECT_EQ(selected_count(1.0, 9), 9);
   EXPECT_EQ(selected_count(0.3, 0), 0);
+  // 0.56 * 34952550 rounds to 19573428.000000004: a fused multiply-subtract would give 19573428.
+  EXPECT_EQ(selected_count(0.56, 34952550), 19573429);
 }
 
 TEST(SelectTopFraction, EqualsStableSortWithTiesAndPadding) {

@@ -115,6 +115,10 @@ def test_bad_arguments():
         dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t[:90])
     with pytest.raises(ValueError, match="beta"):
         dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, beta=2.0)
+    with pytest.raises(TypeError, match="student_hidden .* and student_weight .* must have one dtype"):
+        dpkd.fused_linear_distill_loss(h_s, w_s.bfloat16(), h_t, w_t)
+    with pytest.raises(TypeError, match="teacher_hidden"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t.double(), w_t)
 
 
 @pytest.mark.parametrize("tail", [False, True])

@@ -77,10 +77,19 @@ def test_rules_compile_without_graph_breaks():
     torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="aot_eager")(s, t), loss(s, t))
 
 
+def test_valid_may_be_any_mask_dtype():
+    x, valid = stats(seed=3)
+    for as_dtype in (torch.uint8, torch.int64, torch.float32):
+        assert torch.equal(select.top_fraction(x, 0.4, valid=valid.to(as_dtype)), select.top_fraction(x, 0.4, valid=valid))
+
+
 def test_fraction_of_a_whole_number_of_tokens_is_that_number():
     x = torch.arange(100.0)
     assert int(select.top_fraction(x, 0.07).sum()) == 7  # 0.07 * 100 = 7.000000000000001
     assert int(select._top_fraction_by_sorting(x[None], torch.ones(1, 100, dtype=torch.bool), 0.07, True).sum()) == 7
+    # As the C++ count (its gtest has the same case): the product rounded before the slack is taken, which a
+    # fused multiply-subtract would not (19573428 here).
+    assert int(select._selected_count(0.56, torch.tensor(34952550))) == 19573429
 
 
 def test_selection_op_names_bad_arguments():

@@ -14,8 +14,14 @@ namespace dpkd::select {
 // ceil(fraction * n), with a 1e-9 slack so that a fraction meant to give a whole number does (0.07 of
 // 100 is 7, though 0.07 * 100 = 7.000000000000001 in binary floating point). fraction in [0, 1].
 DPKD_HOST_DEVICE int64_t selected_count(double fraction, int64_t n) {
-  // One correctly rounded fma on host and device alike (compilers would otherwise fuse, or not, at will).
-  const auto k = static_cast<int64_t>(ceil(fma(fraction, static_cast<double>(n), -1e-9)));
+  // The product rounded, then the difference, as PyTorch computes it elementwise (select.py's fallback):
+  // compilers would otherwise fuse the two into an fma at will, and the counts could differ for large n.
+#ifdef __CUDA_ARCH__
+  const double product = __dmul_rn(fraction, static_cast<double>(n));
+#else
+  const volatile double product = fraction * static_cast<double>(n);  // a store: never fused
+#endif
+  const auto k = static_cast<int64_t>(ceil(product - 1e-9));
   return k < 0 ? 0 : (k > n ? n : k);
 }
 

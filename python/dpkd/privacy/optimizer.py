@@ -127,6 +127,11 @@ class DPOptimizer:
             self.accumulate()
         else:
             self._check_unseen_uses()
+        # The micro-batches' sums and norms are consumed here, before anything can raise: a step that fails
+        # after this point never re-applies them.
+        sums, self._sums = self._sums, {}
+        self.last_per_example_norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
+        self._norms = []
         # Parameters in groups of one device and accumulation dtype: one noise draw, one all-reduce and a
         # few multi-tensor kernels per group rather than several kernels per parameter.
         groups: dict[tuple, list[torch.nn.Parameter]] = {}
@@ -134,8 +139,8 @@ class DPOptimizer:
             groups.setdefault((p.device, torch.float64 if p.dtype == torch.float64 else torch.float32), []).append(p)
         for (device, acc_dtype), params in groups.items():
             # The engine's sums are fresh tensors of its own: noise and scale go in place.
-            totals = [torch.zeros(p.shape, dtype=acc_dtype, device=device) if id(p) not in self._sums
-                      else self._sums[id(p)].to(acc_dtype) for p in params]
+            totals = [torch.zeros(p.shape, dtype=acc_dtype, device=device) if id(p) not in sums
+                      else sums[id(p)].to(acc_dtype) for p in params]
             self._add_noise(totals, device, acc_dtype)
             # Divide by the public expected batch size, never the realised one (which would leak it).
             torch._foreach_div_(totals, float(self.expected_batch_size))
@@ -144,8 +149,6 @@ class DPOptimizer:
         self.original_optimizer.step()
         self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        self.last_per_example_norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
-        self._sums, self._norms = {}, []
         return loss
 
     def _add_noise(self, totals: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
