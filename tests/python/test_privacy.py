@@ -374,6 +374,26 @@ def test_bad_arguments(kwargs, match):
         privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), **{**base, **kwargs})
 
 
+def test_a_batch_of_zero_examples_through_the_model_is_a_noise_only_step():
+    """Poisson sampling can draw nothing: running the empty batch through forward and backward (as an
+    ordinary loop does) steps exactly as not running it."""
+    updates = []
+    for run_model in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3), torch.nn.LayerNorm(3),
+                                    torch.nn.Linear(3, 1))
+        before = [p.detach().clone() for p in model.parameters()]
+        model, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                         max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1,
+                                         generator=torch.Generator().manual_seed(3))
+        if run_model:
+            model(torch.randint(0, 10, (0, 5))).sum().backward()
+        dp.step()
+        assert dp.last_per_example_norms.shape == (0,)
+        updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]))
+    assert torch.equal(updates[0], updates[1]) and (updates[0] != 0).all()
+
+
 def test_an_empty_micro_batch_keeps_the_norms_on_the_model_device():
     """Norms stay on the model's device; an empty micro-batch (Poisson sampling) adds none, on that device
     too ('meta' stands in for a GPU: the step then fails only where meta tensors cannot be stepped)."""

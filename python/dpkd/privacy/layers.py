@@ -13,6 +13,8 @@ All norms are computed in fp32 (float64 inputs stay float64).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _ops  # noqa: F401  (registers torch.ops.dpkd.*)
@@ -28,8 +30,8 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
-    """[B, ..., f] -> [B, T, f] (T = 1 for [B, f])."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    """[B, ..., f] -> [B, T, f] (T = 1 for [B, f]); T spelled out, so that B = 0 reshapes too."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
 def use_ghost(tokens: int, d: int, p: int) -> bool:
