@@ -21,13 +21,13 @@ __all__ = ["fused_linear_distill_loss"]
 
 
 @functools.cache
-def _mixed_mm(device: torch.device) -> bool:
-    """Whether bf16 x bf16 -> fp32 ``mm`` and in-place ``addmm`` (``out_dtype``) run on ``device`` (cuBLAS in
-    recent torch)."""
+def _mixed_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` x ``dtype`` -> fp32 ``mm`` and in-place ``addmm`` (``out_dtype``) run on ``device``
+    (cuBLAS in recent torch)."""
     if device.type != "cuda":
         return False
     try:
-        x = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        x = torch.ones(2, 2, dtype=dtype, device=device)
         acc = torch.mm(x, x, out_dtype=torch.float32)
         torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
         return acc.dtype == torch.float32 and bool((acc == 4).all())
@@ -38,7 +38,7 @@ def _mixed_mm(device: torch.device) -> bool:
 def _logit_weight(weight: torch.Tensor, fp32: bool) -> torch.Tensor:
     """The head weight as the chunk loop multiplies it: for fp32 logits from a 16-bit head on a device without
     a mixed-precision matmul, widened once here rather than in every chunk."""
-    if fp32 and weight.dtype != torch.float32 and not _mixed_mm(weight.device):
+    if fp32 and weight.dtype != torch.float32 and not _mixed_mm(weight.device, weight.dtype):
         return weight.float()
     return weight
 
@@ -78,7 +78,7 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, the product never rounded below ``acc``'s precision: with an fp32 ``acc`` and 16-bit
     factors, cuBLAS accumulates into ``acc`` in place; elsewhere the factors are widened."""
     if acc.dtype != a.dtype:
-        if _mixed_mm(acc.device):
+        if _mixed_mm(acc.device, a.dtype):
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         a, b = a.to(acc.dtype), b.to(acc.dtype)
@@ -272,16 +272,10 @@ def fused_linear_distill_loss(
 
     opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
     loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts)
-    if teacher_topk is None and not torch.compiler.is_compiling():
-        # NaN or +inf in either model's logits shows as NaN entropies; one host synchronisation per call, after
-        # every chunk is queued. Tokens without weight are not computed (NaN statistics by design).
-        nan = torch.isnan(stats[:, :2]) & (row_scale != 0)[:, None]
-        bad = nan.any(0).tolist() if stats.shape[0] else [False, False]
-        for column, model in ((0, "student"), (1, "teacher")):
-            if bad[column]:
-                row = int(nan[:, column].nonzero()[0, 0])
-                raise ValueError(f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf "
-                                 f"(first in flattened token {row})")
+    if teacher_topk is None:  # after every chunk is queued; tokens without weight were not computed
+        losses.report_nan(stats, row_scale == 0, tuple(
+            f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf "
+            "(first in flattened token {row})" for model in ("student", "teacher")))
     if return_stats:
         return loss, losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
     return loss

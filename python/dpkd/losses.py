@@ -175,18 +175,24 @@ def _fused(
     else:
         loss, stats = _ops.distill(s2, t2, l1, *options, bool(inplace_backward))
         loss = loss.reshape(lead)
-    if not torch.compiler.is_compiling():
-        # The kernels see NaN (and +inf) as NaN row statistics; name the culprit instead of returning NaN.
-        # One host synchronisation for both models; the row is looked up only on failure.
-        nan = torch.isnan(stats[:, :2])
-        if skipped is not None:
-            nan &= ~skipped[:, None]
-        bad = nan.any(0).tolist() if stats.shape[0] else [False, False]
-        for column, name in ((0, "student_logits"), (1, "teacher_logits")):
-            if bad[column]:
-                row = int(nan[:, column].nonzero()[0, 0])
-                raise ValueError(f"{name} contains NaN or +inf (first in flattened row {row})")
+    report_nan(stats, skipped, ("student_logits contains NaN or +inf (first in flattened row {row})",
+                                "teacher_logits contains NaN or +inf (first in flattened row {row})"))
     return loss, stats.reshape(*lead, 5)
+
+
+def report_nan(stats: torch.Tensor, skipped: torch.Tensor | None, messages: tuple[str, str]) -> None:
+    """Raise ``messages[m].format(row=...)`` for the first row whose model-m entropy (stats column m) is NaN:
+    the kernels see NaN (and +inf) logits that way. Rows in ``skipped`` are not computed and not checked.
+    One host synchronisation for both models; the row is looked up only on failure; nothing while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    nan = torch.isnan(stats[:, :2])
+    if skipped is not None:
+        nan &= ~skipped[:, None]
+    bad = nan.any(0).tolist() if stats.shape[0] else [False, False]
+    for column, message in enumerate(messages):
+        if bad[column]:
+            raise ValueError(message.format(row=int(nan[:, column].nonzero()[0, 0])))
 
 
 def valid_tokens(labels: torch.Tensor | None, mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:

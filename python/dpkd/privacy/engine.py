@@ -169,12 +169,13 @@ class ClippingEngine:
         return forward
 
     def _forward_hook(self, name: str):
+        keep = self._keep_grad(name)
+
         def hook(module, args, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return  # generation, evaluation, or a frozen path: nothing to capture
             call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
             self.calls[name].append(call)
-            keep = self._keep_grad(name)
             output.register_hook(lambda g: keep(call, g.detach()))
         return hook
 
