@@ -7,6 +7,7 @@
 //
 // Taken when the device is sm_90 or newer, without standardization, with equal vocabularies of at most
 // kMaxCluster * 256 * 128 bytes per model and 16-byte aligned rows; distill_kernels.cu handles the rest.
+// Given a gradient buffer, rows of zero weight are skipped (loss 0, statistics NaN, gradient 0) unread.
 #include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 
@@ -27,11 +28,13 @@ constexpr int kMaxCluster = 16;     // a non-portable cluster size, which Hopper
 
 // The first pass's row state. For the two KLs it also carries sums weighted like the log-sum-exps' (in
 // units of exp(x - s.max) and exp(y - t.max)), which give the loss, <q, g> and the entropies in the same
-// pass: the KLs need no second pass.
+// pass: the KLs need no second pass. The other objectives carry the teacher's y at the student's peak, where
+// g_ref is taken.
 struct Pass1 {
   MaxSum s, t, raw;
   float s_x, s_xy;  // sum exp(x - s.max) x, sum exp(x - s.max) (x - y)
   float t_y, t_yx;  // sum exp(y - t.max) y, sum exp(y - t.max) (y - x)
+  float peak_y;     // y where x = s.max (ties: the first operand's, as Peak's merge)
 };
 __device__ __forceinline__ float rescale(float max, float to) { return max == -INFINITY ? 0.f : expf(max - to); }
 __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
@@ -44,7 +47,8 @@ __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
           a.s_x * as + b.s_x * bs,
           a.s_xy * as + b.s_xy * bs,
           a.t_y * at + b.t_y * bt,
-          a.t_yx * at + b.t_yx * bt};
+          a.t_yx * at + b.t_yx * bt,
+          b.s.max > a.s.max ? b.peak_y : a.peak_y};
 }
 // NaN or +inf in a row: its exp-sum is NaN (exp(NaN - m), or exp(inf - inf) at the +inf maximum).
 __device__ __forceinline__ bool bad(const MaxSum& m) { return isnan(m.sum) || m.max == INFINITY; }
@@ -85,8 +89,18 @@ __global__ void __launch_bounds__(kClusterThreads)
   auto index = [&](int k) { return base + (static_cast<int64_t>(k) * kClusterThreads + threadIdx.x) * P; };
   const float scale = 1.f / o.temperature, mix = o.teacher_mix;
 
+  if (grad != nullptr && grad_weight[i] == 0.f) {  // the whole cluster takes this branch: no cluster.sync below
+    if (rank == 0 && threadIdx.x == 0) write_skipped_row(i, loss, stats, state);
+    T* out = grad + i * g_stride;
+    for (int64_t j = base + threadIdx.x; j < v && j < base + static_cast<int64_t>(kClusterThreads) * K * P;
+         j += kClusterThreads)
+      out[j] = from_float<T>(0.f);
+    return;
+  }
+
   // Load, and the thread's maxima on the way.
-  float max_x = -INFINITY, max_y = -INFINITY, max_raw = -INFINITY;
+  constexpr bool kl = D == Divergence::kForwardKL || D == Divergence::kReverseKL;
+  float max_x = -INFINITY, max_y = -INFINITY, max_raw = -INFINITY, peak_y = -INFINITY;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t j0 = index(k);
@@ -106,6 +120,7 @@ __global__ void __launch_bounds__(kClusterThreads)
 #pragma unroll
     for (int e = 0; e < P; ++e) {
       const float zs = to_float(ps.v[e]), zt = mix_teacher(mix, to_float(pt.v[e]), zs);
+      if (!kl && zs * scale > max_x) peak_y = zt * scale;
       max_x = fmaxf(max_x, zs * scale);
       max_y = fmaxf(max_y, zt * scale);
       max_raw = fmaxf(max_raw, zs);
@@ -124,8 +139,7 @@ __global__ void __launch_bounds__(kClusterThreads)
   };
 
   // Pass 1: the log-sum-exps (and the raw student's, for the hard-label term).
-  constexpr bool kl = D == Divergence::kForwardKL || D == Divergence::kReverseKL;
-  Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, 0.f, 0.f, 0.f, 0.f};
+  Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, 0.f, 0.f, 0.f, 0.f, peak_y};
   for_each([&](float zs, float zt) {
     const float x = zs * scale, y = zt * scale;
     if (max_x != -INFINITY) {
@@ -159,8 +173,9 @@ __global__ void __launch_bounds__(kClusterThreads)
   const float log_sum_s = logf(r1.s.sum), log_sum_t = logf(r1.t.sum);
   RowContext ctx{D, o.objective, r1.s.max, log_sum_s, r1.t.max, log_sum_t,
                  (r1.s.max + log_sum_s) - (r1.t.max + log_sum_t), 0.f};
+  if constexpr (!kl) ctx.g_ref = g_at<Math>(ctx, Peak{r1.s.max, r1.peak_y});
 
-  // (divergence, <q, g>, sum q x, sum p y): for the KLs from the first pass (reverse KL: g = x - y), else
+  // (divergence, <q, g - g_ref>, sum q x, sum p y): for the KLs from the first pass (reverse KL: g = x - y), else
   // from a second pass.
   Sum4 total;
   if constexpr (kl) {
@@ -202,7 +217,7 @@ __global__ void __launch_bounds__(kClusterThreads)
 
   // The gradient of grad_weight[i] * loss[i], from the cache.
   const float gl = grad_weight[i];
-  const bool zero = gl == 0.f || (labels != nullptr && !has_label);
+  const bool zero = labels != nullptr && !has_label;
   const float w = has_label ? o.hard_label_weight : 0.f;
   const float a = (1.f - w) * gl, b = w * gl;
   T* out = grad + i * g_stride;

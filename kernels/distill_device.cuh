@@ -113,8 +113,20 @@ struct RowContext {
   Divergence d;
   ObjectiveParams objective;
   float max_s, log_sum_s, max_t, log_sum_t;
-  float c;   // lse_s - lse_t
-  float qg;  // <q, g>, known after the second pass
+  float c;          // lse_s - lse_t
+  float qg;         // <q, g - g_ref>, known after the second pass
+  float g_ref = 0;  // g at the student's most likely entry (row_math.h's kGRef), 0 for the single-pass KLs
+};
+
+// The student's largest transformed logit x and the teacher's y at the same entry: where g_ref is taken.
+// The merge keeps the first operand on ties, so a fixed reduction order gives every block the same entry
+// (any entry would do: the forward and backward passes both read the saved g_ref).
+struct Peak {
+  float x, y;
+};
+__device__ __forceinline__ Peak merge(const Peak& a, const Peak& b) { return b.x > a.x ? b : a; }
+struct MergePeak {
+  __device__ __forceinline__ Peak operator()(const Peak& a, const Peak& b) const { return merge(a, b); }
 };
 
 // row_math.h's terms, except for the JSD of 16-bit logits away from its KL endpoints: there log m is
@@ -136,7 +148,15 @@ __device__ __forceinline__ ElementTerms<float> terms(const RowContext& r, float 
   return element_terms<M>(r.d, r.objective, q, p, y - x, r.c);
 }
 
-// One entry's contribution to (divergence, <q, g>, sum q x, sum p y), for transformed logits x and y.
+// g at the peak entry, from the row's log-sum-exps: r.g_ref for the two-pass objectives (0 for an all -inf row).
+template <class M>
+__device__ __forceinline__ float g_at(const RowContext& r, const Peak& peak) {
+  if (peak.x == -INFINITY) return 0.f;
+  const float q = prob<M>(peak.x, r.max_s, r.log_sum_s), p = prob<M>(peak.y, r.max_t, r.log_sum_t);
+  return terms<M>(r, peak.x, peak.y, q, p).g;
+}
+
+// One entry's contribution to (divergence, <q, g - g_ref>, sum q x, sum p y), for transformed logits x and y.
 template <class M>
 __device__ __forceinline__ void accumulate_terms(Sum4& part, const RowContext& r, float x, float y) {
   const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
@@ -144,7 +164,7 @@ __device__ __forceinline__ void accumulate_terms(Sum4& part, const RowContext& r
   const ElementTerms<float> e = terms<M>(r, x, y, q, p);
   part.a += e.loss;
   if (q > 0.f) {
-    part.b += q * e.g;
+    part.b += q * (e.g - r.g_ref);
     part.c += q * x;
   }
   if (p > 0.f) part.d += p * y;
@@ -156,7 +176,7 @@ __device__ __forceinline__ float divergence_grad(const RowContext& r, float x, f
   const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
   if (q == 0.f && p == 0.f) return 0.f;
   const ElementTerms<float> e = terms<M>(r, x, y, q, p);
-  return element_grad<M>(r.d, q, p, e.g, r.qg);
+  return element_grad<M>(r.d, q, p, e.g - r.g_ref, r.qg);
 }
 
 // TAID: the teacher's logits become mix z_t + (1 - mix) z_s.
@@ -167,7 +187,7 @@ __device__ __forceinline__ float mix_teacher(float mix, float zt, float zs) {
 // Everything a finished row writes: its loss, statistics and the state the backward pass reads.
 struct RowSummary {
   RowContext ctx;
-  Sum4 total;  // (divergence, <q, g>, sum q x, sum p y)
+  Sum4 total;  // (divergence, <q, g - g_ref>, sum q x, sum p y)
   bool bad_s, bad_t;
   float mean_s, scale_s, mean_t, scale_t, std_s, count_s, raw_max, raw_log_sum;
   float student_label_logit = 0.f, teacher_label_logit = 0.f;  // raw (teacher: after TAID mixing)
@@ -207,6 +227,15 @@ __device__ inline void write_row(const RowSummary& r, int64_t i, bool has_labels
   rs[kCountS] = r.count_s;
   rs[kRawMax] = r.raw_max;
   rs[kRawLogSum] = r.raw_log_sum;
+  rs[kGRef] = r.ctx.g_ref;
+}
+
+// A row the forward-with-gradient skips because its weight is 0, as the CPU op does: loss 0, statistics
+// NaN, zero row state (its gradient row is written as zeros by the caller).
+__device__ inline void write_skipped_row(int64_t i, float* loss, float* stats, float* state) {
+  loss[i] = 0.f;
+  for (int k = 0; k < kNumStats; ++k) stats[i * kNumStats + k] = __int_as_float(0x7fc00000);
+  for (int k = 0; k < kRowState; ++k) state[i * kRowState + k] = 0.f;
 }
 
 // The gradient of a row's loss with respect to one raw student logit zs (no standardization): the

@@ -4,7 +4,8 @@
 //
 // Forward: (standardization: mean and std, 2 reads,) log-sum-exp of both models, then the loss / <q, g> / entropy
 // pass: 2 reads of each row (4 with standardization). Backward: 1 read of each row and 1 write of the
-// gradient (2 reads with standardization). Rows with zero upstream gradient only write zeros.
+// gradient (2 reads with standardization). Rows with zero upstream gradient only write zeros, and the
+// forward-with-gradient skips rows of zero weight altogether.
 #include <cub/block/block_reduce.cuh>
 
 #include <cmath>
@@ -35,17 +36,23 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const T* student, int64_t vs, int64_t s_stride,
                                                            const T* teacher, int64_t vt, int64_t t_stride,
                                                            const int64_t* labels, RowOptions o, float* loss,
-                                                           float* stats, float* state) {
+                                                           float* stats, float* state, const float* skip_if_zero) {
   using ReduceMaxSum = cub::BlockReduce<MaxSum, kThreads>;
   using ReduceSum4 = cub::BlockReduce<Sum4, kThreads>;
+  using ReducePeak = cub::BlockReduce<Peak, kThreads>;
   __shared__ union {
     typename ReduceMaxSum::TempStorage max_sum;
     typename ReduceSum4::TempStorage sum4;
+    typename ReducePeak::TempStorage peak;
   } temp;
-  __shared__ float shared[8];
+  __shared__ float shared[10];
 
   const int64_t i = blockIdx.x;
   if (i >= n_rows) return;
+  if (skip_if_zero != nullptr && skip_if_zero[i] == 0.f) {
+    if (threadIdx.x == 0) write_skipped_row(i, loss, stats, state);
+    return;
+  }
   const RowIn<T> row{student + i * s_stride, teacher + i * t_stride, vs, vt, o.teacher_mix};
   const int64_t width = vs > vt ? vs : vt;
   const float inv_t = 1.f / o.temperature;
@@ -94,16 +101,22 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
   const int64_t label = has_label ? labels[i] : -1;
   const bool raw_needed = has_label && o.hard_label_weight > 0.f && (o.standardize || o.temperature != 1.f);
 
-  // Pass 1: log-sum-exps; NaN or +inf in a row is flagged through the entropy statistics.
+  // Pass 1: log-sum-exps, and the two-pass objectives' peak entry; NaN or +inf in a row is flagged
+  // through the entropy statistics.
+  const Divergence d = effective_divergence(o.objective);
+  const bool two_pass = d != Divergence::kForwardKL && d != Divergence::kReverseKL;
   MaxSum acc_s{-INFINITY, 0.f}, acc_t{-INFINITY, 0.f}, acc_raw{-INFINITY, 0.f};
+  Peak peak{-INFINITY, -INFINITY};
   float bad_s = 0.f, bad_t = 0.f;
   for (int64_t j = threadIdx.x; j < width; j += kThreads) {
     const float zs = row.student(j), zt = row.teacher(j, zs);
+    const float x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
     bad_s += !(zs < INFINITY);
     bad_t += !(zt < INFINITY);
     if (raw_needed) add<MathFor<T>>(acc_raw, zs);
-    add<MathFor<T>>(acc_s, (zs - mean_s) * scale_s);
-    add<MathFor<T>>(acc_t, (zt - mean_t) * scale_t);
+    if (two_pass && x > peak.x) peak = {x, y};
+    add<MathFor<T>>(acc_s, x);
+    add<MathFor<T>>(acc_t, y);
   }
   __syncthreads();
   const MaxSum ls = ReduceMaxSum(temp.max_sum).Reduce(acc_s, MergeMaxSum());
@@ -111,6 +124,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
   const MaxSum lt = ReduceMaxSum(temp.max_sum).Reduce(acc_t, MergeMaxSum());
   __syncthreads();
   const MaxSum lr = raw_needed ? ReduceMaxSum(temp.max_sum).Reduce(acc_raw, MergeMaxSum()) : MaxSum{0.f, 0.f};
+  __syncthreads();
+  const Peak row_peak = two_pass ? ReducePeak(temp.peak).Reduce(peak, MergePeak()) : peak;
   __syncthreads();
   const Sum4 bad = ReduceSum4(temp.sum4).Reduce(Sum4{bad_s, bad_t, 0.f, 0.f}, AddSum4());
   if (threadIdx.x == 0) {
@@ -122,6 +137,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
     shared[5] = raw_needed ? logf(lr.sum) : logf(ls.sum);
     shared[6] = bad.a;
     shared[7] = bad.b;
+    shared[8] = row_peak.x;
+    shared[9] = row_peak.y;
   }
   __syncthreads();
   const float max_s = shared[0], log_sum_s = shared[1], max_t = shared[2], log_sum_t = shared[3];
@@ -130,8 +147,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
   const float lse_s = max_s + log_sum_s, lse_t = max_t + log_sum_t;
   const float c = lse_s - lse_t;
 
-  // Pass 2: divergence, <q, g>, sum q x, sum p y.
-  const RowContext ctx{effective_divergence(o.objective), o.objective, max_s, log_sum_s, max_t, log_sum_t, c, 0.f};
+  // Pass 2: divergence, <q, g - g_ref>, sum q x, sum p y.
+  RowContext ctx{d, o.objective, max_s, log_sum_s, max_t, log_sum_t, c, 0.f};
+  if (two_pass) ctx.g_ref = g_at<MathFor<T>>(ctx, Peak{shared[8], shared[9]});
   Sum4 part{0.f, 0.f, 0.f, 0.f};
   for (int64_t j = threadIdx.x; j < width; j += kThreads) {
     const float zs = row.student(j), zt = row.teacher(j, zs);
@@ -178,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
   const float a = (1.f - w) * gl, b = w * gl;
   const int64_t label = has_label ? labels[i] : -1;
   const RowContext ctx{effective_divergence(o.objective), o.objective, st[kMaxS], st[kLogSumS], st[kMaxT], st[kLogSumT],
-                       (st[kMaxS] + st[kLogSumS]) - (st[kMaxT] + st[kLogSumT]), st[kQG]};
+                       (st[kMaxS] + st[kLogSumS]) - (st[kMaxT] + st[kLogSumT]), st[kQG], st[kGRef]};
   const float mean_s = st[kMeanS], scale_s = st[kScaleS], mean_t = st[kMeanT], scale_t = st[kScaleT];
 
   if (vectorized) {
@@ -275,7 +293,8 @@ void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_v
     using T = decltype(tag);
     forward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
         n_rows, static_cast<const T*>(student), student_vocab, student_stride, static_cast<const T*>(teacher),
-        teacher_vocab, teacher_stride, labels, options, loss, stats, row_state);
+        teacher_vocab, teacher_stride, labels, options, loss, stats, row_state,
+        grad_student != nullptr ? grad_weight : nullptr);
   });
   check(cudaGetLastError(), "dpkd distill forward kernel");
   if (grad_student != nullptr)

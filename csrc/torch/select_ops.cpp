@@ -3,6 +3,14 @@
 #include <torch/torch.h>
 
 #include "select/top_fraction.h"
+#ifdef DPKD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+
+#include "select_cuda.h"
+#endif
 
 namespace dpkd::select {
 namespace {
@@ -26,6 +34,25 @@ at::Tensor top_fraction_cpu(const at::Tensor& score, const at::Tensor& valid, do
   return out;
 }
 
+#ifdef DPKD_WITH_CUDA
+at::Tensor top_fraction_cuda(const at::Tensor& score, const at::Tensor& valid, double fraction, bool largest) {
+  check_top_fraction_args(score, valid, fraction);
+  // The sort's column indices are int32, and CUB's segmented sort is exercised below 2^31 items.
+  TORCH_CHECK_VALUE(score.numel() <= std::numeric_limits<int32_t>::max(),
+                    "score has ", score.numel(), " entries; the CUDA selection takes at most 2^31 - 1");
+  const c10::cuda::CUDAGuard guard(score.device());
+  const at::Tensor s = score.contiguous(), v = valid.contiguous();
+  at::Tensor out = at::empty(s.sizes(), v.options());
+  if (s.numel() == 0) return out;
+  const int64_t bytes = static_cast<int64_t>(cuda::top_fraction_workspace_bytes(s.size(0), s.size(1)));
+  at::Tensor workspace = at::empty({bytes}, s.options().dtype(at::kByte));
+  cuda::top_fraction(s.data_ptr<float>(), v.data_ptr<bool>(), s.size(0), s.size(1), fraction, largest,
+                     out.data_ptr<bool>(), workspace.data_ptr(), static_cast<size_t>(bytes),
+                     at::cuda::getCurrentCUDAStream());
+  return out;
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dpkd, m) {
@@ -35,5 +62,8 @@ TORCH_LIBRARY_FRAGMENT(dpkd, m) {
 }
 
 TORCH_LIBRARY_IMPL(dpkd, CPU, m) { m.impl("select_top_fraction", &top_fraction_cpu); }
+#ifdef DPKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(dpkd, CUDA, m) { m.impl("select_top_fraction", &top_fraction_cuda); }
+#endif
 
 }  // namespace dpkd::select

@@ -149,8 +149,5 @@ def distill_reduced(student, teacher, labels, grad_weight, reduce, divergence, b
         per_row, stats, grad = torch.ops.dpkd.distill_forward_grad(
             student.detach(), teacher.detach(), labels, grad_weight, divergence, beta, alpha, temperature, teacher_mix,
             standardize, hard_label_weight, ignore_index)
-        # Rows without weight carry no loss on any device (the CPU kernel skips them; CUDA computes them, and a
-        # padded row's garbage, NaN included, must not reach the sum).
-        per_row = per_row.masked_fill(grad_weight == 0, 0)
-        loss = reduce(per_row)
+        loss = reduce(per_row)  # rows without weight are skipped by the kernels on both devices: their loss is 0
     return _GradFromForward.apply(student, loss, grad), per_row, stats

@@ -168,10 +168,8 @@ def _fused(
         row_weights = row_weights.reshape(-1).float()
         loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights,
                                               lambda per_row: reduce(per_row.reshape(lead)), *options)
-        # Rows without weight carry nothing: the CPU kernel skips them, and on every device their statistics
-        # read NaN and their logits are not checked.
+        # Rows without weight carry nothing: the kernels skip them (statistics NaN) and their logits are not checked.
         skipped = row_weights == 0
-        stats = stats.masked_fill(skipped[:, None], float("nan"))
     else:
         loss, stats = _ops.distill(s2, t2, l1, *options, bool(inplace_backward))
         loss = loss.reshape(lead)

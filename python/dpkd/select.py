@@ -119,7 +119,8 @@ def top_fraction(score: torch.Tensor, fraction: float, *, valid: torch.Tensor | 
     0.07 of 100 tokens 7.
 
     Ties go to the earlier position (a stable sort's first k), so the result is deterministic. A selection,
-    not a sort: the C++ op where dpkd has a kernel for the device (CPU), else a stable sort in PyTorch.
+    not a sort on the CPU (nth_element per row); a segmented stable sort (CUB) on CUDA; a stable sort in
+    PyTorch on devices without a dpkd kernel.
     """
     _check_fraction(fraction)
     _check_scope(scope)
