@@ -68,9 +68,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
       if (isfinite(zt)) { m.c += 1.f; m.d += zt; }
     }
     const Sum4 sums = ReduceSum4(temp.sum4).Reduce(m, AddSum4());
-    if (threadIdx.x == 0) {
-      shared[0] = sums.b / sums.a;
-      shared[2] = sums.d / sums.c;
+    if (threadIdx.x == 0) {  // a row without finite entries: mean and std 0, as on the CPU
+      shared[0] = sums.a > 0.f ? sums.b / sums.a : 0.f;
+      shared[2] = sums.c > 0.f ? sums.d / sums.c : 0.f;
       shared[4] = sums.a;
       shared[5] = sums.c;
     }
@@ -88,8 +88,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
     __syncthreads();
     const Sum4 vars = ReduceSum4(temp.sum4).Reduce(v, AddSum4());
     if (threadIdx.x == 0) {
-      shared[1] = sqrtf(vars.a / count_s);
-      shared[3] = sqrtf(vars.b / count_t);
+      shared[1] = count_s > 0.f ? sqrtf(vars.a / count_s) : 0.f;
+      shared[3] = count_t > 0.f ? sqrtf(vars.b / count_t) : 0.f;
     }
     __syncthreads();
     std_s = shared[1];
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
     }
     const Sum4 total = ReduceSum4(temp).Reduce(part, AddSum4());
     if (threadIdx.x == 0) {
-      shared[0] = total.a / st[kCountS];
+      shared[0] = st[kCountS] > 0.f ? total.a / st[kCountS] : 0.f;
       const float sd = st[kStdS];
       shared[1] = sd > 0.f ? total.b / (st[kCountS] * sd * (sd + o.standardize_eps)) : 0.f;
     }

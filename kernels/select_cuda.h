@@ -14,7 +14,7 @@ size_t top_fraction_workspace_bytes(int64_t rows, int64_t cols);
 
 // The CPU op's contract (select/top_fraction.h, top_fraction_rows): per row, the selected_count(fraction, n)
 // highest scores (lowest if !largest) among its n valid, finite entries, ties to the earlier column. A
-// segmented stable sort of each row (CUB), then the first k positions of each row are marked.
+// stable radix sort of all rows at once (CUB), then the first k positions of each row are marked.
 void top_fraction(const float* score, const bool* valid, int64_t rows, int64_t cols, double fraction, bool largest,
                   bool* selected, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

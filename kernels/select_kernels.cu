@@ -1,8 +1,10 @@
-// Per-row top-fraction selection on CUDA: keys (invalid entries -inf, so they sort last), one segmented
-// stable sort of all rows (CUB), then each row's count of valid entries read off its sorted keys and the
-// first selected_count positions marked. Every kernel is elementwise over the whole [rows, cols] block or
-// over rows, so one long row (the batch scope) is as parallel as many short ones.
-#include <cub/device/device_segmented_sort.cuh>
+// Per-row top-fraction selection on CUDA as one device-wide stable radix sort (CUB) of 64-bit keys: the row
+// index in the high bits, the score's order-preserving bits (descending) in the low 32, the column as the
+// value. Rows come out one after another, each sorted best first with ties in column order, and invalid
+// entries (keyed as -inf) last. Then each row's count of valid entries is read off its sorted keys and the
+// first selected_count positions are marked. Every step is parallel over all entries (or rows), so one long
+// row (the batch scope) is sorted as fast as many short ones, and nothing synchronises with the host.
+#include <cub/device/device_radix_sort.cuh>
 
 #include <stdexcept>
 #include <string>
@@ -17,75 +19,88 @@ constexpr int kThreads = 256;
 
 // The scratch arrays inside one workspace allocation, each 256-byte aligned.
 struct Workspace {
-  float* keys_in;
-  float* keys_out;
+  uint64_t* keys_in;
+  uint64_t* keys_out;
   int32_t* cols_in;
   int32_t* cols_out;
-  int64_t* offsets;  // rows + 1
-  int64_t* count;    // per row: how many to select
+  int64_t* count;  // per row: how many to select
   void* sort_temp;
   size_t sort_bytes;
 };
 
 size_t align(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+// Bits the sort must look at: the 32 of the score and enough for the row index.
+int end_bit(int64_t rows) {
+  int bits = 0;
+  while (bits < 32 && (int64_t{1} << bits) < rows) ++bits;
+  return 32 + bits;
+}
+
 size_t sort_temp_bytes(int64_t rows, int64_t n) {
   size_t bytes = 0;
-  const cudaError_t err = cub::DeviceSegmentedSort::StableSortPairsDescending(
-      nullptr, bytes, static_cast<const float*>(nullptr), static_cast<float*>(nullptr),
-      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n, rows,
-      static_cast<const int64_t*>(nullptr), static_cast<const int64_t*>(nullptr));
+  const cudaError_t err = cub::DeviceRadixSort::SortPairs(
+      nullptr, bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n, 0, end_bit(rows));
   if (err != cudaSuccess) throw std::runtime_error(std::string("dpkd select: sort size query: ") + cudaGetErrorString(err));
   return bytes;
 }
 
-Workspace carve(void* base, int64_t rows, int64_t cols) {
-  const int64_t n = rows * cols;
+size_t arrays_bytes(int64_t rows, int64_t n) {
+  return 2 * align(n * sizeof(uint64_t)) + 2 * align(n * sizeof(int32_t)) + align(rows * sizeof(int64_t));
+}
+
+Workspace carve(void* base, int64_t rows, int64_t n, size_t sort_bytes) {
   auto* p = static_cast<unsigned char*>(base);
   Workspace w;
-  w.keys_in = reinterpret_cast<float*>(p), p += align(n * sizeof(float));
-  w.keys_out = reinterpret_cast<float*>(p), p += align(n * sizeof(float));
+  w.keys_in = reinterpret_cast<uint64_t*>(p), p += align(n * sizeof(uint64_t));
+  w.keys_out = reinterpret_cast<uint64_t*>(p), p += align(n * sizeof(uint64_t));
   w.cols_in = reinterpret_cast<int32_t*>(p), p += align(n * sizeof(int32_t));
   w.cols_out = reinterpret_cast<int32_t*>(p), p += align(n * sizeof(int32_t));
-  w.offsets = reinterpret_cast<int64_t*>(p), p += align((rows + 1) * sizeof(int64_t));
   w.count = reinterpret_cast<int64_t*>(p), p += align(rows * sizeof(int64_t));
   w.sort_temp = p;
-  w.sort_bytes = sort_temp_bytes(rows, n);
+  w.sort_bytes = sort_bytes;
   return w;
 }
 
-// Sort keys: the score (negated for the lowest), -inf where not valid or not finite. -0 becomes +0: the radix
-// sort orders -0 before +0, which a comparison sort (the CPU op) treats as a tie.
-__global__ void make_keys(const float* score, const bool* valid, int64_t rows, int64_t cols, bool largest, Workspace w) {
-  const int64_t n = rows * cols;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; p < n || p <= rows;
+// Low 32 key bits of a score: ascending in the sort = descending in the score. -0 is keyed as +0 (a
+// comparison sort, the CPU op, calls them a tie).
+__host__ __device__ inline uint32_t descending_bits(float f) {
+  if (f == 0.f) f = 0.f;
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ~ascending;
+}
+
+__global__ void make_keys(const float* score, const bool* valid, int64_t n, int64_t cols, bool largest, Workspace w) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; p < n;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
-    if (p <= rows) w.offsets[p] = p * cols;
-    if (p >= n) continue;
     const float s = score[p];
-    const float key = largest ? s : -s;
-    w.keys_in[p] = valid[p] && isfinite(s) ? (key == 0.f ? 0.f : key) : -INFINITY;
-    w.cols_in[p] = static_cast<int32_t>(p % cols);
+    const float key = valid[p] && isfinite(s) ? (largest ? s : -s) : -INFINITY;
+    const int64_t row = p / cols;
+    w.keys_in[p] = static_cast<uint64_t>(row) << 32 | descending_bits(key);
+    w.cols_in[p] = static_cast<int32_t>(p - row * cols);
   }
 }
 
 // Valid keys are finite and sort before the -inf ones: a row's valid count is the position of its first -inf.
 __global__ void count_selected(int64_t rows, int64_t cols, double fraction, Workspace w) {
+  const uint32_t invalid = descending_bits(-INFINITY);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < rows;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const float* keys = w.keys_out + i * cols;
+    const uint64_t* keys = w.keys_out + i * cols;
     int64_t lo = 0, hi = cols;
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;
-      if (keys[mid] == -INFINITY) hi = mid; else lo = mid + 1;
+      if (static_cast<uint32_t>(keys[mid]) == invalid) hi = mid; else lo = mid + 1;
     }
     w.count[i] = selected_count(fraction, lo);
   }
 }
 
 // Each row's sorted columns are a permutation of its columns: every output entry is written once.
-__global__ void mark(int64_t rows, int64_t cols, bool* selected, Workspace w) {
-  const int64_t n = rows * cols;
+__global__ void mark(int64_t n, int64_t cols, bool* selected, Workspace w) {
   for (int64_t p = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; p < n;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t i = p / cols;
@@ -105,27 +120,26 @@ unsigned blocks_for(int64_t n) {
 }  // namespace
 
 size_t top_fraction_workspace_bytes(int64_t rows, int64_t cols) {
-  const int64_t n = rows * cols;
-  return 2 * align(n * sizeof(float)) + 2 * align(n * sizeof(int32_t)) + align((rows + 1) * sizeof(int64_t)) +
-         align(rows * sizeof(int64_t)) + sort_temp_bytes(rows, n);
+  return arrays_bytes(rows, rows * cols) + sort_temp_bytes(rows, rows * cols);
 }
 
 void top_fraction(const float* score, const bool* valid, int64_t rows, int64_t cols, double fraction, bool largest,
                   bool* selected, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  if (workspace_bytes < top_fraction_workspace_bytes(rows, cols))
-    throw std::invalid_argument("dpkd select: workspace smaller than top_fraction_workspace_bytes");
-  Workspace w = carve(workspace, rows, cols);
   const int64_t n = rows * cols;
-  make_keys<<<blocks_for(n > rows + 1 ? n : rows + 1), kThreads, 0, stream>>>(score, valid, rows, cols, largest, w);
+  const size_t sort_bytes = sort_temp_bytes(rows, n);
+  if (workspace_bytes < arrays_bytes(rows, n) + sort_bytes)
+    throw std::invalid_argument("dpkd select: workspace smaller than top_fraction_workspace_bytes");
+  Workspace w = carve(workspace, rows, n, sort_bytes);
+  make_keys<<<blocks_for(n), kThreads, 0, stream>>>(score, valid, n, cols, largest, w);
   check(cudaGetLastError(), "make_keys");
-  check(cub::DeviceSegmentedSort::StableSortPairsDescending(w.sort_temp, w.sort_bytes, w.keys_in, w.keys_out,
-                                                            w.cols_in, w.cols_out, n, rows, w.offsets, w.offsets + 1,
-                                                            stream),
-        "segmented sort");
+  check(cub::DeviceRadixSort::SortPairs(w.sort_temp, w.sort_bytes, static_cast<const uint64_t*>(w.keys_in),
+                                        w.keys_out, static_cast<const int32_t*>(w.cols_in), w.cols_out, n, 0,
+                                        end_bit(rows), stream),
+        "radix sort");
   count_selected<<<blocks_for(rows), kThreads, 0, stream>>>(rows, cols, fraction, w);
   check(cudaGetLastError(), "count_selected");
-  mark<<<blocks_for(n), kThreads, 0, stream>>>(rows, cols, selected, w);
+  mark<<<blocks_for(n), kThreads, 0, stream>>>(n, cols, selected, w);
   check(cudaGetLastError(), "mark");
 }
 

@@ -22,11 +22,12 @@ def pair(n, v, scale, dtype, seed):
     return s, t
 
 
-# V = 5003 and 7 take the one-block-per-row kernels; multiples of 8 the Hopper cluster kernel (50304 fills
-# its last block partly, 128256 in fp32 needs a 16-block cluster). fuse: gradient written by the forward.
+# V = 5003, 7 and 128257 take the one-block-per-row kernels (128257: peaked rows, where fp32 needs g_ref);
+# multiples of 8 the Hopper cluster kernel (50304 fills its last block partly, 128256 in fp32 needs a
+# 16-block cluster). fuse: gradient written by the forward.
 @pytest.mark.parametrize("div", DIVS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
-@pytest.mark.parametrize("n,v", [(1, 7), (33, 5003), (3, 50304), (4, 128256)])
+@pytest.mark.parametrize("n,v", [(1, 7), (33, 5003), (3, 50304), (4, 128256), (2, 128257)])
 @pytest.mark.parametrize("temperature", [0.7, 2.0])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_cuda_matches_reference(div, dtype, tol, n, v, temperature, fuse):

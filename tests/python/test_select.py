@@ -64,24 +64,29 @@ def test_selection_op_equals_stable_sort_on_long_rows(largest):
 @pytest.mark.skipif(not (torch.cuda.is_available() and dpkd.with_cuda), reason="needs a GPU and dpkd built with CUDA")
 @pytest.mark.parametrize("largest", [True, False])
 def test_cuda_selection_op_equals_cpu_op(largest):
-    """CUB's segmented stable sort against the CPU op: ties (-0 against +0 included), padding-only rows,
-    non-finite scores, one long row (the batch scope), one column, and the count's rounding on a long row."""
+    """CUB's radix sort against the CPU op: ties (-0 against +0 included), padding-only rows, non-finite
+    scores, one long row (the batch scope), one column, and the count's rounding on a long row."""
     g = torch.Generator().manual_seed(12)
-    for rows, cols in ((16, 4099), (1, 300001), (37, 1), (3, 7)):
+    for rows, cols in ((16, 4099), (1, 300001), (37, 1), (3, 7), (600, 33)):
         x = (torch.randn(rows, cols, generator=g) * 3).round() / 2
-        x[x == 0] = -0.0
+        x[(x == 0) & (torch.rand(rows, cols, generator=g) < 0.5)] = -0.0  # half of the zeros are -0
         x[0, :3] = float("nan")
         x[-1, -1] = float("inf")
         valid = torch.rand(rows, cols, generator=g) > 0.2
-        valid[rows // 2] = False
+        if rows > 1:
+            valid[rows // 2] = False  # a sequence of padding only
+        assert ((x == 0) & x.signbit()).any() and ((x == 0) & ~x.signbit()).any()
         for fraction in (0.0, 0.07, 0.3, 1.0):
             ref = torch.ops.dpkd.select_top_fraction(x, valid, fraction, largest)
             got = torch.ops.dpkd.select_top_fraction(x.cuda(), valid.cuda(), fraction, largest)
             assert got.device.type == "cuda" and torch.equal(got.cpu(), ref), (rows, cols, fraction)
+            assert ref.any() or fraction == 0
     n = 34952550  # 0.56 * n rounds to 19573428 under a fused multiply-subtract
-    x = torch.rand(1, n, device="cuda")
-    got = torch.ops.dpkd.select_top_fraction(x, torch.ones_like(x, dtype=torch.bool), 0.56, largest)
+    x = (torch.rand(1, n, generator=g) * 1000).round()  # many ties
+    valid = torch.ones_like(x, dtype=torch.bool)
+    got = torch.ops.dpkd.select_top_fraction(x.cuda(), valid.cuda(), 0.56, largest).cpu()
     assert int(got.sum()) == 19573429
+    assert torch.equal(got, torch.ops.dpkd.select_top_fraction(x, valid, 0.56, largest))
 
 
 def test_rules_compile_without_graph_breaks():
