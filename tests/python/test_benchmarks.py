@@ -33,6 +33,8 @@ def test_dpsgd_benchmark_against_opacus():
     ("bench_fused_linear.py", ["--n", "64", "--vocab", "500", "--hs", "16", "--ht", "24", "--repeat", "1"],
      "10% tokens"),
     ("bench_accounting.py", [], "10000"),
+    ("bench_ghost.py", ["--device", "cpu", "--batch", "2", "--seq", "16", "--hidden", "32", "--repeat", "1"],
+     "llama gate,up"),
 ])
 def test_benchmark_prints_its_table(script, args, expect):
     assert expect in run(script, *args)
