@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from dpkd import privacy
-from timing import measure
+from timing import measure, profile_summary
 
 
 class Block(torch.nn.Module):
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="also print where the non-private and dpkd steps spend time")
     args = ap.parse_args()
     dev = args.device
     g = torch.Generator().manual_seed(0)
@@ -125,6 +126,9 @@ def main() -> None:
         return measure(step, dev, args.repeat, absolute=True, cpu_memory=True)
 
     rows = [("non-private", *run(non_private)), ("dpkd", *run(dpkd_step))]
+    if args.profile:
+        for name, make in (("non-private", non_private), ("dpkd", dpkd_step)):
+            print(f"--- {name} step profile ---\n{profile_summary(make(), dev)}")
     try:
         import opacus
         from opacus.grad_sample import GradSampleModuleFastGradientClipping

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: build dpkd with CUDA against the machine's torch, run the CUDA tests, then the
 # GPU benchmarks (objectives, selection, fused linear, DP-SGD). Pass part names to run only those:
-# bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|demo], comma-separated (the build always runs);
-# the default is test,objectives,select,fused,dp,ghost. Each part is bounded by its own timeout and by a
+# bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|dpprofile|demo], comma-separated (the
+# build always runs); the default is test,objectives,select,fused,dp,ghost. Each part is bounded by its own timeout and by a
 # deadline for the whole call (GPU_SH_BUDGET seconds, 570 by default), so the call ends with its output
 # inside the device tool's 10-minute command limit: a part that would run past it is cut short or skipped.
 set -uo pipefail
@@ -39,5 +39,6 @@ want fused && bounded 100 python3 benchmarks/bench_fused_linear.py --device cuda
 want dp && bounded 100 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256
 want dp && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model gpt2 --layers 12 --hidden 768 --vocab 50257 --batch 16 --seq 256
 want ghost && bounded 60 python3 benchmarks/bench_ghost.py
+want dpprofile && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256 --repeat 3 --profile
 want demo && bounded 300 python3 -m dpkd demo --device cuda --size medium --quiet
 echo "gpu.sh: done, $(( ${GPU_SH_BUDGET:-570} - (deadline - $(date +%s)) )) s"

@@ -64,3 +64,30 @@ def cpu_tensor_peak_mb(fn: Callable[[], object], absolute: bool = True) -> float
         return float("nan")
     totals = [sum(row) for row in sizes] or [0]
     return (sum(before.values()) + max(totals) - totals[0]) / 2**20
+
+
+def profile_summary(fn: Callable[[], object], device: str, steps: int = 3, rows: int = 12) -> str:
+    """Where ``fn``'s time goes, per call: host time in PyTorch ops, device time and kernel launches (CUDA),
+    and the ``rows`` operators with the most self time on the device (CUDA) or host. Tells a launch-bound
+    step (host time near or above device time) from a compute-bound one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    host = sum(e.self_cpu_time_total for e in averages) / steps / 1e3
+    lines = [f"per call: host {host:.2f} ms in PyTorch ops"]
+    key = "self_cpu_time_total"
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_ms = sum(e.self_device_time_total for e in averages) / steps / 1e3
+        lines[0] += f", device {device_ms:.2f} ms, {len(kernels) / steps:.0f} kernels"
+        key = "self_device_time_total"
+    lines.append(averages.table(sort_by=key, row_limit=rows, max_name_column_width=48))
+    return "\n".join(lines)
