@@ -32,6 +32,7 @@ enum class Divergence : int32_t {
 struct ObjectiveParams {
   Divergence divergence = Divergence::kForwardKL;
   float beta = 0.5f, one_minus_beta = 0.5f, log_beta = -0.6931472f, log_one_minus_beta = -0.6931472f;
+  float log_beta_odds = 0.f;  // log(beta / (1 - beta))
   float alpha = 0.1f, one_minus_alpha = 0.9f, log_alpha = -2.3025851f, log_one_minus_alpha = -0.1053605f;
 };
 
@@ -44,6 +45,7 @@ inline ObjectiveParams make_objective(Divergence d, double beta, double alpha) {
   o.one_minus_beta = static_cast<float>(1.0 - beta);
   o.log_beta = static_cast<float>(log(beta));
   o.log_one_minus_beta = static_cast<float>(log1p(-beta));
+  o.log_beta_odds = static_cast<float>(log(beta) - log1p(-beta));
   o.alpha = static_cast<float>(alpha);
   o.one_minus_alpha = static_cast<float>(1.0 - alpha);
   o.log_alpha = static_cast<float>(log(alpha));
@@ -131,10 +133,14 @@ DPKD_HOST_DEVICE ElementTerms<V> element_terms(Divergence d, const ObjectivePara
     case Divergence::kReverseKL:  // q (log q - log p); g = log q - log p = x - y (+ const)
       return {M::select(q > 0.f, V(-q * r), zero), V(-y_minus_x)};
     case Divergence::kJSD: {
-      // beta KL(p||m) + (1 - beta) KL(q||m). log(m/q) and log(m/p) are each formed directly (never as
-      // a difference of two O(r) numbers), so the value stays accurate as beta -> 0 or 1.
-      const V log_m_over_q = log_add_exp<M>(V(zero + o.log_one_minus_beta), V(r + o.log_beta));
-      const V log_m_over_p = log_add_exp<M>(V(zero + o.log_beta), V(o.log_one_minus_beta - r));
+      // beta KL(p||m) + (1 - beta) KL(q||m) with log(m/q) = log((1 - beta) + beta e^r) and log(m/p) =
+      // log(beta + (1 - beta) e^-r): two log-add-exps whose arguments differ by +-(r + log(beta / (1 - beta))),
+      // so each is its larger argument plus the same log1p(e^-|r + log_beta_odds|). Both are formed
+      // directly (never as a difference of two O(r) numbers, which would lose them as beta -> 0 or 1)
+      // for one exp and one log1p per entry.
+      const V shared = M::log1p(M::exp(V(-M::abs(V(r + o.log_beta_odds)))));
+      const V log_m_over_q = V(M::max(V(zero + o.log_one_minus_beta), V(r + o.log_beta)) + shared);
+      const V log_m_over_p = V(M::max(V(zero + o.log_beta), V(o.log_one_minus_beta - r)) + shared);
       return {V(M::select(p > 0.f, V(-o.beta * p * log_m_over_p), zero) -
                 M::select(q > 0.f, V(o.one_minus_beta * q * log_m_over_q), zero)),
               V(-o.one_minus_beta * log_m_over_q)};
