@@ -361,7 +361,8 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(dtype):
     for inplace in (False, True):
         h.grad = w.grad = None
         z = h @ w.t()
-        dpkd.generalized_jsd(z, t, beta=0.3, temperature=1.5, standardize=True, inplace_backward=inplace).backward()
+        dpkd.generalized_jsd(z, t, beta=0.3, temperature=1.5, standardize=True, inplace_backward=inplace,
+                             fuse_backward=False).backward()  # the same separate backward, in place or not
         grads.append((h.grad.clone(), w.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -410,7 +411,8 @@ def test_gradient_from_forward_equals_separate_backward(reduction):
         loss = dpkd.distill_loss(sd, t, fuse_backward=fuse, **kw)
         (loss * 0.37).backward()
         results.append((loss.detach(), sd.grad))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    # The fused op keeps each row's probabilities from its forward for the backward (one rounding apart).
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)
     assert results[1][1][0, 1].abs().max() == 0 and results[1][1][1, 3].abs().max() == 0
 
@@ -426,9 +428,9 @@ def test_tokens_without_weight_are_skipped_by_the_fused_loss():
         loss, stats = dpkd.generalized_jsd(sd, t, mask=mask, fuse_backward=fuse, return_stats=True)
         loss.backward()
         out.extend([loss.detach(), torch.stack(list(stats), -1), sd.grad])
-    torch.testing.assert_close(fused[0], unfused[0], rtol=0, atol=0)
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-6, atol=0)
     assert torch.isnan(fused[1][~mask]).all() and not torch.isnan(unfused[1][~mask][:, :3]).any()  # no labels
-    torch.testing.assert_close(fused[1][mask], unfused[1][mask], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fused[1][mask], unfused[1][mask], rtol=1e-6, atol=1e-7, equal_nan=True)
     torch.testing.assert_close(fused[2], unfused[2], rtol=1e-6, atol=1e-9)
     s[1, 7] = t[4, 3] = float("nan")  # padded rows with garbage
     sd = s.clone().requires_grad_(True)

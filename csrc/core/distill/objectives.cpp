@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace dpkd::distill {
 namespace {
@@ -66,9 +67,13 @@ inline Tile masked(const Tile& weight, const Tile& value) {
 struct OnlineSoftmax {
   float max = -INFINITY;
   double sum = 0.0, weighted1 = 0.0, weighted2 = 0.0;
-  void add(const Tile& x, const Tile* v1 = nullptr, const Tile* v2 = nullptr) {
+  // e_out, if given, receives the tile's exp(x - max) (max: the running max after this tile).
+  void add(const Tile& x, const Tile* v1 = nullptr, const Tile* v2 = nullptr, float* e_out = nullptr) {
     const float m = x.maxCoeff();
-    if (!(m > -INFINITY)) return;
+    if (!(m > -INFINITY)) {
+      if (e_out) Eigen::Map<Tile>{e_out}.setZero();
+      return;
+    }
     if (m > max) {
       const double rescale = std::exp(static_cast<double>(max) - m);
       sum *= rescale;
@@ -77,6 +82,7 @@ struct OnlineSoftmax {
       max = m;
     }
     const Tile e = probabilities(x, max, 0.f);
+    if (e_out) Eigen::Map<Tile>{e_out} = e;
     sum += static_cast<double>(e.sum());
     if (v1) weighted1 += static_cast<double>(masked(e, *v1).sum());
     if (v2) weighted2 += static_cast<double>(masked(e, *v2).sum());
@@ -141,6 +147,34 @@ struct Row {
   }
 };
 
+// The fused forward-with-gradient's per-thread scratch for one row: each entry's probabilities q and p and,
+// for the two-pass objectives, g - g_ref, kept from the forward so that the backward right after it takes
+// no exp or log (and the forward's second pass none for q and p). Pass 1 stores exp(x - running max) per
+// tile with that max; normalize() turns them into probabilities once the log-sum-exps are known.
+struct RowCache {
+  std::vector<float> q, p, g, tile_max_s, tile_max_t;
+  void reset(int64_t width) {
+    const size_t n = static_cast<size_t>((width + kTile - 1) / kTile * kTile);
+    q.resize(n);
+    p.resize(n);
+    g.resize(n);
+    tile_max_s.assign(n / kTile, -INFINITY);
+    tile_max_t.assign(n / kTile, -INFINITY);
+  }
+  static Eigen::Map<Tile> tile(std::vector<float>& v, int64_t j0) { return Eigen::Map<Tile>(v.data() + j0); }
+  static Eigen::Map<const Tile> tile(const std::vector<float>& v, int64_t j0) {
+    return Eigen::Map<const Tile>(v.data() + j0);
+  }
+  // exp(x - tile max) * exp(tile max - lse) = exp(x - lse): one scalar exp per tile.
+  void normalize(float max_s, float log_sum_s, float max_t, float log_sum_t) {
+    for (size_t k = 0; k < tile_max_s.size(); ++k) {
+      const int64_t j0 = static_cast<int64_t>(k) * kTile;
+      tile(q, j0) *= static_cast<float>(std::exp(static_cast<double>(tile_max_s[k]) - max_s - log_sum_s));
+      tile(p, j0) *= static_cast<float>(std::exp(static_cast<double>(tile_max_t[k]) - max_t - log_sum_t));
+    }
+  }
+};
+
 inline bool label_valid(const int64_t* labels, int64_t i, const RowOptions& o) {
   return labels != nullptr && labels[i] != o.ignore_index;
 }
@@ -153,7 +187,7 @@ Row<T> make_row(Logits<T> s, Logits<T> t, int64_t i, const RowOptions& o) {
 
 template <class T>
 void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions& o, float* loss, float* stats,
-                 float* st) {
+                 float* st, RowCache* cache = nullptr) {
   Tile zs, zt;
   const float inv_t = 1.f / o.temperature;
   float mean_s = 0.f, scale_s = inv_t, mean_t = 0.f, scale_t = inv_t, std_s = 0.f;
@@ -190,24 +224,32 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
       y_label = y[label - j0];
     }
   };
+  if (cache) cache->reset(row.width);
   for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
     row.read(j0, zs, zt);
     if (raw_needed) lse_raw.add(zs);
     const Tile x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
+    float* e_s = cache ? cache->q.data() + j0 : nullptr;
+    float* e_t = cache ? cache->p.data() + j0 : nullptr;
     if (single_pass) {
       take_label(j0, x, y);
       const Tile y_minus_x = y - x, x_minus_y = x - y;
-      lse_s.add(x, &x, d == Divergence::kReverseKL ? &x_minus_y : nullptr);
-      lse_t.add(y, &y, d == Divergence::kForwardKL ? &y_minus_x : nullptr);
+      lse_s.add(x, &x, d == Divergence::kReverseKL ? &x_minus_y : nullptr, e_s);
+      lse_t.add(y, &y, d == Divergence::kForwardKL ? &y_minus_x : nullptr, e_t);
     } else {
       Eigen::Index k;
       if (x.maxCoeff(&k) > lse_s.max) argmax_s = j0 + k;
-      lse_s.add(x);
-      lse_t.add(y);
+      lse_s.add(x, nullptr, nullptr, e_s);
+      lse_t.add(y, nullptr, nullptr, e_t);
+    }
+    if (cache) {
+      cache->tile_max_s[j0 / kTile] = lse_s.max;
+      cache->tile_max_t[j0 / kTile] = lse_t.max;
     }
   }
   if (!raw_needed) lse_raw = lse_s;  // same logits: temperature 1, no standardization
   const float ls_s = lse_s.log_sum(), ls_t = lse_t.log_sum();
+  if (cache) cache->normalize(lse_s.max, ls_s, lse_t.max, ls_t);
   const double full_lse_s = static_cast<double>(lse_s.max) + ls_s, full_lse_t = static_cast<double>(lse_t.max) + ls_t;
   const float c = static_cast<float>(full_lse_s - full_lse_t);
 
@@ -225,7 +267,8 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
     auto terms = [&](int64_t j0) {  // reads the tile at j0 into zs, zt
       row.read(j0, zs, zt);
       const Tile x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
-      const Tile q = probabilities(x, lse_s.max, ls_s), p = probabilities(y, lse_t.max, ls_t);
+      const Tile q = cache ? Tile(RowCache::tile(cache->q, j0)) : probabilities(x, lse_s.max, ls_s);
+      const Tile p = cache ? Tile(RowCache::tile(cache->p, j0)) : probabilities(y, lse_t.max, ls_t);
       return std::tuple{x, y, q, p, element_terms<TileMath>(d, o.objective, q, p, Tile(y - x), c)};
     };
     if (argmax_s >= 0) {
@@ -234,6 +277,7 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
     }
     for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
       const auto [x, y, q, p, e] = terms(j0);
+      if (cache) RowCache::tile(cache->g, j0) = e.g - g_ref;
       take_label(j0, x, y);
       div += e.loss.sum();
       qg += masked(q, Tile(e.g - g_ref)).sum();
@@ -273,9 +317,10 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   st[kGRef] = g_ref;
 }
 
+// With `cache` (filled by forward_row on this row just before), q, p and g - g_ref come from it.
 template <class T>
 void backward_row(Row<T>& row, float grad, const int64_t* labels, int64_t i, const RowOptions& o, const float* st,
-                  T* out) {
+                  T* out, const RowCache* cache = nullptr) {
   const bool has_label = label_valid(labels, i, o);
   if (grad == 0.f || (labels != nullptr && !has_label)) {
     for (int64_t j = 0; j < row.vs; ++j) out[j] = store<T>(0.f);
@@ -293,8 +338,11 @@ void backward_row(Row<T>& row, float grad, const int64_t* labels, int64_t i, con
   auto grad_x = [&](int64_t j0) {
     row.read(j0, zs, zt);
     const Tile x = (zs - st[kMeanS]) * st[kScaleS], y = (zt - st[kMeanT]) * st[kScaleT];
-    const Tile q = probabilities(x, st[kMaxS], st[kLogSumS]), p = probabilities(y, st[kMaxT], st[kLogSumT]);
+    const Tile q = cache ? Tile(RowCache::tile(cache->q, j0)) : probabilities(x, st[kMaxS], st[kLogSumS]);
+    const Tile p = cache ? Tile(RowCache::tile(cache->p, j0)) : probabilities(y, st[kMaxT], st[kLogSumT]);
     if (d == Divergence::kForwardKL) return Tile(q - p);
+    if (cache && d != Divergence::kReverseKL)
+      return element_grad<TileMath>(d, q, p, Tile(RowCache::tile(cache->g, j0)), st[kQG]);
     const ElementTerms<Tile> e = element_terms<TileMath>(d, o.objective, q, p, Tile(y - x), c);
     return element_grad<TileMath>(d, q, p, Tile(e.g - st[kGRef]), st[kQG]);
   };
@@ -355,19 +403,24 @@ void forward_backward(int64_t n_rows, Logits<T> student, Logits<T> teacher, cons
                       const float* grad_loss, const RowOptions& options, float* loss, float* stats, float* row_state,
                       T* grad_student, int64_t grad_student_stride) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t i = 0; i < n_rows; ++i) {
-    Row<T> row = make_row(student, teacher, i, options);
-    float* st = row_state + i * kRowState;
-    if (grad_loss[i] == 0.f) {  // a row without weight: nothing to compute
-      loss[i] = 0.f;
-      for (int k = 0; k < kNumStats; ++k) stats[i * kNumStats + k] = nan;
-      for (int k = 0; k < kRowState; ++k) st[k] = 0.f;
-    } else {
-      forward_row(row, labels, i, options, loss + i, stats + i * kNumStats, st);
+#pragma omp parallel
+  {
+    RowCache cache;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t i = 0; i < n_rows; ++i) {
+      Row<T> row = make_row(student, teacher, i, options);
+      float* st = row_state + i * kRowState;
+      if (grad_loss[i] == 0.f) {  // a row without weight: nothing to compute
+        loss[i] = 0.f;
+        for (int k = 0; k < kNumStats; ++k) stats[i * kNumStats + k] = nan;
+        for (int k = 0; k < kRowState; ++k) st[k] = 0.f;
+      } else {
+        forward_row(row, labels, i, options, loss + i, stats + i * kNumStats, st, &cache);
+      }
+      // Right after the forward pass, while the row is still in cache (this writes zeros for a skipped row).
+      backward_row(row, grad_loss[i], labels, i, options, st, grad_student + i * grad_student_stride,
+                   grad_loss[i] == 0.f ? nullptr : &cache);
     }
-    // Right after the forward pass, while the row is still in cache (this writes zeros for a skipped row).
-    backward_row(row, grad_loss[i], labels, i, options, st, grad_student + i * grad_student_stride);
   }
 }
 
