@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device-tool call: build dpkd with CUDA against the machine's torch, run the CUDA tests, then the
 # GPU benchmarks (objectives, selection, fused linear, DP-SGD). Pass part names to run only those:
-# bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|dpprofile|demo], comma-separated (the
-# build always runs); the default is test,objectives,select,fused,dp,ghost. Each part is bounded by its own timeout and by a
-# deadline for the whole call (GPU_SH_BUDGET seconds, 570 by default), so the call ends with its output
+# bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|dpprofile|demo], comma-separated
+# (the build always runs); the default is test,objectives,select,fused,dp,ghost. Each part is bounded by its
+# own timeout and by a deadline for the whole call (GPU_SH_BUDGET seconds, 570 by default), so the call ends with its output
 # inside the device tool's 10-minute command limit: a part that would run past it is cut short or skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,8 @@ deadline=$(( $(date +%s) + ${GPU_SH_BUDGET:-570} ))
 # bounded SECONDS CMD...: CMD under a timeout of SECONDS, or less where the deadline is nearer.
 bounded() {
   local limit=$1 left=$(( deadline - $(date +%s) )); shift
+  if (( left < 10 )); then echo "gpu.sh: skipped (deadline): $*"; return; fi
   (( left < limit )) && limit=$left
-  if (( limit < 10 )); then echo "gpu.sh: skipped (deadline): $*"; return; fi
   timeout "$limit" "$@"
 }
 
