@@ -2,9 +2,10 @@
 # One device-tool call: build dpkd with CUDA against the machine's torch, run the CUDA tests, then the
 # GPU benchmarks (objectives, selection, fused linear, DP-SGD). Pass part names to run only those:
 # bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|dpprofile|demo], comma-separated
-# (the build always runs); the default is test,objectives,select,fused,dp,ghost. Each part is bounded by its
-# own timeout and by a deadline for the whole call (GPU_SH_BUDGET seconds, 570 by default), so the call ends with its output
-# inside the device tool's 10-minute command limit: a part that would run past it is cut short or skipped.
+# (the build always runs); the default is test,objectives,select,fused,dp,ghost. Each part is bounded by
+# its own timeout and by a deadline for the whole call (GPU_SH_BUDGET seconds, 570 by default), so the
+# call ends with its output inside the device tool's 10-minute command limit: a part that would run past
+# the deadline is cut short, and one that would start within 10 s of it is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
