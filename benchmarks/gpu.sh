@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: build dpkd with CUDA against the machine's torch, run the CUDA tests, then the
 # GPU benchmarks (objectives, selection, fused linear, DP-SGD). Pass part names to run only those:
-# bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|dpprofile|demo], comma-separated
-# (the build always runs); the default is test,objectives,select,fused,dp,ghost. Each part is bounded by
+# bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|dpprofile|demo], comma-separated, or
+# all (the build always runs); the default is test,objectives,select,fused,dp,ghost. Each part is bounded by
 # its own timeout and by a deadline for the whole call (GPU_SH_BUDGET seconds, 570 by default), so the
 # call ends with its output inside the device tool's 10-minute command limit: a part that would run past
 # the deadline is cut short, and one that would start within 10 s of it is skipped.
@@ -10,14 +10,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 part=${1:-test,objectives,select,fused,dp,ghost}
-want() { [[ ",$part," == *",$1,"* ]]; }
+want() { [ "$part" = all ] || [[ ",$part," == *",$1,"* ]]; }
 deadline=$(( $(date +%s) + ${GPU_SH_BUDGET:-570} ))
 # bounded SECONDS CMD...: CMD under a timeout of SECONDS, or less where the deadline is nearer.
 bounded() {
   local limit=$1 left=$(( deadline - $(date +%s) )); shift
   if (( left < 10 )); then echo "gpu.sh: skipped (deadline): $*"; return; fi
   (( left < limit )) && limit=$left
-  timeout "$limit" "$@"
+  timeout -k 10 "$limit" "$@"  # SIGKILL 10 s after SIGTERM: a process stuck in the driver ends too
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -30,7 +30,7 @@ fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-time python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tail -20
+time bounded 300 python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tail -20
 python3 -c "import dpkd; assert dpkd.with_cuda, 'dpkd was built without CUDA'; print('dpkd with CUDA')" || exit 1
 want test && bounded 240 python3 -m pytest -q -rf --tb=short -k cuda tests/python/test_losses_cuda.py tests/python/test_losses.py tests/python/test_select.py 2>&1 | tail -60
 want objectives && bounded 150 python3 benchmarks/bench_distill.py --device cuda --repeat 10

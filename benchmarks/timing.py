@@ -74,6 +74,8 @@ def profile_summary(fn: Callable[[], object], device: str, steps: int = 3, rows:
 
     cuda = device == "cuda"
     fn()
+    if cuda:
+        torch.cuda.synchronize()  # the warm-up's kernels stay out of the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -85,7 +87,8 @@ def profile_summary(fn: Callable[[], object], device: str, steps: int = 3, rows:
     lines = [f"per call: host {host:.2f} ms in PyTorch ops"]
     key = "self_cpu_time_total"
     if cuda:
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset"))]
         device_ms = sum(e.self_device_time_total for e in averages) / steps / 1e3
         lines[0] += f", device {device_ms:.2f} ms, {len(kernels) / steps:.0f} kernels"
         key = "self_device_time_total"

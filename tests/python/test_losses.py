@@ -417,6 +417,39 @@ def test_gradient_from_forward_equals_separate_backward(reduction):
     assert results[1][1][0, 1].abs().max() == 0 and results[1][1][1, 3].abs().max() == 0
 
 
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("empty", ["student", "teacher", "both"])
+def test_fused_and_separate_agree_on_rows_without_a_finite_logit(div, empty):
+    """A row where the student, the teacher or both have only -inf logits: the fused op (which keeps each row's
+    probabilities for its backward) gives the separate path's loss, statistics and gradient, or the same error."""
+    s, t = logits(6, 301, seed=15), logits(6, 301, seed=16)
+    if empty in ("student", "both"):
+        s[1] = float("-inf")
+    if empty in ("teacher", "both"):
+        t[1] = float("-inf")
+    labels = torch.randint(0, 301, (6,), generator=torch.Generator().manual_seed(17))
+    for kw in ({}, dict(labels=labels, hard_label_weight=0.3, temperature=1.5)):
+        out = []
+        for fuse in (True, False):
+            sd = s.clone().requires_grad_(True)
+            try:  # the KLs' entropy of an all -inf student row is NaN, which is reported
+                loss, stats = dpkd.distill_loss(sd, t, divergence=div, reduction="sum", fuse_backward=fuse,
+                                                return_stats=True, **kw)
+            except ValueError as e:
+                out.append(str(e))
+                continue
+            loss.backward()
+            out.append((loss.detach(), torch.stack(list(stats), -1), sd.grad))
+        if isinstance(out[1], str):
+            assert out[0] == out[1]
+            continue
+        (lf, sf, gf), (ls, ss, gs) = out
+        assert torch.isfinite(ls) == torch.isfinite(lf)
+        torch.testing.assert_close(lf, ls, rtol=1e-6, atol=1e-7, equal_nan=True)
+        torch.testing.assert_close(sf, ss, rtol=1e-6, atol=1e-7, equal_nan=True)
+        torch.testing.assert_close(gf, gs, rtol=1e-6, atol=1e-9, equal_nan=True)
+
+
 def test_tokens_without_weight_are_skipped_by_the_fused_loss():
     """The fused path computes nothing for tokens without weight: their statistics are NaN, their logits are
     not checked (NaN in a padded row is no error), and loss and gradient equal the unfused path's."""

@@ -153,11 +153,11 @@ struct Row {
 // tile with that max; normalize() turns them into probabilities once the log-sum-exps are known.
 struct RowCache {
   std::vector<float> q, p, g, tile_max_s, tile_max_t;
-  void reset(int64_t width) {
+  void reset(int64_t width, bool two_pass) {
     const size_t n = static_cast<size_t>((width + kTile - 1) / kTile * kTile);
     q.resize(n);
     p.resize(n);
-    g.resize(n);
+    if (two_pass) g.resize(n);
     tile_max_s.assign(n / kTile, -INFINITY);
     tile_max_t.assign(n / kTile, -INFINITY);
   }
@@ -165,12 +165,18 @@ struct RowCache {
   static Eigen::Map<const Tile> tile(const std::vector<float>& v, int64_t j0) {
     return Eigen::Map<const Tile>(v.data() + j0);
   }
-  // exp(x - tile max) * exp(tile max - lse) = exp(x - lse): one scalar exp per tile.
+  // exp(x - tile max) * exp(tile max - lse) = exp(x - lse): one scalar exp per tile. A tile (or a whole row)
+  // without a finite logit holds zeros and keeps them (its factor would be exp(-inf + inf)).
   void normalize(float max_s, float log_sum_s, float max_t, float log_sum_t) {
+    auto factor = [](float tile_max, float max, float log_sum) {
+      return tile_max > -INFINITY && max > -INFINITY
+                 ? static_cast<float>(std::exp(static_cast<double>(tile_max) - max - log_sum))
+                 : 0.f;
+    };
     for (size_t k = 0; k < tile_max_s.size(); ++k) {
       const int64_t j0 = static_cast<int64_t>(k) * kTile;
-      tile(q, j0) *= static_cast<float>(std::exp(static_cast<double>(tile_max_s[k]) - max_s - log_sum_s));
-      tile(p, j0) *= static_cast<float>(std::exp(static_cast<double>(tile_max_t[k]) - max_t - log_sum_t));
+      tile(q, j0) *= factor(tile_max_s[k], max_s, log_sum_s);
+      tile(p, j0) *= factor(tile_max_t[k], max_t, log_sum_t);
     }
   }
 };
@@ -224,7 +230,7 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
       y_label = y[label - j0];
     }
   };
-  if (cache) cache->reset(row.width);
+  if (cache) cache->reset(row.width, !single_pass);
   for (int64_t j0 = 0; j0 < row.width; j0 += kTile) {
     row.read(j0, zs, zt);
     if (raw_needed) lse_raw.add(zs);
