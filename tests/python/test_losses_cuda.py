@@ -122,3 +122,33 @@ def test_cuda_fused_gradient_scaled_by_upstream_and_used_once():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="used up"):
         loss.backward()
+
+
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("empty", ["student", "teacher", "both"])
+@pytest.mark.parametrize("v", [3001, 3008])  # the one-block kernels, the cluster kernel
+def test_cuda_rows_without_a_finite_logit_match_cpu(div, empty, v):
+    """A row with only -inf logits (student, teacher or both): both CUDA paths give the CPU's loss, statistics and
+    gradient, or the same error."""
+    s, t = pair(6, v, 3.0, torch.float32, seed=v)
+    if empty in ("student", "both"):
+        s[1] = float("-inf")
+    if empty in ("teacher", "both"):
+        t[1] = float("-inf")
+    out = []
+    for device, fuse in (("cpu", False), ("cuda", True), ("cuda", False)):
+        sd = s.to(device).requires_grad_(True)
+        try:
+            loss, stats = dpkd.distill_loss(sd, t.to(device), divergence=div, reduction="sum", fuse_backward=fuse,
+                                            return_stats=True)
+        except ValueError as e:
+            out.append(str(e))
+            continue
+        loss.backward()
+        out.append((loss.detach().cpu(), torch.stack(list(stats), -1).cpu(), sd.grad.cpu()))
+    for other in out[1:]:
+        if isinstance(out[0], str):
+            assert other == out[0]
+            continue
+        for a, b in zip(other, out[0]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
