@@ -198,8 +198,9 @@ __device__ inline void write_row(const RowSummary& r, int64_t i, bool has_labels
   const float nan = __int_as_float(0x7fc00000);
   const float lse_s = r.ctx.max_s + r.ctx.log_sum_s, lse_t = r.ctx.max_t + r.ctx.log_sum_t;
   float* st = stats + i * kNumStats;
-  st[kStudentEntropy] = r.bad_s ? nan : lse_s - r.total.c;
-  st[kTeacherEntropy] = r.bad_t ? nan : lse_t - r.total.d;
+  // NaN for NaN or +inf logits and for a row without a finite logit, as on the CPU (objectives.cpp).
+  st[kStudentEntropy] = r.bad_s || !(r.ctx.max_s > -INFINITY) ? nan : lse_s - r.total.c;
+  st[kTeacherEntropy] = r.bad_t || !(r.ctx.max_t > -INFINITY) ? nan : lse_t - r.total.d;
   st[kDivergence] = r.total.a;
   if (has_label) {
     st[kStudentLabelLogprob] = (r.student_label_logit - r.mean_s) * r.scale_s - lse_s;

@@ -274,7 +274,7 @@ def fused_linear_distill_loss(
     loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts)
     if teacher_topk is None:  # after every chunk is queued; tokens without weight were not computed
         losses.report_nan(stats, row_scale == 0, tuple(
-            f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf "
+            f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf, or no finite value "
             "(first in flattened token {row})" for model in ("student", "teacher")))
     if return_stats:
         return loss, losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))

@@ -173,8 +173,10 @@ def _fused(
     else:
         loss, stats = _ops.distill(s2, t2, l1, *options, bool(inplace_backward))
         loss = loss.reshape(lead)
-    report_nan(stats, skipped, ("student_logits contains NaN or +inf (first in flattened row {row})",
-                                "teacher_logits contains NaN or +inf (first in flattened row {row})"))
+    report_nan(stats, skipped, ("student_logits contains NaN or +inf, or a row without a finite logit (first in "
+                                "flattened row {row})",
+                                "teacher_logits contains NaN or +inf, or a row without a finite logit (first in "
+                                "flattened row {row})"))
     return loss, stats.reshape(*lead, 5)
 
 

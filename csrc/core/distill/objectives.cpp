@@ -292,8 +292,10 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
     }
   }
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  stats[kStudentEntropy] = row.bad_s ? nan : static_cast<float>(full_lse_s - qx);
-  stats[kTeacherEntropy] = row.bad_t ? nan : static_cast<float>(full_lse_t - py);
+  // NaN (reported by the Python layer) for NaN or +inf logits, and for a row without a finite logit: no
+  // distribution, whose KLs would otherwise come out NaN and the other objectives' finite.
+  stats[kStudentEntropy] = row.bad_s || !(lse_s.max > -INFINITY) ? nan : static_cast<float>(full_lse_s - qx);
+  stats[kTeacherEntropy] = row.bad_t || !(lse_t.max > -INFINITY) ? nan : static_cast<float>(full_lse_t - py);
   stats[kDivergence] = static_cast<float>(div);
   stats[kStudentLabelLogprob] = has_label ? static_cast<float>(x_label - full_lse_s) : nan;
   stats[kTeacherLabelLogprob] = has_label ? static_cast<float>(y_label - full_lse_t) : nan;
