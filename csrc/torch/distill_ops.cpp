@@ -303,7 +303,7 @@ TORCH_LIBRARY(dpkd, m) {
         "float temperature, float teacher_mix, bool standardize, float hard_label_weight, int ignore_index, "
         "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   // The forward and, in the same pass where the device allows, the gradient of sum_i grad_weight[i] loss[i].
-  // Rows with grad_weight 0 may be skipped (the CPU kernel does): their loss and statistics are then 0 and NaN.
+  // Rows with grad_weight 0 are skipped (on both devices): their loss and statistics are 0 and NaN.
   m.def("distill_forward_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_weight, str divergence, "
         "float beta, float alpha, float temperature, float teacher_mix, bool standardize, float hard_label_weight, "
         "int ignore_index) -> (Tensor, Tensor, Tensor)");
