@@ -12,6 +12,9 @@ from dpkd import accounting, privacy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+# The exactness tests also run on a GPU where there is one (benchmarks/gpu.sh runs them with -k cuda).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
 
 @pytest.fixture(autouse=True)
 def float64_default():
@@ -134,8 +137,10 @@ def brute_force(model, x, y, loss):
 
 @pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm", "shared_seq", "gemma_rmsnorm", "weight_first_rmsnorm"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_norms_and_clipped_step_equal_brute_force(kind, reduction):
+@pytest.mark.parametrize("device", DEVICES)
+def test_norms_and_clipped_step_equal_brute_force(kind, reduction, device):
     model, x, y, loss = make_case(kind)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     per, norms = brute_force(model, x, y, loss)
     c_max = float(norms.median())  # clip about half of the examples
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -456,7 +461,8 @@ def _hf_model(kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_lora"])
 @pytest.mark.parametrize("norms", ["ghost", "instantiated"])
-def test_hugging_face_causal_lms_with_padding_equal_brute_force(kind, norms, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_hugging_face_causal_lms_with_padding_equal_brute_force(kind, norms, device, monkeypatch):
     """norms: the layers' own choice (ghost norms at these sizes), or per-example gradients everywhere
     (formed as the gradients arrive; GPT-2's Conv1D layers hold their weights transposed)."""
     if norms == "instantiated":
@@ -471,6 +477,7 @@ def test_hugging_face_causal_lms_with_padding_equal_brute_force(kind, norms, mon
         for name, p in model.named_parameters():  # LoRA's B starts at zero: give the test non-zero adapters
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)
+    model = model.to(device)
     g = torch.Generator().manual_seed(1)
     b, t = 3, 9
     ids = torch.randint(1, 64, (b, t), generator=g)
@@ -479,6 +486,7 @@ def test_hugging_face_causal_lms_with_padding_equal_brute_force(kind, norms, mon
     attention[2, 4:] = 0
     positions = torch.arange(t).expand(b, t)  # [B, T]: position embeddings stay per example
     labels = torch.where(attention.bool(), ids, torch.full_like(ids, -100))
+    ids, attention, positions, labels = (x.to(device) for x in (ids, attention, positions, labels))
 
     def per_example_loss(m, rows):
         out = m(input_ids=ids[rows], attention_mask=attention[rows], position_ids=positions[rows]).logits
