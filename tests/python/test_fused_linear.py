@@ -7,10 +7,14 @@ import torch
 
 import dpkd
 
+# A GPU, where there is one, runs the CUDA path (mixed-precision matmuls, the CUDA kernels); gpu.sh -k cuda.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not (torch.cuda.is_available() and dpkd.with_cuda),
+                                                                reason="needs a GPU and dpkd built with CUDA"))]
 
-def setup(n=24, hs=12, ht=20, v=97, vt=None, dtype=torch.float32, seed=0, bias=True):
+
+def setup(n=24, hs=12, ht=20, v=97, vt=None, dtype=torch.float32, seed=0, bias=True, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
     h_s, w_s = r(n, hs).requires_grad_(True), (r(v, hs) * 0.5).requires_grad_(True)
     b_s = (r(v) * 0.1).requires_grad_(True) if bias else None
     h_t, w_t = r(n, ht), r(vt or v, ht) * 0.5
@@ -33,12 +37,14 @@ def grads(loss, *ts):
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
-def test_matches_logits_path(divergence, reduction):
-    h_s, w_s, b_s, h_t, w_t = setup()
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_logits_path(divergence, reduction, device):
+    h_s, w_s, b_s, h_t, w_t = setup(device=device)
     labels = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(1))
     labels[::5] = -100
     w = torch.rand(24, generator=torch.Generator().manual_seed(2))
     w[3] = 0.0
+    labels, w = labels.to(device), w.to(device)
     kw = dict(divergence=divergence, temperature=1.5, labels=labels, weights=w, reduction=reduction,
               hard_label_weight=0.2)
     got = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, chunk_size=5, **kw)
@@ -82,13 +88,14 @@ def test_unselected_tokens_enter_no_matmul_and_get_zero_gradient():
     assert (g[~mask] == 0).all() and (g[mask] != 0).any()
 
 
-def test_bf16_gradients_at_bf16_rounding_with_fp32_logits():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_gradients_at_bf16_rounding_with_fp32_logits(device):
     """16-bit weights: fp32 chunk logits and the weight gradient's low half put the head-weight and bias
     gradients at bf16's own rounding error (~1.7e-3) from a float64 reference; rounded bf16 logits miss it
     by 10x at this logit scale."""
     import reference
 
-    h_s, w_s, b_s, h_t, w_t = setup(n=256, hs=64, ht=96, v=3000, dtype=torch.bfloat16)
+    h_s, w_s, b_s, h_t, w_t = setup(n=256, hs=64, ht=96, v=3000, dtype=torch.bfloat16, device=device)
     hs64, ws64, bs64 = (t.detach().double().requires_grad_(True) for t in (h_s, w_s, b_s))
     ref = reference.divergence(hs64 @ ws64.t() + bs64, h_t.double() @ w_t.double().t(), "jsd").mean()
     g_ref = torch.autograd.grad(ref, [hs64, ws64, bs64])
