@@ -59,3 +59,13 @@ def entropy(z, temperature=1.0, standardize=False):
     lp = _log_probs(z, temperature, standardize)
     p = lp.exp()
     return -(p * torch.where(p > 0, lp, torch.zeros_like(p))).sum(-1)
+
+
+def empty_row(student, teacher, which: str, row: int = 1) -> str:
+    """Sets ``row`` of the student's, the teacher's or both models' logits to -inf (``which``: "student",
+    "teacher" or "both"), in place; returns the argument name the loss must report."""
+    if which in ("student", "both"):
+        student[row] = float("-inf")
+    if which in ("teacher", "both"):
+        teacher[row] = float("-inf")
+    return "teacher_logits" if which == "teacher" else "student_logits"

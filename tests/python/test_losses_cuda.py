@@ -8,6 +8,7 @@ import torch
 
 import dpkd
 from reference import divergence as ref_divergence
+from reference import empty_row
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and dpkd.with_cuda),
                                 reason="needs a GPU and dpkd built with CUDA")
@@ -131,11 +132,7 @@ def test_cuda_rows_without_a_finite_logit_match_cpu(div, empty, v):
     """A row with only -inf logits (student, teacher or both) is reported as on the CPU, fused or not (its
     entropy is NaN); the other rows' loss, statistics and gradient are the CPU's."""
     s, t = pair(6, v, 3.0, torch.float32, seed=v)
-    if empty in ("student", "both"):
-        s[1] = float("-inf")
-    if empty in ("teacher", "both"):
-        t[1] = float("-inf")
-    name = "teacher_logits" if empty == "teacher" else "student_logits"
+    name = empty_row(s, t, empty)
     for fuse in (True, False):
         with pytest.raises(ValueError, match=f"{name} .*row without a finite logit.*row 1"):
             dpkd.distill_loss(s.cuda().requires_grad_(True), t.cuda(), divergence=div, fuse_backward=fuse)
