@@ -182,7 +182,8 @@ def _fused(
 
 def report_nan(stats: torch.Tensor, skipped: torch.Tensor | None, messages: tuple[str, str]) -> None:
     """Raise ``messages[m].format(row=...)`` for the first row whose model-m entropy (stats column m) is NaN:
-    the kernels see NaN (and +inf) logits that way. Rows in ``skipped`` are not computed and not checked.
+    the kernels report NaN or +inf logits, and a row without a finite logit, that way. Rows in ``skipped`` are
+    not computed and not checked.
     One host synchronisation for both models; the row is looked up only on failure; nothing while compiling."""
     if torch.compiler.is_compiling():
         return
@@ -295,9 +296,8 @@ def distill_loss(
             student gradient in the forward kernel: on a Hopper GPU, forward and backward then read the
             logits once; on the CPU each row's backward follows its forward while the row is in cache. The
             [N, V] gradient is held from the forward to the backward pass, and the loss can be
-            backpropagated through once. Tokens without weight (masked, ignored, weight 0) are not computed
-            (on the CPU; on CUDA they are, and discarded): their statistics are NaN and their logits are not
-            checked for NaN.
+            backpropagated through once. Tokens without weight (masked, ignored, weight 0) are not computed:
+            their statistics are NaN and their logits are not checked.
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
