@@ -37,7 +37,7 @@ at::Tensor top_fraction_cpu(const at::Tensor& score, const at::Tensor& valid, do
 #ifdef DPKD_WITH_CUDA
 at::Tensor top_fraction_cuda(const at::Tensor& score, const at::Tensor& valid, double fraction, bool largest) {
   check_top_fraction_args(score, valid, fraction);
-  // The sort's column indices are int32, and CUB's segmented sort is exercised below 2^31 items.
+  // The sort's column indices are int32, and its keys hold the row index in 32 bits.
   TORCH_CHECK_VALUE(score.numel() <= std::numeric_limits<int32_t>::max(),
                     "score has ", score.numel(), " entries; the CUDA selection takes at most 2^31 - 1");
   const c10::cuda::CUDAGuard guard(score.device());

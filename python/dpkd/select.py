@@ -119,7 +119,7 @@ def top_fraction(score: torch.Tensor, fraction: float, *, valid: torch.Tensor | 
     0.07 of 100 tokens 7.
 
     Ties go to the earlier position (a stable sort's first k), so the result is deterministic. A selection,
-    not a sort on the CPU (nth_element per row); a segmented stable sort (CUB) on CUDA; a stable sort in
+    not a sort on the CPU (nth_element per row); one stable radix sort of all rows (CUB) on CUDA; a stable sort in
     PyTorch on devices without a dpkd kernel.
     """
     _check_fraction(fraction)
