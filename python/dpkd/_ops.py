@@ -140,14 +140,13 @@ class _GradFromForward(torch.autograd.Function):
         return torch.ops.dpkd.scale_unless_one_(grad, grad_output), None, None
 
 
-def distill_reduced(student, teacher, labels, grad_weight, reduce, divergence, beta, alpha, temperature, teacher_mix,
+def distill_reduced(student, teacher, labels, grad_weight, divergence, beta, alpha, temperature, teacher_mix,
                     standardize, hard_label_weight, ignore_index):
-    """(scalar loss, per-row loss, statistics) for 2-D logits, the student gradient of
-    sum_i grad_weight[i] * loss[i] computed by the forward kernel. ``reduce(per_row)`` forms the
-    scalar; it must equal that weighted sum."""
+    """(scalar loss sum_i grad_weight[i] * loss[i], per-row loss, statistics) for 2-D logits, the scalar's
+    student gradient computed by the forward kernel."""
     with torch.no_grad():
         per_row, stats, grad = torch.ops.dpkd.distill_forward_grad(
             student.detach(), teacher.detach(), labels, grad_weight, divergence, beta, alpha, temperature, teacher_mix,
             standardize, hard_label_weight, ignore_index)
-        loss = reduce(per_row)  # rows without weight are skipped by the kernels on both devices: their loss is 0
+        loss = torch.dot(per_row, grad_weight)  # rows without weight are skipped by the kernels: their loss is 0
     return _GradFromForward.apply(student, loss, grad), per_row, stats

@@ -12,6 +12,7 @@ loss is NOT multiplied by T^2 unless ``scale_by_temperature_squared=True`` (TRL 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable, Literal, NamedTuple
 
 import torch
@@ -148,12 +149,12 @@ def _fused(
     ignore_index: int,
     inplace_backward: bool = False,
     teacher_grad: bool = False,
-    reduce_with: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported.
 
-    ``reduce_with=(row_weights, reduce)``: return ``reduce(per_token)`` instead, a scalar equal to
-    ``sum(row_weights * per_token)`` whose student gradient the forward kernel computes."""
+    ``row_weights`` [*lead]: return the scalar ``sum(row_weights * per_token)`` instead, its student gradient
+    computed by the forward kernel."""
     lead = student_logits.shape[:-1]
     s2 = student_logits.reshape(-1, student_logits.shape[-1])
     t2 = teacher_logits.reshape(-1, teacher_logits.shape[-1])
@@ -163,11 +164,9 @@ def _fused(
     options = (divergence, float(beta), float(alpha), float(temperature), float(teacher_mix), bool(standardize),
                float(hard_label_weight), int(ignore_index))
     skipped = None
-    if reduce_with is not None:
-        row_weights, reduce = reduce_with
+    if row_weights is not None:
         row_weights = row_weights.reshape(-1).float()
-        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights,
-                                              lambda per_row: reduce(per_row.reshape(lead)), *options)
+        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights, *options)
         # Rows without weight carry nothing: the kernels skip them (statistics NaN) and their logits are not checked.
         skipped = row_weights == 0
     else:
@@ -217,24 +216,28 @@ def _reduce(per_token: torch.Tensor, valid: torch.Tensor | None, weights: torch.
         return total
     if reduction == "batchmean":
         return total / max(per_token.shape[0], 1)
-    count = valid.sum() if valid is not None else torch.tensor(per_token.numel(), device=per_token.device)
-    return total / count.clamp(min=1)
+    # A host number where the count is known on the host: torch.tensor(n, device="cuda") would be a copy
+    # from the host, which synchronises the stream.
+    return total / max(per_token.numel(), 1) if valid is None else total / valid.sum().clamp(min=1)
 
 
 def _reduction_weights(shape: torch.Size, valid: torch.Tensor | None, weights: torch.Tensor | None,
-                       reduction: str, device: torch.device) -> torch.Tensor:
-    """d _reduce(per_token, valid, weights, reduction) / d per_token, for reductions to a scalar."""
-    w = torch.ones(shape, dtype=torch.float32, device=device)
-    if weights is not None:
-        w = w * weights.float()
-    if valid is not None:
-        w = torch.where(valid, w, torch.zeros((), dtype=w.dtype, device=device))
-    if reduction == "mean":
-        count = valid.sum() if valid is not None else torch.tensor(w.numel(), device=device)
-        w = w / count.clamp(min=1)
+                       reduction: str, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """d (scale * _reduce(per_token, valid, weights, reduction)) / d per_token (fp32), for reductions to a
+    scalar; no copy from the host (on CUDA one would synchronise the stream)."""
+    if reduction == "mean" and valid is None:
+        scale /= max(math.prod(shape), 1)
     elif reduction == "batchmean":
-        w = w / max(shape[0] if len(shape) else 1, 1)
-    return w
+        scale /= max(shape[0] if len(shape) else 1, 1)
+    if weights is not None:
+        w = weights.float() * scale
+        if valid is not None:
+            w = torch.where(valid, w, torch.zeros((), dtype=w.dtype, device=device))
+    elif valid is not None:
+        w = valid.to(torch.float32) * scale
+    else:
+        return torch.full(shape, scale, dtype=torch.float32, device=device)
+    return w / valid.sum().clamp(min=1) if reduction == "mean" and valid is not None else w
 
 
 def distill_loss(
@@ -307,20 +310,20 @@ def distill_loss(
                          "contiguous rows: a leaf's storage would become its own gradient")
     valid = valid_tokens(labels, mask, ignore_index)
     t2 = temperature * temperature if scale_by_temperature_squared else 1.0
-    reduce_with = None
+    row_weights = None
     if (fuse_backward and reduction != "none" and select is None and not teacher_grad and not inplace_backward
             and student_logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and (weights is None or not weights.requires_grad)):
-        row_weights = _reduction_weights(student_logits.shape[:-1], valid, weights, reduction, student_logits.device)
-        reduce_with = (row_weights * t2, lambda per_token: _reduce(per_token * t2, valid, weights, reduction))
+        row_weights = _reduction_weights(student_logits.shape[:-1], valid, weights, reduction, student_logits.device,
+                                         scale=t2)
     per_token, stats = _fused(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
         temperature=temperature, teacher_mix=1.0, standardize=standardize, hard_label_weight=hard_label_weight,
         ignore_index=ignore_index, inplace_backward=inplace_backward, teacher_grad=teacher_grad,
-        reduce_with=reduce_with,
+        row_weights=row_weights,
     )
     token_stats_ = TokenStats(*stats.unbind(-1))
-    if reduce_with is not None:
+    if row_weights is not None:
         return (per_token, token_stats_) if return_stats else per_token
     if t2 != 1.0:
         per_token = per_token * t2
