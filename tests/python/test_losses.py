@@ -500,6 +500,33 @@ def test_tokens_of_weight_zero_holding_nan_carry_nothing(device, v):
     assert (grads[0][~keep] == 0).all()
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_reductions_copy_nothing_from_the_host(fuse):
+    """A tensor built from host data (torch.tensor(n, device="cuda")) is a copy that synchronises the CUDA stream:
+    the reductions' weights and counts are formed on the device. Checked here through the ops dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    s, t = logits(6, 301, seed=23), logits(6, 301, seed=24)
+    labels = torch.randint(0, 301, (6,), generator=torch.Generator().manual_seed(25))
+    labels[2] = -100
+    for kw in (dict(reduction="mean"), dict(reduction="mean", labels=labels), dict(reduction="batchmean"),
+               dict(reduction="sum", weights=torch.rand(6), labels=labels)):
+        sd = s.clone().requires_grad_(True)
+        with Record() as record:
+            dpkd.generalized_jsd(sd, t, fuse_backward=fuse, **kw).backward()
+        assert "dpkd.distill_forward_grad.default" in record.ops or not fuse
+        assert "aten.lift_fresh.default" not in record.ops, kw  # what torch.tensor(host data) dispatches
+
+
 def test_gradient_from_forward_is_used_once_and_skipped_without_grad():
     s, t = logits(4, 50, seed=1), logits(4, 50, seed=2)
     sd = s.clone().requires_grad_(True)
