@@ -59,14 +59,13 @@ struct MergePass1 {
 
 // Divergence D is a template parameter: the per-element loops then hold one objective's code, not a
 // six-way switch per element.
-template <class T, Divergence D>
+template <class T, Divergence D, class Math>
 __global__ void __launch_bounds__(kClusterThreads)
     cluster_kernel(const T* student, int64_t s_stride, const T* teacher, int64_t t_stride, int64_t v,
                    const int64_t* labels, RowOptions o, bool raw_needed, float* loss, float* stats, float* state,
                    const float* grad_weight, T* grad, int64_t g_stride) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int P = Pack<T>::kSize, K = kPacksPerThread;
-  using Math = MathFor<T>;
   using Reduce1 = cub::BlockReduce<Pass1, kClusterThreads>;
   using Reduce2 = cub::BlockReduce<Sum4, kClusterThreads>;
   __shared__ union {
@@ -257,8 +256,9 @@ bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t s
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9)
     return false;
   bool launched = false;
-  auto launch = [&](auto tag) {
+  auto launch = [&](auto tag, auto math) {
     using T = decltype(tag);
+    using M = decltype(math);
     constexpr int P = Pack<T>::kSize;
     const int64_t per_block = static_cast<int64_t>(kClusterThreads) * kPacksPerThread * P;
     const int64_t size = (student_vocab + per_block - 1) / per_block;
@@ -266,12 +266,12 @@ bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t s
     if (!packs_aligned<T>(student, student_stride) || !packs_aligned<T>(teacher, teacher_stride)) return;
     if (grad != nullptr && !packs_aligned<T>(grad, grad_stride)) return;
     const Divergence d = effective_divergence(options.objective);
-    auto kernel = d == Divergence::kForwardKL       ? cluster_kernel<T, Divergence::kForwardKL>
-                  : d == Divergence::kReverseKL     ? cluster_kernel<T, Divergence::kReverseKL>
-                  : d == Divergence::kJSD           ? cluster_kernel<T, Divergence::kJSD>
-                  : d == Divergence::kSkewKL        ? cluster_kernel<T, Divergence::kSkewKL>
-                  : d == Divergence::kSkewReverseKL ? cluster_kernel<T, Divergence::kSkewReverseKL>
-                                                    : cluster_kernel<T, Divergence::kTVD>;
+    auto kernel = d == Divergence::kForwardKL       ? cluster_kernel<T, Divergence::kForwardKL, M>
+                  : d == Divergence::kReverseKL     ? cluster_kernel<T, Divergence::kReverseKL, M>
+                  : d == Divergence::kJSD           ? cluster_kernel<T, Divergence::kJSD, M>
+                  : d == Divergence::kSkewKL        ? cluster_kernel<T, Divergence::kSkewKL, M>
+                  : d == Divergence::kSkewReverseKL ? cluster_kernel<T, Divergence::kSkewReverseKL, M>
+                                                    : cluster_kernel<T, Divergence::kTVD, M>;
     const int smem = 2 * kPacksPerThread * kClusterThreads * 16;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
         (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
@@ -298,11 +298,7 @@ bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t s
     if (err != cudaSuccess) throw std::runtime_error(std::string("dpkd cluster forward kernel: ") + cudaGetErrorString(err));
     launched = true;
   };
-  switch (dtype) {
-    case DType::kFloat32: launch(float{}); break;
-    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
-    case DType::kFloat16: launch(__half{}); break;
-  }
+  dispatch_math(dtype, options.fast_math, launch);
   return launched;
 }
 

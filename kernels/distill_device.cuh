@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "distill/row_math.h"
+#include "distill_cuda.h"
 
 namespace dpkd::distill::cuda {
 
@@ -57,7 +58,8 @@ inline bool packs_aligned(const void* p, int64_t stride) {
 
 // 16-bit logits carry 3 significant digits: the hardware exp2/log2 approximations (relative error near
 // 1e-7, growing to ~1e-6 for |x| ~ 50) are far below that and cut the per-element instruction count,
-// which bounds these kernels, about in half. fp32 logits keep the accurate library functions.
+// which bounds these kernels, about in half. fp32 logits keep the accurate library functions unless
+// RowOptions::fast_math says they hold no more than 16-bit factors' precision (dispatch_math).
 struct FastMath : ScalarMath {
   static __device__ __forceinline__ float exp(float x) { return __expf(x); }
   static __device__ __forceinline__ float log1p(float x) {
@@ -65,8 +67,22 @@ struct FastMath : ScalarMath {
     return u == 1.f ? x : __logf(u) * __fdividef(x, u - 1.f);
   }
 };
-template <class T>
-using MathFor = std::conditional_t<std::is_same_v<T, float>, ScalarMath, FastMath>;
+
+// f(T{}, M{}) for the logits' element type T and the math M its kernels use.
+template <class F>
+void dispatch_math(DType dtype, bool fast_math, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      if (fast_math) {
+        f(float{}, FastMath{});
+      } else {
+        f(float{}, ScalarMath{});
+      }
+      break;
+    case DType::kBFloat16: f(__nv_bfloat16{}, FastMath{}); break;
+    case DType::kFloat16: f(__half{}, FastMath{}); break;
+  }
+}
 
 // A running (max, sum of exp(x - max)) pair and its merge: the log-sum-exp as a reduction.
 struct MaxSum {

@@ -32,7 +32,7 @@ struct RowIn {
   }
 };
 
-template <class T>
+template <class T, class M>
 __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const T* student, int64_t vs, int64_t s_stride,
                                                            const T* teacher, int64_t vt, int64_t t_stride,
                                                            const int64_t* labels, RowOptions o, float* loss,
@@ -113,10 +113,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
     const float x = (zs - mean_s) * scale_s, y = (zt - mean_t) * scale_t;
     bad_s += !(zs < INFINITY);
     bad_t += !(zt < INFINITY);
-    if (raw_needed) add<MathFor<T>>(acc_raw, zs);
+    if (raw_needed) add<M>(acc_raw, zs);
     if (two_pass && x > peak.x) peak = {x, y};
-    add<MathFor<T>>(acc_s, x);
-    add<MathFor<T>>(acc_t, y);
+    add<M>(acc_s, x);
+    add<M>(acc_t, y);
   }
   __syncthreads();
   const MaxSum ls = ReduceMaxSum(temp.max_sum).Reduce(acc_s, MergeMaxSum());
@@ -149,11 +149,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
 
   // Pass 2: divergence, <q, g - g_ref>, sum q x, sum p y.
   RowContext ctx{d, o.objective, max_s, log_sum_s, max_t, log_sum_t, c, 0.f};
-  if (two_pass) ctx.g_ref = g_at<MathFor<T>>(ctx, Peak{shared[8], shared[9]});
+  if (two_pass) ctx.g_ref = g_at<M>(ctx, Peak{shared[8], shared[9]});
   Sum4 part{0.f, 0.f, 0.f, 0.f};
   for (int64_t j = threadIdx.x; j < width; j += kThreads) {
     const float zs = row.student(j), zt = row.teacher(j, zs);
-    accumulate_terms<MathFor<T>>(part, ctx, (zs - mean_s) * scale_s, (zt - mean_t) * scale_t);
+    accumulate_terms<M>(part, ctx, (zs - mean_s) * scale_s, (zt - mean_t) * scale_t);
   }
   __syncthreads();
   const Sum4 total = ReduceSum4(temp.sum4).Reduce(part, AddSum4());
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
 
 // `vectorized`: no standardization, equal vocabularies and 16-byte aligned rows, so whole packs are read
 // and written.
-template <class T>
+template <class T, class M>
 __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, const float* grad_loss, const T* student,
                                                             int64_t vs, int64_t s_stride, const T* teacher, int64_t vt,
                                                             int64_t t_stride, const int64_t* labels,
@@ -208,21 +208,21 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
 #pragma unroll
       for (int e = 0; e < P; ++e) {
         const float zs = to_float(ps.v[e]), zt = mix_teacher(o.teacher_mix, to_float(pt.v[e]), zs);
-        po.v[e] = from_float<T>(raw_grad<MathFor<T>>(ctx, zs * scale_s, zt * scale_t, zs, a, b, scale_s, st[kRawMax],
+        po.v[e] = from_float<T>(raw_grad<M>(ctx, zs * scale_s, zt * scale_t, zs, a, b, scale_s, st[kRawMax],
                                          st[kRawLogSum], k * P + e == label));
       }
       store_pack(out + k * P, po);
     }
     for (int64_t j = packs * P + threadIdx.x; j < vs; j += kThreads) {
       const float zs = row.student(j);
-      out[j] = from_float<T>(raw_grad<MathFor<T>>(ctx, zs * scale_s, row.teacher(j, zs) * scale_t, zs, a, b, scale_s,
+      out[j] = from_float<T>(raw_grad<M>(ctx, zs * scale_s, row.teacher(j, zs) * scale_t, zs, a, b, scale_s,
                                       st[kRawMax], st[kRawLogSum], j == label));
     }
     return;
   }
 
   auto grad_x = [&](int64_t j, float zs) {
-    return divergence_grad<MathFor<T>>(ctx, (zs - mean_s) * scale_s, (row.teacher(j, zs) - mean_t) * scale_t);
+    return divergence_grad<M>(ctx, (zs - mean_s) * scale_s, (row.teacher(j, zs) - mean_t) * scale_t);
   };
   float g1_mean = 0.f, g2_term = 0.f;
   if (o.standardize) {
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
     if (zs > -INFINITY) {
       const float gx = grad_x(j, zs);
       gz = a * scale_s * (o.standardize ? gx - g1_mean - (zs - mean_s) * g2_term : gx);
-      if (b != 0.f) gz += b * (prob<MathFor<T>>(zs, st[kRawMax], st[kRawLogSum]) - (j == label ? 1.f : 0.f));
+      if (b != 0.f) gz += b * (prob<M>(zs, st[kRawMax], st[kRawLogSum]) - (j == label ? 1.f : 0.f));
     }
     out[j] = from_float<T>(gz);
   }
@@ -270,15 +270,6 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-template <class F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
-  }
-}
-
 }  // namespace
 
 void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_vocab, int64_t student_stride,
@@ -289,9 +280,9 @@ void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_v
   if (cluster_forward(dtype, n_rows, student, student_vocab, student_stride, teacher, teacher_vocab, teacher_stride,
                       labels, options, loss, stats, row_state, grad_weight, grad_student, grad_stride, stream))
     return;
-  dispatch(dtype, [&](auto tag) {
+  dispatch_math(dtype, options.fast_math, [&](auto tag, auto math) {
     using T = decltype(tag);
-    forward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
+    forward_kernel<T, decltype(math)><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
         n_rows, static_cast<const T*>(student), student_vocab, student_stride, static_cast<const T*>(teacher),
         teacher_vocab, teacher_stride, labels, options, loss, stats, row_state,
         grad_student != nullptr ? grad_weight : nullptr);
@@ -307,12 +298,12 @@ void backward(DType dtype, int64_t n_rows, const float* grad_loss, const void* s
               const int64_t* labels, const float* row_state, const RowOptions& options, void* grad_student,
               int64_t grad_stride, cudaStream_t stream) {
   if (n_rows == 0) return;
-  dispatch(dtype, [&](auto tag) {
+  dispatch_math(dtype, options.fast_math, [&](auto tag, auto math) {
     using T = decltype(tag);
     const bool vectorized = !options.standardize && student_vocab == teacher_vocab &&
                             packs_aligned<T>(student, student_stride) && packs_aligned<T>(teacher, teacher_stride) &&
                             packs_aligned<T>(grad_student, grad_stride);
-    backward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
+    backward_kernel<T, decltype(math)><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
         n_rows, grad_loss, static_cast<const T*>(student), student_vocab, student_stride,
         static_cast<const T*>(teacher), teacher_vocab, teacher_stride, labels, row_state, options,
         static_cast<T*>(grad_student), grad_stride, vectorized);
@@ -322,7 +313,7 @@ void backward(DType dtype, int64_t n_rows, const float* grad_loss, const void* s
 
 void scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream) {
   if (n == 0) return;
-  dispatch(dtype, [&](auto tag) {
+  dispatch_math(dtype, false, [&](auto tag, auto) {
     using T = decltype(tag);
     const int64_t blocks = (n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096;
     scale_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(static_cast<T*>(x), n, scale);

@@ -165,7 +165,7 @@ void check_grad_weight(const at::Tensor& grad_weight, const at::Tensor& student)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
-    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
+    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index, bool /*fast_math*/) {
   check_grad_weight(grad_weight, student);
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);  // checked and made row-contiguous once for both
@@ -234,11 +234,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
-    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
+    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index, bool fast_math) {
   const c10::cuda::CUDAGuard guard(student.device());
   check_grad_weight(grad_weight, student);
-  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index);
+  Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                       hard_label_weight, ignore_index);
+  p.options.fast_math = fast_math;
   auto [loss, stats, state] = empty_outputs(p.student);
   const at::Tensor weight = grad_weight.to(at::kFloat).contiguous();
   at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
@@ -304,9 +305,10 @@ TORCH_LIBRARY(dpkd, m) {
         "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   // The forward and, in the same pass where the device allows, the gradient of sum_i grad_weight[i] loss[i].
   // Rows with grad_weight 0 are skipped (on both devices): their loss and statistics are 0 and NaN.
+  // fast_math: RowOptions::fast_math (CUDA, fp32 logits from 16-bit factors; no effect on the CPU).
   m.def("distill_forward_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_weight, str divergence, "
         "float beta, float alpha, float temperature, float teacher_mix, bool standardize, float hard_label_weight, "
-        "int ignore_index) -> (Tensor, Tensor, Tensor)");
+        "int ignore_index, bool fast_math=False) -> (Tensor, Tensor, Tensor)");
   // self *= scale, without touching self when the (device-resident) scale is 1.
   m.def("scale_unless_one_(Tensor(a!) self, Tensor scale) -> Tensor(a!)");
   m.def("distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor row_state, "

@@ -185,7 +185,8 @@ def fused_linear_distill_loss(
             rounding them to 16 bits (default: on for 16-bit weights). Rounded bf16 logits put the head-weight
             gradient ~4e-3 (relative norm) away from the fp32-logit gradient; fp32 logits bring it to bf16's
             own rounding (~1.7e-3), for one more [V, chunk] x [chunk, H_s] matmul per chunk (the weight
-            gradient of the fp32 logits gradient's low half) and fp32 objective kernels.
+            gradient of the fp32 logits gradient's low half) and fp32 objective kernels (on CUDA with the
+            hardware exp2/log2 of the 16-bit kernels: logits from 16-bit factors need no more).
         return_stats: also return :class:`dpkd.TokenStats` (NaN for tokens that carry no loss).
     Example with Hugging Face models::
 
@@ -242,6 +243,7 @@ def fused_linear_distill_loss(
     half = student_weight.dtype in (torch.bfloat16, torch.float16)
     fp32_weight_grad = half if fp32_weight_grad is None else fp32_weight_grad
     fp32_logits = half if fp32_logits is None else fp32_logits
+    fast_math = half and fp32_logits  # fp32 logits of 16-bit factors
     chunk = _chunk_rows(student_weight.shape[0], torch.float32 if fp32_logits else student_weight.dtype, h_s.device,
                         chunk_size)
 
@@ -258,7 +260,7 @@ def fused_linear_distill_loss(
                 zt, _ = _logits(h_t[rows], w_t, b_t, float(teacher_logit_scale), teacher_softcap, fp32_logits)
             if zt.dtype != zs.dtype:  # the two heads' dtypes may differ; the kernels take one
                 zt = zt.to(zs.dtype)
-            return torch.ops.dpkd.distill_forward_grad(zs, zt, lab, row_weights, *options)
+            return torch.ops.dpkd.distill_forward_grad(zs, zt, lab, row_weights, *options, fast_math=fast_math)
     else:
         k = teacher_topk[0].shape[-1]
         t_ids, t_logp = teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k)

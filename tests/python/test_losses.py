@@ -500,6 +500,16 @@ def test_tokens_of_weight_zero_holding_nan_carry_nothing(device, v):
     assert (grads[0][~keep] == 0).all()
 
 
+def test_fast_math_is_a_cuda_option_the_cpu_ignores():
+    """distill_forward_grad's fast_math picks the CUDA kernels' hardware exp2/log2 for fp32 logits; the CPU's
+    vectorised math is accurate either way, so the CPU results are the same bits."""
+    s, t = logits(5, 301, seed=26), logits(5, 301, seed=27)
+    args = (torch.rand(5, generator=torch.Generator().manual_seed(28)), "jsd", 0.3, 0.2, 0.7, 1.0, False, 0.0, -100)
+    fast, accurate = (torch.ops.dpkd.distill_forward_grad(s, t, None, *args, fast_math=f) for f in (True, False))
+    for a, b in zip(fast, accurate):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_reductions_copy_nothing_from_the_host(fuse):
     """A tensor built from host data (torch.tensor(n, device="cuda")) is a copy that synchronises the CUDA stream:

@@ -109,6 +109,26 @@ def test_cuda_forward_grad_op_matches_cpu_with_teacher_mix(dtype, v):
     assert outs[1][2][5].abs().max() == 0 and outs[1][2][2].abs().max() == 0
 
 
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("n,v,standardize", [(33, 5003, False), (5, 3008, True), (4, 128256, False)])
+def test_cuda_fast_math_for_fp32_logits(div, n, v, standardize):
+    """fast_math (the fused head's fp32 logits of bf16 factors): fp32 logits through the 16-bit kernels' hardware
+    exp2/log2, on the one-block kernels (V = 5003, standardization) and the 16-block fp32 cluster (V = 128256).
+    Within 1e-3 of float64 (the bf16 gradient it serves rounds to 4e-3), and not the accurate path's result."""
+    s, t = pair(n, v, 4.0, torch.float32, seed=n + 2 * v)
+    weight = torch.rand(n, generator=torch.Generator().manual_seed(v), dtype=torch.float64)
+    kw = dict(temperature=0.7, beta=0.3, alpha=0.2)
+    args = (div, 0.3, 0.2, 0.7, 1.0, standardize, 0.0, -100)
+    fast, accurate = (torch.ops.dpkd.distill_forward_grad(s.cuda(), t.cuda(), None, weight.float().cuda(), *args,
+                                                          fast_math=f) for f in (True, False))
+    leaf = s.double().requires_grad_(True)
+    per_row = ref_divergence(leaf, t.double(), div, standardize=standardize, **kw)
+    (per_row * weight).sum().backward()
+    torch.testing.assert_close(fast[0].cpu().double(), per_row.detach(), rtol=1e-3, atol=1e-5)
+    assert (fast[2].cpu().double() - leaf.grad).norm() <= 1e-3 * leaf.grad.norm()
+    assert not torch.equal(fast[2], accurate[2])
+
+
 def test_cuda_fused_gradient_scaled_by_upstream_and_used_once():
     s, t = pair(6, 32000, 4.0, torch.bfloat16, seed=3)
     grads = []

@@ -62,6 +62,9 @@ struct RowOptions {
   float hard_label_weight = 0.f;   // w: loss = (1 - w) D + w CE(raw student logits, label)
   int64_t ignore_index = -100;     // rows with this label carry no loss and no gradient
   float teacher_mix = 1.f;         // TAID: the teacher's logits become mix z_t + (1 - mix) z_s
+  // CUDA: fp32 logits get the hardware exp2/log2 that 16-bit logits always get, for fp32 logits that carry no
+  // more than 16-bit factors' precision (a bf16 matmul's fp32 output). The CPU's vectorised math is accurate.
+  bool fast_math = false;
 };
 
 // Per-token statistics, columns of the [N, kNumStats] output.
