@@ -172,18 +172,21 @@ __device__ __forceinline__ float g_at(const RowContext& r, const Peak& peak) {
   return terms<M>(r, peak.x, peak.y, q, p).g;
 }
 
-// One entry's contribution to (divergence, <q, g - g_ref>, sum q x, sum p y), for transformed logits x and y.
+// One entry's contribution to (divergence, <q, g - g_ref>, sum q x, sum p y), for transformed logits x and y;
+// returns the entry's g - g_ref (0 where both probabilities are 0).
 template <class M>
-__device__ __forceinline__ void accumulate_terms(Sum4& part, const RowContext& r, float x, float y) {
+__device__ __forceinline__ float accumulate_terms(Sum4& part, const RowContext& r, float x, float y) {
   const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
-  if (q == 0.f && p == 0.f) return;
+  if (q == 0.f && p == 0.f) return 0.f;
   const ElementTerms<float> e = terms<M>(r, x, y, q, p);
+  const float g = e.g - r.g_ref;
   part.a += e.loss;
   if (q > 0.f) {
-    part.b += q * (e.g - r.g_ref);
+    part.b += q * g;
     part.c += q * x;
   }
   if (p > 0.f) part.d += p * y;
+  return g;
 }
 
 // d divergence / d x for one entry.
@@ -193,6 +196,13 @@ __device__ __forceinline__ float divergence_grad(const RowContext& r, float x, f
   if (q == 0.f && p == 0.f) return 0.f;
   const ElementTerms<float> e = terms<M>(r, x, y, q, p);
   return element_grad<M>(r.d, q, p, e.g - r.g_ref, r.qg);
+}
+
+// The same for a two-pass objective (not forward KL, so p is not needed) from the entry's g - g_ref, as
+// accumulate_terms returned it: one exp instead of the objective's terms.
+template <class M>
+__device__ __forceinline__ float divergence_grad_from_g(const RowContext& r, float x, float g_minus_ref) {
+  return element_grad<M>(r.d, prob<M>(x, r.max_s, r.log_sum_s), 0.f, g_minus_ref, r.qg);
 }
 
 // TAID: the teacher's logits become mix z_t + (1 - mix) z_s.
@@ -256,12 +266,12 @@ __device__ inline void write_skipped_row(int64_t i, float* loss, float* stats, f
 }
 
 // The gradient of a row's loss with respect to one raw student logit zs (no standardization): the
-// divergence part scaled by a = (1 - w) dL and the hard-label part by b = w dL.
-template <class M>
-__device__ __forceinline__ float raw_grad(const RowContext& r, float x, float y, float zs, float a, float b,
-                                          float scale_s, float raw_max, float raw_log_sum, bool is_label) {
+// divergence part dx() = d divergence / d x, scaled by a = (1 - w) dL, and the hard-label part by b = w dL.
+template <class M, class DivergenceGrad>
+__device__ __forceinline__ float raw_grad(float zs, DivergenceGrad&& dx, float a, float b, float scale_s, float raw_max,
+                                          float raw_log_sum, bool is_label) {
   if (zs == -INFINITY) return 0.f;
-  float gz = a * scale_s * divergence_grad<M>(r, x, y);
+  float gz = a * scale_s * dx();
   if (b != 0.f) gz += b * (prob<M>(zs, raw_max, raw_log_sum) - (is_label ? 1.f : 0.f));
   return gz;
 }

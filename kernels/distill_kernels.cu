@@ -208,15 +208,16 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
 #pragma unroll
       for (int e = 0; e < P; ++e) {
         const float zs = to_float(ps.v[e]), zt = mix_teacher(o.teacher_mix, to_float(pt.v[e]), zs);
-        po.v[e] = from_float<T>(raw_grad<M>(ctx, zs * scale_s, zt * scale_t, zs, a, b, scale_s, st[kRawMax],
-                                         st[kRawLogSum], k * P + e == label));
+        po.v[e] = from_float<T>(raw_grad<M>(zs, [&] { return divergence_grad<M>(ctx, zs * scale_s, zt * scale_t); }, a,
+                                            b, scale_s, st[kRawMax], st[kRawLogSum], k * P + e == label));
       }
       store_pack(out + k * P, po);
     }
     for (int64_t j = packs * P + threadIdx.x; j < vs; j += kThreads) {
       const float zs = row.student(j);
-      out[j] = from_float<T>(raw_grad<M>(ctx, zs * scale_s, row.teacher(j, zs) * scale_t, zs, a, b, scale_s,
-                                      st[kRawMax], st[kRawLogSum], j == label));
+      out[j] = from_float<T>(raw_grad<M>(
+          zs, [&] { return divergence_grad<M>(ctx, zs * scale_s, row.teacher(j, zs) * scale_t); }, a, b, scale_s,
+          st[kRawMax], st[kRawLogSum], j == label));
     }
     return;
   }
