@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kClusterThreads)
       const float zs = to_float(ps.v[e]);
       auto dx = [&] {
         if constexpr (kKeepG) {
-          return divergence_grad_from_g<Math>(ctx, zs * scale, pt.v[e]);
+          return divergence_grad_from_g<Math, D>(ctx, zs * scale, pt.v[e]);
         } else {
           return divergence_grad<Math>(ctx, zs * scale, mix_teacher(mix, to_float(pt.v[e]), zs) * scale);
         }

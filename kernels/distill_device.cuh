@@ -145,7 +145,8 @@ struct MergePeak {
   __device__ __forceinline__ Peak operator()(const Peak& a, const Peak& b) const { return merge(a, b); }
 };
 
-// row_math.h's terms, except for the JSD of 16-bit logits away from its KL endpoints: there log m is
+// row_math.h's terms, except for the JSD under FastMath (16-bit logits, or fp32 ones with RowOptions::fast_math)
+// away from its KL endpoints: there log m is
 // taken once (one hardware log2) and log(m/q), log(m/p) formed against log q = x - lse_s and log p =
 // y - lse_t, about 1e-5 off in absolute terms (|log q| ~ 50 at most times the log2 approximation's
 // error), where the exact form spends two exp-log1p pairs per entry. Near beta = 0 or 1 the JSD is a
@@ -198,11 +199,12 @@ __device__ __forceinline__ float divergence_grad(const RowContext& r, float x, f
   return element_grad<M>(r.d, q, p, e.g - r.g_ref, r.qg);
 }
 
-// The same for a two-pass objective (not forward KL, so p is not needed) from the entry's g - g_ref, as
-// accumulate_terms returned it: one exp instead of the objective's terms.
-template <class M>
+// The same for a two-pass objective D from the entry's g - g_ref, as accumulate_terms returned it: one exp
+// instead of the objective's terms. p is not needed: only forward KL's gradient (q - p) reads it.
+template <class M, Divergence D>
 __device__ __forceinline__ float divergence_grad_from_g(const RowContext& r, float x, float g_minus_ref) {
-  return element_grad<M>(r.d, prob<M>(x, r.max_s, r.log_sum_s), 0.f, g_minus_ref, r.qg);
+  static_assert(D != Divergence::kForwardKL && D != Divergence::kReverseKL, "the KLs take one pass and keep no g");
+  return element_grad<M>(D, prob<M>(x, r.max_s, r.log_sum_s), 0.f, g_minus_ref, r.qg);
 }
 
 // TAID: the teacher's logits become mix z_t + (1 - mix) z_s.

@@ -243,7 +243,9 @@ def fused_linear_distill_loss(
     half = student_weight.dtype in (torch.bfloat16, torch.float16)
     fp32_weight_grad = half if fp32_weight_grad is None else fp32_weight_grad
     fp32_logits = half if fp32_logits is None else fp32_logits
-    fast_math = half and fp32_logits  # fp32 logits of 16-bit factors
+    # fp32 logits of 16-bit factors (a fp32 teacher head's logits, if any, get the same ~1e-6 relative exp/log
+    # errors: far below the bf16 gradient's rounding)
+    fast_math = half and fp32_logits
     chunk = _chunk_rows(student_weight.shape[0], torch.float32 if fp32_logits else student_weight.dtype, h_s.device,
                         chunk_size)
 

@@ -103,8 +103,8 @@ def test_bf16_gradients_at_bf16_rounding_with_fp32_logits(device):
     for fp32_logits in (None, False):
         got = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, divergence="jsd", chunk_size=48,
                                              fp32_logits=fp32_logits)
-        if fp32_logits is None:
-            assert abs(float(got) - float(ref)) < 1e-6 * float(ref)
+        if fp32_logits is None:  # CUDA: the 16-bit kernels' exp2/log2 (fast_math), ~1e-6 here, 3 ulp at worst
+            assert abs(float(got) - float(ref)) < (1e-5 if device == "cuda" else 1e-6) * float(ref)
         g = torch.autograd.grad(got, [h_s, w_s, b_s])
         errors[fp32_logits] = [float((a.double() - b).norm() / b.norm()) for a, b in zip(g, g_ref)]
     err_h, err_w, err_b = errors[None]
