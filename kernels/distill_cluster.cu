@@ -125,22 +125,29 @@ __global__ void __launch_bounds__(kClusterThreads)
       max_raw = fmaxf(max_raw, zs);
     }
   }
-  // Each thread reads back only what it wrote: no barrier needed before these loops.
-  auto for_each = [&](auto&& f) {
-    for (int k = 0; k < K; ++k) {
-      const Pack<T> ps = s_cache[k * kClusterThreads + threadIdx.x], pt = t_cache[k * kClusterThreads + threadIdx.x];
-#pragma unroll
-      for (int e = 0; e < P; ++e) {
-        const float zs = to_float(ps.v[e]);
-        f(zs, mix_teacher(mix, to_float(pt.v[e]), zs));
-      }
-    }
-  };
   // fp32 two-pass objectives: the second pass replaces each cached teacher logit with the entry's g - g_ref,
   // which the gradient then reads instead of recomputing the objective's terms (one exp per entry instead of
   // the objective's exps and logs). A 16-bit slot could not hold g - g_ref: fp16 loses it where the student
   // nearly matches the teacher (|g - g_ref| below 6e-5), bf16 keeps 3 digits.
   constexpr bool kKeepG = !kl && std::is_same_v<T, float>;
+  // f(zs, zt) for each cached entry; with keep true, f's result replaces the entry's teacher logit in the
+  // cache. Each thread reads back only what it wrote: no barrier needed before these loops.
+  auto for_each = [&](auto&& f, auto keep) {
+    for (int k = 0; k < K; ++k) {
+      const Pack<T> ps = s_cache[k * kClusterThreads + threadIdx.x];
+      Pack<T> pt = t_cache[k * kClusterThreads + threadIdx.x];
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float zs = to_float(ps.v[e]), zt = mix_teacher(mix, to_float(pt.v[e]), zs);
+        if constexpr (decltype(keep)::value) {
+          pt.v[e] = from_float<T>(f(zs, zt));
+        } else {
+          f(zs, zt);
+        }
+      }
+      if constexpr (decltype(keep)::value) t_cache[k * kClusterThreads + threadIdx.x] = pt;
+    }
+  };
 
   // Pass 1: the log-sum-exps (and the raw student's, for the hard-label term).
   Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, 0.f, 0.f, 0.f, 0.f, peak_y};
@@ -163,7 +170,7 @@ __global__ void __launch_bounds__(kClusterThreads)
       }
     }
     if (raw_needed && max_raw != -INFINITY) p1.raw.sum += Math::exp(zs - max_raw);
-  });
+  }, std::false_type{});
   p1 = Reduce1(temp.r1).Reduce(p1, MergePass1());
   if (threadIdx.x == 0) block1 = p1;
   cluster.sync();
@@ -190,19 +197,8 @@ __global__ void __launch_bounds__(kClusterThreads)
              D == Divergence::kReverseKL ? sum_qd : 0.f, r1.s_x * s_mean, r1.t_y * t_mean};
   } else {
     Sum4 part{0.f, 0.f, 0.f, 0.f};
-    if constexpr (kKeepG) {
-      for (int k = 0; k < K; ++k) {
-        const Pack<T> ps = s_cache[k * kClusterThreads + threadIdx.x];
-        Pack<T>& pt = t_cache[k * kClusterThreads + threadIdx.x];
-#pragma unroll
-        for (int e = 0; e < P; ++e) {
-          const float zs = to_float(ps.v[e]), zt = mix_teacher(mix, to_float(pt.v[e]), zs);
-          pt.v[e] = from_float<T>(accumulate_terms<Math>(part, ctx, zs * scale, zt * scale));
-        }
-      }
-    } else {
-      for_each([&](float zs, float zt) { accumulate_terms<Math>(part, ctx, zs * scale, zt * scale); });
-    }
+    for_each([&](float zs, float zt) { return accumulate_terms<Math>(part, ctx, zs * scale, zt * scale); },
+             std::bool_constant<kKeepG>{});
     part = Reduce2(temp.r2).Reduce(part, AddSum4());
     if (threadIdx.x == 0) block2 = part;
     cluster.sync();
