@@ -57,9 +57,9 @@ struct MergePass1 {
   __device__ __forceinline__ Pass1 operator()(const Pass1& a, const Pass1& b) const { return merge(a, b); }
 };
 
-// Divergence D is a template parameter: the per-element loops then hold one objective's code, not a
-// six-way switch per element.
-template <class T, Divergence D, class Math>
+// Divergence D and the form F of its terms (distill_device.cuh) are template parameters: the per-element loops
+// then hold one objective's code, not a six-way switch or a branch per element.
+template <class T, Divergence D, class Math, Form F>
 __global__ void __launch_bounds__(kClusterThreads)
     cluster_kernel(const T* student, int64_t s_stride, const T* teacher, int64_t t_stride, int64_t v,
                    const int64_t* labels, RowOptions o, bool raw_needed, float* loss, float* stats, float* state,
@@ -88,12 +88,15 @@ __global__ void __launch_bounds__(kClusterThreads)
   auto index = [&](int k) { return base + (static_cast<int64_t>(k) * kClusterThreads + threadIdx.x) * P; };
   const float scale = 1.f / o.temperature, mix = o.teacher_mix;
 
-  if (grad != nullptr && grad_weight[i] == 0.f) {  // the whole cluster takes this branch: no cluster.sync below
-    if (rank == 0 && threadIdx.x == 0) write_skipped_row(i, loss, stats, state);
+  auto write_zero_gradient = [&] {  // this block's slice of the row
     T* out = grad + i * g_stride;
     for (int64_t j = base + threadIdx.x; j < v && j < base + static_cast<int64_t>(kClusterThreads) * K * P;
          j += kClusterThreads)
       out[j] = from_float<T>(0.f);
+  };
+  if (grad != nullptr && grad_weight[i] == 0.f) {  // the whole cluster takes this branch: no cluster.sync below
+    if (rank == 0 && threadIdx.x == 0) write_skipped_row(i, loss, stats, state);
+    write_zero_gradient();
     return;
   }
 
@@ -149,27 +152,24 @@ __global__ void __launch_bounds__(kClusterThreads)
     }
   };
 
-  // Pass 1: the log-sum-exps (and the raw student's, for the hard-label term).
+  // Pass 1: the log-sum-exps (and the raw student's, for the hard-label term). A thread whose entries are all
+  // -inf (past the vocabulary's end) has max -inf: its exps are taken against 0 instead, exp(-inf) = 0, so
+  // the sums stay 0 without a branch per entry (a NaN entry still makes its sum NaN: the row is flagged).
+  auto shift = [](float max) { return max == -INFINITY ? 0.f : max; };
+  const float shift_x = shift(max_x), shift_y = shift(max_y), shift_raw = shift(max_raw);
   Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, 0.f, 0.f, 0.f, 0.f, peak_y};
   for_each([&](float zs, float zt) {
     const float x = zs * scale, y = zt * scale;
-    if (max_x != -INFINITY) {
-      const float e = Math::exp(x - max_x);
-      p1.s.sum += e;
-      if (kl && x > -INFINITY) {
-        p1.s_x += e * x;
-        p1.s_xy += e * (x - y);
-      }
+    const float ex = Math::exp(x - shift_x), ey = Math::exp(y - shift_y);
+    p1.s.sum += ex;
+    p1.t.sum += ey;
+    if constexpr (kl) {  // entries of probability 0 add nothing (0 * -inf would be NaN)
+      p1.s_x += x > -INFINITY ? ex * x : 0.f;
+      p1.s_xy += x > -INFINITY ? ex * (x - y) : 0.f;
+      p1.t_y += y > -INFINITY ? ey * y : 0.f;
+      p1.t_yx += y > -INFINITY ? ey * (y - x) : 0.f;
     }
-    if (max_y != -INFINITY) {
-      const float e = Math::exp(y - max_y);
-      p1.t.sum += e;
-      if (kl && y > -INFINITY) {
-        p1.t_y += e * y;
-        p1.t_yx += e * (y - x);
-      }
-    }
-    if (raw_needed && max_raw != -INFINITY) p1.raw.sum += Math::exp(zs - max_raw);
+    if (raw_needed) p1.raw.sum += Math::exp(zs - shift_raw);
   }, std::false_type{});
   p1 = Reduce1(temp.r1).Reduce(p1, MergePass1());
   if (threadIdx.x == 0) block1 = p1;
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kClusterThreads)
   const float log_sum_s = logf(r1.s.sum), log_sum_t = logf(r1.t.sum);
   RowContext ctx{D, o.objective, r1.s.max, log_sum_s, r1.t.max, log_sum_t,
                  (r1.s.max + log_sum_s) - (r1.t.max + log_sum_t), 0.f};
-  if constexpr (!kl) ctx.g_ref = g_at<Math>(ctx, Peak{r1.s.max, r1.peak_y});
+  if constexpr (!kl) ctx.g_ref = g_at<Math, F>(ctx, Peak{r1.s.max, r1.peak_y});
 
   // (divergence, <q, g - g_ref>, sum q x, sum p y): for the KLs from the first pass (reverse KL: g = x - y), else
   // from a second pass.
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kClusterThreads)
              D == Divergence::kReverseKL ? sum_qd : 0.f, r1.s_x * s_mean, r1.t_y * t_mean};
   } else {
     Sum4 part{0.f, 0.f, 0.f, 0.f};
-    for_each([&](float zs, float zt) { return accumulate_terms<Math>(part, ctx, zs * scale, zt * scale); },
+    for_each([&](float zs, float zt) { return accumulate_terms<Math, F>(part, ctx, zs * scale, zt * scale); },
              std::bool_constant<kKeepG>{});
     part = Reduce2(temp.r2).Reduce(part, AddSum4());
     if (threadIdx.x == 0) block2 = part;
@@ -228,34 +228,46 @@ __global__ void __launch_bounds__(kClusterThreads)
   if (grad == nullptr) return;
 
   // The gradient of grad_weight[i] * loss[i], from the cache.
+  if (labels != nullptr && !has_label) {
+    write_zero_gradient();
+    return;
+  }
   const float gl = grad_weight[i];
-  const bool zero = labels != nullptr && !has_label;
   const float w = has_label ? o.hard_label_weight : 0.f;
   const float a = (1.f - w) * gl, b = w * gl;
   T* out = grad + i * g_stride;
-  for (int k = 0; k < K; ++k) {
-    const int64_t j0 = index(k);
-    const Pack<T> ps = s_cache[k * kClusterThreads + threadIdx.x], pt = t_cache[k * kClusterThreads + threadIdx.x];
-    Pack<T> po;
+  // One loop for rows with the hard-label term and one without, so that no entry branches on it.
+  auto gradient_pass = [&](auto hard_label) {
+    for (int k = 0; k < K; ++k) {
+      const int64_t j0 = index(k);
+      const Pack<T> ps = s_cache[k * kClusterThreads + threadIdx.x], pt = t_cache[k * kClusterThreads + threadIdx.x];
+      Pack<T> po;
 #pragma unroll
-    for (int e = 0; e < P; ++e) {
-      const float zs = to_float(ps.v[e]);
-      auto dx = [&] {
-        if constexpr (kKeepG) {
-          return divergence_grad_from_g<Math, D>(ctx, zs * scale, pt.v[e]);
-        } else {
-          return divergence_grad<Math>(ctx, zs * scale, mix_teacher(mix, to_float(pt.v[e]), zs) * scale);
-        }
-      };
-      po.v[e] = from_float<T>(zero ? 0.f : raw_grad<Math>(zs, dx, a, b, scale, raw_max, raw_log_sum, j0 + e == label));
-    }
-    if (j0 + P <= v) {
-      store_pack(out + j0, po);
-    } else {
+      for (int e = 0; e < P; ++e) {
+        const float zs = to_float(ps.v[e]);
+        auto dx = [&] {
+          if constexpr (kKeepG) {
+            return divergence_grad_from_g<Math, D>(ctx, zs * scale, pt.v[e]);
+          } else {
+            return divergence_grad<Math, F>(ctx, zs * scale, mix_teacher(mix, to_float(pt.v[e]), zs) * scale);
+          }
+        };
+        po.v[e] = from_float<T>(raw_grad<Math, decltype(hard_label)::value>(zs, dx, a, b, scale, raw_max, raw_log_sum,
+                                                                            j0 + e == label));
+      }
+      if (j0 + P <= v) {
+        store_pack(out + j0, po);
+      } else {
 #pragma unroll
-      for (int e = 0; e < P; ++e)
-        if (j0 + e < v) out[j0 + e] = po.v[e];
+        for (int e = 0; e < P; ++e)
+          if (j0 + e < v) out[j0 + e] = po.v[e];
+      }
     }
+  };
+  if (b != 0.f) {
+    gradient_pass(std::true_type{});
+  } else {
+    gradient_pass(std::false_type{});
   }
 #else
   __trap();  // the host launches this kernel only on sm_90 and newer
@@ -284,12 +296,17 @@ bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t s
     if (!packs_aligned<T>(student, student_stride) || !packs_aligned<T>(teacher, teacher_stride)) return;
     if (grad != nullptr && !packs_aligned<T>(grad, grad_stride)) return;
     const Divergence d = effective_divergence(options.objective);
-    auto kernel = d == Divergence::kForwardKL       ? cluster_kernel<T, Divergence::kForwardKL, M>
-                  : d == Divergence::kReverseKL     ? cluster_kernel<T, Divergence::kReverseKL, M>
-                  : d == Divergence::kJSD           ? cluster_kernel<T, Divergence::kJSD, M>
-                  : d == Divergence::kSkewKL        ? cluster_kernel<T, Divergence::kSkewKL, M>
-                  : d == Divergence::kSkewReverseKL ? cluster_kernel<T, Divergence::kSkewReverseKL, M>
-                                                    : cluster_kernel<T, Divergence::kTVD, M>;
+    constexpr Form kGeneric = Form::kGeneric;
+    auto jsd = cluster_kernel<T, Divergence::kJSD, M, kGeneric>;
+    if constexpr (std::is_same_v<M, FastMath>) {
+      if (jsd_log_form(d, options.objective, true)) jsd = cluster_kernel<T, Divergence::kJSD, M, Form::kJsdLog>;
+    }
+    auto kernel = d == Divergence::kForwardKL       ? cluster_kernel<T, Divergence::kForwardKL, M, kGeneric>
+                  : d == Divergence::kReverseKL     ? cluster_kernel<T, Divergence::kReverseKL, M, kGeneric>
+                  : d == Divergence::kJSD           ? jsd
+                  : d == Divergence::kSkewKL        ? cluster_kernel<T, Divergence::kSkewKL, M, kGeneric>
+                  : d == Divergence::kSkewReverseKL ? cluster_kernel<T, Divergence::kSkewReverseKL, M, kGeneric>
+                                                    : cluster_kernel<T, Divergence::kTVD, M, kGeneric>;
     const int smem = 2 * kPacksPerThread * kClusterThreads * 16;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
         (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {

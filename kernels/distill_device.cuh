@@ -60,11 +60,25 @@ inline bool packs_aligned(const void* p, int64_t stride) {
 // 1e-7, growing to ~1e-6 for |x| ~ 50) are far below that and cut the per-element instruction count,
 // which bounds these kernels, about in half. fp32 logits keep the accurate library functions unless
 // RowOptions::fast_math says they hold no more than 16-bit factors' precision (dispatch_math).
+// The flush-to-zero forms: without ftz, ex2.approx and lg2.approx each take a guard for subnormal values
+// (a compare, two predicated multiplies, the predicates kept across the unrolled loop), which was half of
+// the instructions of the cluster kernel's first pass (SASS, sm_90a). exp flushes results below FLT_MIN
+// (1.2e-38) to 0: a probability that small adds nothing a float sum holds. log's arguments are >= 1
+// (log1p) or clamped to FLT_MIN by the caller.
 struct FastMath : ScalarMath {
-  static __device__ __forceinline__ float exp(float x) { return __expf(x); }
-  static __device__ __forceinline__ float log1p(float x) {
+  static __device__ __forceinline__ float exp(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504f));
+    return r;
+  }
+  static __device__ __forceinline__ float log(float x) {
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r * 0.693147181f;
+  }
+  static __device__ __forceinline__ float log1p(float x) {  // x >= 0 here (log1p of an exp)
     const float u = 1.f + x;  // log(u) * x / (u - 1) corrects for the rounding of 1 + x
-    return u == 1.f ? x : __logf(u) * __fdividef(x, u - 1.f);
+    return u == 1.f ? x : log(u) * __fdividef(x, u - 1.f);
   }
 };
 
@@ -145,57 +159,73 @@ struct MergePeak {
   __device__ __forceinline__ Peak operator()(const Peak& a, const Peak& b) const { return merge(a, b); }
 };
 
-// row_math.h's terms, except for the JSD under FastMath (16-bit logits, or fp32 ones with RowOptions::fast_math)
-// away from its KL endpoints: there log m is
-// taken once (one hardware log2) and log(m/q), log(m/p) formed against log q = x - lse_s and log p =
-// y - lse_t, about 1e-5 off in absolute terms (|log q| ~ 50 at most times the log2 approximation's
-// error), where the exact form spends two exp-log1p pairs per entry. Near beta = 0 or 1 the JSD is a
-// small multiple of a KL and that absolute error would be a large relative one: the exact form stays.
-template <class M>
+// The JSD under FastMath (16-bit logits, or fp32 ones with RowOptions::fast_math) away from its KL endpoints
+// takes its log form: log m is taken once (one hardware log2) and log(m/q), log(m/p) formed against
+// log q = x - lse_s and log p = y - lse_t, about 1e-5 off in absolute terms (|log q| ~ 50 at most times the
+// log2 approximation's error), where row_math.h's exact form spends two exp-log1p pairs per entry. Near
+// beta = 0 or 1 the JSD is a small multiple of a KL and that absolute error would be a large relative one:
+// the exact form stays.
+__host__ __device__ inline bool jsd_log_form(Divergence d, const ObjectiveParams& o, bool fast_math) {
+  return fast_math && d == Divergence::kJSD && o.beta >= 1e-3f && o.one_minus_beta >= 1e-3f;
+}
+
+// How terms() chooses between the JSD's log form and row_math.h's element_terms: per call (the one-block
+// kernels), or fixed by the caller (the cluster kernel, whose loops then hold one form's code and no branch).
+enum class Form { kPerCall, kJsdLog, kGeneric };
+
+// The log form's terms. Finite where both probabilities are 0 too (m is clamped to FLT_MIN, and each term
+// selects 0), so its callers need no branch per entry. The clamp moves only terms below 1e-35: m < FLT_MIN
+// needs p and q below FLT_MIN / 1e-3.
+__device__ __forceinline__ ElementTerms<float> jsd_log_terms(const RowContext& r, float x, float y, float q, float p) {
+  const ObjectiveParams& o = r.objective;
+  const float log_q = (x - r.max_s) - r.log_sum_s, log_p = (y - r.max_t) - r.log_sum_t;
+  const float log_m = FastMath::log(fmaxf(o.beta * p + o.one_minus_beta * q, 1.17549435e-38f));
+  return {(p > 0.f ? o.beta * p * (log_p - log_m) : 0.f) + (q > 0.f ? o.one_minus_beta * q * (log_q - log_m) : 0.f),
+          o.one_minus_beta * (log_q - log_m)};
+}
+
+template <class M, Form F>
 __device__ __forceinline__ ElementTerms<float> terms(const RowContext& r, float x, float y, float q, float p) {
-  if constexpr (std::is_same_v<M, FastMath>) {
-    const ObjectiveParams& o = r.objective;
-    if (r.d == Divergence::kJSD && o.beta >= 1e-3f && o.one_minus_beta >= 1e-3f) {
-      const float log_q = (x - r.max_s) - r.log_sum_s, log_p = (y - r.max_t) - r.log_sum_t;
-      const float log_m = __logf(o.beta * p + o.one_minus_beta * q);
-      return {(p > 0.f ? o.beta * p * (log_p - log_m) : 0.f) + (q > 0.f ? o.one_minus_beta * q * (log_q - log_m) : 0.f),
-              o.one_minus_beta * (log_q - log_m)};
-    }
+  constexpr bool fast = std::is_same_v<M, FastMath>;
+  static_assert(fast || F != Form::kJsdLog, "the JSD's log form is FastMath's");
+  if constexpr (F == Form::kJsdLog) {
+    return jsd_log_terms(r, x, y, q, p);
+  } else {
+    if (F == Form::kPerCall && jsd_log_form(r.d, r.objective, fast)) return jsd_log_terms(r, x, y, q, p);
+    return element_terms<M>(r.d, r.objective, q, p, y - x, r.c);
   }
-  return element_terms<M>(r.d, r.objective, q, p, y - x, r.c);
 }
 
 // g at the peak entry, from the row's log-sum-exps: r.g_ref for the two-pass objectives (0 for an all -inf row).
-template <class M>
+template <class M, Form F = Form::kPerCall>
 __device__ __forceinline__ float g_at(const RowContext& r, const Peak& peak) {
   if (peak.x == -INFINITY) return 0.f;
   const float q = prob<M>(peak.x, r.max_s, r.log_sum_s), p = prob<M>(peak.y, r.max_t, r.log_sum_t);
-  return terms<M>(r, peak.x, peak.y, q, p).g;
+  return terms<M, F>(r, peak.x, peak.y, q, p).g;
 }
 
 // One entry's contribution to (divergence, <q, g - g_ref>, sum q x, sum p y), for transformed logits x and y;
-// returns the entry's g - g_ref (0 where both probabilities are 0).
-template <class M>
+// returns the entry's g - g_ref (0, or for the log form any value, where both probabilities are 0: the
+// gradient's select on q > 0 never reads it there).
+template <class M, Form F = Form::kPerCall>
 __device__ __forceinline__ float accumulate_terms(Sum4& part, const RowContext& r, float x, float y) {
   const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
-  if (q == 0.f && p == 0.f) return 0.f;
-  const ElementTerms<float> e = terms<M>(r, x, y, q, p);
+  if (F != Form::kJsdLog && q == 0.f && p == 0.f) return 0.f;
+  const ElementTerms<float> e = terms<M, F>(r, x, y, q, p);
   const float g = e.g - r.g_ref;
   part.a += e.loss;
-  if (q > 0.f) {
-    part.b += q * g;
-    part.c += q * x;
-  }
-  if (p > 0.f) part.d += p * y;
+  part.b += q > 0.f ? q * g : 0.f;
+  part.c += q > 0.f ? q * x : 0.f;
+  part.d += p > 0.f ? p * y : 0.f;
   return g;
 }
 
 // d divergence / d x for one entry.
-template <class M>
+template <class M, Form F = Form::kPerCall>
 __device__ __forceinline__ float divergence_grad(const RowContext& r, float x, float y) {
   const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
-  if (q == 0.f && p == 0.f) return 0.f;
-  const ElementTerms<float> e = terms<M>(r, x, y, q, p);
+  if (F != Form::kJsdLog && q == 0.f && p == 0.f) return 0.f;
+  const ElementTerms<float> e = terms<M, F>(r, x, y, q, p);
   return element_grad<M>(r.d, q, p, e.g - r.g_ref, r.qg);
 }
 
@@ -269,13 +299,14 @@ __device__ inline void write_skipped_row(int64_t i, float* loss, float* stats, f
 
 // The gradient of a row's loss with respect to one raw student logit zs (no standardization): the
 // divergence part dx() = d divergence / d x, scaled by a = (1 - w) dL, and the hard-label part by b = w dL.
-template <class M, class DivergenceGrad>
+// Computed for -inf entries too and then selected away, so that no entry branches (dx() may be NaN there).
+// kHardLabel false: the caller knows b = 0.
+template <class M, bool kHardLabel = true, class DivergenceGrad>
 __device__ __forceinline__ float raw_grad(float zs, DivergenceGrad&& dx, float a, float b, float scale_s, float raw_max,
                                           float raw_log_sum, bool is_label) {
-  if (zs == -INFINITY) return 0.f;
   float gz = a * scale_s * dx();
-  if (b != 0.f) gz += b * (prob<M>(zs, raw_max, raw_log_sum) - (is_label ? 1.f : 0.f));
-  return gz;
+  if (kHardLabel && b != 0.f) gz += b * (prob<M>(zs, raw_max, raw_log_sum) - (is_label ? 1.f : 0.f));
+  return zs == -INFINITY ? 0.f : gz;
 }
 
 }  // namespace dpkd::distill::cuda
