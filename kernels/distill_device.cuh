@@ -23,6 +23,30 @@ template <> __device__ __forceinline__ float from_float<float>(float f) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float f) { return __float2bfloat16(f); }
 template <> __device__ __forceinline__ __half from_float<__half>(float f) { return __float2half(f); }
 
+// A float kept in a logit's 16-bit slot as bf16 (an fp16 slot holds the bf16 bits: fp16's range and subnormals
+// would lose large and tiny values), exactly in an fp32 slot.
+template <class T>
+__device__ __forceinline__ T keep_in_slot(float f) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f;
+  } else {
+    const __nv_bfloat16 b = __float2bfloat16(f);
+    T slot;
+    memcpy(&slot, &b, sizeof slot);
+    return slot;
+  }
+}
+template <class T>
+__device__ __forceinline__ float kept_in_slot(T slot) {
+  if constexpr (std::is_same_v<T, float>) {
+    return slot;
+  } else {
+    __nv_bfloat16 b;
+    memcpy(&b, &slot, sizeof b);
+    return __bfloat162float(b);
+  }
+}
+
 // 16 bytes of logits: one vector load or store.
 template <class T>
 struct alignas(16) Pack {
