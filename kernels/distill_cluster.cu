@@ -167,11 +167,11 @@ __global__ void __launch_bounds__(kClusterThreads)
     const float ex = Math::exp(x - shift_x), ey = Math::exp(y - shift_y);
     p1.s.sum += ex;
     p1.t.sum += ey;
-    if constexpr (kl) {  // entries of probability 0 add nothing (0 * -inf would be NaN)
-      p1.s_x += x > -INFINITY ? ex * x : 0.f;
-      p1.s_xy += x > -INFINITY ? ex * (x - y) : 0.f;
-      p1.t_y += y > -INFINITY ? ey * y : 0.f;
-      p1.t_yx += y > -INFINITY ? ey * (y - x) : 0.f;
+    if constexpr (kl) {  // entries of probability 0 add nothing (0 * inf would be NaN), as q > 0 and p > 0 select
+      p1.s_x += ex > 0.f ? ex * x : 0.f;
+      p1.s_xy += ex > 0.f ? ex * (x - y) : 0.f;
+      p1.t_y += ey > 0.f ? ey * y : 0.f;
+      p1.t_yx += ey > 0.f ? ey * (y - x) : 0.f;
     }
     if (raw_needed) p1.raw.sum += Math::exp(zs - shift_raw);
   }, std::false_type{});

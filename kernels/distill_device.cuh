@@ -199,11 +199,12 @@ enum class Form { kPerCall, kJsdLog, kGeneric };
 
 // The log form's terms. Finite where both probabilities are 0 too (m is clamped to FLT_MIN, and each term
 // selects 0), so its callers need no branch per entry. The clamp moves only terms below 1e-35: m < FLT_MIN
-// needs p and q below FLT_MIN / 1e-3.
+// needs p and q below FLT_MIN / 1e-3. It keeps a NaN m (a row with NaN or +inf logits): fmaxf would not.
 __device__ __forceinline__ ElementTerms<float> jsd_log_terms(const RowContext& r, float x, float y, float q, float p) {
   const ObjectiveParams& o = r.objective;
   const float log_q = (x - r.max_s) - r.log_sum_s, log_p = (y - r.max_t) - r.log_sum_t;
-  const float log_m = FastMath::log(fmaxf(o.beta * p + o.one_minus_beta * q, 1.17549435e-38f));
+  const float m = o.beta * p + o.one_minus_beta * q;
+  const float log_m = FastMath::log(m < 1.17549435e-38f ? 1.17549435e-38f : m);
   return {(p > 0.f ? o.beta * p * (log_p - log_m) : 0.f) + (q > 0.f ? o.one_minus_beta * q * (log_q - log_m) : 0.f),
           o.one_minus_beta * (log_q - log_m)};
 }

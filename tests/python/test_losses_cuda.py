@@ -88,6 +88,21 @@ def test_cuda_extreme_logits_and_nan_report():
                 dpkd.distill_loss(torch.nn.functional.pad(s, (0, v - 1000)).cuda(), bad_t.cuda(), divergence=div)
 
 
+@pytest.mark.parametrize("v", [1000, 1001])  # the cluster kernel, the one-block kernels
+def test_cuda_jsd_log_form_keeps_nan_loss(v):
+    """bf16 JSD (its log form, log m clamped away from 0): a row with a NaN or +inf teacher logit has a NaN loss on
+    both ops, as on the CPU, not a finite one (which torch.compile, skipping the NaN report, would train on)."""
+    s, t = pair(4, v, 3.0, torch.bfloat16, seed=v)
+    t[2, 7], t[3, 9] = float("inf"), float("nan")
+    args = ("jsd", 0.4, 0.1, 1.0, 1.0, False, 0.0, -100)
+    for d in ("cpu", "cuda"):
+        loss = torch.ops.dpkd.distill_forward(s.to(d), t.to(d), None, *args)[0]
+        fused = torch.ops.dpkd.distill_forward_grad(s.to(d), t.to(d), None, torch.ones(4, device=d), *args)
+        assert loss.isnan().tolist() == [False, False, True, True], d
+        assert fused[0].isnan().tolist() == [False, False, True, True], d
+        assert fused[2][:2].isfinite().all() and fused[2][2:].isnan().any(1).all(), d
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("v", [3001, 3008, 32000])  # 3001: the one-block kernels
 def test_cuda_forward_grad_op_matches_cpu_with_teacher_mix(dtype, v):
