@@ -19,6 +19,14 @@ from . import _ops, losses, topk
 
 __all__ = ["fused_linear_distill_loss"]
 
+# From this many tokens on, the head-weight gradient of fp32 logits takes only the high bf16 half of their
+# gradient: summed over that many tokens, the low half's rounding averages out. Relative error against fp32
+# logits (bf16 weights, V 128256, H 256 / 512; bf16's own rounding of the result is 1.66e-3): high half only
+# 2.15e-3 at 512 tokens (V 32000), 1.92e-3 at 2048, 1.82e-3 at 4096, 1.75e-3 at 8192; with the low half
+# 1.66e-3 throughout, for one more [V, chunk] x [chunk, H] matmul per chunk (a sixth of the matmul work at the
+# fused-head goal's sizes).
+_LOW_HALF_BELOW_TOKENS = 4096
+
 
 @functools.cache
 def _mixed_mm(device: torch.device, dtype: torch.dtype) -> bool:
@@ -102,6 +110,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=w_s.device) if b_s is not None and b_s.requires_grad \
             else None
         w_logits = _logit_weight(w_s, fp32_logits)
+        low_half = active.numel() < _LOW_HALF_BELOW_TOKENS
         for start in range(0, active.numel(), chunk):
             rows = active[start:start + chunk]
             hs = h_s[rows]
@@ -117,13 +126,13 @@ class _FusedLinearDistill(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += g.sum(0).to(acc)
             # An fp32 logits gradient meets 16-bit weights as g = hi + lo, both 16-bit: hi alone suffices
-            # for the hidden states' gradient (the sum over V averages its rounding out), but the sum over
-            # tokens in the weight gradient does not average it, so that one also takes lo.
+            # for the hidden states' gradient (the sum over V averages its rounding out), and for the weight
+            # gradient's sum over tokens from _LOW_HALF_BELOW_TOKENS tokens on; below, that one also takes lo.
             parts = [g] if g.dtype == hs.dtype else [g.to(hs.dtype)]
             if grad_h is not None:
                 grad_h[rows] = (parts[0] @ w_s).to(h_s.dtype)
             if grad_w is not None:
-                if g.dtype != hs.dtype:  # lo = g - hi, computed in fp32 and written in 16 bits by one kernel
+                if g.dtype != hs.dtype and low_half:  # lo = g - hi, computed in fp32 and written in 16 bits by one kernel
                     parts.append(torch.sub(g, parts[0], out=torch.empty_like(parts[0])))
                 for part in parts:
                     _add_matmul(grad_w, part.t(), hs)
@@ -184,9 +193,10 @@ def fused_linear_distill_loss(
         fp32_logits: form each chunk's logits in fp32 from the 16-bit matmul's fp32 accumulator instead of
             rounding them to 16 bits (default: on for 16-bit weights). Rounded bf16 logits put the head-weight
             gradient ~4e-3 (relative norm) away from the fp32-logit gradient; fp32 logits bring it to bf16's
-            own rounding (~1.7e-3), for one more [V, chunk] x [chunk, H_s] matmul per chunk (the weight
-            gradient of the fp32 logits gradient's low half) and fp32 objective kernels (on CUDA with the
-            hardware exp2/log2 of the 16-bit kernels: logits from 16-bit factors need no more).
+            own rounding (~1.7e-3; up to 1.8e-3 from 4096 tokens on, where the head-weight gradient skips the
+            fp32 logits gradient's low bf16 half, whose matmul costs a sixth of the work), at the cost of fp32
+            objective kernels (on CUDA with the hardware exp2/log2 of the 16-bit kernels: logits from 16-bit
+            factors need no more).
         return_stats: also return :class:`dpkd.TokenStats` (NaN for tokens that carry no loss).
     Example with Hugging Face models::
 

@@ -186,3 +186,25 @@ def test_module_form_matches_function():
     torch.testing.assert_close(module(h_s, w_s, h_t, w_t, student_bias=b_s),
                                dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, divergence="jsd",
                                                               beta=0.3, temperature=2.0))
+
+
+def test_weight_gradient_skips_the_low_half_from_the_token_threshold(monkeypatch):
+    """From _LOW_HALF_BELOW_TOKENS tokens on, the head-weight gradient takes only the high bf16 half of the fp32
+    logit gradient: still near bf16 rounding of a float64 reference, and further from it than with the low half
+    (the switch is live); the hidden states' gradient does not change."""
+    import reference
+
+    from dpkd import fused_linear
+
+    h_s, w_s, _, h_t, w_t = setup(n=512, hs=64, ht=96, v=3000, dtype=torch.bfloat16, bias=False)
+    hs64, ws64 = (t.detach().double().requires_grad_(True) for t in (h_s, w_s))
+    ref = reference.divergence(hs64 @ ws64.t(), h_t.double() @ w_t.double().t(), "jsd").mean()
+    g_ref = torch.autograd.grad(ref, [hs64, ws64])
+    grads, default = {}, fused_linear._LOW_HALF_BELOW_TOKENS
+    for threshold in (default, 512):
+        monkeypatch.setattr(fused_linear, "_LOW_HALF_BELOW_TOKENS", threshold)
+        got = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, divergence="jsd", chunk_size=128)
+        grads[threshold] = torch.autograd.grad(got, [h_s, w_s])
+    err = {k: [float((a.double() - b).norm() / b.norm()) for a, b in zip(g, g_ref)] for k, g in grads.items()}
+    assert torch.equal(grads[512][0], grads[default][0])
+    assert err[default][1] < 2e-3 < err[512][1] < 4e-3, err
