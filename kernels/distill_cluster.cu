@@ -59,11 +59,12 @@ struct MergePass1 {
 
 // Divergence D and the form F of its terms (distill_device.cuh) are template parameters: the per-element loops
 // then hold one objective's code, not a six-way switch or a branch per element.
-template <class T, Divergence D, class Math, Form F>
+// G: the gradient's element type (dispatch_math).
+template <class T, class G, Divergence D, class Math, Form F>
 __global__ void __launch_bounds__(kClusterThreads)
     cluster_kernel(const T* student, int64_t s_stride, const T* teacher, int64_t t_stride, int64_t v,
                    const int64_t* labels, RowOptions o, bool raw_needed, float* loss, float* stats, float* state,
-                   const float* grad_weight, T* grad, int64_t g_stride) {
+                   const float* grad_weight, G* grad, int64_t g_stride) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int P = Pack<T>::kSize, K = kPacksPerThread;
   using Reduce1 = cub::BlockReduce<Pass1, kClusterThreads>;
@@ -89,10 +90,10 @@ __global__ void __launch_bounds__(kClusterThreads)
   const float scale = 1.f / o.temperature, mix = o.teacher_mix;
 
   auto write_zero_gradient = [&] {  // this block's slice of the row
-    T* out = grad + i * g_stride;
+    G* out = grad + i * g_stride;
     for (int64_t j = base + threadIdx.x; j < v && j < base + static_cast<int64_t>(kClusterThreads) * K * P;
          j += kClusterThreads)
-      out[j] = from_float<T>(0.f);
+      out[j] = from_float<G>(0.f);
   };
   if (grad != nullptr && grad_weight[i] == 0.f) {  // the whole cluster takes this branch: no cluster.sync below
     if (rank == 0 && threadIdx.x == 0) write_skipped_row(i, loss, stats, state);
@@ -239,13 +240,13 @@ __global__ void __launch_bounds__(kClusterThreads)
   const float gl = grad_weight[i];
   const float w = has_label ? o.hard_label_weight : 0.f;
   const float a = (1.f - w) * gl, b = w * gl;
-  T* out = grad + i * g_stride;
+  G* out = grad + i * g_stride;
   // One loop for rows with the hard-label term and one without, so that no entry branches on it.
   auto gradient_pass = [&](auto hard_label) {
     for (int k = 0; k < K; ++k) {
       const int64_t j0 = index(k);
       const Pack<T> ps = s_cache[k * kClusterThreads + threadIdx.x], pt = t_cache[k * kClusterThreads + threadIdx.x];
-      Pack<T> po;
+      float gz[P];
 #pragma unroll
       for (int e = 0; e < P; ++e) {
         const float zs = to_float(ps.v[e]);
@@ -256,15 +257,14 @@ __global__ void __launch_bounds__(kClusterThreads)
             return divergence_grad<Math, F>(ctx, zs * scale, mix_teacher(mix, to_float(pt.v[e]), zs) * scale);
           }
         };
-        po.v[e] = from_float<T>(raw_grad<Math, decltype(hard_label)::value>(zs, dx, a, b, scale, raw_max, raw_log_sum,
-                                                                            j0 + e == label));
+        gz[e] = raw_grad<Math, decltype(hard_label)::value>(zs, dx, a, b, scale, raw_max, raw_log_sum, j0 + e == label);
       }
       if (j0 + P <= v) {
-        store_pack(out + j0, po);
+        store_values<G>(out + j0, gz);
       } else {
 #pragma unroll
         for (int e = 0; e < P; ++e)
-          if (j0 + e < v) out[j0 + e] = po.v[e];
+          if (j0 + e < v) out[j0 + e] = from_float<G>(gz[e]);
       }
     }
   };
@@ -283,34 +283,35 @@ __global__ void __launch_bounds__(kClusterThreads)
 bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t student_vocab, int64_t student_stride,
                      const void* teacher, int64_t teacher_vocab, int64_t teacher_stride, const int64_t* labels,
                      const RowOptions& options, float* loss, float* stats, float* row_state, const float* grad_weight,
-                     void* grad, int64_t grad_stride, cudaStream_t stream) {
+                     void* grad, int64_t grad_stride, DType grad_dtype, cudaStream_t stream) {
   if (options.standardize || student_vocab != teacher_vocab) return false;
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9)
     return false;
   bool launched = false;
-  auto launch = [&](auto tag, auto math) {
+  auto launch = [&](auto tag, auto grad_tag, auto math) {
     using T = decltype(tag);
+    using G = decltype(grad_tag);
     using M = decltype(math);
     constexpr int P = Pack<T>::kSize;
     const int64_t per_block = static_cast<int64_t>(kClusterThreads) * kPacksPerThread * P;
     const int64_t size = (student_vocab + per_block - 1) / per_block;
     if (size < 1 || size > kMaxCluster || n_rows * size > INT32_MAX) return;
     if (!packs_aligned<T>(student, student_stride) || !packs_aligned<T>(teacher, teacher_stride)) return;
-    if (grad != nullptr && !packs_aligned<T>(grad, grad_stride)) return;
+    if (grad != nullptr && !values_aligned<G, P>(grad, grad_stride)) return;
     const Divergence d = effective_divergence(options.objective);
     constexpr Form kGeneric = Form::kGeneric;
-    auto jsd = cluster_kernel<T, Divergence::kJSD, M, kGeneric>;
+    auto jsd = cluster_kernel<T, G, Divergence::kJSD, M, kGeneric>;
     if constexpr (std::is_same_v<M, FastMath>) {
-      if (jsd_log_form(d, options.objective, true)) jsd = cluster_kernel<T, Divergence::kJSD, M, Form::kJsdLog>;
+      if (jsd_log_form(d, options.objective, true)) jsd = cluster_kernel<T, G, Divergence::kJSD, M, Form::kJsdLog>;
     }
-    auto kernel = d == Divergence::kForwardKL       ? cluster_kernel<T, Divergence::kForwardKL, M, kGeneric>
-                  : d == Divergence::kReverseKL     ? cluster_kernel<T, Divergence::kReverseKL, M, kGeneric>
+    auto kernel = d == Divergence::kForwardKL       ? cluster_kernel<T, G, Divergence::kForwardKL, M, kGeneric>
+                  : d == Divergence::kReverseKL     ? cluster_kernel<T, G, Divergence::kReverseKL, M, kGeneric>
                   : d == Divergence::kJSD           ? jsd
-                  : d == Divergence::kSkewKL        ? cluster_kernel<T, Divergence::kSkewKL, M, kGeneric>
-                  : d == Divergence::kSkewReverseKL ? cluster_kernel<T, Divergence::kSkewReverseKL, M, kGeneric>
-                                                    : cluster_kernel<T, Divergence::kTVD, M, kGeneric>;
+                  : d == Divergence::kSkewKL        ? cluster_kernel<T, G, Divergence::kSkewKL, M, kGeneric>
+                  : d == Divergence::kSkewReverseKL ? cluster_kernel<T, G, Divergence::kSkewReverseKL, M, kGeneric>
+                                                    : cluster_kernel<T, G, Divergence::kTVD, M, kGeneric>;
     const int smem = 2 * kPacksPerThread * kClusterThreads * 16;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
         (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
@@ -333,11 +334,11 @@ bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t s
     const cudaError_t err =
         cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(student), student_stride,
                            static_cast<const T*>(teacher), teacher_stride, student_vocab, labels, options, raw_needed,
-                           loss, stats, row_state, grad_weight, static_cast<T*>(grad), grad_stride);
+                           loss, stats, row_state, grad_weight, static_cast<G*>(grad), grad_stride);
     if (err != cudaSuccess) throw std::runtime_error(std::string("dpkd cluster forward kernel: ") + cudaGetErrorString(err));
     launched = true;
   };
-  dispatch_math(dtype, options.fast_math, launch);
+  dispatch_math(dtype, options.fast_math, grad_dtype, launch);
   return launched;
 }
 

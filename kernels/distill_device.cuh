@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "distill/row_math.h"
@@ -54,30 +55,44 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
-// One 16-byte store to global memory (written out: the compiler splits a store of an assembled pack).
-template <class T>
-__device__ __forceinline__ void store_pack(T* dst, const Pack<T>& p) {
-  uint32_t w[4];
-  if constexpr (sizeof(T) == 4) {
+// P gradient values of a logit pack, converted to G and written by one 16- or 8-byte store (written out: the
+// compiler splits a store of an assembled pack). G may be narrower than the logits (fp32 logits, bf16 gradient).
+template <class G, int P>
+__device__ __forceinline__ void store_values(G* dst, const float (&v)[P]) {
+  constexpr int kWords = P * static_cast<int>(sizeof(G)) / 4;
+  static_assert(kWords == 4 || kWords == 2, "a store of 16 or 8 bytes");
+  uint32_t w[kWords];
+  if constexpr (sizeof(G) == 4) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) memcpy(&w[k], &p.v[k], 4);
+    for (int k = 0; k < kWords; ++k) memcpy(&w[k], &v[k], 4);
   } else {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kWords; ++k) {
+      const G lo_value = from_float<G>(v[2 * k]), hi_value = from_float<G>(v[2 * k + 1]);
       uint16_t lo, hi;
-      memcpy(&lo, &p.v[2 * k], 2);
-      memcpy(&hi, &p.v[2 * k + 1], 2);
+      memcpy(&lo, &lo_value, 2);
+      memcpy(&hi, &hi_value, 2);
       w[k] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
     }
   }
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-               : "memory");
+  if constexpr (kWords == 4) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(w[0]), "r"(w[1]) : "memory");
+  }
 }
 
 // Rows that can be read and written as whole packs: 16-byte aligned base and a row stride of whole packs.
 template <class T>
 inline bool packs_aligned(const void* p, int64_t stride) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % Pack<T>::kSize == 0;
+}
+
+// A gradient of element type G written as store_values<G, P> (P: the logits' pack size).
+template <class G, int P>
+inline bool values_aligned(const void* p, int64_t stride) {
+  return reinterpret_cast<uintptr_t>(p) % (P * sizeof(G)) == 0 && stride % P == 0;
 }
 
 // 16-bit logits carry 3 significant digits: the hardware exp2/log2 approximations (relative error near
@@ -106,19 +121,28 @@ struct FastMath : ScalarMath {
   }
 };
 
-// f(T{}, M{}) for the logits' element type T and the math M its kernels use.
+// f(T{}, G{}, M{}) for the logits' element type T, the gradient's G and the math M the kernels use. G is T, or
+// bf16 / fp16 for fp32 logits under fast math (the fused head's fp32 logits of 16-bit factors, whose gradient
+// goes straight into a 16-bit matmul: written in 16 bits here, it takes no conversion pass); the torch layer
+// checks that before calling.
 template <class F>
-void dispatch_math(DType dtype, bool fast_math, F&& f) {
+void dispatch_math(DType dtype, bool fast_math, DType grad_dtype, F&& f) {
+  if (grad_dtype != dtype && !(dtype == DType::kFloat32 && fast_math))
+    throw std::invalid_argument("dpkd: a gradient dtype other than the logits' needs fp32 logits and fast math");
   switch (dtype) {
     case DType::kFloat32:
-      if (fast_math) {
-        f(float{}, FastMath{});
+      if (!fast_math) {
+        f(float{}, float{}, ScalarMath{});
+      } else if (grad_dtype == DType::kBFloat16) {
+        f(float{}, __nv_bfloat16{}, FastMath{});
+      } else if (grad_dtype == DType::kFloat16) {
+        f(float{}, __half{}, FastMath{});
       } else {
-        f(float{}, ScalarMath{});
+        f(float{}, float{}, FastMath{});
       }
       break;
-    case DType::kBFloat16: f(__nv_bfloat16{}, FastMath{}); break;
-    case DType::kFloat16: f(__half{}, FastMath{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}, __nv_bfloat16{}, FastMath{}); break;
+    case DType::kFloat16: f(__half{}, __half{}, FastMath{}); break;
   }
 }
 

@@ -170,12 +170,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
 }
 
 // `vectorized`: no standardization, equal vocabularies and 16-byte aligned rows, so whole packs are read
-// and written.
-template <class T, class M>
+// and written. G: the gradient's element type (dispatch_math).
+template <class T, class G, class M>
 __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, const float* grad_loss, const T* student,
                                                             int64_t vs, int64_t s_stride, const T* teacher, int64_t vt,
                                                             int64_t t_stride, const int64_t* labels,
-                                                            const float* state, RowOptions o, T* grad,
+                                                            const float* state, RowOptions o, G* grad,
                                                             int64_t g_stride, bool vectorized) {
   using ReduceSum4 = cub::BlockReduce<Sum4, kThreads>;
   __shared__ typename ReduceSum4::TempStorage temp;
@@ -183,11 +183,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
 
   const int64_t i = blockIdx.x;
   if (i >= n_rows) return;
-  T* out = grad + i * g_stride;
+  G* out = grad + i * g_stride;
   const bool has_label = labels != nullptr && labels[i] != o.ignore_index;
   const float gl = grad_loss[i];
   if (gl == 0.f || (labels != nullptr && !has_label)) {
-    for (int64_t j = threadIdx.x; j < vs; j += kThreads) out[j] = from_float<T>(0.f);
+    for (int64_t j = threadIdx.x; j < vs; j += kThreads) out[j] = from_float<G>(0.f);
     return;
   }
   const RowIn<T> row{student + i * s_stride, teacher + i * t_stride, vs, vt, o.teacher_mix};
@@ -204,18 +204,18 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
     const int64_t packs = vs / P;
     for (int64_t k = threadIdx.x; k < packs; k += kThreads) {
       const Pack<T> ps = reinterpret_cast<const Pack<T>*>(row.s)[k], pt = reinterpret_cast<const Pack<T>*>(row.t)[k];
-      Pack<T> po;
+      float gz[P];
 #pragma unroll
       for (int e = 0; e < P; ++e) {
         const float zs = to_float(ps.v[e]), zt = mix_teacher(o.teacher_mix, to_float(pt.v[e]), zs);
-        po.v[e] = from_float<T>(raw_grad<M>(zs, [&] { return divergence_grad<M>(ctx, zs * scale_s, zt * scale_t); }, a,
-                                            b, scale_s, st[kRawMax], st[kRawLogSum], k * P + e == label));
+        gz[e] = raw_grad<M>(zs, [&] { return divergence_grad<M>(ctx, zs * scale_s, zt * scale_t); }, a, b, scale_s,
+                            st[kRawMax], st[kRawLogSum], k * P + e == label);
       }
-      store_pack(out + k * P, po);
+      store_values<G>(out + k * P, gz);
     }
     for (int64_t j = packs * P + threadIdx.x; j < vs; j += kThreads) {
       const float zs = row.student(j);
-      out[j] = from_float<T>(raw_grad<M>(
+      out[j] = from_float<G>(raw_grad<M>(
           zs, [&] { return divergence_grad<M>(ctx, zs * scale_s, row.teacher(j, zs) * scale_t); }, a, b, scale_s,
           st[kRawMax], st[kRawLogSum], j == label));
     }
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
       gz = a * scale_s * (o.standardize ? gx - g1_mean - (zs - mean_s) * g2_term : gx);
       if (b != 0.f) gz += b * (prob<M>(zs, st[kRawMax], st[kRawLogSum]) - (j == label ? 1.f : 0.f));
     }
-    out[j] = from_float<T>(gz);
+    out[j] = from_float<G>(gz);
   }
 }
 
@@ -276,12 +276,13 @@ void check(cudaError_t err, const char* what) {
 void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_vocab, int64_t student_stride,
              const void* teacher, int64_t teacher_vocab, int64_t teacher_stride, const int64_t* labels,
              const RowOptions& options, float* loss, float* stats, float* row_state, const float* grad_weight,
-             void* grad_student, int64_t grad_stride, cudaStream_t stream) {
+             void* grad_student, int64_t grad_stride, DType grad_dtype, cudaStream_t stream) {
   if (n_rows == 0) return;
   if (cluster_forward(dtype, n_rows, student, student_vocab, student_stride, teacher, teacher_vocab, teacher_stride,
-                      labels, options, loss, stats, row_state, grad_weight, grad_student, grad_stride, stream))
+                      labels, options, loss, stats, row_state, grad_weight, grad_student, grad_stride, grad_dtype,
+                      stream))
     return;
-  dispatch_math(dtype, options.fast_math, [&](auto tag, auto math) {
+  dispatch_math(dtype, options.fast_math, dtype, [&](auto tag, auto, auto math) {
     using T = decltype(tag);
     forward_kernel<T, decltype(math)><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
         n_rows, static_cast<const T*>(student), student_vocab, student_stride, static_cast<const T*>(teacher),
@@ -291,30 +292,31 @@ void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_v
   check(cudaGetLastError(), "dpkd distill forward kernel");
   if (grad_student != nullptr)
     backward(dtype, n_rows, grad_weight, student, student_vocab, student_stride, teacher, teacher_vocab,
-             teacher_stride, labels, row_state, options, grad_student, grad_stride, stream);
+             teacher_stride, labels, row_state, options, grad_student, grad_stride, grad_dtype, stream);
 }
 
 void backward(DType dtype, int64_t n_rows, const float* grad_loss, const void* student, int64_t student_vocab,
               int64_t student_stride, const void* teacher, int64_t teacher_vocab, int64_t teacher_stride,
               const int64_t* labels, const float* row_state, const RowOptions& options, void* grad_student,
-              int64_t grad_stride, cudaStream_t stream) {
+              int64_t grad_stride, DType grad_dtype, cudaStream_t stream) {
   if (n_rows == 0) return;
-  dispatch_math(dtype, options.fast_math, [&](auto tag, auto math) {
+  dispatch_math(dtype, options.fast_math, grad_dtype, [&](auto tag, auto grad_tag, auto math) {
     using T = decltype(tag);
+    using G = decltype(grad_tag);
     const bool vectorized = !options.standardize && student_vocab == teacher_vocab &&
                             packs_aligned<T>(student, student_stride) && packs_aligned<T>(teacher, teacher_stride) &&
-                            packs_aligned<T>(grad_student, grad_stride);
-    backward_kernel<T, decltype(math)><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
+                            values_aligned<G, Pack<T>::kSize>(grad_student, grad_stride);
+    backward_kernel<T, G, decltype(math)><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
         n_rows, grad_loss, static_cast<const T*>(student), student_vocab, student_stride,
         static_cast<const T*>(teacher), teacher_vocab, teacher_stride, labels, row_state, options,
-        static_cast<T*>(grad_student), grad_stride, vectorized);
+        static_cast<G*>(grad_student), grad_stride, vectorized);
   });
   check(cudaGetLastError(), "dpkd distill backward kernel");
 }
 
 void scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream) {
   if (n == 0) return;
-  dispatch_math(dtype, false, [&](auto tag, auto) {
+  dispatch_math(dtype, false, dtype, [&](auto tag, auto, auto) {
     using T = decltype(tag);
     const int64_t blocks = (n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096;
     scale_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(static_cast<T*>(x), n, scale);

@@ -70,7 +70,8 @@ def loops(tool: str, cubin: pathlib.Path, name: str) -> dict[str, list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", default=str(ROOT / "kernels"), help="the kernels/ folder to count")
-    ap.add_argument("--only", default="", help="a dtype (fp32, bf16, fp16) or objective to keep")
+    ap.add_argument("--only", default="", help="a dtype (fp32, bf16, fp16, fp32>bf16: fp32 logits, bf16 gradient) or "
+                    "objective to keep")
     args = ap.parse_args()
     tool = cuobjdump()
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,19 +86,20 @@ def main() -> None:
         subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", f"-I{ROOT / 'csrc' / 'core'}", f"-I{work}",
                         "-cubin", str(work / "distill_cluster.cu"), "-o", str(cubin)], check=True)
         usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
-        print(f"{'dtype':<5} {'objective':<16} {'math':<8} {'form':<8} {'regs':>4}  instructions per entry: "
+        print(f"{'dtype':<9} {'objective':<16} {'math':<8} {'form':<8} {'regs':>4}  instructions per entry: "
               "pass 1 | pass 2 | gradient")
         for name, regs in re.findall(r"Function (\S*cluster_kernel\S*):\n\s+REG:(\d+)", usage):
-            m = re.search(r"cluster_kernelI(f|13__nv_bfloat16|6__half)LNS0_10DivergenceE(\d)E.*?(ScalarMath|FastMath)"
-                          r"E(?:LNS\d_4FormE(\d)E)?", name)
+            m = re.search(r"cluster_kernelI(f|13__nv_bfloat16|6__half)(f|13__nv_bfloat16|6__half|S\d*_)?"
+                          r"LNS0_10DivergenceE(\d)E.*?(ScalarMath|FastMath)E(?:LNS\d_4FormE(\d)E)?", name)
             dtype, per_pack = DTYPES[m.group(1)]
-            label = (dtype, DIVERGENCES[int(m.group(2))], "fast" if m.group(3) == "FastMath" else "accurate",
-                     FORMS[int(m.group(4))] if m.group(4) else "-")
+            grad = DTYPES[m.group(2)][0] if m.group(2) in DTYPES else dtype  # S_: the logits' type again
+            label = (dtype if grad == dtype else f"{dtype}>{grad}", DIVERGENCES[int(m.group(3))],
+                     "fast" if m.group(4) == "FastMath" else "accurate", FORMS[int(m.group(5))] if m.group(5) else "-")
             if args.only and args.only not in label:
                 continue
             counts = loops(tool, cubin, name)
             cells = [" / ".join(f"{n / per_pack:.1f}" for n in sorted(counts[k])) or "-" for k in counts]
-            print(f"{label[0]:<5} {label[1]:<16} {label[2]:<8} {label[3]:<8} {regs:>4}  " + " | ".join(cells))
+            print(f"{label[0]:<9} {label[1]:<16} {label[2]:<8} {label[3]:<8} {regs:>4}  " + " | ".join(cells))
 
 
 if __name__ == "__main__":

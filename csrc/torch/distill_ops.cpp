@@ -175,6 +175,17 @@ at::Tensor distill_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& s
   return grad;
 }
 
+// The forward-with-gradient's gradient dtype: the student logits', or bf16 / fp16 for fp32 logits under
+// fast_math (the fused head: fp32 logits of 16-bit factors, whose gradient feeds a 16-bit matmul).
+at::ScalarType gradient_dtype(const at::Tensor& student, std::optional<at::ScalarType> grad_dtype, bool fast_math) {
+  const at::ScalarType t = grad_dtype.value_or(student.scalar_type());
+  TORCH_CHECK_VALUE(t == student.scalar_type() || (student.scalar_type() == at::kFloat && fast_math &&
+                                                  (t == at::kBFloat16 || t == at::kHalf)),
+                    "grad_dtype must be student_logits' dtype (", student.scalar_type(),
+                    ") or, for float32 logits with fast_math=True, bfloat16 or float16; got ", t);
+  return t;
+}
+
 void check_grad_weight(const at::Tensor& grad_weight, const at::Tensor& student) {
   TORCH_CHECK_VALUE(grad_weight.dim() == 1 && grad_weight.size(0) == student.size(0), "grad_weight must have shape [",
                     student.size(0), "], got ", grad_weight.sizes());
@@ -186,8 +197,10 @@ void check_grad_weight(const at::Tensor& grad_weight, const at::Tensor& student)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
-    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index, bool /*fast_math*/) {
+    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index, bool fast_math,
+    std::optional<at::ScalarType> grad_dtype) {
   check_grad_weight(grad_weight, student);
+  const at::ScalarType out_dtype = gradient_dtype(student, grad_dtype, fast_math);  // fast_math: no effect here
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);  // checked and made row-contiguous once for both
   auto [loss, stats, state] = empty_outputs(p.student);
@@ -199,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cpu(
                         p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(),
                         reinterpret_cast<T*>(grad.data_ptr()), grad.stride(0));
   });
-  return {loss, stats, grad};
+  return {loss, stats, out_dtype == grad.scalar_type() ? grad : grad.to(out_dtype)};
 }
 
 // self *= scale (a one-element tensor), skipped when scale is 1.
@@ -245,29 +258,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                              hard_label_weight, ignore_index);
   auto [loss, stats, state] = empty_outputs(p.student);
-  cuda::forward(cuda_dtype(p.student.scalar_type()), p.student.size(0), p.student.data_ptr(), p.student.size(1),
-                p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0), p.labels_ptr(),
-                p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(), nullptr, nullptr,
-                0, at::cuda::getCurrentCUDAStream());
+  const cuda::DType dtype = cuda_dtype(p.student.scalar_type());
+  cuda::forward(dtype, p.student.size(0), p.student.data_ptr(), p.student.size(1), p.student.stride(0),
+                p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0), p.labels_ptr(), p.options,
+                loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(), nullptr, nullptr, 0, dtype,
+                at::cuda::getCurrentCUDAStream());
   return {loss, stats, state};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
-    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index, bool fast_math) {
+    double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index, bool fast_math,
+    std::optional<at::ScalarType> grad_dtype) {
   const c10::cuda::CUDAGuard guard(student.device());
   check_grad_weight(grad_weight, student);
+  const at::ScalarType out_dtype = gradient_dtype(student, grad_dtype, fast_math);
   Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
                        hard_label_weight, ignore_index);
   p.options.fast_math = fast_math;
   auto [loss, stats, state] = empty_outputs(p.student);
   const at::Tensor weight = grad_weight.to(at::kFloat).contiguous();
-  at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
+  at::Tensor grad = at::empty_like(p.student, p.student.options().dtype(out_dtype), at::MemoryFormat::Contiguous);
   cuda::forward(cuda_dtype(p.student.scalar_type()), p.student.size(0), p.student.data_ptr(), p.student.size(1),
                 p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0), p.labels_ptr(),
                 p.options, loss.data_ptr<float>(), stats.data_ptr<float>(), state.data_ptr<float>(),
-                weight.data_ptr<float>(), grad.data_ptr(), grad.stride(0), at::cuda::getCurrentCUDAStream());
+                weight.data_ptr<float>(), grad.data_ptr(), grad.stride(0), cuda_dtype(out_dtype),
+                at::cuda::getCurrentCUDAStream());
   return {loss, stats, grad};
 }
 
@@ -285,9 +302,10 @@ at::Tensor& scale_unless_one_cuda(at::Tensor& self, const at::Tensor& scale) {
 // the student logits themselves.
 void backward_into_cuda(const Prepared& p, const at::Tensor& grad_loss, const at::Tensor& row_state, at::Tensor& out) {
   const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
-  cuda::backward(cuda_dtype(p.student.scalar_type()), p.student.size(0), g.data_ptr<float>(), p.student.data_ptr(),
-                 p.student.size(1), p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0),
-                 p.labels_ptr(), state.data_ptr<float>(), p.options, out.data_ptr(), out.stride(0),
+  const cuda::DType dtype = cuda_dtype(p.student.scalar_type());
+  cuda::backward(dtype, p.student.size(0), g.data_ptr<float>(), p.student.data_ptr(), p.student.size(1),
+                 p.student.stride(0), p.teacher.data_ptr(), p.teacher.size(1), p.teacher.stride(0), p.labels_ptr(),
+                 state.data_ptr<float>(), p.options, out.data_ptr(), out.stride(0), dtype,
                  at::cuda::getCurrentCUDAStream());
 }
 
@@ -326,10 +344,12 @@ TORCH_LIBRARY(dpkd, m) {
         "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   // The forward and, in the same pass where the device allows, the gradient of sum_i grad_weight[i] loss[i].
   // Rows with grad_weight 0 are skipped (on both devices): their loss and statistics are 0 and NaN.
-  // fast_math: RowOptions::fast_math (CUDA, fp32 logits from 16-bit factors; no effect on the CPU).
+  // fast_math: RowOptions::fast_math (CUDA, fp32 logits from 16-bit factors; no effect on the CPU). grad_dtype:
+  // the gradient's dtype, the student's by default; bfloat16 or float16 for fp32 logits with fast_math (written
+  // in 16 bits by the kernel on CUDA, converted on the CPU).
   m.def("distill_forward_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_weight, str divergence, "
         "float beta, float alpha, float temperature, float teacher_mix, bool standardize, float hard_label_weight, "
-        "int ignore_index, bool fast_math=False) -> (Tensor, Tensor, Tensor)");
+        "int ignore_index, bool fast_math=False, ScalarType? grad_dtype=None) -> (Tensor, Tensor, Tensor)");
   // self *= scale, without touching self when the (device-resident) scale is 1.
   m.def("scale_unless_one_(Tensor(a!) self, Tensor scale) -> Tensor(a!)");
   m.def("distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor row_state, "

@@ -35,10 +35,12 @@ def _distill_backward_inplace_fake(grad_loss, student, teacher, labels, row_stat
 
 @torch.library.register_fake("dpkd::distill_forward_grad")
 def _distill_forward_grad_fake(student, teacher, labels, grad_weight, divergence, beta, alpha, temperature,
-                               teacher_mix, standardize, hard_label_weight, ignore_index, fast_math=False):
+                               teacher_mix, standardize, hard_label_weight, ignore_index, fast_math=False,
+                               grad_dtype=None):
     n = student.shape[0]
     f32 = dict(dtype=torch.float32, device=student.device)
-    return student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32), torch.empty_like(student)
+    return (student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32),
+            torch.empty_like(student, dtype=grad_dtype or student.dtype))
 
 
 @torch.library.register_fake("dpkd::scale_unless_one_")

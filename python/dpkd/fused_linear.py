@@ -94,8 +94,9 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _FusedLinearDistill(torch.autograd.Function):
-    """``objective(rows, student_logits, labels, row_weights) -> (loss [R], stats [R, 5], d sum(row_weights
-    * loss) / d student_logits)`` on each chunk; the student's head gradients accumulated from it."""
+    """``objective(rows, student_logits, labels, row_weights, grad_dtype) -> (loss [R], stats [R, 5],
+    d sum(row_weights * loss) / d student_logits)`` on each chunk, that gradient in ``grad_dtype`` where the
+    objective can write it so (None: the logits' dtype); the student's head gradients accumulated from it."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, objective, labels, row_scale, opts):
@@ -111,12 +112,16 @@ class _FusedLinearDistill(torch.autograd.Function):
             else None
         w_logits = _logit_weight(w_s, fp32_logits)
         low_half = active.numel() < _LOW_HALF_BELOW_TOKENS
+        # Without the low half, the fp32 logits' gradient is used in 16 bits only: the kernel writes it so (no
+        # conversion pass over it), unless a softcap or logit scale multiplies it first.
+        grad16 = (h_s.dtype if fp32_logits and h_s.dtype != torch.float32 and not low_half and s_cap is None
+                  and s_scale == 1.0 else None)
         for start in range(0, active.numel(), chunk):
             rows = active[start:start + chunk]
             hs = h_s[rows]
             zs, cap_grad = _logits(hs, w_logits, b_s, s_scale, s_cap, fp32_logits)
             lab = None if labels is None else labels[rows]
-            loss, st, g = objective(rows, zs.detach(), lab, row_scale[rows].float().contiguous())
+            loss, st, g = objective(rows, zs.detach(), lab, row_scale[rows].float().contiguous(), grad16)
             per_token[rows], stats[rows] = loss, st
             del zs
             if cap_grad is not None:
@@ -266,18 +271,19 @@ def fused_linear_distill_loss(
         options = (divergence, float(beta), float(alpha), float(temperature), 1.0, False, float(hard_label_weight),
                    int(ignore_index))
 
-        def objective(rows, zs, lab, row_weights):
+        def objective(rows, zs, lab, row_weights, grad_dtype):
             # The chunk's losses and the gradient of sum(row_weights * loss) in one op (one read of the logits).
             with torch.no_grad():
                 zt, _ = _logits(h_t[rows], w_t, b_t, float(teacher_logit_scale), teacher_softcap, fp32_logits)
             if zt.dtype != zs.dtype:  # the two heads' dtypes may differ; the kernels take one
                 zt = zt.to(zs.dtype)
-            return torch.ops.dpkd.distill_forward_grad(zs, zt, lab, row_weights, *options, fast_math=fast_math)
+            return torch.ops.dpkd.distill_forward_grad(zs, zt, lab, row_weights, *options, fast_math=fast_math,
+                                                       grad_dtype=grad_dtype)
     else:
         k = teacher_topk[0].shape[-1]
         t_ids, t_logp = teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k)
 
-        def objective(rows, zs, lab, row_weights):
+        def objective(rows, zs, lab, row_weights, grad_dtype):  # grad_dtype: the chunk loop converts
             loss, g = topk.loss_and_grad(zs, t_ids[rows], t_logp[rows], float(temperature), bool(topk_tail),
                                          row_weights)
             st = torch.full((rows.numel(), _ops.N_STATS), float("nan"), dtype=torch.float32, device=zs.device)

@@ -510,6 +510,27 @@ def test_fast_math_is_a_cuda_option_the_cpu_ignores():
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def test_forward_grad_writes_a_16_bit_gradient_of_fp32_logits_under_fast_math():
+    """grad_dtype (the fused head's fp32 logits of 16-bit factors): the same gradient rounded to bf16 / fp16; any
+    other combination is refused, naming the argument."""
+    s, t = logits(5, 301, seed=26), logits(5, 301, seed=27)
+    args = (torch.rand(5, generator=torch.Generator().manual_seed(28)), "jsd", 0.3, 0.2, 0.7, 1.0, False, 0.0, -100)
+    full = torch.ops.dpkd.distill_forward_grad(s, t, None, *args, fast_math=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = torch.ops.dpkd.distill_forward_grad(s, t, None, *args, fast_math=True, grad_dtype=dtype)
+        assert out[2].dtype == dtype and torch.equal(out[2], full[2].to(dtype))
+        assert torch.equal(out[0], full[0])
+    with pytest.raises(ValueError, match="grad_dtype"):
+        torch.ops.dpkd.distill_forward_grad(s, t, None, *args, grad_dtype=torch.bfloat16)  # without fast_math
+    with pytest.raises(ValueError, match="grad_dtype"):
+        torch.ops.dpkd.distill_forward_grad(s.bfloat16(), t.bfloat16(), None, *args, fast_math=True,
+                                            grad_dtype=torch.float32)
+    fake = torch.library.opcheck(torch.ops.dpkd.distill_forward_grad.default, (s, t, None, *args),
+                                 {"fast_math": True, "grad_dtype": torch.bfloat16},
+                                 test_utils=("test_schema", "test_faketensor"))
+    assert all(v == "SUCCESS" for v in fake.values()), fake
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_reductions_copy_nothing_from_the_host(fuse):
     """A tensor built from host data (torch.tensor(n, device="cuda")) is a copy that synchronises the CUDA stream:

@@ -124,6 +124,25 @@ def test_cuda_forward_grad_op_matches_cpu_with_teacher_mix(dtype, v):
     assert outs[1][2][5].abs().max() == 0 and outs[1][2][2].abs().max() == 0
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [3001, 3008, 128256, 151936])  # one-block, 1- and 16-block clusters, one-block vectorised
+def test_cuda_16_bit_gradient_of_fp32_logits(grad_dtype, v):
+    """grad_dtype under fast_math: the kernels write the fp32 logits' gradient in 16 bits (8-byte stores of 4
+    values), the same bits as the fp32 gradient rounded afterwards, hard labels and a skipped row included."""
+    s, t = pair(6, v, 4.0, torch.float32, seed=v + 1)
+    labels = torch.randint(0, v, (6,), generator=torch.Generator().manual_seed(v)).cuda()
+    labels[1] = -100
+    weight = torch.rand(6, generator=torch.Generator().manual_seed(5)).cuda()
+    weight[4] = 0.0
+    for div in DIVS:
+        args = (div, 0.3, 0.2, 0.7, 1.0, False, 0.2, -100)
+        full = torch.ops.dpkd.distill_forward_grad(s.cuda(), t.cuda(), labels, weight, *args, fast_math=True)
+        out = torch.ops.dpkd.distill_forward_grad(s.cuda(), t.cuda(), labels, weight, *args, fast_math=True,
+                                                  grad_dtype=grad_dtype)
+        assert out[2].dtype == grad_dtype and torch.equal(out[2], full[2].to(grad_dtype)), div
+        torch.testing.assert_close(out[0], full[0], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("div", DIVS)
 @pytest.mark.parametrize("n,v,standardize", [(33, 5003, False), (5, 3008, True), (4, 128256, False),
                                              (2, 151936, False)])
