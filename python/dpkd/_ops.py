@@ -24,7 +24,7 @@ def _distill_forward_fake(student, teacher, labels, divergence, beta, alpha, tem
 @torch.library.register_fake("dpkd::distill_backward")
 def _distill_backward_fake(grad_loss, student, teacher, labels, row_state, divergence, beta, alpha, temperature,
                            teacher_mix, standardize, hard_label_weight, ignore_index):
-    return torch.empty_like(student)
+    return student.new_empty(student.shape)  # contiguous, as the kernels write it
 
 
 @torch.library.register_fake("dpkd::distill_backward_")
@@ -40,7 +40,7 @@ def _distill_forward_grad_fake(student, teacher, labels, grad_weight, divergence
     n = student.shape[0]
     f32 = dict(dtype=torch.float32, device=student.device)
     return (student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32),
-            torch.empty_like(student, dtype=grad_dtype or student.dtype))
+            student.new_empty(student.shape, dtype=grad_dtype or student.dtype))
 
 
 @torch.library.register_fake("dpkd::scale_unless_one_")

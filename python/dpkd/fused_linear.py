@@ -112,10 +112,12 @@ class _FusedLinearDistill(torch.autograd.Function):
             else None
         w_logits = _logit_weight(w_s, fp32_logits)
         low_half = active.numel() < _LOW_HALF_BELOW_TOKENS
-        # Without the low half, the fp32 logits' gradient is used in 16 bits only: the kernel writes it so (no
-        # conversion pass over it), unless a softcap or logit scale multiplies it first.
-        grad16 = (h_s.dtype if fp32_logits and h_s.dtype != torch.float32 and not low_half and s_cap is None
-                  and s_scale == 1.0 else None)
+        # Without the low half, the fp32 logits' gradient of a bf16 head is used in bf16 only: the kernel writes it
+        # so (no conversion pass over it), unless a softcap or logit scale multiplies it first or a trainable bias
+        # sums it (in fp32). Not for fp16 heads: a mean over many tokens puts that gradient's entries in fp16's
+        # subnormal range.
+        grad16 = (torch.bfloat16 if fp32_logits and h_s.dtype == torch.bfloat16 and not low_half and s_cap is None
+                  and s_scale == 1.0 and grad_b is None else None)
         for start in range(0, active.numel(), chunk):
             rows = active[start:start + chunk]
             hs = h_s[rows]
@@ -129,7 +131,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             if s_scale != 1.0:
                 g = g * s_scale
             if grad_b is not None:
-                grad_b += g.sum(0).to(acc)
+                grad_b += g.sum(0, dtype=torch.float32).to(acc)
             # An fp32 logits gradient meets 16-bit weights as g = hi + lo, both 16-bit: hi alone suffices
             # for the hidden states' gradient (the sum over V averages its rounding out), and for the weight
             # gradient's sum over tokens from _LOW_HALF_BELOW_TOKENS tokens on; below, that one also takes lo.

@@ -190,13 +190,16 @@ def test_module_form_matches_function():
 
 def test_weight_gradient_skips_the_low_half_from_the_token_threshold(monkeypatch):
     """From _LOW_HALF_BELOW_TOKENS tokens on, the head-weight gradient takes only the high bf16 half of the fp32
-    logit gradient: still near bf16 rounding of a float64 reference, and further from it than with the low half
-    (the switch is live); the hidden states' gradient does not change."""
+    logit gradient (written in bf16 by the op): still near bf16 rounding of a float64 reference, and further
+    from it than with the low half (the switch is live); the hidden states' gradient does not change. A trainable
+    fp32 bias keeps an fp32 logit gradient (its sum over tokens in bf16 was 1.5e-3 off); fp16 and fp64 heads take
+    the switch without a 16-bit op gradient."""
     import reference
 
     from dpkd import fused_linear
 
     h_s, w_s, _, h_t, w_t = setup(n=512, hs=64, ht=96, v=3000, dtype=torch.bfloat16, bias=False)
+    b_s = (torch.randn(3000, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.1).float()
     hs64, ws64 = (t.detach().double().requires_grad_(True) for t in (h_s, w_s))
     ref = reference.divergence(hs64 @ ws64.t(), h_t.double() @ w_t.double().t(), "jsd").mean()
     g_ref = torch.autograd.grad(ref, [hs64, ws64])
@@ -208,3 +211,15 @@ def test_weight_gradient_skips_the_low_half_from_the_token_threshold(monkeypatch
     err = {k: [float((a.double() - b).norm() / b.norm()) for a, b in zip(g, g_ref)] for k, g in grads.items()}
     assert torch.equal(grads[512][0], grads[default][0])
     assert err[default][1] < 2e-3 < err[512][1] < 4e-3, err
+
+    bs64 = b_s.double().requires_grad_(True)
+    ref_b = torch.autograd.grad(reference.divergence(hs64 @ ws64.t() + bs64, h_t.double() @ w_t.double().t(),
+                                                     "jsd").mean(), bs64)[0]
+    b_s.requires_grad_(True)
+    got = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, divergence="jsd", chunk_size=128)
+    grad_b = torch.autograd.grad(got, b_s)[0]
+    assert float((grad_b.double() - ref_b).norm() / ref_b.norm()) < 2e-5
+    for dtype in (torch.float16, torch.float64):
+        h, w, _, ht, wt = setup(n=512, hs=16, ht=24, v=300, dtype=dtype, bias=False)
+        loss = dpkd.fused_linear_distill_loss(h, w, ht, wt, divergence="jsd", fp32_logits=True, chunk_size=128)
+        assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, [h, w]))
