@@ -86,10 +86,11 @@ def main() -> None:
     for a in range(0, args.n, 2048):
         hk = h_s.detach()[a:a + 2048].float().requires_grad_(True)
         wk = w_s.detach().float().requires_grad_(True)
-        (eager_jsd(hk, wk, h_t[a:a + 2048].float(), w_t32, full[a:a + 2048].float()) * (hk.shape[0] / args.n)).backward()
+        loss = eager_jsd(hk, wk, h_t[a:a + 2048].float(), w_t32, full[a:a + 2048].float())
+        (loss * (hk.shape[0] / args.n)).backward()
         ref_h[a:a + 2048] = hk.grad
         ref_w += wk.grad
-    del hk, wk, w_t32
+    del hk, wk, w_t32, loss
     errors = []
     for fp32_logits in (True, False):
         hk, wk = h_s.detach().clone().requires_grad_(True), w_s.detach().clone().requires_grad_(True)

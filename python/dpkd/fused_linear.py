@@ -139,7 +139,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[rows] = (parts[0] @ w_s).to(h_s.dtype)
             if grad_w is not None:
-                if g.dtype != hs.dtype and low_half:  # lo = g - hi, computed in fp32 and written in 16 bits by one kernel
+                if g.dtype != hs.dtype and low_half:  # lo = g - hi, in fp32, written in 16 bits by one kernel
                     parts.append(torch.sub(g, parts[0], out=torch.empty_like(parts[0])))
                 for part in parts:
                     _add_matmul(grad_w, part.t(), hs)
