@@ -218,7 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cpu(
 // self *= scale (a one-element tensor), skipped when scale is 1.
 at::Tensor& scale_unless_one_cpu(at::Tensor& self, const at::Tensor& scale) {
   TORCH_CHECK_VALUE(scale.numel() == 1, "scale must have one element, got ", scale.numel());
-  if (scale.item<double>() != 1.0) self.mul_(scale.to(self.scalar_type()));
+  // A Scalar multiplies in fp32 for 16-bit tensors (a GradScaler's 65536 as an fp16 tensor would be inf).
+  const double s = scale.item<double>();
+  if (s != 1.0) self.mul_(s);
   return self;
 }
 

@@ -82,15 +82,15 @@ def _chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device, chunk_size
     return max(1, min(8192, budget // (3 * torch.finfo(dtype).bits // 8 * max(vocab, 1))))
 
 
-def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, the product never rounded below ``acc``'s precision: with an fp32 ``acc`` and 16-bit
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """acc += alpha a @ b, the product never rounded below ``acc``'s precision: with an fp32 ``acc`` and 16-bit
     factors, cuBLAS accumulates into ``acc`` in place; elsewhere the factors are widened."""
     if acc.dtype != a.dtype:
         if _mixed_mm(acc.device, a.dtype):
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
             return
         a, b = a.to(acc.dtype), b.to(acc.dtype)
-    acc.addmm_(a, b)
+    acc.addmm_(a, b, alpha=alpha)
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -105,25 +105,32 @@ class _FusedLinearDistill(torch.autograd.Function):
         active = (row_scale != 0).nonzero().flatten()
         per_token = torch.zeros(n, dtype=torch.float32, device=h_s.device)
         stats = torch.full((n, _ops.N_STATS), float("nan"), dtype=torch.float32, device=h_s.device)
-        grad_h = torch.zeros_like(h_s) if h_s.requires_grad else None
+        # fp16 gradients are kept in fp32 until the backward pass has multiplied in the upstream gradient: a mean's
+        # gradient is below fp16's normal range, and a GradScaler's scale would bring it back only before rounding.
+        keep_fp32 = h_s.dtype == torch.float16
+        grad_h = torch.zeros(h_s.shape, dtype=torch.float32 if keep_fp32 else h_s.dtype, device=h_s.device) \
+            if h_s.requires_grad else None
         acc = torch.float32 if fp32_accum else w_s.dtype
         grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if w_s.requires_grad else None
         grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=w_s.device) if b_s is not None and b_s.requires_grad \
             else None
         w_logits = _logit_weight(w_s, fp32_logits)
         low_half = active.numel() < _LOW_HALF_BELOW_TOKENS
-        # Without the low half, the fp32 logits' gradient of a bf16 head is used in bf16 only: the kernel writes it
-        # so (no conversion pass over it), unless a softcap or logit scale multiplies it first or a trainable bias
-        # sums it (in fp32). Not for fp16 heads: a mean over many tokens puts that gradient's entries in fp16's
-        # subnormal range.
-        grad16 = (torch.bfloat16 if fp32_logits and h_s.dtype == torch.bfloat16 and not low_half and s_cap is None
-                  and s_scale == 1.0 and grad_b is None else None)
+        # The logits' gradient in fp16 is scaled (see _ops.fp16_gradient_scale), the products with it scaled back
+        # in fp32; the host value costs no wait after nonzero's.
+        grad_scale = float(_ops.fp16_gradient_scale(row_scale[active])) if keep_fp32 else 1.0
+        unscale = 1.0 / grad_scale
+        # Without the low half, the fp32 logits' gradient of a 16-bit head is used in 16 bits only: the kernel
+        # writes it so (no conversion pass over it), unless a softcap or logit scale multiplies it first or a
+        # trainable bias sums it (in fp32).
+        grad16 = (h_s.dtype if fp32_logits and h_s.dtype in (torch.bfloat16, torch.float16) and not low_half
+                  and s_cap is None and s_scale == 1.0 and grad_b is None else None)
         for start in range(0, active.numel(), chunk):
             rows = active[start:start + chunk]
             hs = h_s[rows]
             zs, cap_grad = _logits(hs, w_logits, b_s, s_scale, s_cap, fp32_logits)
             lab = None if labels is None else labels[rows]
-            loss, st, g = objective(rows, zs.detach(), lab, row_scale[rows].float().contiguous(), grad16)
+            loss, st, g = objective(rows, zs.detach(), lab, row_scale[rows].float() * grad_scale, grad16)
             per_token[rows], stats[rows] = loss, st
             del zs
             if cap_grad is not None:
@@ -131,28 +138,31 @@ class _FusedLinearDistill(torch.autograd.Function):
             if s_scale != 1.0:
                 g = g * s_scale
             if grad_b is not None:
-                grad_b += g.sum(0, dtype=torch.float32).to(acc)
+                grad_b += (g.sum(0, dtype=torch.float32) * unscale).to(acc)
             # An fp32 logits gradient meets 16-bit weights as g = hi + lo, both 16-bit: hi alone suffices
             # for the hidden states' gradient (the sum over V averages its rounding out), and for the weight
             # gradient's sum over tokens from _LOW_HALF_BELOW_TOKENS tokens on; below, that one also takes lo.
             parts = [g] if g.dtype == hs.dtype else [g.to(hs.dtype)]
             if grad_h is not None:
-                grad_h[rows] = (parts[0] @ w_s).to(h_s.dtype)
+                grad_h[rows] = (parts[0] @ w_s).to(grad_h.dtype) if unscale == 1 else \
+                    (parts[0] @ w_s).float().mul_(unscale)
             if grad_w is not None:
                 if g.dtype != hs.dtype and low_half:  # lo = g - hi, in fp32, written in 16 bits by one kernel
                     parts.append(torch.sub(g, parts[0], out=torch.empty_like(parts[0])))
                 for part in parts:
-                    _add_matmul(grad_w, part.t(), hs)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_s.dtype),
-                     None if grad_b is None else grad_b.to(b_s.dtype))
+                    _add_matmul(grad_w, part.t(), hs, unscale)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
+        if not keep_fp32:
+            ctx.grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
         ctx.mark_non_differentiable(stats)
         return (per_token * row_scale).sum(), stats
 
     @staticmethod
     def backward(ctx, grad_out, _grad_stats):
-        grad_h, grad_w, grad_b = ctx.grads
-        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
+        grad_h, grad_w, grad_b = (None if g is None else (g * grad_out.to(g.dtype)).to(dtype)
+                                  for g, dtype in zip(ctx.grads, ctx.dtypes))
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def fused_linear_distill_loss(

@@ -8,6 +8,8 @@ The backward pass recomputes the gradient from the logits and a few saved per-ro
 Conventions (DESIGN.md): student first, teacher second; logits [N, V] or [B, T, V] in fp32, bf16 or fp16;
 fp32 accumulation; gradients in the student's dtype; temperature divides both models' logits and the
 loss is NOT multiplied by T^2 unless ``scale_by_temperature_squared=True`` (TRL and Liger do not).
+fp16 works with ``torch.amp.GradScaler``: a gradient written in the forward pass is kept scaled into fp16's
+normal range and the upstream gradient (the loss scale) is multiplied in fp32.
 """
 
 from __future__ import annotations

@@ -93,6 +93,27 @@ def test_half_precision_matches_reference_on_rounded_inputs(div, dtype):
     assert rel_err(s.grad, ref_grad) < 2e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and dpkd.with_cuda), reason="needs CUDA"))])
+@pytest.mark.parametrize("fuse_backward", [True, False])
+def test_fp16_mean_over_many_rows_under_a_grad_scaler(device, fuse_backward):
+    """A mean over 4096 rows puts most fp16 gradient entries below fp16's normal range. Unscaled, the result can
+    be no better than fp16's rounding of the exact gradient (10% here), and it is that; under a GradScaler's
+    65536 it must be fp16-accurate. The fused backward wrote the gradient in fp16 before the scale came: 65536
+    as an fp16 tensor is inf (NaN gradients on the CPU), and the entries lost before scaling stayed lost."""
+    s = logits(4096, 500, 3.0, torch.float16, seed=31).to(device)
+    t = logits(4096, 500, 3.0, torch.float16, seed=32).to(device)
+    _, g_ref = reference_loss_and_grad(s.cpu(), t.cpu(), "jsd")
+    for grad_scale in (1.0, 65536.0):
+        sd = s.clone().requires_grad_(True)
+        (losses.distill_loss(sd, t, divergence="jsd", fuse_backward=fuse_backward) * grad_scale).backward()
+        err = rel_err(sd.grad.cpu().double() / grad_scale, g_ref)
+        own = rel_err((g_ref * grad_scale).half().double() / grad_scale, g_ref)
+        assert err < own * 1.01 + 1e-3, (grad_scale, err, own)
+        if grad_scale != 1.0:
+            assert err < 2e-3, err
+
+
 @pytest.mark.parametrize("div", ["skew_kl", "skew_reverse_kl"])
 @pytest.mark.parametrize("alpha", [0.0, 1e-6, 0.2, 1 - 1e-6, 1.0])
 def test_skew_kls_at_and_near_the_endpoints(div, alpha):
