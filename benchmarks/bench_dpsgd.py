@@ -4,10 +4,11 @@ importable), same model, data and batch, measured in one run.
     python benchmarks/bench_dpsgd.py                      # CPU: small LM-shaped model
     python benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256
     python benchmarks/bench_dpsgd.py --device cuda --model gpt2 --layers 12 --hidden 768 --vocab 50257
+    python benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256 --autocast
 
 Models: ``mlp`` (token embedding -> n x [LayerNorm, MLP d -> 4d -> d with residual] -> LayerNorm ->
 head), or Hugging Face ``llama`` / ``gpt2`` causal LMs built from configs (no downloads); a per-example
-token-mean cross entropy. Prints median step time and the step's peak memory, model and optimizer state
+token-mean cross entropy; ``--autocast``: fp32 parameters, forward passes under bf16 autocast. Prints median step time and the step's peak memory, model and optimizer state
 included (CUDA: the allocator's peak; CPU: live tensor storage, from PyTorch's memory profiler), as ratios
 to the non-private step. A peer that cannot run a model (Opacus has
 no per-sample rule for some HF modules) is reported as failed.
@@ -16,6 +17,7 @@ no per-sample rule for some HF modules) is reported as failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -90,8 +92,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="also print where the non-private and dpkd steps spend time")
+    ap.add_argument("--autocast", action="store_true", help="forward passes under bf16 autocast (fp32 parameters)")
     args = ap.parse_args()
     dev = args.device
+
+    def forward(model):
+        with torch.autocast(dev, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext():
+            return model(ids).float()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(dev)
     labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(dev)
@@ -105,7 +112,7 @@ def main() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step():
-            per_example_loss(model(ids), labels).mean().backward()
+            per_example_loss(forward(model), labels).mean().backward()
             opt.step()
             opt.zero_grad()  # in the step: the memory profiler sees the gradients freed
         return step
@@ -116,7 +123,7 @@ def main() -> None:
                                           max_grad_norm=1.0, expected_batch_size=args.batch, sample_rate=0.01)
 
         def step():
-            per_example_loss(model(ids), labels).sum().backward()
+            per_example_loss(forward(model), labels).sum().backward()
             opt.step()
             opt.zero_grad()  # in the step: the memory profiler sees the gradients freed
         return step
@@ -144,7 +151,7 @@ def main() -> None:
 
             def step():
                 opt.zero_grad()
-                logits = gsm(ids)
+                logits = forward(gsm)
                 criterion(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), shape=logits.shape).backward()
                 opt.step()
             return step
@@ -157,7 +164,7 @@ def main() -> None:
 
             def step():
                 opt.zero_grad()
-                per_example_loss(gsm(ids), labels).mean().backward()
+                per_example_loss(forward(gsm), labels).mean().backward()
                 opt.step()
             return step
 
@@ -169,7 +176,8 @@ def main() -> None:
     except ImportError:
         pass
     base, base_mb = rows[0][1], rows[0][2]
-    print(f"{dev}: {args.model}, {args.layers} layers, d={args.hidden}, V={args.vocab}, B={args.batch}, T={args.seq}")
+    print(f"{dev}: {args.model}, {args.layers} layers, d={args.hidden}, V={args.vocab}, B={args.batch}, T={args.seq}"
+          + (", bf16 autocast" if args.autocast else ""))
     for name, ms, mb in rows:
         print(f"{name:<14} {ms:9.1f} ms  x{ms / base:5.2f}"
               + (f"  peak {mb:8.0f} MB  x{mb / base_mb:5.2f}" if mb == mb else "  peak n/a"))

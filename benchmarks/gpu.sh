@@ -39,6 +39,7 @@ want profile && for d in jsd forward_kl; do bounded 60 python3 benchmarks/profil
 want select && bounded 60 python3 benchmarks/bench_select.py --device cuda
 want fused && bounded 100 python3 benchmarks/bench_fused_linear.py --device cuda --n 8192 --vocab 128256 --hs 2048 --ht 4096
 want dp && bounded 100 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256
+want dp && bounded 100 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256 --autocast
 want dp && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model gpt2 --layers 12 --hidden 768 --vocab 50257 --batch 16 --seq 256
 want ghost && bounded 60 python3 benchmarks/bench_ghost.py
 want dpprofile && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256 --repeat 3 --profile

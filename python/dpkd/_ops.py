@@ -50,7 +50,7 @@ def _scale_unless_one_fake(self, scale):
 
 @torch.library.register_fake("dpkd::ghost_sq_norms")
 def _ghost_sq_norms_fake(activations, output_grads, block):
-    dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if torch.float64 in (activations.dtype, *(g.dtype for g in output_grads)) else torch.float32
     return activations.new_empty(activations.shape[0], dtype=dtype)
 
 

@@ -11,11 +11,9 @@ must be reduced to a scalar (sum, mean or batchmean).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from . import _ops, losses, topk
+from . import _mixed, _ops, losses, topk
 
 __all__ = ["fused_linear_distill_loss"]
 
@@ -28,25 +26,10 @@ __all__ = ["fused_linear_distill_loss"]
 _LOW_HALF_BELOW_TOKENS = 4096
 
 
-@functools.cache
-def _mixed_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` x ``dtype`` -> fp32 ``mm`` and in-place ``addmm`` (``out_dtype``) run on ``device``
-    (cuBLAS in recent torch)."""
-    if device.type != "cuda":
-        return False
-    try:
-        x = torch.ones(2, 2, dtype=dtype, device=device)
-        acc = torch.mm(x, x, out_dtype=torch.float32)
-        torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
-        return acc.dtype == torch.float32 and bool((acc == 4).all())
-    except (RuntimeError, TypeError):
-        return False
-
-
 def _logit_weight(weight: torch.Tensor, fp32: bool) -> torch.Tensor:
     """The head weight as the chunk loop multiplies it: for fp32 logits from a 16-bit head on a device without
     a mixed-precision matmul, widened once here rather than in every chunk."""
-    if fp32 and weight.dtype != torch.float32 and not _mixed_mm(weight.device, weight.dtype):
+    if fp32 and weight.dtype != torch.float32 and not _mixed.supported(weight.device, weight.dtype):
         return weight.float()
     return weight
 
@@ -86,7 +69,7 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
     """acc += alpha a @ b, the product never rounded below ``acc``'s precision: with an fp32 ``acc`` and 16-bit
     factors, cuBLAS accumulates into ``acc`` in place; elsewhere the factors are widened."""
     if acc.dtype != a.dtype:
-        if _mixed_mm(acc.device, a.dtype):
+        if _mixed.supported(acc.device, a.dtype):
             torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
             return
         a, b = a.to(acc.dtype), b.to(acc.dtype)

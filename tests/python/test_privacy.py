@@ -522,9 +522,10 @@ def test_broadcast_position_ids_are_refused_not_silently_wrong():
         dp.step()
 
 
-def test_bf16_autocast_norms_close_to_fp32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_norms_close_to_fp32(device):
     model, x, y, loss = make_case("tied_lm", b=4, seed=5)
-    model = model.float()
+    model, x, y = model.float().to(device), x.to(device), y.to(device)
     _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
                                  max_grad_norm=1e9, expected_batch_size=4, sample_rate=0.1)
     dp.zero_grad()
@@ -532,13 +533,85 @@ def test_bf16_autocast_norms_close_to_fp32():
     dp.step()
     exact = dp.last_per_example_norms.clone()
     dp.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.bfloat16
     loss(out.float(), y).sum().backward()
     dp.step()
     assert dp.last_per_example_norms.dtype == torch.float32
     torch.testing.assert_close(dp.last_per_example_norms, exact, rtol=3e-2, atol=0)
+
+
+class TwoReaders(torch.nn.Module):
+    """Two linear layers read one LayerNorm output (as q and k do): fp32 under autocast, multiplied in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.q, self.k, self.out = (torch.nn.LayerNorm(16), torch.nn.Linear(16, 16),
+                                               torch.nn.Linear(16, 16), torch.nn.Linear(16, 3))
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.out(torch.tanh(self.q(h)) * self.k(h)).mean(1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_captures_the_16_bit_copy_each_layer_multiplied(device):
+    """Under autocast a linear layer multiplies a bf16 copy of its fp32 input: the engine captures that copy (the
+    gradient of the computation that ran, half the memory, 16-bit matmuls on a GPU), one copy for both layers
+    that read the tensor (their ghost norms share its Gram), and drops its cache when the clipping begins."""
+    torch.manual_seed(4)
+    model = TwoReaders().float().to(device)
+    x, y = torch.randn(6, 8, 16, dtype=torch.float32, device=device), torch.randint(0, 3, (6,), device=device)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                                 max_grad_norm=1e9, expected_batch_size=6, sample_rate=0.1)
+    norms = {}
+    for autocast in (False, True):
+        dp.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        torch.nn.functional.cross_entropy(out.float(), y, reduction="none").sum().backward()
+        q, k = (dp.engine.calls[name][0].inputs[0] for name in ("q", "k"))
+        assert q.dtype == k.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert q.data_ptr() == k.data_ptr()
+        assert not dp.engine.instantiate["q"]  # ghost norms: 2 T^2 < d p
+        dp.step()
+        assert not dp.engine._autocast_copies
+        norms[autocast] = dp.last_per_example_norms.clone()
+    torch.testing.assert_close(norms[True], norms[False], rtol=3e-2, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d, p", [(8, 24), (24, 8)])
+def test_clipped_sum_of_16_bit_factors_in_two_16_bit_parts(d, p, device):
+    """Where 16-bit factors are multiplied into fp32 (CUDA: the default there), the clipped sum scales the
+    narrower factor by c_i in fp32 and carries it as hi + lo 16-bit parts: as accurate as widening both (on the
+    CPU, whose matmuls widen the parts), where hi alone is ~1e-3 off (and would loosen the clipping bound by as
+    much). The ghost norms' 16-bit Grams, too, match float64."""
+    from dpkd.privacy import layers
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 7, d, generator=gen, dtype=torch.float32).bfloat16()
+    g = torch.randn(5, 7, p, generator=gen, dtype=torch.float32).bfloat16()
+    coef = torch.rand(5, generator=gen, dtype=torch.float32) * 0.9 + 0.05
+    ref = torch.einsum("btp,btd,b->pd", g.double(), a.double(), coef.double())
+
+    def err(t):
+        return float((t.double().cpu() - ref).norm() / ref.norm())
+
+    on = dict(device=device)
+    split = layers.linear_clipped_sum(a.to(**on), g.to(**on), coef.to(**on), split=True if device == "cpu" else None)
+    assert split.dtype == torch.float32 and split.shape == (p, d)
+    assert err(split) < 1e-5 and err(layers.linear_clipped_sum(a, g, coef, split=False)) < 1e-6
+    sq = layers.ghost_sq_norms(a.to(**on), [g.to(**on)])
+    sq_ref = torch.einsum("btp,btd->bpd", g.double(), a.double()).pow(2).sum((1, 2))
+    assert sq.dtype == torch.float32
+    torch.testing.assert_close(sq.cpu().double(), sq_ref, rtol=1e-5, atol=0)
+    if d <= p:
+        hi_only = g.double().reshape(-1, p).t() @ (a.float() * coef[:, None, None]).bfloat16().double().reshape(-1, d)
+    else:
+        hi_only = (g.float() * coef[:, None, None]).bfloat16().double().reshape(-1, p).t() @ a.double().reshape(-1, d)
+    assert err(hi_only) > 3e-4
 
 
 @pytest.mark.parametrize("kind", ["tied_lm", "conv"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import weakref
 from typing import Literal
 
 import torch
@@ -135,6 +136,8 @@ class ClippingEngine:
         # form one example, whose gradient is the sum over its rows.
         self.rows_per_example = 1
         self.anchor = torch.zeros((), requires_grad=True)
+        # id(x) -> (weak reference to x, x's version, autocast's copy of x): see _as_multiplied
+        self._autocast_copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
         self.handles = []
         self.patched: list[torch.nn.Module] = []
         for name, (module, kind) in self.layers.items():
@@ -161,12 +164,33 @@ class ClippingEngine:
                 if kind == "embedding":
                     return F.embedding(x, weight, module.padding_idx)
                 return F.linear(x, weight, bias)
+            if kind != "embedding":
+                x = self._as_multiplied(x)
             call = _Call((x.detach(),), on_grad=receive)
             calls.append(call)
             if kind == "embedding":
                 return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
             return _CapturingLinear.apply(x, weight, bias, anchor, call)
         return forward
+
+    def _as_multiplied(self, x: torch.Tensor) -> torch.Tensor:
+        """x as a linear layer multiplies it: under autocast, its copy in autocast's dtype. Captured instead of x,
+        it gives the per-example gradients of the computation that ran, in 16 bits (half the memory of an fp32 x,
+        16-bit matmuls for the norms and clipped sums); layers that read one tensor (q, k, v) share one copy, as
+        their ghost norms share its Gram. The copy is made once per tensor and version; the cache does not keep x
+        alive, and is emptied when the clipping begins (the captures hold the copies, released layer by layer)."""
+        device = x.device.type
+        if not (x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device)):
+            return x
+        dtype = torch.get_autocast_dtype(device)
+        if x.dtype == dtype:
+            return x
+        hit = self._autocast_copies.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1] == x._version:
+            return hit[2]
+        copy = x.to(dtype)
+        self._autocast_copies[id(x)] = (weakref.ref(x), x._version, copy)
+        return copy
 
     def _forward_hook(self, name: str):
         keep = self._keep_grad(name)
@@ -254,6 +278,7 @@ class ClippingEngine:
         for name in self.calls:
             self._release(name)
         self.instantiate.clear()
+        self._autocast_copies.clear()
 
     @property
     def pending(self) -> bool:
@@ -303,6 +328,7 @@ class ClippingEngine:
 
     def flush(self, max_grad_norm: float, sums: dict[int, torch.Tensor]) -> torch.Tensor:
         """Clip this micro-batch: add sum_i c_i g_i into ``sums`` (keyed by id(param)); returns ||g_i||."""
+        self._autocast_copies.clear()
         if not self.pending:
             self.clear()
             return torch.zeros(0, device=self.params[0].device)

@@ -8,7 +8,8 @@ d p memory), chosen per layer: ghost iff 2 T^2 < d p. The clipped sum
 sum_i c_i G_i^T A_i is one ordinary weight-gradient matmul after scaling the rows of G by c_i. Small
 layers of other kinds instantiate per-example gradients: LayerNorm and RMSNorm in closed form, others
 (GroupNorm, convolutions, Hugging Face's RMSNorm) through torch.func.
-All norms are computed in fp32 (float64 inputs stay float64).
+All norms are computed in fp32 (float64 inputs stay float64); where the device multiplies 16-bit factors
+into fp32 (CUDA, dpkd._mixed), 16-bit inputs are not widened for the matmuls.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 
 import torch
 
-from .. import _ops  # noqa: F401  (registers torch.ops.dpkd.*)
+from .. import _mixed, _ops  # noqa: F401  (_ops registers torch.ops.dpkd.*)
 
 
 def ghost_block(tokens: int, device: torch.device) -> int:
@@ -31,7 +32,7 @@ def ghost_block(tokens: int, device: torch.device) -> int:
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return _mixed.accumulation_dtype(t)
 
 
 def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -46,6 +47,8 @@ def use_ghost(tokens: int, d: int, p: int) -> bool:
 def ghost_sq_norms(a: torch.Tensor, gs: list[torch.Tensor]) -> torch.Tensor:
     """sum_l ||G_l,i^T A_i||^2 per example for layers l that read the same input a [B,T,d]; gs: their
     output gradients [B,T,p_l] (ghost norms, A's Gram formed once)."""
+    if a.dtype in _mixed.HALF and a.is_cuda and not _mixed.supported(a.device, a.dtype):
+        a = a.float()  # the op then widens every input (it keeps 16-bit ones only when all share a's dtype)
     return torch.ops.dpkd.ghost_sq_norms(a, gs, ghost_block(a.shape[1], a.device))
 
 
@@ -58,7 +61,7 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: boo
         if use_ghost(a.shape[1], a.shape[2], g.shape[2]):
             sq = sq + ghost_sq_norms(a, [g])
         else:
-            sq = sq + torch.bmm(g.to(dt).transpose(1, 2), a.to(dt)).pow(2).sum((1, 2))
+            sq = sq + _mixed.matmul(g.transpose(1, 2), a).pow(2).sum((1, 2))
     if bias:
         sq = sq + g.to(dt).sum(1).pow(2).sum(1)
     return sq
@@ -68,19 +71,37 @@ def linear_per_example_grads(a: torch.Tensor, g: torch.Tensor, *, weight: bool,
                              bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per-example gradients of a linear layer's weight ([B, p, d]: G_i^T A_i) and bias ([B, p]); a [B,T,d],
     g [B,T,p]; None for a frozen one."""
-    dt = _acc_dtype(a)
-    g = g.to(dt)
-    return (torch.bmm(g.transpose(1, 2), a.to(dt)) if weight else None), (g.sum(1) if bias else None)
+    return ((_mixed.matmul(g.transpose(1, 2), a) if weight else None),
+            (g.to(_mixed.accumulation_dtype(a, g)).sum(1) if bias else None))
 
 
-def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """sum_i c_i G_i^T A_i as [p, d]."""
-    dt = _acc_dtype(a)
-    a, g, c = a.to(dt), g.to(dt), coef.to(dt)
-    # The per-example factors go on the narrower of the two: one pass over the smaller tensor.
-    if a.shape[-1] <= g.shape[-1]:
-        return g.reshape(-1, g.shape[-1]).t() @ (a * c[:, None, None]).reshape(-1, a.shape[-1])
-    return (g * c[:, None, None]).reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,
+                       split: bool | None = None) -> torch.Tensor:
+    """sum_i c_i G_i^T A_i as [p, d], in fp32 (float64 for float64 inputs).
+
+    The per-example factors go on the narrower of the two (one pass over the smaller tensor). ``split``
+    (default: where A and G share a 16-bit dtype the device multiplies into fp32) keeps the matmul 16-bit:
+    the scaled factor c_i x, formed in fp32, is carried as two 16-bit parts hi + lo (~2^-17 relative; hi alone
+    would round it to 2^-9 and loosen ||c_i G_i^T A_i|| <= C by as much), two 16-bit matmuls instead of an fp32
+    one at a tenth of their rate."""
+    dt = _mixed.accumulation_dtype(a, g)
+    if split is None:
+        split = a.dtype == g.dtype and _mixed.supported(a.device, a.dtype)
+    narrow_a = a.shape[-1] <= g.shape[-1]
+    x, other = (a, g) if narrow_a else (g, a)
+    scaled = x.to(dt) * coef.to(dt)[:, None, None]
+    if split:
+        hi = scaled.to(x.dtype)
+        parts = [hi, torch.sub(scaled, hi).to(x.dtype)]
+    else:
+        parts, other = [scaled], other.to(dt)
+    other = other.reshape(-1, other.shape[-1])
+    total = None
+    for part in parts:
+        part = part.reshape(-1, part.shape[-1])
+        product = _mixed.matmul(other.t(), part) if narrow_a else _mixed.matmul(part.t(), other)
+        total = product if total is None else total.add_(product)
+    return total
 
 
 def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
@@ -112,12 +133,12 @@ def embedding_linear_cross(ids: torch.Tensor, g_emb: torch.Tensor, a_head: torch
                            g_head: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
     """<per-example embedding grad, per-example head grad> for a tied weight [V, d]:
     sum_{t,s} g_head[s, x_t] (e_t . a_s), with e the embedding's output grads, a the head's inputs."""
-    dt = _acc_dtype(g_emb)
-    e = g_emb.to(dt)
+    dt = _mixed.accumulation_dtype(g_emb, g_head, a_head)
+    e = g_emb
     if padding_idx is not None:
         e = e * (ids != padding_idx)[..., None]
     picked = torch.gather(g_head.to(dt), 2, ids[:, None, :].expand(-1, g_head.shape[1], -1))  # [B, S, T]
-    dots = torch.bmm(a_head.to(dt), e.transpose(1, 2))  # [B, S, T]
+    dots = _mixed.matmul(a_head, e.transpose(1, 2)).to(dt)  # [B, S, T]
     return (picked * dots).sum((1, 2))
 
 
