@@ -37,6 +37,10 @@ struct Pass1 {
   float peak_y;     // y where x = s.max (ties: the first operand's, as Peak's merge)
 };
 __device__ __forceinline__ float rescale(float max, float to) { return max == -INFINITY ? 0.f : expf(max - to); }
+// A weighted sum whose weight flushed to 0 is dropped: s_xy is +inf where a finite x meets y = -inf, and its
+// entries' q (or p) underflowing to 0 contribute nothing, as on the CPU, not 0 * inf = NaN. The exp-sums, which
+// carry a real NaN, are rescaled plainly.
+__device__ __forceinline__ float rescaled(float sum, float factor) { return factor > 0.f ? sum * factor : 0.f; }
 __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
   const float ms = fmaxf(a.s.max, b.s.max), mt = fmaxf(a.t.max, b.t.max);
   const float as = rescale(a.s.max, ms), bs = rescale(b.s.max, ms), at = rescale(a.t.max, mt),
@@ -44,10 +48,10 @@ __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
   return {{ms, a.s.sum * as + b.s.sum * bs},
           {mt, a.t.sum * at + b.t.sum * bt},
           merge(a.raw, b.raw),
-          a.s_x * as + b.s_x * bs,
-          a.s_xy * as + b.s_xy * bs,
-          a.t_y * at + b.t_y * bt,
-          a.t_yx * at + b.t_yx * bt,
+          rescaled(a.s_x, as) + rescaled(b.s_x, bs),
+          rescaled(a.s_xy, as) + rescaled(b.s_xy, bs),
+          rescaled(a.t_y, at) + rescaled(b.t_y, bt),
+          rescaled(a.t_yx, at) + rescaled(b.t_yx, bt),
           b.s.max > a.s.max ? b.peak_y : a.peak_y};
 }
 // NaN or +inf in a row: its exp-sum is NaN (exp(NaN - m), or exp(inf - inf) at the +inf maximum).
@@ -188,7 +192,7 @@ __global__ void __launch_bounds__(kClusterThreads)
   const Pass1 r1 = row1;
   const float log_sum_s = logf(r1.s.sum), log_sum_t = logf(r1.t.sum);
   RowContext ctx{D, o.objective, r1.s.max, log_sum_s, r1.t.max, log_sum_t,
-                 (r1.s.max + log_sum_s) - (r1.t.max + log_sum_t), 0.f};
+                 lse_difference(r1.s.max, log_sum_s, r1.t.max, log_sum_t), 0.f};
   if constexpr (!kl) ctx.g_ref = g_at<Math, F>(ctx, Peak{r1.s.max, r1.peak_y});
 
   // (divergence, <q, g - g_ref>, sum q x, sum p y): for the KLs from the first pass (reverse KL: g = x - y), else

@@ -186,6 +186,13 @@ __device__ __forceinline__ float prob(float x, float max, float log_sum) {
   return x == -INFINITY ? 0.f : M::exp((x - max) - log_sum);
 }
 
+// lse_s - lse_t with lse = max + log_sum, the maxima's difference taken first: each lse rounded alone carries
+// an error of ulp(max) (1e-3 at logits of 1e4, 4e-6 at 30), which a small divergence would inherit in full.
+// The CPU forms it in double (objectives.cpp).
+__device__ __forceinline__ float lse_difference(float max_s, float log_sum_s, float max_t, float log_sum_t) {
+  return (max_s - max_t) + (log_sum_s - log_sum_t);
+}
+
 // A row's log-sum-exps and objective once the first pass is done: everything the per-element terms need.
 struct RowContext {
   Divergence d;
@@ -303,16 +310,16 @@ struct RowSummary {
 __device__ inline void write_row(const RowSummary& r, int64_t i, bool has_labels, bool has_label,
                                  const RowOptions& o, float* loss, float* stats, float* state) {
   const float nan = __int_as_float(0x7fc00000);
-  const float lse_s = r.ctx.max_s + r.ctx.log_sum_s, lse_t = r.ctx.max_t + r.ctx.log_sum_t;
   float* st = stats + i * kNumStats;
-  // NaN for NaN or +inf logits and for a row without a finite logit, as on the CPU (objectives.cpp).
-  st[kStudentEntropy] = r.bad_s || !(r.ctx.max_s > -INFINITY) ? nan : lse_s - r.total.c;
-  st[kTeacherEntropy] = r.bad_t || !(r.ctx.max_t > -INFINITY) ? nan : lse_t - r.total.d;
+  // NaN for NaN or +inf logits and for a row without a finite logit, as on the CPU (objectives.cpp). Each
+  // difference with a log-sum-exp starts from its max, which the other operand is near (see lse_difference).
+  st[kStudentEntropy] = r.bad_s || !(r.ctx.max_s > -INFINITY) ? nan : (r.ctx.max_s - r.total.c) + r.ctx.log_sum_s;
+  st[kTeacherEntropy] = r.bad_t || !(r.ctx.max_t > -INFINITY) ? nan : (r.ctx.max_t - r.total.d) + r.ctx.log_sum_t;
   st[kDivergence] = r.total.a;
   if (has_label) {
-    st[kStudentLabelLogprob] = (r.student_label_logit - r.mean_s) * r.scale_s - lse_s;
-    st[kTeacherLabelLogprob] = (r.teacher_label_logit - r.mean_t) * r.scale_t - lse_t;
-    const float ce = (r.raw_max + r.raw_log_sum) - r.student_label_logit;
+    st[kStudentLabelLogprob] = ((r.student_label_logit - r.mean_s) * r.scale_s - r.ctx.max_s) - r.ctx.log_sum_s;
+    st[kTeacherLabelLogprob] = ((r.teacher_label_logit - r.mean_t) * r.scale_t - r.ctx.max_t) - r.ctx.log_sum_t;
+    const float ce = (r.raw_max - r.student_label_logit) + r.raw_log_sum;
     loss[i] = o.hard_label_weight > 0.f ? (1.f - o.hard_label_weight) * r.total.a + o.hard_label_weight * ce
                                         : r.total.a;
   } else {

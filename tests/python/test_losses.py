@@ -114,6 +114,23 @@ def test_fp16_mean_over_many_rows_under_a_grad_scaler(device, fuse_backward):
             assert err < 2e-3, err
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and dpkd.with_cuda), reason="needs CUDA"))])
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("offset", [30.0, 1e3, 1e4])
+@pytest.mark.parametrize("v", [4096, 4097])  # CUDA: the cluster kernel, the one-block kernels
+def test_small_divergence_of_logits_far_from_zero(device, div, offset, v):
+    """A divergence of ~1e-3 between logits near 1e4: the row constant lse_s - lse_t must not be formed from the
+    two log-sum-exps rounded alone (each off by ulp(1e4) = 1e-3: 30-80% error, as the CUDA kernels had it)."""
+    g = torch.Generator().manual_seed(int(offset) + v)
+    y = offset + 4 * torch.randn(8, v, generator=g, dtype=torch.float64)
+    x = y + 0.05 * torch.randn(8, v, generator=g, dtype=torch.float64) + 6 * torch.rand(8, 1, generator=g) - 3
+    s, t = x.float(), y.float()
+    got = losses.distill_loss(s.to(device), t.to(device), divergence=div, reduction="none").cpu().double()
+    ref = ref_divergence(s.double(), t.double(), div)
+    assert ((got - ref).abs() / ref).max() < 1e-2, (got, ref)
+
+
 @pytest.mark.parametrize("div", ["skew_kl", "skew_reverse_kl"])
 @pytest.mark.parametrize("alpha", [0.0, 1e-6, 0.2, 1 - 1e-6, 1.0])
 def test_skew_kls_at_and_near_the_endpoints(div, alpha):

@@ -103,6 +103,24 @@ def test_cuda_jsd_log_form_keeps_nan_loss(v):
         assert fused[2][:2].isfinite().all() and fused[2][2:].isnan().any(1).all(), d
 
 
+@pytest.mark.parametrize("v", [8192, 8193])  # the cluster kernel, the one-block kernels
+def test_cuda_kl_with_minus_inf_opposite_a_flushed_probability_matches_cpu(v):
+    """A -inf logit of one model opposite an entry whose probability under the other flushes to 0 (a peaked row):
+    the entry carries nothing, on every kernel as on the CPU. The cluster kernel's merge multiplied the +inf sum of
+    such a thread by its flushed weight, 0 * inf = NaN, with finite entropies (no NaN report)."""
+    peaked = torch.zeros(3, v)
+    peaked[:, 0] = 200.0
+    flat = torch.zeros(3, v)
+    flat[:, 5] = float("-inf")
+    for div, s, t in (("reverse_kl", peaked, flat), ("forward_kl", flat, peaked)):
+        results = [dpkd.distill_loss(s.to(d), t.to(d), divergence=div, reduction="none", return_stats=True)
+                   for d in ("cpu", "cuda")]
+        (l_cpu, st_cpu), (l_gpu, st_gpu) = results
+        assert torch.isfinite(l_cpu).all(), div
+        torch.testing.assert_close(l_gpu.cpu(), l_cpu, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st_gpu.divergence.cpu(), st_cpu.divergence, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("v", [3001, 3008, 32000])  # 3001: the one-block kernels
 def test_cuda_forward_grad_op_matches_cpu_with_teacher_mix(dtype, v):
