@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kClusterThreads)
     gradient_pass(std::false_type{});
   }
 #else
-  __trap();  // the host launches this kernel only on sm_90 and newer
+  __trap();  // the host launches this kernel only where it was compiled for sm_90 or newer (cluster_forward)
 #endif
 }
 
@@ -317,6 +317,14 @@ bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t s
                   : d == Divergence::kSkewReverseKL ? cluster_kernel<T, G, Divergence::kSkewReverseKL, M, kGeneric>
                                                     : cluster_kernel<T, G, Divergence::kTVD, M, kGeneric>;
     const int smem = 2 * kPacksPerThread * kClusterThreads * 16;
+    // The kernel's body exists only in code compiled for sm_90 or later: a build for an older architecture
+    // (e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX") runs on a Hopper GPU from JIT-compiled compute_80 PTX, where the
+    // body is a trap; such builds take the one-block kernels.
+    cudaFuncAttributes compiled{};
+    if (cudaFuncGetAttributes(&compiled, kernel) != cudaSuccess || compiled.ptxVersion < 90) {
+      (void)cudaGetLastError();
+      return;
+    }
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
         (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
       (void)cudaGetLastError();
