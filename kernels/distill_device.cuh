@@ -311,21 +311,24 @@ __device__ inline void write_row(const RowSummary& r, int64_t i, bool has_labels
                                  const RowOptions& o, float* loss, float* stats, float* state) {
   const float nan = __int_as_float(0x7fc00000);
   float* st = stats + i * kNumStats;
-  // NaN for NaN or +inf logits and for a row without a finite logit, as on the CPU (objectives.cpp). Each
-  // difference with a log-sum-exp starts from its max, which the other operand is near (see lse_difference).
+  // NaN for NaN or +inf logits and for a row without a finite logit, whose divergence and loss are NaN too, as on
+  // the CPU (objectives.cpp). Each difference with a log-sum-exp starts from its max, which the other operand is
+  // near (see lse_difference).
+  const bool no_distribution = !(r.ctx.max_s > -INFINITY) || !(r.ctx.max_t > -INFINITY);
   st[kStudentEntropy] = r.bad_s || !(r.ctx.max_s > -INFINITY) ? nan : (r.ctx.max_s - r.total.c) + r.ctx.log_sum_s;
   st[kTeacherEntropy] = r.bad_t || !(r.ctx.max_t > -INFINITY) ? nan : (r.ctx.max_t - r.total.d) + r.ctx.log_sum_t;
-  st[kDivergence] = r.total.a;
+  st[kDivergence] = no_distribution ? nan : r.total.a;
   if (has_label) {
     st[kStudentLabelLogprob] = ((r.student_label_logit - r.mean_s) * r.scale_s - r.ctx.max_s) - r.ctx.log_sum_s;
     st[kTeacherLabelLogprob] = ((r.teacher_label_logit - r.mean_t) * r.scale_t - r.ctx.max_t) - r.ctx.log_sum_t;
     const float ce = (r.raw_max - r.student_label_logit) + r.raw_log_sum;
-    loss[i] = o.hard_label_weight > 0.f ? (1.f - o.hard_label_weight) * r.total.a + o.hard_label_weight * ce
-                                        : r.total.a;
+    loss[i] = no_distribution            ? nan
+              : o.hard_label_weight > 0.f ? (1.f - o.hard_label_weight) * r.total.a + o.hard_label_weight * ce
+                                          : r.total.a;
   } else {
     st[kStudentLabelLogprob] = nan;
     st[kTeacherLabelLogprob] = nan;
-    loss[i] = has_labels ? 0.f : r.total.a;
+    loss[i] = has_labels ? 0.f : no_distribution ? nan : r.total.a;
   }
   float* rs = state + i * kRowState;
   for (int k = 0; k < kRowState; ++k) rs[k] = 0.f;

@@ -223,4 +223,5 @@ def test_cuda_rows_without_a_finite_logit_match_cpu(div, empty, v):
     for a, b in zip(*outs):
         torch.testing.assert_close(b[rows], a[rows], rtol=1e-4, atol=1e-5, equal_nan=True)
     for stats in (outs[1][1], outs[1][4]):
-        assert torch.isnan(stats[1, 0 if name == "student_logits" else 1])
+        assert torch.isnan(stats[1, 0 if name == "student_logits" else 1]) and torch.isnan(stats[1, 2])
+    assert torch.isnan(outs[1][0][1]) and torch.isnan(outs[1][3][1])  # the loss, fused and not

@@ -293,15 +293,19 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   }
   const float nan = std::numeric_limits<float>::quiet_NaN();
   // NaN (reported by the Python layer) for NaN or +inf logits, and for a row without a finite logit: no
-  // distribution, whose KLs would otherwise come out NaN and the other objectives' finite.
+  // distribution. Its divergence and loss are NaN too (the objectives' sums would give some of them a finite
+  // value), so that where the report is skipped (torch.compile) the loss still shows it.
+  const bool no_distribution = !(lse_s.max > -INFINITY) || !(lse_t.max > -INFINITY);
   stats[kStudentEntropy] = row.bad_s || !(lse_s.max > -INFINITY) ? nan : static_cast<float>(full_lse_s - qx);
   stats[kTeacherEntropy] = row.bad_t || !(lse_t.max > -INFINITY) ? nan : static_cast<float>(full_lse_t - py);
-  stats[kDivergence] = static_cast<float>(div);
+  stats[kDivergence] = no_distribution ? nan : static_cast<float>(div);
   stats[kStudentLabelLogprob] = has_label ? static_cast<float>(x_label - full_lse_s) : nan;
   stats[kTeacherLabelLogprob] = has_label ? static_cast<float>(y_label - full_lse_t) : nan;
   const float raw_log_sum = lse_raw.log_sum();
   if (labels != nullptr && !has_label) {
     *loss = 0.f;
+  } else if (no_distribution) {
+    *loss = nan;
   } else if (has_label && o.hard_label_weight > 0.f) {
     const float ce = static_cast<float>((static_cast<double>(lse_raw.max) + raw_log_sum) - z_label);
     *loss = (1.f - o.hard_label_weight) * static_cast<float>(div) + o.hard_label_weight * ce;
