@@ -56,7 +56,7 @@ def _ghost_sq_norms_fake(activations, output_grads, block):
 
 @torch.library.register_fake("dpkd::select_top_fraction")
 def _select_top_fraction_fake(score, valid, fraction, largest):
-    return torch.empty_like(valid)
+    return valid.new_empty(valid.shape)  # contiguous, as the ops return it
 
 
 # Device types each op has a kernel for, read once: a plain lookup that torch.compile traces through.

@@ -75,7 +75,8 @@ def test_cuda_selection_op_equals_cpu_op(largest):
         valid = torch.rand(rows, cols, generator=g) > 0.2
         if rows > 1:
             valid[rows // 2] = False  # a sequence of padding only
-        assert ((x == 0) & x.signbit()).any() and ((x == 0) & ~x.signbit()).any()
+        if rows * cols > 100:  # (-0 is 3/4 of the zeros: round() of small negatives gives -0 as well)
+            assert ((x == 0) & x.signbit()).any() and ((x == 0) & ~x.signbit()).any()
         for fraction in (0.0, 0.07, 0.3, 1.0):
             ref = torch.ops.dpkd.select_top_fraction(x, valid, fraction, largest)
             got = torch.ops.dpkd.select_top_fraction(x.cuda(), valid.cuda(), fraction, largest)
@@ -91,10 +92,15 @@ def test_cuda_selection_op_equals_cpu_op(largest):
 
 def test_rules_compile_without_graph_breaks():
     """torch.compile(fullgraph=True) through a rule (the op has a fake kernel; which kernel to use is a plain
-    lookup) and through a loss that applies one."""
+    lookup) and through a loss that applies one. The op returns a contiguous mask whatever the score's layout,
+    and so does its fake kernel (inductor checks the strides: a transposed score failed there)."""
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(lambda x: select.top_fraction(x, 0.3), fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), select.top_fraction(x, 0.3))
+    xt = torch.randn(16, 8, generator=torch.Generator().manual_seed(3)).t()
+    torch.library.opcheck(torch.ops.dpkd.select_top_fraction.default, (xt, xt > -1, 0.3, True))
+    inductor = torch.compile(lambda x: select.top_fraction(x, 0.3).float().sum(-1), fullgraph=True)
+    assert torch.equal(inductor(xt), select.top_fraction(xt, 0.3).float().sum(-1))
     s = torch.randn(4, 16, 50, generator=torch.Generator().manual_seed(1))
     t = torch.randn(4, 16, 50, generator=torch.Generator().manual_seed(2))
 
