@@ -143,8 +143,12 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_stats):
-        grad_h, grad_w, grad_b = (None if g is None else (g * grad_out.to(g.dtype)).to(dtype)
-                                  for g, dtype in zip(ctx.grads, ctx.dtypes))
+        def scaled(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            if g.dtype == torch.float16:  # fp32_weight_grad=False: a GradScaler's 65536 is inf in fp16
+                g = g.float()
+            return (g * grad_out.to(g.dtype)).to(dtype)
+
+        grad_h, grad_w, grad_b = (None if g is None else scaled(g, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
         return grad_h, grad_w, grad_b, None, None, None, None
 
 

@@ -207,8 +207,9 @@ def valid_tokens(labels: torch.Tensor | None, mask: torch.Tensor | None, ignore_
 
 def _reduce(per_token: torch.Tensor, valid: torch.Tensor | None, weights: torch.Tensor | None,
             reduction: str) -> torch.Tensor:
-    if weights is not None:
-        per_token = per_token * weights.to(per_token.dtype)
+    if weights is not None:  # a row of weight 0 carries nothing, NaN included (a padded row of -inf logits)
+        w = weights.to(per_token.dtype)
+        per_token = torch.where(w != 0, per_token * w, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
     if valid is not None:
         per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
     if reduction == "none":

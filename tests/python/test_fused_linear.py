@@ -136,6 +136,10 @@ def test_fp16_gradients_under_a_mean_and_a_grad_scaler(device, fp32_logits):
             assert err < own * 1.01 + (5e-4 if fp32_logits is None else 3e-3), (grad_scale, err, own)
             if grad_scale != 1.0:
                 assert err < (5e-4 if fp32_logits is None else 3e-3), err
+    # fp16 accumulation of the head-weight gradient (fp32_weight_grad=False): the scale still multiplies in fp32
+    got = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, divergence="jsd", chunk_size=1024,
+                                         fp32_logits=fp32_logits, fp32_weight_grad=False)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(got * 65536.0, [h_s, w_s]))
 
 
 def test_bad_arguments():

@@ -518,6 +518,16 @@ def test_tokens_without_weight_are_skipped_by_the_fused_loss():
         dpkd.generalized_jsd(s.clone().requires_grad_(True), t, mask=mask)
 
 
+def test_weight_zero_rows_carry_nothing_in_the_reduction():
+    """Where the NaN report is skipped (torch.compile) the reduction itself keeps a weight-0 row's NaN loss (a
+    padded row of -inf logits) out of the total: 0 * NaN would be NaN."""
+    per_token = torch.tensor([1.0, float("nan"), 2.0])
+    weights = torch.tensor([0.5, 0.0, 2.0])
+    for reduction, expected in (("sum", 4.5), ("mean", 1.5), ("batchmean", 1.5)):
+        assert float(losses._reduce(per_token, None, weights, reduction)) == expected
+    assert losses._reduce(per_token, None, weights, "none").tolist() == [0.5, 0.0, 4.0]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() and dpkd.with_cuda), reason="needs CUDA"))])
 @pytest.mark.parametrize("v", [301, 50304])

@@ -581,18 +581,46 @@ def test_autocast_captures_the_16_bit_copy_each_layer_multiplied(device):
     torch.testing.assert_close(norms[True], norms[False], rtol=3e-2, atol=0)
 
 
+def test_bf16_split_clipped_sums_keep_each_example_within_c(monkeypatch):
+    """The CUDA path for bf16 factors (two bf16 parts per clipped sum, taken here on the CPU): with sigma = 0 and
+    SGD(lr=1), a one-example step moves the parameters by at most C / L, and by nearly C for a clipped example
+    (the error bound added to its norm is tiny next to it)."""
+    from dpkd.privacy import layers
+
+    monkeypatch.setattr(layers, "splits", lambda a, g: a.dtype == g.dtype == torch.bfloat16)
+    torch.manual_seed(6)
+    model = TwoReaders().float()
+    x, y = torch.randn(4, 8, 16, dtype=torch.float32), torch.randint(0, 3, (4,))
+    c = 0.05
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                 max_grad_norm=c, expected_batch_size=2, sample_rate=0.1)
+    for i in range(4):
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        dp.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[i:i + 1])
+        torch.nn.functional.cross_entropy(out.float(), y[i:i + 1], reduction="none").sum().backward()
+        dp.step()
+        moved = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm()) * 2
+        assert dp.last_per_example_norms[0] > c and c * (1 - 1e-3) < moved <= c * (1 + 1e-6), (i, moved)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d, p", [(8, 24), (24, 8)])
 def test_clipped_sum_of_16_bit_factors_in_two_16_bit_parts(d, p, device):
-    """Where 16-bit factors are multiplied into fp32 (CUDA: the default there), the clipped sum scales the
-    narrower factor by c_i in fp32 and carries it as hi + lo 16-bit parts: as accurate as widening both (on the
-    CPU, whose matmuls widen the parts), where hi alone is ~1e-3 off (and would loosen the clipping bound by as
-    much). The ghost norms' 16-bit Grams, too, match float64."""
+    """Where bf16 factors are multiplied into fp32 (CUDA: the default there), the clipped sum scales the
+    narrower factor by c_i in fp32 and carries it as hi + lo bf16 parts: within ~1e-5 of float64 (on the CPU,
+    whose matmuls widen the parts), where hi alone is ~1e-3 off; each example's error within the bound the engine
+    adds to its norm, also where the example's gradient nearly cancels (example 0: two tokens with opposite output
+    gradients). The ghost norms' 16-bit Grams, too, match float64."""
     from dpkd.privacy import layers
 
     gen = torch.Generator().manual_seed(3)
-    a = torch.randn(5, 7, d, generator=gen, dtype=torch.float32).bfloat16()
-    g = torch.randn(5, 7, p, generator=gen, dtype=torch.float32).bfloat16()
+    a = torch.randn(5, 7, d, generator=gen, dtype=torch.float32)
+    g = torch.randn(5, 7, p, generator=gen, dtype=torch.float32)
+    a[0, 1], g[0, 1] = a[0, 0], -g[0, 0] * 1.001
+    a[0, 2:], g[0, 2:] = 0, 0
+    a, g = a.bfloat16(), g.bfloat16()
     coef = torch.rand(5, generator=gen, dtype=torch.float32) * 0.9 + 0.05
     ref = torch.einsum("btp,btd,b->pd", g.double(), a.double(), coef.double())
 
@@ -603,10 +631,16 @@ def test_clipped_sum_of_16_bit_factors_in_two_16_bit_parts(d, p, device):
     split = layers.linear_clipped_sum(a.to(**on), g.to(**on), coef.to(**on), split=True if device == "cpu" else None)
     assert split.dtype == torch.float32 and split.shape == (p, d)
     assert err(split) < 1e-5 and err(layers.linear_clipped_sum(a, g, coef, split=False)) < 1e-6
+    bounds = layers.split_error_bounds(a, g).double()
+    for i in range(5):
+        one = layers.linear_clipped_sum(a[i:i + 1], g[i:i + 1], coef[i:i + 1], split=True).double()
+        exact = coef[i].double() * g[i].double().t() @ a[i].double()
+        assert float((one - exact).norm()) <= float(coef[i] * bounds[i]) * (1 + 1e-3) + 1e-12, i
     sq = layers.ghost_sq_norms(a.to(**on), [g.to(**on)])
     sq_ref = torch.einsum("btp,btd->bpd", g.double(), a.double()).pow(2).sum((1, 2))
     assert sq.dtype == torch.float32
-    torch.testing.assert_close(sq.cpu().double(), sq_ref, rtol=1e-5, atol=0)
+    # (fp32 Grams of the cancelling example: rounding at the scale of its tokens' products, as with fp32 inputs)
+    torch.testing.assert_close(sq.cpu().double(), sq_ref, rtol=1e-5, atol=1e-6 * float(sq_ref.max()))
     if d <= p:
         hi_only = g.double().reshape(-1, p).t() @ (a.float() * coef[:, None, None]).bfloat16().double().reshape(-1, d)
     else:

@@ -177,19 +177,26 @@ class ClippingEngine:
         """x as a linear layer multiplies it: under autocast, its copy in autocast's dtype. Captured instead of x,
         it gives the per-example gradients of the computation that ran, in 16 bits (half the memory of an fp32 x,
         16-bit matmuls for the norms and clipped sums); layers that read one tensor (q, k, v) share one copy, as
-        their ghost norms share its Gram. The copy is made once per tensor and version; the cache does not keep x
-        alive, and is emptied when the clipping begins (the captures hold the copies, released layer by layer)."""
+        their ghost norms share its Gram. The copy is made once per tensor, version and dtype; the cache does not
+        keep x alive, forgets the copy when x dies, and is emptied when the clipping begins (the captures hold the
+        copies, released layer by layer)."""
         device = x.device.type
         if not (x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device)):
             return x
         dtype = torch.get_autocast_dtype(device)
         if x.dtype == dtype:
             return x
-        hit = self._autocast_copies.get(id(x))
-        if hit is not None and hit[0]() is x and hit[1] == x._version:
+        copies, key = self._autocast_copies, id(x)
+        hit = copies.get(key)
+        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2].dtype == dtype:
             return hit[2]
+
+        def forget(ref: weakref.ref) -> None:  # x is gone: no layer can read it again
+            if copies.get(key, (None,))[0] is ref:
+                del copies[key]
+
         copy = x.to(dtype)
-        self._autocast_copies[id(x)] = (weakref.ref(x), x._version, copy)
+        copies[key] = (weakref.ref(x, forget), x._version, copy)
         return copy
 
     def _forward_hook(self, name: str):
@@ -338,6 +345,7 @@ class ClippingEngine:
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         data = {name: self._tokens(name) for name in self.layers}
         sq = None
+        margin_sq = None  # bf16 clipped sums' error bounds (layers.split_error_bounds), squared, summed over layers
         generic_grads = {}
         ghost: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # input -> (input, output grads)
         bias_grads = {}  # linear layers: per-example bias gradients [B, p] (instantiated layers: in data)
@@ -356,6 +364,9 @@ class ClippingEngine:
                 if _trainable_bias(module):
                     bias_grads[name] = layers.linear_per_example_grads(a, g, weight=False, bias=True)[1]
                     add(scale**2 * bias_grads[name].pow(2).sum(1))
+                if module.weight.requires_grad and layers.splits(a, g):
+                    e = (scale * layers.split_error_bounds(a, g)).pow(2)
+                    margin_sq = e if margin_sq is None else margin_sq + e
                 if module.weight.requires_grad and layers.use_ghost(a.shape[1], a.shape[2], g.shape[2]):
                     # Layers that read the very same tensor share its Gram.
                     key = (a.data_ptr(), a.shape, a.stride(), a.dtype, a.device)
@@ -391,7 +402,10 @@ class ClippingEngine:
             add(2 * scale**2 * layers.embedding_linear_cross(ids, g_emb, a_head, g_head,
                                                               self.layers[emb][0].padding_idx))
         norms = sq.clamp(min=0).sqrt()
-        coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        # The errors of the layers' clipped sums add up to at most sqrt(sum of their bounds^2) (Minkowski): counted
+        # in the norm the coefficient divides by, they cannot take an example's contribution past C.
+        bound = norms if margin_sq is None else norms + margin_sq.sqrt()
+        coef = (max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
         captured_coef = coef * scale  # for the captured (unscaled) output gradients
 
         def weighted(per_example):  # sum_i c_i per_example[i]

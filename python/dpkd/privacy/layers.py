@@ -75,18 +75,36 @@ def linear_per_example_grads(a: torch.Tensor, g: torch.Tensor, *, weight: bool,
             (g.to(_mixed.accumulation_dtype(a, g)).sum(1) if bias else None))
 
 
+# hi + lo carry c x with |c x - (hi + lo)| <= 2^-16 |c x| elementwise: bf16's unit roundoff 2^-8, once per part.
+SPLIT_ROUNDOFF = 2.0**-16
+
+
+def splits(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether linear_clipped_sum multiplies these factors as bf16 parts: bf16 factors, on a device that multiplies
+    them into fp32. Not fp16: under a mean's factor B, c_i x can overflow fp16's range, or flush below it."""
+    return a.dtype == g.dtype == torch.bfloat16 and _mixed.supported(a.device, a.dtype)
+
+
+def split_error_bounds(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per example, 2^-16 ||G_i||_F ||A_i||_F >= ||G_i^T E_i|| / c_i for the split's error E_i (<= 2^-16 c_i |A_i|
+    elementwise; likewise on G_i). The engine adds it to the norm the clipping coefficient divides by, so each
+    example's clipped contribution stays within C, as with fp32 factors."""
+    def norms(t: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), dtype=torch.float32)
+    return SPLIT_ROUNDOFF * norms(a) * norms(g)
+
+
 def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,
                        split: bool | None = None) -> torch.Tensor:
     """sum_i c_i G_i^T A_i as [p, d], in fp32 (float64 for float64 inputs).
 
     The per-example factors go on the narrower of the two (one pass over the smaller tensor). ``split``
-    (default: where A and G share a 16-bit dtype the device multiplies into fp32) keeps the matmul 16-bit:
-    the scaled factor c_i x, formed in fp32, is carried as two 16-bit parts hi + lo (~2^-17 relative; hi alone
-    would round it to 2^-9 and loosen ||c_i G_i^T A_i|| <= C by as much), two 16-bit matmuls instead of an fp32
-    one at a tenth of their rate."""
+    (default: ``splits(a, g)``) keeps the matmul 16-bit: the scaled factor c_i x, formed in fp32, is carried as two
+    bf16 parts hi + lo (within 2^-16; hi alone, 2^-8, would need a clipping margin up to 100x larger), two 16-bit
+    matmuls instead of an fp32 one at a tenth of their rate; ``split_error_bounds`` bounds what that adds."""
     dt = _mixed.accumulation_dtype(a, g)
     if split is None:
-        split = a.dtype == g.dtype and _mixed.supported(a.device, a.dtype)
+        split = splits(a, g)
     narrow_a = a.shape[-1] <= g.shape[-1]
     x, other = (a, g) if narrow_a else (g, a)
     scaled = x.to(dt) * coef.to(dt)[:, None, None]
