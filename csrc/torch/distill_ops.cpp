@@ -51,9 +51,10 @@ RowOptions make_options(const std::string& divergence, double beta, double alpha
   return o;
 }
 
-// 2-D logits with unit column stride; labels int64 [N] in range (or ignore_index).
+// 2-D logits with unit column stride; labels int64 [N] in range (or ignore_index). The range check reads the
+// labels on the host (on CUDA a stream synchronisation): ``labels_in_range`` says the caller checked them.
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-                  const RowOptions& o) {
+                  const RowOptions& o, bool labels_in_range) {
   TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be 2-D here, got ", student.dim(), "-D");
   TORCH_CHECK_VALUE(teacher.dim() == 2, "teacher_logits must be 2-D here, got ", teacher.dim(), "-D");
   TORCH_CHECK_VALUE(student.size(0) == teacher.size(0), "teacher_logits has ", teacher.size(0),
@@ -68,7 +69,7 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const st
     TORCH_CHECK_TYPE(labels->scalar_type() == at::kLong, "labels must be int64, got ", labels->scalar_type());
     TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == student.size(0), "labels must have shape [",
                       student.size(0), "], got ", labels->sizes());
-    if (labels->numel() > 0) {
+    if (labels->numel() > 0 && !labels_in_range) {
       const auto valid = labels->ne(o.ignore_index);
       const bool in_range = at::logical_or(valid.logical_not(),
                                            labels->ge(0).logical_and(labels->lt(student.size(1)))).all().item<bool>();
@@ -103,10 +104,10 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                  const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
-                 bool standardize, double hard_label_weight, int64_t ignore_index) {
+                 bool standardize, double hard_label_weight, int64_t ignore_index, bool labels_in_range = false) {
   Prepared p{make_options(divergence, beta, alpha, temperature, teacher_mix, standardize, hard_label_weight,
                           ignore_index)};
-  check_inputs(student, teacher, labels, p.options);
+  check_inputs(student, teacher, labels, p.options, labels_in_range);
   p.student = rows_contiguous(student);
   p.teacher = rows_contiguous(teacher);
   if (labels) p.labels = labels->contiguous();
@@ -198,11 +199,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
     double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index, bool fast_math,
-    std::optional<at::ScalarType> grad_dtype) {
+    std::optional<at::ScalarType> grad_dtype, bool labels_in_range) {
   check_grad_weight(grad_weight, student);
   const at::ScalarType out_dtype = gradient_dtype(student, grad_dtype, fast_math);  // fast_math: no effect here
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index);  // checked and made row-contiguous once for both
+                             hard_label_weight, ignore_index, labels_in_range);  // checked, row-contiguous once
   auto [loss, stats, state] = empty_outputs(p.student);
   at::Tensor grad = empty_gradient_cpu(p.student);
   const at::Tensor w = grad_weight.to(at::kFloat).contiguous();
@@ -272,12 +273,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_grad_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_weight, const std::string& divergence, double beta, double alpha, double temperature,
     double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index, bool fast_math,
-    std::optional<at::ScalarType> grad_dtype) {
+    std::optional<at::ScalarType> grad_dtype, bool labels_in_range) {
   const c10::cuda::CUDAGuard guard(student.device());
   check_grad_weight(grad_weight, student);
   const at::ScalarType out_dtype = gradient_dtype(student, grad_dtype, fast_math);
   Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                       hard_label_weight, ignore_index);
+                       hard_label_weight, ignore_index, labels_in_range);
   p.options.fast_math = fast_math;
   auto [loss, stats, state] = empty_outputs(p.student);
   const at::Tensor weight = grad_weight.to(at::kFloat).contiguous();
@@ -348,10 +349,13 @@ TORCH_LIBRARY(dpkd, m) {
   // Rows with grad_weight 0 are skipped (on both devices): their loss and statistics are 0 and NaN.
   // fast_math: RowOptions::fast_math (CUDA, fp32 logits from 16-bit factors; no effect on the CPU). grad_dtype:
   // the gradient's dtype, the student's by default; bfloat16 or float16 for fp32 logits with fast_math (written
-  // in 16 bits by the kernel on CUDA, converted on the CPU).
+  // in 16 bits by the kernel on CUDA, converted on the CPU). labels_in_range: the caller has checked that every
+  // label is in [0, V) or ignore_index (the op's own check synchronises the CUDA stream; an unchecked label out
+  // of range reads outside its row).
   m.def("distill_forward_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_weight, str divergence, "
         "float beta, float alpha, float temperature, float teacher_mix, bool standardize, float hard_label_weight, "
-        "int ignore_index, bool fast_math=False, ScalarType? grad_dtype=None) -> (Tensor, Tensor, Tensor)");
+        "int ignore_index, bool fast_math=False, ScalarType? grad_dtype=None, bool labels_in_range=False) "
+        "-> (Tensor, Tensor, Tensor)");
   // self *= scale, without touching self when the (device-resident) scale is 1.
   m.def("scale_unless_one_(Tensor(a!) self, Tensor scale) -> Tensor(a!)");
   m.def("distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor row_state, "

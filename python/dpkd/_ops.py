@@ -36,7 +36,7 @@ def _distill_backward_inplace_fake(grad_loss, student, teacher, labels, row_stat
 @torch.library.register_fake("dpkd::distill_forward_grad")
 def _distill_forward_grad_fake(student, teacher, labels, grad_weight, divergence, beta, alpha, temperature,
                                teacher_mix, standardize, hard_label_weight, ignore_index, fast_math=False,
-                               grad_dtype=None):
+                               grad_dtype=None, labels_in_range=False):
     n = student.shape[0]
     f32 = dict(dtype=torch.float32, device=student.device)
     return (student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32),

@@ -264,6 +264,12 @@ def fused_linear_distill_loss(
                         chunk_size)
 
     if teacher_topk is None:
+        if flat_labels is not None:
+            # Checked here once for the tokens that carry loss, so that the op, told so, does not check (and
+            # synchronise the CUDA stream) once per chunk.
+            vocab = student_weight.shape[0]
+            if bool((((flat_labels < 0) | (flat_labels >= vocab)) & (row_scale != 0)).any()):
+                raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index})")
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         w_t = _logit_weight(teacher_weight.detach(), fp32_logits)
         b_t = None if teacher_bias is None else teacher_bias.detach()
@@ -277,7 +283,7 @@ def fused_linear_distill_loss(
             if zt.dtype != zs.dtype:  # the two heads' dtypes may differ; the kernels take one
                 zt = zt.to(zs.dtype)
             return torch.ops.dpkd.distill_forward_grad(zs, zt, lab, row_weights, *options, fast_math=fast_math,
-                                                       grad_dtype=grad_dtype)
+                                                       grad_dtype=grad_dtype, labels_in_range=True)
     else:
         k = teacher_topk[0].shape[-1]
         t_ids, t_logp = teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k)

@@ -142,6 +142,34 @@ def test_fp16_gradients_under_a_mean_and_a_grad_scaler(device, fp32_logits):
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(got * 65536.0, [h_s, w_s]))
 
 
+def test_labels_checked_once_per_call_not_once_per_chunk():
+    """The op checks label ranges on the host (on CUDA a stream synchronisation per call) unless told that the
+    caller did; the fused head checks the labels of the tokens that carry loss once and tells each chunk's op. An
+    out-of-range label is an error there, and no error on a token without loss."""
+    h_s, w_s, _, h_t, w_t = setup(n=64, bias=False)
+    labels = torch.randint(0, 97, (64,), generator=torch.Generator().manual_seed(1))
+
+    def host_reads(fn):
+        with torch.profiler.profile() as prof:
+            fn()
+        return [e.name for e in prof.events()].count("aten::_local_scalar_dense")
+
+    z, zt = h_s.detach() @ w_s.detach().t(), h_t @ w_t.t()
+    args = (z, zt, labels, torch.ones(64), "jsd", 0.5, 0.1, 1.0, 1.0, False, 0.2, -100)
+    assert host_reads(lambda: torch.ops.dpkd.distill_forward_grad(*args)) == 1
+    assert host_reads(lambda: torch.ops.dpkd.distill_forward_grad(*args, labels_in_range=True)) == 0
+    reads = {chunk: host_reads(lambda: dpkd.fused_linear_distill_loss(
+        h_s, w_s, h_t, w_t, labels=labels, hard_label_weight=0.2, chunk_size=chunk)) for chunk in (8, 64)}
+    assert reads[8] == reads[64] == 1, reads
+    bad = labels.clone()
+    bad[5] = 97
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 97\)"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, labels=bad, chunk_size=8)
+    mask = torch.ones(64, dtype=torch.bool)
+    mask[5] = False
+    dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, labels=bad, mask=mask, chunk_size=8)
+
+
 def test_bad_arguments():
     h_s, w_s, b_s, h_t, w_t = setup()
     with pytest.raises(ValueError, match="reduction"):
