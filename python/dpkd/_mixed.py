@@ -20,7 +20,7 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
         x = torch.ones(2, 2, dtype=dtype, device=device)
         acc = torch.mm(x, x, out_dtype=torch.float32)
         torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
-        batched = torch.bmm(x[None], x[None], out_dtype=torch.float32)
+        batched = torch.bmm(x[None], x[None].transpose(1, 2), out_dtype=torch.float32)  # as the Grams call it
         return acc.dtype == batched.dtype == torch.float32 and bool((acc == 4).all()) and bool((batched == 2).all())
     except (RuntimeError, TypeError):
         return False
