@@ -61,17 +61,23 @@ class _Call:
         return self.rows > 0
 
 
-class _Anchored(torch.autograd.Function):
-    """y, kept in the graph through ``anchor`` (a scalar that requires grad, and gets no gradient) where nothing
-    else puts it there: a linear layer whose input needs no gradient still needs its output gradient."""
+class _CapturingLinear(torch.autograd.Function):
+    """y = x W^T + b whose backward records dL/dy and computes dL/dx only: the weight gradient is the
+    engine's clipped sum, so autograd never spends a GEMM on the non-private one. ``anchor`` (a scalar
+    that requires grad) keeps y in the graph even when neither x nor W needs a gradient."""
 
     @staticmethod
-    def forward(ctx, y, anchor):
-        return y.view_as(y)
+    def forward(ctx, x, weight, bias, anchor, call):
+        ctx.save_for_backward(weight)
+        ctx.call = call
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        ctx.call.on_grad(ctx.call, g.detach())
+        (weight,) = ctx.saved_tensors
+        gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None, None
 
 
 class _CapturingEmbedding(torch.autograd.Function):
@@ -164,14 +170,7 @@ class ClippingEngine:
             calls.append(call)
             if kind == "embedding":
                 return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
-            # Detached parameters: autograd computes dL/dx natively and never spends a GEMM on the non-private
-            # weight gradient (the engine's clipped sum replaces it); a hook on y records dL/dy (before any
-            # in-place change to y, as tensor hooks do).
-            y = F.linear(x, weight.detach(), None if bias is None else bias.detach())
-            if not y.requires_grad:
-                y = _Anchored.apply(y, anchor)
-            y.register_hook(lambda g: receive(call, g.detach()))
-            return y
+            return _CapturingLinear.apply(x, weight, bias, anchor, call)
         return forward
 
     def _as_multiplied(self, x: torch.Tensor) -> torch.Tensor:
