@@ -54,6 +54,21 @@ class SharedSeqMLP(torch.nn.Module):
         return self.l2(torch.tanh(self.l1(torch.tanh(self.l1(x))))).mean(1)
 
 
+class InplaceSeq(torch.nn.Module):
+    """Linear layers with biases on [B, T, f] whose outputs are changed in place (an inplace ReLU, a residual
+    added in place): their output gradients are those before the change."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 4), torch.nn.Linear(4, 3)
+        self.act = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.l2(self.act(self.l1(x)))
+        h += x
+        return self.head(h.mean(1))
+
+
 class GemmaStyleRMSNorm(torch.nn.Module):
     """An RMSNorm as Hugging Face writes them: x_hat in fp32, scaled by (1 + w), cast back."""
 
@@ -108,6 +123,10 @@ def make_case(kind, b=6, seed=0):
         model = SharedSeqMLP()
         x, y = torch.randn(b, 10, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
         loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    elif kind == "inplace_seq":
+        model = InplaceSeq()
+        x, y = torch.randn(b, 10, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
+        loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
     elif kind in ("gemma_rmsnorm", "weight_first_rmsnorm"):
         model = NormedSeq((GemmaStyleRMSNorm if kind == "gemma_rmsnorm" else WeightFirstRMSNorm)(6))
         x, y = torch.randn(b, 5, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
@@ -135,7 +154,8 @@ def brute_force(model, x, y, loss):
     return per, norms
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm", "shared_seq", "gemma_rmsnorm", "weight_first_rmsnorm"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm", "shared_seq", "inplace_seq", "gemma_rmsnorm",
+                                  "weight_first_rmsnorm"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_norms_and_clipped_step_equal_brute_force(kind, reduction, device):
@@ -153,7 +173,8 @@ def test_norms_and_clipped_step_equal_brute_force(kind, reduction, device):
     # Per-example gradients where 2 T^2 >= d p (token-wise layers), ghost norms for T = 1 and the tied head.
     seq = {"l1": True, "l2": True}
     instantiated = {"mlp": {"0": False, "2": False}, "conv": {"3": False}, "tied_lm": {"proj": True, "head": False},
-                    "shared_seq": seq, "gemma_rmsnorm": seq, "weight_first_rmsnorm": seq}
+                    "shared_seq": seq, "gemma_rmsnorm": seq, "weight_first_rmsnorm": seq,
+                    "inplace_seq": {"l1": True, "l2": True, "head": False}}
     assert dp.engine.instantiate == instantiated[kind]
     dp.step()
     # An RMSNorm-named class takes the closed form only where it agrees with torch.func.
@@ -430,6 +451,10 @@ def test_unsupported_modules_listed_eval_mode_and_batch_mismatch():
     lin = torch.nn.Linear(2, 2).eval()
     with pytest.raises(ValueError, match="eval mode"):
         privacy.make_private(lin, torch.optim.SGD(lin.parameters(), lr=0.1), noise_multiplier=1.0,
+                             max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    wrapped = torch.nn.DataParallel(torch.nn.Linear(2, 2))  # DistributedDataParallel is refused the same way
+    with pytest.raises(ValueError, match="wrapped in DataParallel: pass the unwrapped model"):
+        privacy.make_private(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), noise_multiplier=1.0,
                              max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):

@@ -52,6 +52,11 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not model.training:
         raise ValueError("model is in eval mode: call model.train() before make_private")
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    if isinstance(model, wrappers) or type(model).__name__ == "FullyShardedDataParallel":
+        # Their all-reduce of the non-private gradients is not DP-SGD's (clip per rank, noise once).
+        raise ValueError(f"model is wrapped in {type(model).__name__}: pass the unwrapped model with "
+                         "distributed=True, which clips per rank and all-reduces the clipped, noised sum itself")
     check_arguments(noise_multiplier, max_grad_norm, expected_batch_size)
     if sample_rate is None:
         if dataset_size is None or dataset_size <= 0:

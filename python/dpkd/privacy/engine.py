@@ -62,22 +62,25 @@ class _Call:
 
 
 class _CapturingLinear(torch.autograd.Function):
-    """y = x W^T + b whose backward records dL/dy and computes dL/dx only: the weight gradient is the
-    engine's clipped sum, so autograd never spends a GEMM on the non-private one. ``anchor`` (a scalar
-    that requires grad) keeps y in the graph even when neither x nor W needs a gradient."""
+    """y = x W^T + b on 2-D x ([tokens, d]; the caller views y back to x's leading shape) whose backward records
+    dL/dy, in that shape (``lead``), and computes dL/dx only: the weight gradient is the engine's clipped sum, so
+    autograd never spends a GEMM on the non-private one. ``anchor`` (a scalar that requires grad) keeps y in the
+    graph even when neither x nor W needs a gradient. 2-D, because F.linear of a 3-D x with a bias returns a
+    view, and autograd refuses in-place changes (an inplace ReLU after the layer) to a view made inside a custom
+    Function; a view taken outside it is an ordinary one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, anchor, call):
+    def forward(ctx, x, weight, bias, anchor, call, lead):
         ctx.save_for_backward(weight)
-        ctx.call = call
+        ctx.call, ctx.lead = call, lead
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.call.on_grad(ctx.call, g.detach())
+        ctx.call.on_grad(ctx.call, g.detach().reshape(*ctx.lead, g.shape[-1]))
         (weight,) = ctx.saved_tensors
         gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
-        return gx, None, None, None, None
+        return gx, None, None, None, None, None
 
 
 class _CapturingEmbedding(torch.autograd.Function):
@@ -170,7 +173,9 @@ class ClippingEngine:
             calls.append(call)
             if kind == "embedding":
                 return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
-            return _CapturingLinear.apply(x, weight, bias, anchor, call)
+            lead = tuple(x.shape[:-1])
+            y = _CapturingLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, anchor, call, lead)
+            return y.view(*lead, y.shape[-1])
         return forward
 
     def _as_multiplied(self, x: torch.Tensor) -> torch.Tensor:
