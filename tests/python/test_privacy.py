@@ -433,6 +433,24 @@ def test_an_empty_micro_batch_keeps_the_norms_on_the_model_device():
     assert torch.cat(dp._norms).device.type == "meta"
 
 
+def test_a_grad_scaler_is_refused_with_a_reason():
+    """GradScaler's dynamic loss scale couples the examples across steps: refused at the step, by name, and the
+    optimizer still steps without it afterwards."""
+    model = torch.nn.Linear(4, 2).float()
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.randn(4, 4, dtype=torch.float32)
+    dp.zero_grad()
+    scaler.scale(model(x).pow(2).sum(1).sum()).backward()
+    with pytest.raises(ValueError, match="GradScaler cannot drive DP-SGD"):
+        scaler.step(dp)
+    dp.zero_grad()
+    model(x).pow(2).sum(1).sum().backward()
+    dp.step()
+    assert dp.last_per_example_norms.shape == (4,)
+
+
 @pytest.mark.parametrize("sigma", [-1.0, float("nan")])
 def test_optimizer_made_directly_refuses_a_bad_sigma(sigma):
     """Not only make_private: a DPOptimizer built by hand must not exist with a sigma that would step

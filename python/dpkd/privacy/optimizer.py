@@ -51,11 +51,19 @@ class DPOptimizer:
     each micro-batch's backward pass; ``step()`` accumulates the last one itself. Noise is drawn once,
     in ``step()``. ``last_per_example_norms`` holds the norms of the last logical batch (for logging).
 
+    torch.amp.GradScaler is refused (bf16 autocast needs no loss scale): its scale follows overflows anywhere in
+    the batch, so one example would change how the others are scaled, and dropped, in later steps, outside the
+    privacy accounting.
+
     ``distributed=True`` (torch.distributed initialised; do NOT also wrap the model in
     DistributedDataParallel): each rank clips its own examples, rank 0 alone adds the noise to its
     clipped sum, and one all-reduce sums the ranks, so the total carries the noise exactly once.
     ``expected_batch_size`` is then the global one.
     """
+
+    # GradScaler.step hands the step to optimizers that say so, after setting grad_scale and found_inf on them:
+    # that is where step() can refuse it with a reason (otherwise GradScaler stops on an assertion of its own).
+    _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, engine: ClippingEngine, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float,
@@ -119,6 +127,12 @@ class DPOptimizer:
         return norms
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
+            vars(self).pop("found_inf", None)
+            vars(self).pop("grad_scale", None)
+            raise ValueError("torch.amp.GradScaler cannot drive DP-SGD: its loss scale follows overflows anywhere in the "
+                             "batch, so one example would change how the others are scaled and dropped in later steps, "
+                             "outside the privacy accounting; use bf16 autocast, which needs no loss scale")
         loss = None
         if closure is not None:
             with torch.enable_grad():
