@@ -10,14 +10,22 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 part=${1:-test,objectives,select,fused,dp,ghost}
-want() { [ "$part" = all ] || [[ ",$part," == *",$1,"* ]]; }
+# want PART: whether PART is asked for; it becomes the part that `bounded` reports as skipped or cut short.
+want() { current=$1; [ "$part" = all ] || [[ ",$part," == *",$1,"* ]]; }
+# Parts skipped or cut short by the deadline, for the closing line's rerun command (a file: `bounded` may run
+# in a pipeline's subshell).
+unfinished_file=$(mktemp) current=build
+note_unfinished() { echo "$current" >> "$unfinished_file"; }
 deadline=$(( $(date +%s) + ${GPU_SH_BUDGET:-570} ))
 # bounded SECONDS CMD...: CMD under a timeout of SECONDS, or less where the deadline is nearer.
 bounded() {
   local limit=$1 left=$(( deadline - $(date +%s) )); shift
-  if (( left < 10 )); then echo "gpu.sh: skipped (deadline): $*"; return; fi
+  if (( left < 10 )); then echo "gpu.sh: skipped (deadline): $*"; note_unfinished; return; fi
   (( left < limit )) && limit=$left
   timeout -k 10 "$limit" "$@"  # SIGKILL 10 s after SIGTERM: a process stuck in the driver ends too
+  local rc=$?
+  if (( rc == 124 || rc == 137 )); then echo "gpu.sh: cut short after $limit s: $*"; note_unfinished; fi
+  return $rc
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -45,3 +53,5 @@ want ghost && bounded 60 python3 benchmarks/bench_ghost.py
 want dpprofile && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256 --repeat 3 --profile
 want demo && bounded 300 python3 -m dpkd demo --device cuda --size medium --quiet
 echo "gpu.sh: done, $(( ${GPU_SH_BUDGET:-570} - (deadline - $(date +%s)) )) s"
+unfinished=$(awk '!seen[$0]++' "$unfinished_file" | paste -sd, -)
+[ -n "$unfinished" ] && echo "gpu.sh: unfinished parts; on the same (warm) machine: bash benchmarks/gpu.sh $unfinished"
