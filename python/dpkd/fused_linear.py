@@ -101,7 +101,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         low_half = active.numel() < _LOW_HALF_BELOW_TOKENS
         # The logits' gradient in fp16 is scaled (see _ops.fp16_gradient_scale), the products with it scaled back
         # in fp32; the host value costs no wait after nonzero's.
-        grad_scale = float(_ops.fp16_gradient_scale(row_scale[active])) if keep_fp32 else 1.0
+        grad_scale = float(_ops.fp16_gradient_scale(row_scale)) if keep_fp32 else 1.0
         unscale = 1.0 / grad_scale
         # Without the low half, the fp32 logits' gradient of a 16-bit head is used in 16 bits only: the kernel
         # writes it so (no conversion pass over it), unless a softcap or logit scale multiplies it first or a

@@ -31,10 +31,6 @@ def ghost_block(tokens: int, device: torch.device) -> int:
     return 512
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return _mixed.accumulation_dtype(t)
-
-
 def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
     """[B, ..., f] -> [B, T, f] (T = 1 for [B, f]); T spelled out, so that B = 0 reshapes too."""
     return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
@@ -55,7 +51,7 @@ def ghost_sq_norms(a: torch.Tensor, gs: list[torch.Tensor]) -> torch.Tensor:
 def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: bool) -> torch.Tensor:
     """Squared per-example norms of a linear layer's trainable weight and/or bias gradient;
     a [B,T,d], g [B,T,p]."""
-    dt = _acc_dtype(a)
+    dt = _mixed.accumulation_dtype(a)
     sq = torch.zeros(g.shape[0], dtype=dt, device=g.device)
     if weight:
         if use_ghost(a.shape[1], a.shape[2], g.shape[2]):
@@ -126,7 +122,7 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | No
     """Squared norm of each example's embedding gradient, whose row v is the sum of g_t over the tokens with
     x_t = v: tokens sorted by id within each example, each run of equal ids summed (no [T, T] matrix, no
     host sync); ids [B,T], g [B,T,d]. The padding row gets no gradient."""
-    g = g.to(_acc_dtype(g))
+    g = g.to(_mixed.accumulation_dtype(g))
     if padding_idx is not None:
         g = g * (ids != padding_idx)[..., None]
     sorted_ids, order = ids.sort(dim=1)
@@ -139,7 +135,7 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | No
 
 def embedding_clipped_sum(ids: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, num_embeddings: int,
                           padding_idx: int | None) -> torch.Tensor:
-    dt = _acc_dtype(g)
+    dt = _mixed.accumulation_dtype(g)
     gs = g.to(dt) * coef.to(dt)[:, None, None]
     if padding_idx is not None:
         gs = gs * (ids != padding_idx)[..., None]
@@ -176,7 +172,7 @@ def per_example_grads(module: torch.nn.Module, params: dict[str, torch.nn.Parame
         return vjp(gi)
 
     grads = torch.func.vmap(one)(*inputs, g)
-    return {n: gr.to(_acc_dtype(gr)) for n, gr in zip(names, grads)}
+    return {n: gr.to(_mixed.accumulation_dtype(gr)) for n, gr in zip(names, grads)}
 
 
 def hf_rmsnorm_per_example_grads(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
@@ -192,7 +188,7 @@ def hf_rmsnorm_per_example_grads(module: torch.nn.Module, x: torch.Tensor, g: to
         return None
     x32 = x.float()
     x_hat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    dt = _acc_dtype(x)
+    dt = _mixed.accumulation_dtype(x)
     return {"weight": (g.to(dt) * x_hat.to(dt)).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
 
 
@@ -207,7 +203,7 @@ def norm_per_example_grads(module: torch.nn.Module, x: torch.Tensor, g: torch.Te
         return None
     shape = tuple(module.normalized_shape)
     dims = tuple(range(-len(shape), 0))
-    dt = _acc_dtype(x)
+    dt = _mixed.accumulation_dtype(x)
     xf, gf = x.to(dt), g.to(dt)
     if is_ln:  # the fused kernel without the affine part (the same x_hat as the forward's)
         x_hat = torch.nn.functional.layer_norm(xf, shape, eps=module.eps)
