@@ -32,8 +32,8 @@ constexpr int kMaxCluster = 16;     // a non-portable cluster size, which Hopper
 // g_ref is taken.
 struct Pass1 {
   MaxSum s, t, raw;
-  float s_x, s_xy;  // sum exp(x - s.max) x, sum exp(x - s.max) (x - y)
-  float t_y, t_yx;  // sum exp(y - t.max) y, sum exp(y - t.max) (y - x)
+  float s_x, s_xy;  // sum exp(x - s.max) (x - s.max), sum exp(x - s.max) (x - y)
+  float t_y, t_yx;  // sum exp(y - t.max) (y - t.max), sum exp(y - t.max) (y - x)
   float peak_y;     // y where x = s.max (ties: the first operand's, as Peak's merge)
 };
 __device__ __forceinline__ float rescale(float max, float to) { return max == -INFINITY ? 0.f : expf(max - to); }
@@ -41,6 +41,11 @@ __device__ __forceinline__ float rescale(float max, float to) { return max == -I
 // entries' q (or p) underflowing to 0 contribute nothing, as on the CPU, not 0 * inf = NaN. The exp-sums, which
 // carry a real NaN, are rescaled plainly.
 __device__ __forceinline__ float rescaled(float sum, float factor) { return factor > 0.f ? sum * factor : 0.f; }
+// sum e (x - max) -> sum e' (x - to) with e' = e factor: the entropies' sums stay against the running max (sum e x
+// at logits near 1e4 would carry ulp(1e4) into every term).
+__device__ __forceinline__ float recentred(float centred, float sum, float max, float to, float factor) {
+  return factor > 0.f ? (centred + (max - to) * sum) * factor : 0.f;
+}
 __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
   const float ms = fmaxf(a.s.max, b.s.max), mt = fmaxf(a.t.max, b.t.max);
   const float as = rescale(a.s.max, ms), bs = rescale(b.s.max, ms), at = rescale(a.t.max, mt),
@@ -48,9 +53,9 @@ __device__ __forceinline__ Pass1 merge(const Pass1& a, const Pass1& b) {
   return {{ms, a.s.sum * as + b.s.sum * bs},
           {mt, a.t.sum * at + b.t.sum * bt},
           merge(a.raw, b.raw),
-          rescaled(a.s_x, as) + rescaled(b.s_x, bs),
+          recentred(a.s_x, a.s.sum, a.s.max, ms, as) + recentred(b.s_x, b.s.sum, b.s.max, ms, bs),
           rescaled(a.s_xy, as) + rescaled(b.s_xy, bs),
-          rescaled(a.t_y, at) + rescaled(b.t_y, bt),
+          recentred(a.t_y, a.t.sum, a.t.max, mt, at) + recentred(b.t_y, b.t.sum, b.t.max, mt, bt),
           rescaled(a.t_yx, at) + rescaled(b.t_yx, bt),
           b.s.max > a.s.max ? b.peak_y : a.peak_y};
 }
@@ -169,13 +174,13 @@ __global__ void __launch_bounds__(kClusterThreads)
   Pass1 p1{{max_x, 0.f}, {max_y, 0.f}, {raw_needed ? max_raw : -INFINITY, 0.f}, 0.f, 0.f, 0.f, 0.f, peak_y};
   for_each([&](float zs, float zt) {
     const float x = zs * scale, y = zt * scale;
-    const float ex = Math::exp(x - shift_x), ey = Math::exp(y - shift_y);
+    const float dx = x - shift_x, dy = y - shift_y, ex = Math::exp(dx), ey = Math::exp(dy);
     p1.s.sum += ex;
     p1.t.sum += ey;
     if constexpr (kl) {  // entries of probability 0 add nothing (0 * inf would be NaN), as q > 0 and p > 0 select
-      p1.s_x += ex > 0.f ? ex * x : 0.f;
+      p1.s_x += ex > 0.f ? ex * dx : 0.f;
       p1.s_xy += ex > 0.f ? ex * (x - y) : 0.f;
-      p1.t_y += ey > 0.f ? ey * y : 0.f;
+      p1.t_y += ey > 0.f ? ey * dy : 0.f;
       p1.t_yx += ey > 0.f ? ey * (y - x) : 0.f;
     }
     if (raw_needed) p1.raw.sum += Math::exp(zs - shift_raw);
@@ -195,7 +200,7 @@ __global__ void __launch_bounds__(kClusterThreads)
                  lse_difference(r1.s.max, log_sum_s, r1.t.max, log_sum_t), 0.f};
   if constexpr (!kl) ctx.g_ref = g_at<Math, F>(ctx, Peak{r1.s.max, r1.peak_y});
 
-  // (divergence, <q, g - g_ref>, sum q x, sum p y): for the KLs from the first pass (reverse KL: g = x - y), else
+  // (divergence, <q, g - g_ref>, sum q (x - max_s), sum p (y - max_t)): for the KLs from the first pass (reverse KL: g = x - y), else
   // from a second pass.
   Sum4 total;
   if constexpr (kl) {

@@ -260,7 +260,8 @@ __device__ __forceinline__ float g_at(const RowContext& r, const Peak& peak) {
   return terms<M, F>(r, peak.x, peak.y, q, p).g;
 }
 
-// One entry's contribution to (divergence, <q, g - g_ref>, sum q x, sum p y), for transformed logits x and y;
+// One entry's contribution to (divergence, <q, g - g_ref>, sum q (x - max_s), sum p (y - max_t)) for transformed
+// logits x and y (the entropies' sums against the maxima: sum q x near logits of 1e4 carries ulp(1e4) per term);
 // returns the entry's g - g_ref (0, or for the log form any value, where both probabilities are 0: the
 // gradient's select on q > 0 never reads it there).
 template <class M, Form F = Form::kPerCall>
@@ -271,8 +272,8 @@ __device__ __forceinline__ float accumulate_terms(Sum4& part, const RowContext& 
   const float g = e.g - r.g_ref;
   part.a += e.loss;
   part.b += q > 0.f ? q * g : 0.f;
-  part.c += q > 0.f ? q * x : 0.f;
-  part.d += p > 0.f ? p * y : 0.f;
+  part.c += q > 0.f ? q * (x - r.max_s) : 0.f;
+  part.d += p > 0.f ? p * (y - r.max_t) : 0.f;
   return g;
 }
 
@@ -301,7 +302,7 @@ __device__ __forceinline__ float mix_teacher(float mix, float zt, float zs) {
 // Everything a finished row writes: its loss, statistics and the state the backward pass reads.
 struct RowSummary {
   RowContext ctx;
-  Sum4 total;  // (divergence, <q, g - g_ref>, sum q x, sum p y)
+  Sum4 total;  // (divergence, <q, g - g_ref>, sum q (x - max_s), sum p (y - max_t))
   bool bad_s, bad_t;
   float mean_s, scale_s, mean_t, scale_t, std_s, count_s, raw_max, raw_log_sum;
   float student_label_logit = 0.f, teacher_label_logit = 0.f;  // raw (teacher: after TAID mixing)
@@ -315,8 +316,8 @@ __device__ inline void write_row(const RowSummary& r, int64_t i, bool has_labels
   // the CPU (objectives.cpp). Each difference with a log-sum-exp starts from its max, which the other operand is
   // near (see lse_difference).
   const bool no_distribution = !(r.ctx.max_s > -INFINITY) || !(r.ctx.max_t > -INFINITY);
-  st[kStudentEntropy] = r.bad_s || !(r.ctx.max_s > -INFINITY) ? nan : (r.ctx.max_s - r.total.c) + r.ctx.log_sum_s;
-  st[kTeacherEntropy] = r.bad_t || !(r.ctx.max_t > -INFINITY) ? nan : (r.ctx.max_t - r.total.d) + r.ctx.log_sum_t;
+  st[kStudentEntropy] = r.bad_s || !(r.ctx.max_s > -INFINITY) ? nan : r.ctx.log_sum_s - r.total.c;
+  st[kTeacherEntropy] = r.bad_t || !(r.ctx.max_t > -INFINITY) ? nan : r.ctx.log_sum_t - r.total.d;
   st[kDivergence] = no_distribution ? nan : r.total.a;
   if (has_label) {
     st[kStudentLabelLogprob] = ((r.student_label_logit - r.mean_s) * r.scale_s - r.ctx.max_s) - r.ctx.log_sum_s;

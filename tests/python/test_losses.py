@@ -131,6 +131,23 @@ def test_small_divergence_of_logits_far_from_zero(device, div, offset, v):
     assert ((got - ref).abs() / ref).max() < 1e-2, (got, ref)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and dpkd.with_cuda), reason="needs CUDA"))])
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])  # the single-pass sums and the second pass's
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+@pytest.mark.parametrize("v", [4096, 4097])
+def test_entropies_of_logits_far_from_zero(device, div, offset, v):
+    """Entropies taken as log-sum-exp - sum q x lose ulp(offset) per term of sum q x: 7.6e-5 at logits near 1e3
+    and 1.5e-3 near 1e4 (CPU, before the sums were taken against the row's max)."""
+    g = torch.Generator().manual_seed(int(offset) + v)
+    s = (offset + 4 * torch.randn(8, v, generator=g, dtype=torch.float64)).float()
+    t = (offset + 3 * torch.randn(8, v, generator=g, dtype=torch.float64)).float()
+    st = losses.token_stats(s.to(device), t.to(device), divergence=div)
+    for got, x in ((st.student_entropy, s), (st.teacher_entropy, t)):
+        err = (got.cpu().double() - ref_entropy(x.double())).abs().max().item()
+        assert err < 3e-5, err
+
+
 @pytest.mark.parametrize("div", ["skew_kl", "skew_reverse_kl"])
 @pytest.mark.parametrize("alpha", [0.0, 1e-6, 0.2, 1 - 1e-6, 1.0])
 def test_skew_kls_at_and_near_the_endpoints(div, alpha):

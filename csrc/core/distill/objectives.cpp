@@ -62,34 +62,38 @@ inline Tile masked(const Tile& weight, const Tile& value) {
 }
 
 // Online softmax statistics over tiles: the log-sum-exp (the running max is a data value, the sum is
-// kept in double) and, on request, the softmax-weighted sums of two value tiles, rescaled whenever the
-// max grows. The KL objectives need nothing more, so they take a single pass over the row.
+// kept in double), on request sum_j softmax(x)_j (x_j - max) for the entropy, and the softmax-weighted sum
+// of a value tile, rescaled whenever the max grows. The KL objectives need nothing more, so they take a
+// single pass over the row. The entropy's sum is taken against the max: sum q x at logits near 1e4 would
+// carry float's ulp(1e4) into every term (1.5e-3 of absolute error in an entropy of 3).
 struct OnlineSoftmax {
   float max = -INFINITY;
-  double sum = 0.0, weighted1 = 0.0, weighted2 = 0.0;
+  double sum = 0.0, centered = 0.0, weighted = 0.0;
   // e_out, if given, receives the tile's exp(x - max) (max: the running max after this tile).
-  void add(const Tile& x, const Tile* v1 = nullptr, const Tile* v2 = nullptr, float* e_out = nullptr) {
+  void add(const Tile& x, bool entropy = false, const Tile* v = nullptr, float* e_out = nullptr) {
     const float m = x.maxCoeff();
     if (!(m > -INFINITY)) {
       if (e_out) Eigen::Map<Tile>{e_out}.setZero();
       return;
     }
     if (m > max) {
-      const double rescale = std::exp(static_cast<double>(max) - m);
-      sum *= rescale;
-      weighted1 *= rescale;
-      weighted2 *= rescale;
+      if (sum > 0.0) {  // sum e (x - max) -> sum e' (x - m) with e' = e exp(max - m)
+        const double rescale = std::exp(static_cast<double>(max) - m);
+        centered = (centered + (static_cast<double>(max) - m) * sum) * rescale;
+        sum *= rescale;
+        weighted *= rescale;
+      }
       max = m;
     }
     const Tile e = probabilities(x, max, 0.f);
     if (e_out) Eigen::Map<Tile>{e_out} = e;
     sum += static_cast<double>(e.sum());
-    if (v1) weighted1 += static_cast<double>(masked(e, *v1).sum());
-    if (v2) weighted2 += static_cast<double>(masked(e, *v2).sum());
+    if (entropy) centered += static_cast<double>(masked(e, Tile(x - max)).sum());
+    if (v) weighted += static_cast<double>(masked(e, *v).sum());
   }
   float log_sum() const { return static_cast<float>(std::log(sum)); }
-  double mean1() const { return weighted1 / sum; }  // sum_j softmax(x)_j v1_j
-  double mean2() const { return weighted2 / sum; }
+  double entropy() const { return std::log(sum) - centered / sum; }  // log sum e - sum q (x - max)
+  double mean() const { return weighted / sum; }  // sum_j softmax(x)_j v_j
 };
 
 // Mean and population standard deviation over the finite entries of a row.
@@ -240,13 +244,13 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
     if (single_pass) {
       take_label(j0, x, y);
       const Tile y_minus_x = y - x, x_minus_y = x - y;
-      lse_s.add(x, &x, d == Divergence::kReverseKL ? &x_minus_y : nullptr, e_s);
-      lse_t.add(y, &y, d == Divergence::kForwardKL ? &y_minus_x : nullptr, e_t);
+      lse_s.add(x, true, d == Divergence::kReverseKL ? &x_minus_y : nullptr, e_s);
+      lse_t.add(y, true, d == Divergence::kForwardKL ? &y_minus_x : nullptr, e_t);
     } else {
       Eigen::Index k;
       if (x.maxCoeff(&k) > lse_s.max) argmax_s = j0 + k;
-      lse_s.add(x, nullptr, nullptr, e_s);
-      lse_t.add(y, nullptr, nullptr, e_t);
+      lse_s.add(x, false, nullptr, e_s);
+      lse_t.add(y, false, nullptr, e_t);
     }
     if (cache) {
       cache->tile_max_s[j0 / kTile] = lse_s.max;
@@ -259,16 +263,16 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   const double full_lse_s = static_cast<double>(lse_s.max) + ls_s, full_lse_t = static_cast<double>(lse_t.max) + ls_t;
   const float c = static_cast<float>(full_lse_s - full_lse_t);
 
-  // Pass 2 (all but the KLs): the divergence, <q, g - g_ref>, and the entropies' sums.
-  double div = 0.0, qg = 0.0, qx = 0.0, py = 0.0;
+  // Pass 2 (all but the KLs): the divergence, <q, g - g_ref>, and the entropies, log sum - sum q (x - max).
+  double div = 0.0, qg = 0.0, entropy_s = ls_s, entropy_t = ls_t;
   float g_ref = 0.f;
   if (single_pass) {
-    qx = lse_s.mean1();
-    py = lse_t.mean1();
+    entropy_s = lse_s.entropy();
+    entropy_t = lse_t.entropy();
     // KL(p||q) = sum p (y - x) + lse_s - lse_t; KL(q||p) = sum q (x - y) - (lse_s - lse_t) = <q, g>.
-    div = d == Divergence::kForwardKL ? lse_t.mean2() + (full_lse_s - full_lse_t)
-                                      : lse_s.mean2() - (full_lse_s - full_lse_t);
-    qg = d == Divergence::kReverseKL ? lse_s.mean2() : 0.0;  // <q, x - y>: g without its constant
+    div = d == Divergence::kForwardKL ? lse_t.mean() + (full_lse_s - full_lse_t)
+                                      : lse_s.mean() - (full_lse_s - full_lse_t);
+    qg = d == Divergence::kReverseKL ? lse_s.mean() : 0.0;  // <q, x - y>: g without its constant
   } else {
     auto terms = [&](int64_t j0) {  // reads the tile at j0 into zs, zt
       row.read(j0, zs, zt);
@@ -287,8 +291,8 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
       take_label(j0, x, y);
       div += e.loss.sum();
       qg += masked(q, Tile(e.g - g_ref)).sum();
-      qx += masked(q, x).sum();
-      py += masked(p, y).sum();
+      entropy_s -= masked(q, Tile(x - lse_s.max)).sum();
+      entropy_t -= masked(p, Tile(y - lse_t.max)).sum();
     }
   }
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -296,8 +300,8 @@ void forward_row(Row<T>& row, const int64_t* labels, int64_t i, const RowOptions
   // distribution. Its divergence and loss are NaN too (the objectives' sums would give some of them a finite
   // value), so that where the report is skipped (torch.compile) the loss still shows it.
   const bool no_distribution = !(lse_s.max > -INFINITY) || !(lse_t.max > -INFINITY);
-  stats[kStudentEntropy] = row.bad_s || !(lse_s.max > -INFINITY) ? nan : static_cast<float>(full_lse_s - qx);
-  stats[kTeacherEntropy] = row.bad_t || !(lse_t.max > -INFINITY) ? nan : static_cast<float>(full_lse_t - py);
+  stats[kStudentEntropy] = row.bad_s || !(lse_s.max > -INFINITY) ? nan : static_cast<float>(entropy_s);
+  stats[kTeacherEntropy] = row.bad_t || !(lse_t.max > -INFINITY) ? nan : static_cast<float>(entropy_t);
   stats[kDivergence] = no_distribution ? nan : static_cast<float>(div);
   stats[kStudentLabelLogprob] = has_label ? static_cast<float>(x_label - full_lse_s) : nan;
   stats[kTeacherLabelLogprob] = has_label ? static_cast<float>(y_label - full_lse_t) : nan;
