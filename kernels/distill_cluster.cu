@@ -196,8 +196,7 @@ __global__ void __launch_bounds__(kClusterThreads)
   __syncthreads();
   const Pass1 r1 = row1;
   const float log_sum_s = logf(r1.s.sum), log_sum_t = logf(r1.t.sum);
-  RowContext ctx{D, o.objective, r1.s.max, log_sum_s, r1.t.max, log_sum_t,
-                 lse_difference(r1.s.max, log_sum_s, r1.t.max, log_sum_t), 0.f};
+  RowContext ctx(D, o.objective, r1.s.max, log_sum_s, r1.t.max, log_sum_t);
   if constexpr (!kl) ctx.g_ref = g_at<Math, F>(ctx, Peak{r1.s.max, r1.peak_y});
 
   // (divergence, <q, g - g_ref>, sum q (x - max_s), sum p (y - max_t)): for the KLs from the first pass (reverse KL: g = x - y), else

@@ -104,12 +104,15 @@ inline bool values_aligned(const void* p, int64_t stride) {
 // the instructions of the cluster kernel's first pass (SASS, sm_90a). exp flushes results below FLT_MIN
 // (1.2e-38) to 0: a probability that small adds nothing a float sum holds. log's arguments are >= 1
 // (log1p) or clamped to FLT_MIN by the caller.
+constexpr float kLog2e = 1.44269504f;
+
 struct FastMath : ScalarMath {
-  static __device__ __forceinline__ float exp(float x) {
+  static __device__ __forceinline__ float exp2(float x) {  // exp2(-inf) = +0
     float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504f));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
   }
+  static __device__ __forceinline__ float exp(float x) { return exp2(x * kLog2e); }
   static __device__ __forceinline__ float log(float x) {
     float r;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
@@ -181,9 +184,23 @@ struct AddSum4 {
   __device__ __forceinline__ Sum4 operator()(const Sum4& x, const Sum4& y) const { return x + y; }
 };
 
+// A row's max or log-sum as probabilities are formed against them under FastMath: the -inf of a row without a
+// finite logit becomes 0, so that exp2 of a -inf entry is 0 without a branch per entry (NaN stays NaN).
+__device__ __forceinline__ float finite_or_zero(float v) { return v == -INFINITY ? 0.f : v; }
+
+// exp((x - max) - log_sum), 0 for x = -inf. FastMath: the hardware exp2 of one fma, no branch; its caller passes
+// finite_or_zero(max) and -finite_or_zero(log_sum) * log2(e), loop invariants (RowContext holds them per row).
+template <class M>
+__device__ __forceinline__ float prob_from(float x, float shift, float neg_log2_sum, float max, float log_sum) {
+  if constexpr (std::is_same_v<M, FastMath>) {
+    return FastMath::exp2(fmaf(x - shift, kLog2e, neg_log2_sum));
+  } else {
+    return x == -INFINITY ? 0.f : M::exp((x - max) - log_sum);
+  }
+}
 template <class M>
 __device__ __forceinline__ float prob(float x, float max, float log_sum) {
-  return x == -INFINITY ? 0.f : M::exp((x - max) - log_sum);
+  return prob_from<M>(x, finite_or_zero(max), -finite_or_zero(log_sum) * kLog2e, max, log_sum);
 }
 
 // lse_s - lse_t with lse = max + log_sum, the maxima's difference taken first: each lse rounded alone carries
@@ -200,7 +217,19 @@ struct RowContext {
   float max_s, log_sum_s, max_t, log_sum_t;
   float c;          // lse_s - lse_t
   float qg;         // <q, g - g_ref>, known after the second pass
-  float g_ref = 0;  // g at the student's most likely entry (row_math.h's kGRef), 0 for the single-pass KLs
+  float g_ref;      // g at the student's most likely entry (row_math.h's kGRef), 0 for the single-pass KLs
+  float shift_s, neg_log2_sum_s, shift_t, neg_log2_sum_t;  // prob_from's per-row constants
+
+  __device__ RowContext(Divergence d, const ObjectiveParams& objective, float max_s, float log_sum_s, float max_t,
+                        float log_sum_t, float qg = 0.f, float g_ref = 0.f)
+      : d(d), objective(objective), max_s(max_s), log_sum_s(log_sum_s), max_t(max_t), log_sum_t(log_sum_t),
+        c(lse_difference(max_s, log_sum_s, max_t, log_sum_t)), qg(qg), g_ref(g_ref),
+        shift_s(finite_or_zero(max_s)), neg_log2_sum_s(-finite_or_zero(log_sum_s) * kLog2e),
+        shift_t(finite_or_zero(max_t)), neg_log2_sum_t(-finite_or_zero(log_sum_t) * kLog2e) {}
+  template <class M>
+  __device__ float q(float x) const { return prob_from<M>(x, shift_s, neg_log2_sum_s, max_s, log_sum_s); }
+  template <class M>
+  __device__ float p(float y) const { return prob_from<M>(y, shift_t, neg_log2_sum_t, max_t, log_sum_t); }
 };
 
 // The student's largest transformed logit x and the teacher's y at the same entry: where g_ref is taken.
@@ -233,7 +262,8 @@ enum class Form { kPerCall, kJsdLog, kGeneric };
 // needs p and q below FLT_MIN / 1e-3. It keeps a NaN m (a row with NaN or +inf logits): fmaxf would not.
 __device__ __forceinline__ ElementTerms<float> jsd_log_terms(const RowContext& r, float x, float y, float q, float p) {
   const ObjectiveParams& o = r.objective;
-  const float log_q = (x - r.max_s) - r.log_sum_s, log_p = (y - r.max_t) - r.log_sum_t;
+  // Against the same shifts as the probabilities (r.q, r.p), so that x - shift is formed once.
+  const float log_q = (x - r.shift_s) - finite_or_zero(r.log_sum_s), log_p = (y - r.shift_t) - finite_or_zero(r.log_sum_t);
   const float m = o.beta * p + o.one_minus_beta * q;
   const float log_m = FastMath::log(m < 1.17549435e-38f ? 1.17549435e-38f : m);
   return {(p > 0.f ? o.beta * p * (log_p - log_m) : 0.f) + (q > 0.f ? o.one_minus_beta * q * (log_q - log_m) : 0.f),
@@ -256,7 +286,7 @@ __device__ __forceinline__ ElementTerms<float> terms(const RowContext& r, float 
 template <class M, Form F = Form::kPerCall>
 __device__ __forceinline__ float g_at(const RowContext& r, const Peak& peak) {
   if (peak.x == -INFINITY) return 0.f;
-  const float q = prob<M>(peak.x, r.max_s, r.log_sum_s), p = prob<M>(peak.y, r.max_t, r.log_sum_t);
+  const float q = r.q<M>(peak.x), p = r.p<M>(peak.y);
   return terms<M, F>(r, peak.x, peak.y, q, p).g;
 }
 
@@ -266,21 +296,21 @@ __device__ __forceinline__ float g_at(const RowContext& r, const Peak& peak) {
 // gradient's select on q > 0 never reads it there).
 template <class M, Form F = Form::kPerCall>
 __device__ __forceinline__ float accumulate_terms(Sum4& part, const RowContext& r, float x, float y) {
-  const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
+  const float q = r.q<M>(x), p = r.p<M>(y);
   if (F != Form::kJsdLog && q == 0.f && p == 0.f) return 0.f;
   const ElementTerms<float> e = terms<M, F>(r, x, y, q, p);
   const float g = e.g - r.g_ref;
   part.a += e.loss;
   part.b += q > 0.f ? q * g : 0.f;
-  part.c += q > 0.f ? q * (x - r.max_s) : 0.f;
-  part.d += p > 0.f ? p * (y - r.max_t) : 0.f;
+  part.c += q > 0.f ? q * (x - r.shift_s) : 0.f;
+  part.d += p > 0.f ? p * (y - r.shift_t) : 0.f;
   return g;
 }
 
 // d divergence / d x for one entry.
 template <class M, Form F = Form::kPerCall>
 __device__ __forceinline__ float divergence_grad(const RowContext& r, float x, float y) {
-  const float q = prob<M>(x, r.max_s, r.log_sum_s), p = prob<M>(y, r.max_t, r.log_sum_t);
+  const float q = r.q<M>(x), p = r.p<M>(y);
   if (F != Form::kJsdLog && q == 0.f && p == 0.f) return 0.f;
   const ElementTerms<float> e = terms<M, F>(r, x, y, q, p);
   return element_grad<M>(r.d, q, p, e.g - r.g_ref, r.qg);
@@ -291,7 +321,7 @@ __device__ __forceinline__ float divergence_grad(const RowContext& r, float x, f
 template <class M, Divergence D>
 __device__ __forceinline__ float divergence_grad_from_g(const RowContext& r, float x, float g_minus_ref) {
   static_assert(D != Divergence::kForwardKL && D != Divergence::kReverseKL, "the KLs take one pass and keep no g");
-  return element_grad<M>(D, prob<M>(x, r.max_s, r.log_sum_s), 0.f, g_minus_ref, r.qg);
+  return element_grad<M>(D, r.q<M>(x), 0.f, g_minus_ref, r.qg);
 }
 
 // TAID: the teacher's logits become mix z_t + (1 - mix) z_s.

@@ -144,10 +144,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(int64_t n_rows, const
   const float max_s = shared[0], log_sum_s = shared[1], max_t = shared[2], log_sum_t = shared[3];
   const float raw_max = shared[4], raw_log_sum = shared[5];
   const bool row_bad_s = shared[6] > 0.f, row_bad_t = shared[7] > 0.f;
-  const float c = lse_difference(max_s, log_sum_s, max_t, log_sum_t);
 
   // Pass 2: divergence, <q, g - g_ref>, sum q x, sum p y.
-  RowContext ctx{d, o.objective, max_s, log_sum_s, max_t, log_sum_t, c, 0.f};
+  RowContext ctx(d, o.objective, max_s, log_sum_s, max_t, log_sum_t);
   if (two_pass) ctx.g_ref = g_at<M>(ctx, Peak{shared[8], shared[9]});
   Sum4 part{0.f, 0.f, 0.f, 0.f};
   for (int64_t j = threadIdx.x; j < width; j += kThreads) {
@@ -194,8 +193,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
   const float w = has_label ? o.hard_label_weight : 0.f;
   const float a = (1.f - w) * gl, b = w * gl;
   const int64_t label = has_label ? labels[i] : -1;
-  const RowContext ctx{effective_divergence(o.objective), o.objective, st[kMaxS], st[kLogSumS], st[kMaxT], st[kLogSumT],
-                       lse_difference(st[kMaxS], st[kLogSumS], st[kMaxT], st[kLogSumT]), st[kQG], st[kGRef]};
+  const RowContext ctx(effective_divergence(o.objective), o.objective, st[kMaxS], st[kLogSumS], st[kMaxT],
+                       st[kLogSumT], st[kQG], st[kGRef]);
   const float mean_s = st[kMeanS], scale_s = st[kScaleS], mean_t = st[kMeanT], scale_t = st[kScaleT];
 
   if (vectorized) {
