@@ -286,7 +286,8 @@ def distill_loss(
         hard_label_weight: w in (1 - w) divergence + w cross_entropy(student at temperature 1, labels).
         standardize: z-score each row of both models' logits before the temperature (logit
             standardization).
-        scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.).
+        scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.); the hard-label term keeps
+            its weight w: T^2 (1 - w) divergence + w cross_entropy.
         return_stats: also return :class:`TokenStats`.
         select: a :class:`dpkd.select.Selection`, or a rule ``f(stats, valid) -> Selection`` applied to this
             pass's statistics, e.g. ``lambda st, valid: select.entropy_top_fraction(st.student_entropy,
@@ -312,7 +313,12 @@ def distill_loss(
         raise ValueError("inplace_backward needs student_logits computed by the model (a non-leaf tensor) with "
                          "contiguous rows: a leaf's storage would become its own gradient")
     valid = valid_tokens(labels, mask, ignore_index)
-    t2 = temperature * temperature if scale_by_temperature_squared else 1.0
+    # T^2 multiplies the divergence only (Hinton et al.), not the hard-label term: the kernels' (1 - w') D + w' CE
+    # times t2 = T^2 (1 - w) + w, with w' = w / t2, is T^2 (1 - w) D + w CE.
+    t2 = 1.0
+    if scale_by_temperature_squared:
+        t2 = temperature * temperature * (1.0 - hard_label_weight) + hard_label_weight
+        hard_label_weight = hard_label_weight / t2 if t2 > 0 else hard_label_weight
     row_weights = None
     if (fuse_backward and reduction != "none" and select is None and not teacher_grad and not inplace_backward
             and student_logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()

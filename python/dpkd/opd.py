@@ -51,6 +51,9 @@ class OPDConfig:
     delta: float | None = None             # None: 1 / N^2
     secure_mode: bool = False
     seed: int = 0
+    # Logits of different widths: the extra columns count as probability 0 (an infinite forward KL where the
+    # teacher puts mass on them, an infinite reverse KL where the student does). Off: such a pair is an error.
+    allow_vocab_mismatch: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -122,6 +125,13 @@ def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, num_s
     return seq
 
 
+def _embedding_rows(model: torch.nn.Module) -> int | None:
+    """Rows of a model's input embedding (the token ids it can read), None where that is not known."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return getattr(emb, "num_embeddings", None)
+
+
 def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | None, sequences: torch.Tensor,
                         prompt_len: int, config: OPDConfig, *, hard_labels: bool = False,
                         select: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -139,8 +149,16 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
                                                       ignore_index=-100)
         fraction = 1.0
     else:
+        rows = _embedding_rows(teacher)
+        if rows is not None and int(inputs.max()) >= rows:
+            raise ValueError(f"the sequences hold token id {int(inputs.max())}, outside the teacher's vocabulary of "
+                             f"{rows}: the teacher must read every token the student can produce (a shared tokenizer)")
         with torch.no_grad():
             t_logits = _logits(teacher, inputs, attention).to(s_logits.dtype)
+        if s_logits.shape[-1] != t_logits.shape[-1] and not config.allow_vocab_mismatch:
+            raise ValueError(f"student logits have {s_logits.shape[-1]} columns and teacher logits "
+                             f"{t_logits.shape[-1]}: set OPDConfig(allow_vocab_mismatch=True) to treat the extra "
+                             "columns as probability 0")
         weights_seen = {}
 
         def rule(stats, valid):
@@ -152,7 +170,7 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
 
         per_token = losses.distill_loss(s_logits, t_logits, divergence=config.divergence, beta=config.beta,
                                         temperature=config.loss_temperature, labels=labels, reduction="none",
-                                        allow_vocab_mismatch=s_logits.shape[-1] != t_logits.shape[-1],
+                                        allow_vocab_mismatch=config.allow_vocab_mismatch,
                                         select=rule if select is not None else None)
         fraction = float(weights_seen["w"][cont].mean()) if select is not None else 1.0
     per_seq = (per_token * cont).sum(1) / cont.sum(1).clamp(min=1)
@@ -193,6 +211,10 @@ class OPDTrainer:
             self.total_steps = min(config.steps, accounting.max_steps(
                 target_epsilon=config.target_epsilon, delta=self.delta, noise_multiplier=sigma,
                 sample_rate=self.sample_rate))
+            if self.total_steps == 0:
+                raise ValueError(f"noise_multiplier={sigma} spends more than target_epsilon={config.target_epsilon} "
+                                 f"(delta={self.delta:.3g}, sample rate {self.sample_rate:.3g}) in a single step: "
+                                 "raise noise_multiplier or target_epsilon, or leave noise_multiplier to calibration")
         self.generator = torch.Generator().manual_seed(config.seed)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
         if config.private:
@@ -239,7 +261,12 @@ class OPDTrainer:
         return seqs, prompts.shape[1]
 
     def step(self) -> dict[str, Any]:
+        """One training step. Past ``total_steps`` of a run with a target epsilon it raises: that step would take
+        epsilon past the target."""
         cfg, t0 = self.config, time.perf_counter()
+        if cfg.private and cfg.target_epsilon is not None and self.steps_done >= self.total_steps:
+            raise RuntimeError(f"the privacy budget is spent: {self.total_steps} steps reach at most target_epsilon="
+                               f"{cfg.target_epsilon} (epsilon now {self.epsilon:.4g}); another step would exceed it")
         rows = self._batch()
         self.optimizer.zero_grad()
         loss_value, fraction, tokens = float("nan"), float("nan"), 0

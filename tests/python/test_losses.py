@@ -164,7 +164,7 @@ def test_skew_kls_at_and_near_the_endpoints(div, alpha):
         assert loss.item() == pytest.approx(plain(s, t, reduction="sum").item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("beta", [0.0, 1e-6, 0.5, 1 - 1e-6, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 1e-12, 1e-6, 0.5, 1 - 1e-6, 1 - 1e-12, 1.0])  # 1 - 1e-12 is 1.f in float
 def test_jsd_endpoints_and_near_them(beta):
     s = logits(8, 500, 4.0, seed=5).requires_grad_(True)
     t = logits(8, 500, 4.0, seed=6)
@@ -481,6 +481,24 @@ def test_gradient_from_forward_equals_separate_backward(reduction):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
     assert_one_rounding_apart(results[1][1], results[0][1])
     assert results[1][1][0, 1].abs().max() == 0 and results[1][1][1, 3].abs().max() == 0
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
+def test_temperature_squared_scales_the_divergence_not_the_hard_label_term(fuse, w):
+    """Hinton et al.: T^2 (1 - w) D + w CE, CE of the student at temperature 1."""
+    s, t = logits(12, 301, seed=21).requires_grad_(True), logits(12, 301, seed=22)
+    labels = torch.randint(0, 301, (12,), generator=torch.Generator().manual_seed(3))
+    got = dpkd.distill_loss(s, t, divergence="forward_kl", labels=labels, hard_label_weight=w, temperature=2.0,
+                            scale_by_temperature_squared=True, fuse_backward=fuse)
+    got.backward()
+    sd = s.detach().double().requires_grad_(True)
+    d = ref_divergence(sd / 2.0, t.double() / 2.0, "forward_kl")
+    ce = torch.nn.functional.cross_entropy(sd, labels, reduction="none")
+    ref = (4.0 * (1 - w) * d + w * ce).mean()
+    ref.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert rel_err(s.grad, sd.grad) < 1e-5
 
 
 @pytest.mark.parametrize("div", DIVS)

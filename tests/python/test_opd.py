@@ -104,6 +104,16 @@ def test_training_stops_at_the_target_epsilon():
     assert history[-1]["epsilon"] <= 3.0
     assert accounting.epsilon(noise_multiplier=1.0, sample_rate=t.sample_rate, steps=t.total_steps + 1,
                               delta=t.delta) > 3.0
+    with pytest.raises(RuntimeError, match="budget is spent"):  # step() by hand, as from a notebook
+        t.step()
+    assert t.steps_done == t.total_steps and t.epsilon <= 3.0
+
+
+def test_a_noise_multiplier_that_cannot_afford_one_step_is_refused():
+    prompts, conts = data()
+    cfg = opd.OPDConfig(steps=50, expected_batch_size=6, max_new_tokens=3, noise_multiplier=0.3, target_epsilon=0.5)
+    with pytest.raises(ValueError, match="single step"):
+        opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts, cfg)
 
 
 def test_csv_log(tmp_path):
@@ -146,3 +156,23 @@ def test_ground_truth_mixing_replaces_whole_examples():
         seqs, p_len = t._sequences(rows)
         truth = torch.cat([prompts[rows], conts[rows][:, :4]], 1).repeat_interleave(2, 0)
         assert p_len == 4 and torch.equal(seqs, truth) == expect_truth
+
+
+def test_teacher_vocabulary_must_cover_the_students_tokens():
+    prompts, conts = data()
+    cfg = opd.OPDConfig(steps=2, expected_batch_size=6, max_new_tokens=5, num_samples=2, target_epsilon=4.0,
+                        allow_vocab_mismatch=True)
+    t = opd.OPDTrainer(TinyLM(vocab=20, seed=1), TinyLM(seed=2), prompts, conts, cfg)  # samples ids 17-19 too
+    with pytest.raises(ValueError, match="outside the teacher's vocabulary of 17"):
+        t.step()
+
+
+def test_a_wider_teacher_vocabulary_needs_the_opt_in():
+    prompts, conts = data()
+    kw = dict(steps=2, expected_batch_size=6, max_new_tokens=5, target_epsilon=4.0, divergence="reverse_kl")
+    t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(vocab=20, seed=2), prompts, conts, opd.OPDConfig(**kw))
+    with pytest.raises(ValueError, match="allow_vocab_mismatch"):
+        t.step()
+    t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(vocab=20, seed=2), prompts, conts,
+                       opd.OPDConfig(allow_vocab_mismatch=True, **kw))
+    assert torch.isfinite(torch.tensor(t.step()["loss"]))  # reverse KL: the extra columns hold no student mass

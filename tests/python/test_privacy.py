@@ -391,6 +391,8 @@ def test_frozen_teacher_and_no_grad_generation_are_untouched():
         (dict(max_grad_norm=float("nan")), "max_grad_norm"),
         (dict(expected_batch_size=0), "expected_batch_size"),
         (dict(sample_rate=None), "dataset_size"),
+        (dict(expected_batch_size=2.7), "whole number"),  # the accountant's q and the step's divisor would differ
+        (dict(dataset_size=100), "disagrees"),  # sample_rate 0.1 against 4 / 100
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -751,3 +753,149 @@ def test_a_weight_used_outside_its_module_is_refused():
             dp.zero_grad()
         plain(torch.randn(4, 3)).sum().backward()
         dp.step()
+
+
+def test_noise_multiplier_none_is_named():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="noise_multiplier"):
+        privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=None,
+                             max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+
+
+def _private_mlp(**kw):
+    model, x, y, loss = make_case("mlp", b=6)
+    per, norms = brute_force(model, x, y, loss)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                     max_grad_norm=0.5, expected_batch_size=6, sample_rate=0.5, **kw)
+
+    def check_step():  # against the brute-force clipped sum of all six examples
+        coef = (0.5 / (norms + 1e-6)).clamp(max=1)
+        for n, p in model.named_parameters():
+            expected = -(per[n] * coef.reshape(-1, *[1] * (per[n].dim() - 1))).sum(0) / 6
+            torch.testing.assert_close(p.detach() - before[n], expected, rtol=1e-6, atol=1e-12)
+    return model, dp, x, y, loss, check_step
+
+
+def test_micro_batches_without_accumulate_are_refused():
+    """Opacus's accumulation pattern (backward per micro-batch, one step) would join micro-batch example i with the
+    other micro-batches' example i in one clipping unit: up to 2C per real example, outside the accounting."""
+    model, dp, x, y, loss, _ = _private_mlp()
+    dp.zero_grad()
+    loss(model(x[:3]), y[:3]).sum().backward()
+    with pytest.raises(RuntimeError, match="accumulate"):
+        model(x[3:])
+
+
+def test_gradient_checkpointing_recomputes_inside_the_backward_pass():
+    """Recomputed forward passes run inside backward(): not a new micro-batch."""
+    from torch.utils.checkpoint import checkpoint
+    model, dp, x, y, loss, check_step = _private_mlp()
+    dp.zero_grad()
+    for reentrant in (False, True):
+        if reentrant:
+            model, dp, x, y, loss, check_step = _private_mlp()
+        out = checkpoint(model, x.requires_grad_(reentrant), use_reentrant=reentrant)
+        loss(out, y).sum().backward()
+        dp.step()
+        check_step()
+
+
+def test_zero_grad_between_forward_and_backward():
+    model, dp, x, y, loss, check_step = _private_mlp()
+    per_example = loss(model(x), y)
+    dp.zero_grad()
+    per_example.sum().backward()
+    dp.step()
+    check_step()
+
+
+def test_a_parameter_unfrozen_after_make_private_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).double()
+    model[0].requires_grad_(False)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
+                                 max_grad_norm=0.1, expected_batch_size=4, sample_rate=0.1)
+    model[0].requires_grad_(True)  # gradual unfreezing: its raw gradient would be stepped
+    model(torch.randn(4, 4)).sum().backward()
+    with pytest.raises(ValueError, match="frozen"):
+        dp.step()
+
+
+def test_train_mode_batch_norm_is_refused():
+    """A batch norm without trainable parameters still couples the examples through the batch statistics."""
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8, affine=False),
+                                   torch.nn.Linear(8, 2)).double()
+    m = model()
+    with pytest.raises(ValueError, match="batch norm"):
+        privacy.make_private(m, torch.optim.SGD(m.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=0.1,
+                             expected_batch_size=4, sample_rate=0.1)
+    m = model()
+    m[1].eval()  # frozen statistics: each example normalised alone
+    _, dp = privacy.make_private(m, torch.optim.SGD(m.parameters(), lr=1.0), noise_multiplier=1.0,
+                                 max_grad_norm=0.1, expected_batch_size=4, sample_rate=0.1)
+    m(torch.randn(4, 4)).sum().backward()
+    dp.step()
+    m.train()  # back in training mode
+    m(torch.randn(4, 4)).sum().backward()
+    with pytest.raises(ValueError, match="batch norm"):
+        dp.step()
+
+
+def test_make_private_twice_is_refused_until_the_first_engine_is_removed():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8)).double()
+    kw = dict(noise_multiplier=1.0, max_grad_norm=0.1, expected_batch_size=4, sample_rate=0.1)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), **kw)
+    with pytest.raises(ValueError, match="already called"):
+        privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), **kw)
+    dp.engine.remove()
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), **kw)
+    model(torch.randn(4, 4)).sum().backward()
+    dp.step()
+    assert len(model[1]._forward_hooks) == 1
+
+
+def test_learning_rate_schedulers_take_the_dp_optimizer():
+    model, dp, x, y, loss, _ = _private_mlp()
+    sched = torch.optim.lr_scheduler.StepLR(dp, step_size=1, gamma=0.5)
+    for _ in range(2):
+        dp.zero_grad()
+        loss(model(x), y).sum().backward()
+        dp.step()
+        sched.step()
+    assert dp.original_optimizer.param_groups[0]["lr"] == 0.25
+    assert isinstance(dp, torch.optim.Optimizer) and "DPOptimizer" in repr(dp)
+
+
+def test_poisson_loader_yields_empty_batches_as_empty_tensors():
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 2, (10,))
+    loader = privacy.poisson_loader(torch.utils.data.TensorDataset(x, y), 0.1, steps=40,
+                                    generator=torch.Generator().manual_seed(0))
+    model = torch.nn.Linear(4, 2).double()
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, expected_batch_size=1, sample_rate=0.01 * 10)
+    sizes = []
+    for xb, yb in loader:
+        sizes.append(xb.shape[0])
+        assert xb.shape[1:] == (4,) and xb.dtype == x.dtype and yb.shape == (xb.shape[0],)
+        dp.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb, reduction="none").sum().backward()
+        dp.step()
+    assert 0 in sizes and max(sizes) > 0 and len(dp.accountant) == 40
+    # Dicts and default_collate's lists of strings.
+    items = [{"ids": torch.tensor([i, i]), "text": f"t{i}"} for i in range(3)]
+    empty = privacy.EmptyBatchCollate(items)([])
+    assert empty["ids"].shape == (0, 2) and empty["text"] == []
+
+
+def test_poisson_sampler_splits_the_dataset_over_ranks():
+    per_rank = [list(privacy.PoissonBatchSampler(1000, 0.5, steps=1, num_replicas=3, rank=r)) for r in range(3)]
+    batches = [set(b[0]) for b in per_rank]
+    assert all(i % 3 == r for r, b in enumerate(batches) for i in b)
+    assert sum(len(b) for b in batches) == len(set.union(*batches))
+    assert 400 < sum(len(b) for b in batches) < 600
+    # Unseeded ranks draw independently (equal draws would pick the same positions in every rank's share).
+    positions = [{i // 3 for i in b} for b in batches]
+    assert positions[0] != positions[1]
+    with pytest.raises(ValueError, match="rank"):
+        privacy.PoissonBatchSampler(10, 0.5, num_replicas=2, rank=2)

@@ -17,16 +17,16 @@ def _data():
     return torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
 
 
-def _model():
-    torch.manual_seed(0)
+def _model(seed=0):
+    torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(5, 200), torch.nn.Tanh(), torch.nn.Linear(200, 3)).double()
 
 
 def _update(model, x, y, sigma, distributed, seed):
-    before = [p.detach().clone() for p in model.parameters()]
     model, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=sigma,
                                      max_grad_norm=0.2, expected_batch_size=8, sample_rate=0.1,
                                      distributed=distributed, generator=torch.Generator().manual_seed(seed))
+    before = [p.detach().clone() for p in model.parameters()]
     dp.zero_grad()
     (model(x) - y).pow(2).sum(1).sum().backward()
     dp.step()
@@ -44,7 +44,8 @@ def _worker(rank, sigma, out):
                             timeout=datetime.timedelta(seconds=120))
     x, y = _data()
     rows = slice(0, 3) if rank == 0 else slice(3, 8)  # unequal shards
-    delta = _update(_model(), x[rows], y[rows], sigma, True, seed=100 + rank)
+    # Rank 1 starts from other weights: make_private gives every rank rank 0's.
+    delta = _update(_model(seed=rank), x[rows], y[rows], sigma, True, seed=100 + rank)
     torch.save(delta, f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()

@@ -102,14 +102,16 @@ DPKD_HOST_DEVICE V log_add_exp(const V& a, const V& b) {
 }
 
 // The JSD endpoints and skew KLs at alpha = 0 are the KLs themselves (the mixture formulas degenerate
-// there: the skew reverse KL's g below leaves out a -log alpha).
+// there: the skew reverse KL's g below leaves out a -log alpha). Told apart by the logs make_objective forms in
+// double: beta = 1 - 1e-12 rounds to 1.f, but its log1p(-beta) is -27.6, not -inf (a JSD of ~1e-12, not the
+// reverse KL).
 DPKD_HOST_DEVICE Divergence effective_divergence(const ObjectiveParams& o) {
   if (o.divergence == Divergence::kJSD) {
-    if (o.beta == 0.f) return Divergence::kForwardKL;
-    if (o.beta == 1.f) return Divergence::kReverseKL;
+    if (o.log_beta == -INFINITY) return Divergence::kForwardKL;
+    if (o.log_one_minus_beta == -INFINITY) return Divergence::kReverseKL;
   }
-  if (o.alpha == 0.f && o.divergence == Divergence::kSkewKL) return Divergence::kForwardKL;
-  if (o.alpha == 0.f && o.divergence == Divergence::kSkewReverseKL) return Divergence::kReverseKL;
+  if (o.log_alpha == -INFINITY && o.divergence == Divergence::kSkewKL) return Divergence::kForwardKL;
+  if (o.log_alpha == -INFINITY && o.divergence == Divergence::kSkewReverseKL) return Divergence::kReverseKL;
   return o.divergence;
 }
 

@@ -2,7 +2,8 @@
 
     model, optimizer = dpkd.privacy.make_private(model, optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
                                                  expected_batch_size=32, dataset_size=len(dataset))
-    for batch in loader:                       # PoissonBatchSampler batches
+    loader = dpkd.privacy.poisson_loader(dataset, expected_batch_size=32)
+    for batch in loader:                       # Poisson batches (empty ones as empty tensors)
         optimizer.zero_grad()
         loss_per_example = model_loss(batch)   # shape [B]: each example's own loss
         loss_per_example.sum().backward()
@@ -23,9 +24,10 @@ from ..accounting import RDPAccountant
 from .engine import ClippingEngine, LossReduction, layer_kind
 from .noise import gaussian
 from .optimizer import DPOptimizer, check_arguments
-from .sampler import PoissonBatchSampler
+from .sampler import EmptyBatchCollate, PoissonBatchSampler, poisson_loader
 
-__all__ = ["ClippingEngine", "DPOptimizer", "PoissonBatchSampler", "gaussian", "layer_kind", "make_private"]
+__all__ = ["ClippingEngine", "DPOptimizer", "EmptyBatchCollate", "PoissonBatchSampler", "gaussian", "layer_kind",
+           "make_private", "poisson_loader"]
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
@@ -42,7 +44,9 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         expected_batch_size: L, public; gradients are divided by it (never by the realised batch size).
         dataset_size / sample_rate: N, or q = L / N directly, for the accountant.
         loss_reduction: ``"sum"`` if you backpropagate loss_per_example.sum(), ``"mean"`` for .mean().
-        secure_mode: noise (and PoissonBatchSampler's draws, if you pass secure_mode there too) from a
+    The batch dimension must come first in every layer's input (one example per row; a sequence-first model would
+    be clipped per time step), and Hugging Face models need position_ids of shape [B, T].
+        secure_mode: noise (and poisson_loader's draws, if you pass secure_mode there too) from a
             CSPRNG; see dpkd.privacy.noise for what that does and does not protect.
         distributed: data-parallel training over torch.distributed ranks (see DPOptimizer); the model is
             not wrapped in DistributedDataParallel: the optimizer does the one all-reduce itself.
@@ -57,13 +61,28 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         # Their all-reduce of the non-private gradients is not DP-SGD's (clip per rank, noise once).
         raise ValueError(f"model is wrapped in {type(model).__name__}: pass the unwrapped model with "
                          "distributed=True, which clips per rank and all-reduces the clipped, noised sum itself")
+    attached = [name or "<root>" for name, m in model.named_modules()
+                if getattr(m, "_dpkd_engine", lambda: None)() is not None]
+    if attached:
+        raise ValueError(f"make_private was already called on {attached[0]}: its engine still captures every forward "
+                         "pass; call optimizer.engine.remove() on the earlier DP optimizer first")
     check_arguments(noise_multiplier, max_grad_norm, expected_batch_size)
+    if dataset_size is not None and dataset_size <= 0:
+        raise ValueError(f"dataset_size must be > 0, got {dataset_size}")
     if sample_rate is None:
-        if dataset_size is None or dataset_size <= 0:
+        if dataset_size is None:
             raise ValueError("give dataset_size (> 0) or sample_rate")
         sample_rate = expected_batch_size / dataset_size
+    elif dataset_size is not None and abs(sample_rate - expected_batch_size / dataset_size) > 1e-12 * sample_rate:
+        raise ValueError(f"sample_rate={sample_rate} disagrees with expected_batch_size / dataset_size = "
+                         f"{expected_batch_size}/{dataset_size}: give one of dataset_size and sample_rate")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank starts from rank 0's weights (what DistributedDataParallel would do): with one noise draw
+        # and one all-reduce per step, ranks that start apart stay apart.
+        for t in list(model.parameters()) + list(model.buffers()):
+            torch.distributed.broadcast(t.data, src=0)
     engine = ClippingEngine(model, loss_reduction)
     try:
         dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

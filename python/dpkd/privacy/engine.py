@@ -141,6 +141,16 @@ class ClippingEngine:
         self.anchor = torch.zeros((), requires_grad=True)
         # id(x) -> (weak reference to x, x's version, autocast's copy of x): see _as_multiplied
         self._autocast_copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        # A backward pass has delivered output gradients that no step or accumulate() has consumed yet: a forward
+        # pass now (outside a backward pass) would add another batch's rows to the same examples (_check_forward).
+        self._backward_seen = False
+        self._flushing = False  # flush() runs modules through torch.func: its forwards are not the model's
+        # Train-mode batch norms mix the examples of a batch through its statistics (checked at wrap and flush).
+        self.batch_norms = [(n, m) for n, m in model.named_modules()
+                            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.check_batch_norms()
+        self.model = weakref.ref(model)
+        model._dpkd_engine = weakref.ref(self)  # make_private refuses a model that already has an engine
         self.handles = []
         self.patched: list[torch.nn.Module] = []
         for name, (module, kind) in self.layers.items():
@@ -153,6 +163,28 @@ class ClippingEngine:
         self.patched_params = [(n, p) for m_name, (module, kind) in self.layers.items() if kind != "generic"
                                for n, p in ((f"{m_name}.{pn}", p) for pn, p in module.named_parameters(recurse=False))
                                if p.requires_grad]
+
+    def check_batch_norms(self) -> None:
+        training = [f"{n or '<root>'} ({type(m).__name__})" for n, m in self.batch_norms if m.training]
+        if training:
+            raise ValueError("batch norm in training mode normalises each example with statistics of the whole "
+                             "batch, so one example changes the others' gradients, which per-example clipping "
+                             "cannot bound: " + ", ".join(training) + ". Put them in eval mode (frozen statistics) "
+                             "after model.train(), or use GroupNorm/LayerNorm")
+
+    @staticmethod
+    def _in_backward() -> bool:
+        task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+        return task is not None and task() != -1
+
+    def _check_forward(self) -> None:
+        """A capturing forward pass (outside a backward pass, where gradient checkpointing recomputes) after a
+        backward pass whose gradients no step has consumed: its rows would join the earlier batch's examples of the
+        same index in one clipping unit."""
+        if self._backward_seen and not self._in_backward():
+            raise RuntimeError("a forward pass began after backward() and before optimizer.step(): to accumulate "
+                               "micro-batches call optimizer.accumulate() after each micro-batch's backward(), or "
+                               "add the per-example losses of both and call backward() once")
 
     def _capturing_forward(self, name: str, kind: str):
         calls, anchor = self.calls[name], self.anchor
@@ -167,6 +199,7 @@ class ClippingEngine:
                 if kind == "embedding":
                     return F.embedding(x, weight, module.padding_idx)
                 return F.linear(x, weight, bias)
+            self._check_forward()
             if kind != "embedding":
                 x = self._as_multiplied(x)
             call = _Call((x.detach(),), on_grad=receive)
@@ -208,8 +241,10 @@ class ClippingEngine:
         keep = self._keep_grad(name)
 
         def hook(module, args, output):
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-                return  # generation, evaluation, or a frozen path: nothing to capture
+            if self._flushing or not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                                      and output.requires_grad):
+                return  # the engine's own torch.func calls, generation, evaluation, or a frozen path
+            self._check_forward()
             call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
             self.calls[name].append(call)
             output.register_hook(lambda g: keep(call, g.detach()))
@@ -228,6 +263,7 @@ class ClippingEngine:
         def keep(call: _Call, g: torch.Tensor) -> None:
             self._once(name, call)
             call.grad, call.rows = g, g.shape[0]
+            self._backward_seen = True
         return keep
 
     def _linear_grad(self, name: str):
@@ -253,6 +289,7 @@ class ClippingEngine:
             call.per_example = layers.linear_per_example_grads(a, g3, weight=module.weight.requires_grad,
                                                                bias=_trainable_bias(module))
             call.inputs, call.rows, call.rows_per_example = (), g.shape[0], self.rows_per_example
+            self._backward_seen = True
         return receive
 
     def _checked_closed_form(self, name: str, module: torch.nn.Module, params: dict, inputs: tuple,
@@ -279,6 +316,9 @@ class ClippingEngine:
         for module in self.patched:
             del module.forward  # back to the class's forward
         self.handles, self.patched = [], []
+        model = self.model()
+        if model is not None and getattr(model, "_dpkd_engine", lambda: None)() is self:
+            del model._dpkd_engine
 
     def _release(self, name: str) -> None:
         # The autograd graph (alive while the loss is) still refers to the calls: empty them, not just the list.
@@ -291,6 +331,18 @@ class ClippingEngine:
             self._release(name)
         self.instantiate.clear()
         self._autocast_copies.clear()
+        self._backward_seen = False
+
+    def clear_gradients(self) -> None:
+        """Drop what backward passes captured, keep the forward passes still waiting for theirs (zero_grad() between
+        a forward and its backward, as ordinary PyTorch loops may call it)."""
+        for calls in self.calls.values():
+            for c in calls:
+                if c.done:
+                    c.inputs, c.grad, c.per_example = (), None, None
+            calls[:] = [c for c in calls if not c.done]
+        self.instantiate.clear()
+        self._backward_seen = False
 
     @property
     def pending(self) -> bool:
@@ -341,6 +393,14 @@ class ClippingEngine:
     def flush(self, max_grad_norm: float, sums: dict[int, torch.Tensor]) -> torch.Tensor:
         """Clip this micro-batch: add sum_i c_i g_i into ``sums`` (keyed by id(param)); returns ||g_i||."""
         self._autocast_copies.clear()
+        self.check_batch_norms()
+        self._flushing = True
+        try:
+            return self._flush(max_grad_norm, sums)
+        finally:
+            self._flushing = False
+
+    def _flush(self, max_grad_norm: float, sums: dict[int, torch.Tensor]) -> torch.Tensor:
         if not self.pending:
             self.clear()
             return torch.zeros(0, device=self.params[0].device)

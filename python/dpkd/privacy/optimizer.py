@@ -4,6 +4,7 @@ the expected batch size, step the wrapped optimizer, charge the accountant."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -18,12 +19,17 @@ from .engine import ClippingEngine
 def check_arguments(noise_multiplier: float, max_grad_norm: float, expected_batch_size: int) -> None:
     """DP-SGD's parameters, checked wherever an optimizer is made: a NaN, infinite or negative sigma must
     never reach a step (it would step without noise)."""
+    for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm),
+                        ("expected_batch_size", expected_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
     if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
-    if int(expected_batch_size) <= 0:
-        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+    if not (expected_batch_size == int(expected_batch_size) and expected_batch_size > 0):
+        # The accountant's rate and the step's divisor must be the same L.
+        raise ValueError(f"expected_batch_size must be a whole number > 0, got {expected_batch_size}")
 
 
 # Elements per noise draw and all-reduce (64 MB in fp32): few kernels and collectives, a bounded transient.
@@ -43,8 +49,9 @@ def _buckets(tensors: list[torch.Tensor], cap: int):
         yield bucket
 
 
-class DPOptimizer:
-    """Wraps an optimizer. ``step()`` replaces each parameter's gradient with
+class DPOptimizer(torch.optim.Optimizer):
+    """Wraps an optimizer (and is a torch.optim.Optimizer sharing its parameter groups and state, so that
+    learning-rate schedulers take it). ``step()`` replaces each parameter's gradient with
     (sum_i c_i g_i + N(0, sigma^2 C^2)) / L and steps the wrapped optimizer.
 
     For gradient accumulation (a logical batch in several micro-batches) call :meth:`accumulate` after
@@ -65,11 +72,15 @@ class DPOptimizer:
     # that is where step() can refuse it with a reason (otherwise GradScaler stops on an assertion of its own).
     _step_supports_amp_scaling = True
 
+    # Optimizer.__init__ is not called: the parameter groups, state and defaults are the wrapped optimizer's
+    # (the properties below), and step() is this class's own.
     def __init__(self, optimizer: torch.optim.Optimizer, engine: ClippingEngine, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float,
                  accountant: RDPAccountant | None = None, secure_mode: bool = False,
                  generator: torch.Generator | None = None, distributed: bool = False) -> None:
         check_arguments(noise_multiplier, max_grad_norm, expected_batch_size)
+        if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, DPOptimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (not yet private), got {type(optimizer).__name__}")
         self.original_optimizer = optimizer
         self.engine = engine
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
@@ -87,9 +98,9 @@ class DPOptimizer:
         missing = [p for p in engine.params if id(p) not in owned]
         if missing:
             raise ValueError(f"{len(missing)} trainable parameters of the model are not in the optimizer")
-        clipped = {id(p) for p in engine.params}
+        self._clipped = {id(p) for p in engine.params}
         unclipped = [p for group in optimizer.param_groups for p in group["params"]
-                     if p.requires_grad and id(p) not in clipped]
+                     if p.requires_grad and id(p) not in self._clipped]
         if unclipped:
             # Their gradients would be stepped without clipping or noise.
             raise ValueError(f"optimizer holds {len(unclipped)} trainable parameters outside the private model")
@@ -98,19 +109,51 @@ class DPOptimizer:
     def param_groups(self) -> list[dict[str, Any]]:
         return self.original_optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.original_optimizer.param_groups = value
+
     @property
     def state(self):
         return self.original_optimizer.state
 
+    @state.setter
+    def state(self, value) -> None:
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.original_optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise ValueError("parameters cannot join a DP optimizer after make_private: their per-example gradients are "
+                         "not captured; make them trainable before make_private")
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
+                f"expected_batch_size={self.expected_batch_size}, {self.original_optimizer!r})")
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        self.engine.clear()
+        self.engine.clear_gradients()  # a forward pass still waiting for its backward stays captured
         self._sums, self._norms = {}, []
         self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params if p.grad is not None}
 
     def _check_unseen_uses(self) -> None:
         """A parameter of a capturing layer that autograd gave a gradient was used outside its module
-        (e.g. F.linear(x, layer.weight)): that use is invisible to per-example clipping."""
+        (e.g. F.linear(x, layer.weight)): that use is invisible to per-example clipping. A parameter of the
+        optimizer outside the engine with a gradient (frozen at make_private, unfrozen since) would be stepped
+        with its raw gradient."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in self._clipped:
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} that was frozen (or not trainable) at "
+                                     "make_private has a gradient: its per-example gradients are not captured, so "
+                                     "it cannot be clipped; unfreeze parameters before make_private")
         for name, p in self.engine.patched_params:
             if p.grad is None:
                 continue
@@ -150,7 +193,8 @@ class DPOptimizer:
         # few multi-tensor kernels per group rather than several kernels per parameter.
         groups: dict[tuple, list[torch.nn.Parameter]] = {}
         for p in self.engine.params:
-            groups.setdefault((p.device, torch.float64 if p.dtype == torch.float64 else torch.float32), []).append(p)
+            if p.requires_grad:  # one frozen since make_private is left alone
+                groups.setdefault((p.device, torch.float64 if p.dtype == torch.float64 else torch.float32), []).append(p)
         for (device, acc_dtype), params in groups.items():
             # The engine's sums are fresh tensors of its own: noise and scale go in place.
             totals = [torch.zeros(p.shape, dtype=acc_dtype, device=device) if id(p) not in sums
@@ -161,7 +205,7 @@ class DPOptimizer:
             for p, total in zip(params, totals):
                 p.grad = total.to(p.dtype)
         self.original_optimizer.step()
-        self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params}
+        self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params if p.grad is not None}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return loss
 

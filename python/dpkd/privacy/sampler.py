@@ -3,7 +3,9 @@ what the accountant's subsampled-Gaussian analysis assumes. Batch sizes vary and
 
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -13,28 +15,88 @@ from .noise import secure_uniform
 class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields ``steps`` batches of indices (default: one epoch, round(1 / q) batches).
 
-    Use as ``DataLoader(dataset, batch_sampler=PoissonBatchSampler(...), collate_fn=...)``. An empty
-    batch is a list of no indices: call ``optimizer.step()`` for it anyway (a noise-only step that the
-    accountant counts). ``secure_mode`` draws the inclusion decisions from os.urandom.
+    Use as ``DataLoader(dataset, batch_sampler=PoissonBatchSampler(...), collate_fn=...)``, or through
+    :func:`poisson_loader`, whose collate function turns an empty batch into empty tensors. An empty batch is a
+    list of no indices: call ``optimizer.step()`` for it anyway (a noise-only step that the accountant counts).
+    ``secure_mode`` draws the inclusion decisions from os.urandom.
+
+    Data-parallel training (``num_replicas`` ranks, this one ``rank``): each rank samples the indices
+    i = rank (mod num_replicas) at the same rate, so that together the ranks draw one Poisson batch of the whole
+    dataset. The ranks' draws must be independent: a ``generator`` must be seeded differently on each rank;
+    without one (and outside secure mode) each rank seeds its own from os.urandom.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, *, steps: int | None = None,
-                 generator: torch.Generator | None = None, secure_mode: bool = False) -> None:
+                 generator: torch.Generator | None = None, secure_mode: bool = False,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
         if dataset_size <= 0:
             raise ValueError(f"dataset_size must be > 0, got {dataset_size}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if (num_replicas is None) != (rank is None):
+            raise ValueError("give both num_replicas and rank, or neither")
+        if num_replicas is not None and not (num_replicas >= 1 and 0 <= rank < num_replicas):
+            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}")
         self.dataset_size, self.sample_rate = dataset_size, sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
+        self.num_replicas, self.rank = num_replicas or 1, rank or 0
+        if self.num_replicas > 1 and generator is None and not secure_mode:
+            # The global RNG is usually seeded alike on every rank: equal draws would include the ranks' i-th
+            # indices together, not independently.
+            generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self.generator, self.secure_mode = generator, secure_mode
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        indices = torch.arange(self.rank, self.dataset_size, self.num_replicas)
         for _ in range(self.steps):
             if self.secure_mode:
-                keep = torch.from_numpy(secure_uniform(self.dataset_size)) < self.sample_rate
+                keep = torch.from_numpy(secure_uniform(indices.numel())) < self.sample_rate
             else:
-                keep = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
-            yield keep.nonzero().flatten().tolist()
+                keep = torch.rand(indices.numel(), generator=self.generator) < self.sample_rate
+            yield indices[keep].tolist()
+
+
+def _empty_like(batch: Any) -> Any:
+    """A collated batch of one item cut to zero items: tensors [:0] inside dicts, lists and tuples; a list of
+    plain values (default_collate's strings) becomes []."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _empty_like(v) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        if isinstance(batch, list) and not any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in batch):
+            return []
+        parts = [_empty_like(v) for v in batch]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
+    return batch
+
+
+class EmptyBatchCollate:
+    """``collate_fn`` for Poisson batches: an empty batch becomes the collated first item cut to zero items (so that
+    the model, the loss and ``optimizer.step()`` run as for any batch), any other batch goes to ``collate_fn``."""
+
+    def __init__(self, dataset: Any, collate_fn: Callable[[list], Any] | None = None) -> None:
+        self.dataset = dataset
+        self.collate_fn = collate_fn if collate_fn is not None else torch.utils.data.default_collate
+
+    def __call__(self, items: list) -> Any:
+        if items:
+            return self.collate_fn(items)
+        return _empty_like(self.collate_fn([self.dataset[0]]))
+
+
+def poisson_loader(dataset: Any, expected_batch_size: int, *, steps: int | None = None,
+                   generator: torch.Generator | None = None, secure_mode: bool = False,
+                   collate_fn: Callable[[list], Any] | None = None, num_replicas: int | None = None,
+                   rank: int | None = None, **loader_kwargs: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader of Poisson batches at rate q = expected_batch_size / len(dataset) (PoissonBatchSampler), empty
+    batches included as empty tensors (EmptyBatchCollate). ``loader_kwargs`` go to the DataLoader (num_workers,
+    pin_memory, ...); with ``num_replicas``/``rank``, expected_batch_size is the global one."""
+    n = len(dataset)
+    sampler = PoissonBatchSampler(n, expected_batch_size / n, steps=steps, generator=generator,
+                                  secure_mode=secure_mode, num_replicas=num_replicas, rank=rank)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                       collate_fn=EmptyBatchCollate(dataset, collate_fn), **loader_kwargs)
