@@ -100,6 +100,27 @@ def _teacher_grad(grad_loss, student, teacher, labels, options):
     return torch.ops.dpkd.distill_backward(scale.contiguous(), teacher, student, labels, state, *swapped)
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """Marks a gradient the kernels computed (no graph behind it): differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, grad):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("dpkd's fused distillation gradients have no derivative of their own (create_graph=True "
+                           "through a dpkd loss): a gradient penalty cannot see through them")
+
+
+def first_order_only(*grads):
+    """``grads`` as a backward pass returns them; under create_graph=True each is marked, so that a penalty built
+    on it raises instead of silently receiving no gradient from it."""
+    if not torch.is_grad_enabled():
+        return grads
+    return tuple(g if g is None else _NoSecondDerivative.apply(g.detach().requires_grad_()) for g in grads)
+
+
 def _backward(ctx, grad_loss, grad_stats, grad_state):
     student, teacher, labels, row_state = ctx.saved_tensors
     grad_student = grad_teacher = None
@@ -108,7 +129,7 @@ def _backward(ctx, grad_loss, grad_stats, grad_state):
     if ctx.needs_input_grad[0]:
         op = torch.ops.dpkd.distill_backward_ if ctx.inplace else torch.ops.dpkd.distill_backward
         grad_student = op(grad_loss.float().contiguous(), student, teacher, labels, row_state, *ctx.options)
-    return (grad_student, grad_teacher) + (None,) * (ctx.n_inputs - 2)
+    return first_order_only(grad_student, grad_teacher) + (None,) * (ctx.n_inputs - 2)
 
 
 torch.library.register_autograd("dpkd::distill_forward", _backward, setup_context=_setup_context)
@@ -154,7 +175,7 @@ class _GradFromForward(torch.autograd.Function):
             raise RuntimeError("this distillation loss's gradient was computed in its forward pass and is used up: "
                                "backward through it once, or pass fuse_backward=False")
         factor = grad_output if ctx.unscale is None else grad_output.float() * ctx.unscale
-        return torch.ops.dpkd.scale_unless_one_(grad, factor), None, None, None
+        return first_order_only(torch.ops.dpkd.scale_unless_one_(grad, factor.detach())) + (None, None, None)
 
 
 def distill_reduced(student, teacher, labels, grad_weight, divergence, beta, alpha, temperature, teacher_mix,

@@ -146,10 +146,10 @@ class _FusedLinearDistill(torch.autograd.Function):
         def scaled(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             if g.dtype == torch.float16:  # fp32_weight_grad=False: a GradScaler's 65536 is inf in fp16
                 g = g.float()
-            return (g * grad_out.to(g.dtype)).to(dtype)
+            return (g * grad_out.detach().to(g.dtype)).to(dtype)
 
         grad_h, grad_w, grad_b = (None if g is None else scaled(g, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return _ops.first_order_only(grad_h, grad_w, grad_b) + (None, None, None, None)
 
 
 def fused_linear_distill_loss(
@@ -195,8 +195,8 @@ def fused_linear_distill_loss(
         chunk_size: tokens per chunk (default: [chunk, V] logits and gradient within 768 MiB and 1/8 of free memory).
         fp32_weight_grad: accumulate the head-weight gradient in fp32 (default: on for 16-bit weights).
         fp32_logits: form each chunk's logits in fp32 from the 16-bit matmul's fp32 accumulator instead of
-            rounding them to 16 bits (default: on for 16-bit weights). Rounded bf16 logits put the head-weight
-            gradient ~4e-3 (relative norm) away from the fp32-logit gradient; fp32 logits bring it to bf16's
+            rounding them to 16 bits (default: on for 16-bit and float64 weights). Rounded bf16 logits put the
+            head-weight gradient ~4e-3 (relative norm) away from the fp32-logit gradient; fp32 logits bring it to bf16's
             own rounding (~1.7e-3; up to 1.8e-3 from 4096 tokens on, where the head-weight gradient skips the
             fp32 logits gradient's low bf16 half, whose matmul costs a sixth of the work), at the cost of fp32
             objective kernels (on CUDA with the hardware exp2/log2 of the 16-bit kernels: logits from 16-bit
@@ -215,12 +215,21 @@ def fused_linear_distill_loss(
     if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"student_weight must be [V, {student_hidden.shape[-1]}] to match the hidden size, got "
                          f"{tuple(student_weight.shape)}")
-    pairs = [("student", student_hidden, student_weight)]
+    pairs = [("student", student_hidden, student_weight, student_bias)]
     if teacher_topk is None:
-        pairs.append(("teacher", teacher_hidden, teacher_weight))
-    for model, hidden, weight in pairs:
+        pairs.append(("teacher", teacher_hidden, teacher_weight, teacher_bias))
+    for model, hidden, weight, bias in pairs:
+        if hidden.dim() not in (2, 3):
+            raise ValueError(f"{model}_hidden must be [N, H] or [B, T, H], got {tuple(hidden.shape)}")
+        if not hidden.is_floating_point():
+            raise TypeError(f"{model}_hidden must be a floating tensor, got {hidden.dtype}")
         if hidden.dtype != weight.dtype:  # the head's matmul takes one dtype (autocast casts both)
             raise TypeError(f"{model}_hidden ({hidden.dtype}) and {model}_weight ({weight.dtype}) must have one dtype")
+        if weight.device != hidden.device:
+            raise ValueError(f"{model}_weight is on {weight.device} but {model}_hidden is on {hidden.device}")
+        if bias is not None and (bias.shape != weight.shape[:1] or bias.device != weight.device):
+            raise ValueError(f"{model}_bias must be [{weight.shape[0]}] on {weight.device}, got "
+                             f"{tuple(bias.shape)} on {bias.device}")
     if teacher_topk is None:
         if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
             raise ValueError(f"teacher_weight must be [V, {teacher_hidden.shape[-1]}] to match the hidden size, got "
@@ -238,8 +247,8 @@ def fused_linear_distill_loss(
                              f"{tuple(student_hidden.shape[:-1])} + (K,)")
         if ids.dtype != torch.int64:
             raise TypeError(f"teacher_topk ids must be int64, got {ids.dtype}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= student_weight.shape[0]):
-            raise ValueError(f"teacher_topk ids must be in [0, {student_weight.shape[0]})")
+        if ids.numel():
+            topk.check_topk_teacher(ids, logprobs, student_weight.shape[0], topk_tail)
         if divergence != "forward_kl" or hard_label_weight:
             raise ValueError("a top-k teacher takes divergence='forward_kl' and no hard_label_weight")
     lead = tuple(student_hidden.shape[:-1])
@@ -247,6 +256,11 @@ def fused_linear_distill_loss(
         if t is not None and not t > 0:
             raise ValueError(f"{name} must be > 0, got {t}")
     losses.check_token_tensors(lead, student_hidden.device, labels, mask, weights)
+    if weights is not None and weights.requires_grad:
+        raise ValueError("weights must not require grad here: the fused linear loss gives no gradient for them "
+                         "(dpkd.distill_loss on logits does); pass weights.detach()")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     losses.check_options(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, reduction=reduction,
                          hard_label_weight=hard_label_weight, has_labels=labels is not None)
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -256,7 +270,8 @@ def fused_linear_distill_loss(
                                           h_s.device).reshape(-1)
     half = student_weight.dtype in (torch.bfloat16, torch.float16)
     fp32_weight_grad = half if fp32_weight_grad is None else fp32_weight_grad
-    fp32_logits = half if fp32_logits is None else fp32_logits
+    # float64 heads: the objective kernels take fp32 (or 16-bit) logits
+    fp32_logits = (half or student_weight.dtype == torch.float64) if fp32_logits is None else fp32_logits
     # fp32 logits of 16-bit factors (a fp32 teacher head's logits, if any, get the same ~1e-6 relative exp/log
     # errors: far below the bf16 gradient's rounding)
     fast_math = half and fp32_logits

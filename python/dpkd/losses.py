@@ -48,7 +48,10 @@ class TokenStats(NamedTuple):
     """Per-token statistics, shaped like the logits without the vocabulary dimension (fp32).
 
     Entropies and the divergence are at the loss's temperature. ``student_label_logprob`` and
-    ``teacher_label_logprob`` are NaN where no label is given or the label is ``ignore_index``.
+    ``teacher_label_logprob`` are NaN where no label is given or the label is ``ignore_index``. Returned with a
+    loss whose gradient the forward kernel computes (``fuse_backward``, the default under autograd), every
+    statistic is NaN at tokens that carry no loss (ignored, masked, weight 0): the kernel skips them.
+    :func:`token_stats` and ``fuse_backward=False`` give them all.
     """
 
     student_entropy: torch.Tensor
@@ -118,6 +121,11 @@ def check_token_tensors(lead: tuple[int, ...], device: torch.device, labels: tor
         raise TypeError(f"weights must be a floating tensor, got {weights.dtype}")
 
 
+def check_temperature(temperature: float) -> None:
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
 def check_options(*, divergence: str, beta: float, alpha: float, temperature: float, reduction: str,
                   hard_label_weight: float, has_labels: bool) -> None:
     if divergence not in DIVERGENCES:
@@ -128,8 +136,7 @@ def check_options(*, divergence: str, beta: float, alpha: float, temperature: fl
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if not 0.0 <= hard_label_weight <= 1.0:
         raise ValueError(f"hard_label_weight must be in [0, 1], got {hard_label_weight}")
     if hard_label_weight > 0 and not has_labels:
@@ -152,11 +159,13 @@ def _fused(
     inplace_backward: bool = False,
     teacher_grad: bool = False,
     row_weights: torch.Tensor | None = None,
+    carries_loss: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported.
 
     ``row_weights`` [*lead]: return the scalar ``sum(row_weights * per_token)`` instead, its student gradient
-    computed by the forward kernel."""
+    computed by the forward kernel. ``carries_loss`` [*lead]: rows outside it (ignored, masked, weight 0: padding)
+    reach no loss, and their logits are not reported, as where the fused kernel skips them."""
     lead = student_logits.shape[:-1]
     s2 = student_logits.reshape(-1, student_logits.shape[-1])
     t2 = teacher_logits.reshape(-1, teacher_logits.shape[-1])
@@ -174,6 +183,8 @@ def _fused(
     else:
         loss, stats = _ops.distill(s2, t2, l1, *options, bool(inplace_backward))
         loss = loss.reshape(lead)
+        if carries_loss is not None:
+            skipped = ~carries_loss.reshape(-1)
     report_nan(stats, skipped, ("student_logits contains NaN or +inf, or a row without a finite logit (first in "
                                 "flattened row {row})",
                                 "teacher_logits contains NaN or +inf, or a row without a finite logit (first in "
@@ -203,6 +214,13 @@ def valid_tokens(labels: torch.Tensor | None, mask: torch.Tensor | None, ignore_
         return mask
     valid = labels != ignore_index
     return valid if mask is None else mask & valid
+
+
+def carrying_tokens(valid: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor | None:
+    """Tokens that reach the loss: valid ones (None: all) of nonzero weight."""
+    if weights is None:
+        return valid
+    return weights != 0 if valid is None else valid & (weights != 0)
 
 
 def _reduce(per_token: torch.Tensor, valid: torch.Tensor | None, weights: torch.Tensor | None,
@@ -285,7 +303,9 @@ def distill_loss(
             or ``batchmean`` (sum / first dimension, as :func:`torch.nn.functional.kl_div`).
         hard_label_weight: w in (1 - w) divergence + w cross_entropy(student at temperature 1, labels).
         standardize: z-score each row of both models' logits before the temperature (logit
-            standardization).
+            standardization): (z - mean) / (std + 1e-6) over the row's finite entries, std the population one
+            (the paper's code divides by torch.std's unbiased form plus 1e-7: a factor sqrt(V / (V - 1)) apart,
+            1.6e-5 at V = 32000).
         scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.); the hard-label term keeps
             its weight w: T^2 (1 - w) divergence + w cross_entropy.
         return_stats: also return :class:`TokenStats`.
@@ -313,6 +333,7 @@ def distill_loss(
         raise ValueError("inplace_backward needs student_logits computed by the model (a non-leaf tensor) with "
                          "contiguous rows: a leaf's storage would become its own gradient")
     valid = valid_tokens(labels, mask, ignore_index)
+    carries_loss = carrying_tokens(valid, weights)
     # T^2 multiplies the divergence only (Hinton et al.), not the hard-label term: the kernels' (1 - w') D + w' CE
     # times t2 = T^2 (1 - w) + w, with w' = w / t2, is T^2 (1 - w) D + w CE.
     t2 = 1.0
@@ -329,7 +350,7 @@ def distill_loss(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
         temperature=temperature, teacher_mix=1.0, standardize=standardize, hard_label_weight=hard_label_weight,
         ignore_index=ignore_index, inplace_backward=inplace_backward, teacher_grad=teacher_grad,
-        row_weights=row_weights,
+        row_weights=row_weights, carries_loss=carries_loss,
     )
     token_stats_ = TokenStats(*stats.unbind(-1))
     if row_weights is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Callable
+
 import torch
 
 from . import fused_linear, losses
@@ -11,12 +14,21 @@ __all__ = ["DistillLoss", "ForwardKLLoss", "FusedLinearDistillLoss", "Generalize
 
 
 class _ConfiguredLoss(torch.nn.Module):
-    """A loss function's divergence and options, fixed at construction; call options override them."""
+    """A loss function's divergence and options, fixed at construction (and checked there: a misspelt option or a
+    bad value fails when the module is made, not at its first call); call options override them."""
+
+    _function: Callable = losses.distill_loss
 
     def __init__(self, divergence: losses.Divergence = "forward_kl", **options) -> None:
         super().__init__()
-        if divergence not in losses.DIVERGENCES:
-            raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {divergence!r}")
+        parameters = inspect.signature(type(self)._function).parameters
+        unknown = sorted(set(options) - {n for n, p in parameters.items() if p.kind == p.KEYWORD_ONLY})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown options {unknown}")
+        settings = {n: p.default for n, p in parameters.items() if p.kind == p.KEYWORD_ONLY}
+        settings.update(options, divergence=divergence)
+        losses.check_options(**{k: settings[k] for k in ("divergence", "beta", "alpha", "temperature", "reduction",
+                                                         "hard_label_weight")}, has_labels=True)
         self.divergence = divergence
         self.options = options
 
@@ -69,6 +81,8 @@ class FusedLinearDistillLoss(_ConfiguredLoss):
     """``FusedLinearDistillLoss(divergence=..., **options)(student_hidden, student_weight, teacher_hidden,
     teacher_weight, labels=None, ...)``: :func:`dpkd.fused_linear_distill_loss` with its options fixed at
     construction (pass ``teacher_topk=`` in the call for a top-k teacher)."""
+
+    _function = fused_linear.fused_linear_distill_loss
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,

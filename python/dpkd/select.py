@@ -67,17 +67,19 @@ class Selection:
 
     def _combine(self, other: Selection, op: Callable) -> Selection:
         if not isinstance(other, Selection):
-            return NotImplemented
+            # A tensor's scope is unknown (a batch quantile would make it "batch"): the caller says which.
+            raise TypeError(f"a Selection combines with a Selection, got {type(other).__name__}: wrap a tensor as "
+                            "Selection(tensor, scope='sequence' or 'batch')")
         scope: Scope = "sequence" if self.scope == other.scope == "sequence" else "batch"
         return Selection(op(self.values, other.values), scope)
 
     def __and__(self, other: Selection) -> Selection:
-        if not (self.is_mask and other.is_mask):
+        if isinstance(other, Selection) and not (self.is_mask and other.is_mask):
             raise TypeError("& combines masks; multiply weights with *")
         return self._combine(other, torch.logical_and)
 
     def __or__(self, other: Selection) -> Selection:
-        if not (self.is_mask and other.is_mask):
+        if isinstance(other, Selection) and not (self.is_mask and other.is_mask):
             raise TypeError("| combines masks; multiply weights with *")
         return self._combine(other, torch.logical_or)
 
@@ -235,6 +237,8 @@ def paced_weights(pass_rate: torch.Tensor, *, alpha: float = 1.0, beta: float = 
 
     Returns [B] weights, or [B, T] when ``tokens_per_sequence`` is given (broadcast over tokens).
     """
+    if not (alpha >= 0 and beta >= 0):  # a negative power makes a weight infinite at p = 0 or 1
+        raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
     p = pass_rate.detach().float()
     if ((p < 0) | (p > 1)).any():
         raise ValueError("pass_rate must be in [0, 1]")

@@ -40,12 +40,14 @@ def taid_loss(
     losses._check(student_logits, teacher_logits, labels, mask, weights, divergence="forward_kl", beta=0.5,
                   alpha=0.1, temperature=temperature, reduction=reduction, hard_label_weight=0.0,
                   allow_vocab_mismatch=False)
+    valid = losses.valid_tokens(labels, mask, ignore_index)
+    carries_loss = losses.carrying_tokens(valid, weights)
     per_token, stats = losses._fused(
         student_logits, teacher_logits, labels, divergence="forward_kl", beta=0.5, alpha=0.1,
         temperature=temperature, teacher_mix=t, standardize=False, hard_label_weight=0.0, ignore_index=ignore_index,
+        carries_loss=carries_loss,
     )
     per_token = per_token + stats[..., 1]  # + H(p_t): constant in the student (p_t uses sg(z_s))
-    valid = losses.valid_tokens(labels, mask, ignore_index)
     return losses._reduce(per_token, valid, weights, reduction)
 
 

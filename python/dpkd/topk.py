@@ -81,6 +81,26 @@ def loss_and_grad(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, temper
     return loss, g.to(x.dtype)
 
 
+# Rounding slack for log-probabilities and their sum (a softmax's certain token can come out at +1e-7).
+_LOGPROB_SLACK = 1e-3
+
+
+def check_topk_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, tail: bool) -> None:
+    """The teacher's ids in range, log-probabilities not NaN and <= 0, and their mass <= 1 where a tail takes the
+    rest: one host read for all of it."""
+    lp = logp.detach().float()
+    flags = [((ids < 0) | (ids >= v)).any(), lp.isnan().any(), (lp > _LOGPROB_SLACK).any()]
+    if tail:
+        flags.append((lp.exp().sum(-1) > 1 + _LOGPROB_SLACK).any())
+    bad = torch.stack(flags).tolist()
+    messages = [f"teacher_ids must be in [0, {v})", "teacher_logprobs contains NaN",
+                "teacher_logprobs must be log-probabilities (<= 0)",
+                "teacher_logprobs of a row sum to more than probability 1, leaving no mass for the tail"]
+    for flag, message in zip(bad, messages):
+        if flag:
+            raise ValueError(message)
+
+
 def topk_forward_kl(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -99,7 +119,7 @@ def topk_forward_kl(
 
     Args:
         student_logits: [N, V] or [B, T, V].
-        teacher_ids: int64 [..., K] token ids (distinct within a row).
+        teacher_ids: int64 [..., K] token ids, distinct within a row (not checked: a repeated id counts twice).
         teacher_logprobs: [..., K] the teacher's log-probabilities of those ids, used as given: apply the
             teacher's temperature when producing them (``temperature`` here divides the student's logits).
         tail: add the bucket of the remaining mass 1 - sum_K p against 1 - sum_K q.
@@ -116,12 +136,18 @@ def topk_forward_kl(
                          f"{tuple(teacher_logprobs.shape)} must both be {lead} + (K,)")
     if teacher_ids.dtype != torch.int64:
         raise TypeError(f"teacher_ids must be int64, got {teacher_ids.dtype}")
-    if teacher_ids.numel() and (teacher_ids.min() < 0 or teacher_ids.max() >= v):
-        raise ValueError(f"teacher_ids must be in [0, {v})")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not teacher_logprobs.is_floating_point():
+        raise TypeError(f"teacher_logprobs must be a floating tensor, got {teacher_logprobs.dtype}")
+    if teacher_ids.device != s.device or teacher_logprobs.device != s.device:
+        raise ValueError(f"teacher_ids and teacher_logprobs must be on the logits' device {s.device}")
+    losses.check_token_tensors(lead, s.device, labels, mask, weights)
+    losses.check_temperature(temperature)
     if reduction not in losses.REDUCTIONS:
         raise ValueError(f"reduction must be one of {losses.REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if teacher_ids.numel() and not torch.compiler.is_compiling():
+        check_topk_teacher(teacher_ids, teacher_logprobs, v, tail)
     k = teacher_ids.shape[-1]
     x = s.reshape(-1, v)
     chunk = chunk_size or max(1, (1 << 24) // max(v, 1))

@@ -281,3 +281,25 @@ def test_weight_gradient_skips_the_low_half_from_the_token_threshold(monkeypatch
         h, w, _, ht, wt = setup(n=512, hs=16, ht=24, v=300, dtype=dtype, bias=False)
         loss = dpkd.fused_linear_distill_loss(h, w, ht, wt, divergence="jsd", fp32_logits=True, chunk_size=128)
         assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, [h, w]))
+
+
+def test_bad_arguments_are_named():
+    fused_linear_distill_loss = dpkd.fused_linear_distill_loss
+    h, w, ht, wt = torch.randn(8, 16), torch.randn(30, 16), torch.randn(8, 12), torch.randn(30, 12)
+    for kw, match in ((dict(weights=torch.rand(8, requires_grad=True)), "weights must not require grad"),
+                      (dict(chunk_size=-1), "chunk_size"),
+                      (dict(student_bias=torch.zeros(29)), "student_bias must be"),
+                      (dict(teacher_bias=torch.zeros(30, 1)), "teacher_bias must be"),
+                      (dict(temperature=float("inf")), "temperature")):
+        with pytest.raises(ValueError, match=match):
+            fused_linear_distill_loss(h, w, ht, wt, **kw)
+    with pytest.raises(TypeError, match="student_hidden must be a floating tensor"):
+        fused_linear_distill_loss(h.int(), w.int(), ht, wt)
+    loss = fused_linear_distill_loss(h.double(), w.double(), ht, wt)  # float64 heads: fp32 logits by default
+    assert loss.item() == pytest.approx(fused_linear_distill_loss(h, w, ht, wt).item(), rel=1e-5)
+    for hh in (h[0], h[None, None]):
+        with pytest.raises(ValueError, match=r"student_hidden must be \[N, H\]"):
+            fused_linear_distill_loss(hh, w, ht, wt)
+    ids = torch.zeros(8, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="teacher_logprobs contains NaN"):
+        fused_linear_distill_loss(h, w, teacher_topk=(ids, torch.full((8, 2), float("nan"))))

@@ -361,6 +361,15 @@ def test_nn_modules_match_functions():
         dpkd.tvd(s, t, reduction="sum").item())
     with pytest.raises(ValueError, match="divergence"):
         dpkd.nn.DistillLoss("l2")
+    # Options are checked when the module is made, not at its first call.
+    with pytest.raises(TypeError, match="temprature"):
+        dpkd.nn.ForwardKLLoss(temprature=2.0)
+    with pytest.raises(ValueError, match="beta"):
+        dpkd.nn.GeneralizedJSDLoss(beta=2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        dpkd.nn.DistillLoss("tvd", temperature=float("inf"))
+    with pytest.raises(TypeError, match="fp32_logitz"):
+        dpkd.nn.FusedLinearDistillLoss(fp32_logitz=True)
 
 
 @pytest.mark.parametrize("tail", [False, True])
@@ -395,6 +404,32 @@ def test_topk_teacher_validates_inputs():
         dpkd.topk_forward_kl(s, ids + 9, torch.zeros(3, 2))
     with pytest.raises(ValueError, match="teacher_logprobs"):
         dpkd.topk_forward_kl(s, ids, torch.zeros(3, 3))
+    logp = torch.log(torch.tensor([[0.5, 0.25]] * 3))
+    for bad, kw, match in ((torch.full((3, 2), float("nan")), {}, "NaN"),  # was a loss of exactly 0
+                           (logp + 1.0, {}, "<= 0"),
+                           (torch.log(torch.tensor([[0.7, 0.6]] * 3)), dict(tail=True), "tail"),
+                           (logp, dict(labels=torch.zeros(2, dtype=torch.long)), "labels must have shape"),
+                           (logp, dict(mask=torch.ones(3)), "mask must be bool"),
+                           (logp, dict(temperature=float("inf")), "temperature"),
+                           (logp, dict(chunk_size=0), "chunk_size")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            dpkd.topk_forward_kl(s, ids, bad, **kw)
+    dpkd.topk_forward_kl(s, ids, torch.log(torch.tensor([[0.7, 0.3]] * 3)), tail=True)  # all the mass: no tail
+
+
+def test_topk_teacher_compiles_without_graph_breaks():
+    s = logits(6, 50, seed=33).requires_grad_(True)
+    ids = torch.topk(logits(6, 50, seed=34), 5).indices
+    logp = torch.log_softmax(logits(6, 5, seed=35), -1) - 0.1
+    compiled = torch.compile(lambda s: dpkd.topk_forward_kl(s, ids, logp, tail=True), fullgraph=True,
+                             backend="aot_eager")
+    loss = compiled(s)
+    loss.backward()
+    s2 = s.detach().clone().requires_grad_(True)
+    eager = dpkd.topk_forward_kl(s2, ids, logp, tail=True)
+    eager.backward()
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
+    torch.testing.assert_close(s.grad, s2.grad)
 
 
 def test_semantics_of_pytorch_kldiv_and_liger_jsd_tvd():
@@ -548,9 +583,22 @@ def test_tokens_without_weight_are_skipped_by_the_fused_loss():
     sd = s.clone().requires_grad_(True)
     dpkd.generalized_jsd(sd, t, mask=mask).backward()
     assert torch.isfinite(sd.grad).all() and (sd.grad[~mask] == 0).all()
+    # The same rows without a gradient (evaluation), per token, weighted, ignored by label, and in TAID and
+    # token_stats: no loss, so no report (a padded row of -inf logits is no error either).
+    s[1] = float("-inf")
+    labels = torch.where(mask, torch.arange(6), torch.full((6,), -100))
+    weights = mask.double()
+    for call in (lambda: dpkd.generalized_jsd(s, t, mask=mask), lambda: dpkd.generalized_jsd(s, t, labels=labels),
+                 lambda: dpkd.generalized_jsd(s, t, weights=weights, reduction="none"),
+                 lambda: dpkd.generalized_jsd(s, t, mask=mask, fuse_backward=False, reduction="none"),
+                 lambda: dpkd.taid_loss(s, t, t=0.5, mask=mask), lambda: dpkd.token_stats(s, t, labels=labels)):
+        out = call()
+        assert all(torch.isfinite(x[mask]).all() for x in (out if isinstance(out, tuple) else [out]) if x.dim())
     s[0, 7] = float("nan")  # a row that counts
     with pytest.raises(ValueError, match=r"student_logits contains NaN .* row 0"):
         dpkd.generalized_jsd(s.clone().requires_grad_(True), t, mask=mask)
+    with pytest.raises(ValueError, match=r"student_logits contains NaN .* row 0"):
+        dpkd.generalized_jsd(s, t, mask=mask)
 
 
 def test_weight_zero_rows_carry_nothing_in_the_reduction():
@@ -661,3 +709,16 @@ def test_differentiable_weights_keep_their_gradient():
     sd = s.clone().requires_grad_(True)
     dpkd.forward_kl(sd, t, weights=w, reduction="sum").backward()
     torch.testing.assert_close(w.grad, dpkd.forward_kl(s, t, reduction="none").detach())
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_second_derivative_raises_instead_of_vanishing(fuse):
+    """create_graph=True: the kernels' gradient has no graph behind it; a gradient penalty on it must raise, not
+    silently receive nothing."""
+    s, t = logits(4, 50, seed=40).requires_grad_(True), logits(4, 50, seed=41)
+    loss = dpkd.forward_kl(s, t, fuse_backward=fuse)
+    (g,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError, match="no derivative of their own"):
+        (loss + g.pow(2).sum()).backward()
+    (plain,) = torch.autograd.grad(dpkd.forward_kl(s, t, fuse_backward=fuse), s)
+    torch.testing.assert_close(g.detach(), plain)

@@ -188,6 +188,8 @@ def test_confidence_surprisal_and_weight_rules():
     assert pw.shape == (3, 3)
     with pytest.raises(ValueError, match="pass_rate"):
         select.paced_weights(torch.tensor([1.5]))
+    with pytest.raises(ValueError, match="alpha and beta"):
+        select.paced_weights(torch.tensor([0.0, 0.5]), alpha=-1.0)
 
 
 def test_composition_and_privacy_scope():
@@ -203,6 +205,10 @@ def test_composition_and_privacy_scope():
         (a & b).check_private()
     with pytest.raises(TypeError):
         a & w
+    for combine in (lambda: a & (h > 0.5), lambda: a | valid, lambda: a * w.values):  # a tensor's scope is unknown
+        with pytest.raises(TypeError, match="wrap a tensor as Selection"):
+            combine()
+    assert (a & select.Selection(valid, "sequence")).scope == "sequence"
 
 
 def test_distill_loss_select_equals_weights_and_skips_unselected_tokens():
