@@ -104,7 +104,7 @@ inline bool values_aligned(const void* p, int64_t stride) {
 // the instructions of the cluster kernel's first pass (SASS, sm_90a). exp flushes results below FLT_MIN
 // (1.2e-38) to 0: a probability that small adds nothing a float sum holds. log's arguments are >= 1
 // (log1p) or clamped to FLT_MIN by the caller.
-constexpr float kLog2e = 1.44269504f;
+constexpr float kLog2e = 1.44269504f, kLn2 = 0.693147181f;
 
 struct FastMath : ScalarMath {
   static __device__ __forceinline__ float exp2(float x) {  // exp2(-inf) = +0
@@ -113,11 +113,12 @@ struct FastMath : ScalarMath {
     return r;
   }
   static __device__ __forceinline__ float exp(float x) { return exp2(x * kLog2e); }
-  static __device__ __forceinline__ float log(float x) {
+  static __device__ __forceinline__ float log2(float x) {
     float r;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r * 0.693147181f;
+    return r;
   }
+  static __device__ __forceinline__ float log(float x) { return log2(x) * kLn2; }
   static __device__ __forceinline__ float log1p(float x) {  // x >= 0 here (log1p of an exp)
     const float u = 1.f + x;  // log(u) * x / (u - 1) corrects for the rounding of 1 + x
     return u == 1.f ? x : log(u) * __fdividef(x, u - 1.f);
@@ -260,14 +261,17 @@ enum class Form { kPerCall, kJsdLog, kGeneric };
 // The log form's terms. Finite where both probabilities are 0 too (m is clamped to FLT_MIN, and each term
 // selects 0), so its callers need no branch per entry. The clamp moves only terms below 1e-35: m < FLT_MIN
 // needs p and q below FLT_MIN / 1e-3. It keeps a NaN m (a row with NaN or +inf logits): fmaxf would not.
+// In log2 units: log2 q and log2 p are the very exponents q and p were formed from (prob_from: the same expression,
+// formed once), so the logs and the probabilities agree; one multiplication by ln 2 per term instead of per log.
 __device__ __forceinline__ ElementTerms<float> jsd_log_terms(const RowContext& r, float x, float y, float q, float p) {
   const ObjectiveParams& o = r.objective;
-  // Against the same shifts as the probabilities (r.q, r.p), so that x - shift is formed once.
-  const float log_q = (x - r.shift_s) - finite_or_zero(r.log_sum_s), log_p = (y - r.shift_t) - finite_or_zero(r.log_sum_t);
+  const float log2_q = fmaf(x - r.shift_s, kLog2e, r.neg_log2_sum_s);
+  const float log2_p = fmaf(y - r.shift_t, kLog2e, r.neg_log2_sum_t);
   const float m = o.beta * p + o.one_minus_beta * q;
-  const float log_m = FastMath::log(m < 1.17549435e-38f ? 1.17549435e-38f : m);
-  return {(p > 0.f ? o.beta * p * (log_p - log_m) : 0.f) + (q > 0.f ? o.one_minus_beta * q * (log_q - log_m) : 0.f),
-          o.one_minus_beta * (log_q - log_m)};
+  const float log2_m = FastMath::log2(m < 1.17549435e-38f ? 1.17549435e-38f : m);
+  const float loss2 = (p > 0.f ? o.beta * p * (log2_p - log2_m) : 0.f) +
+                      (q > 0.f ? o.one_minus_beta * q * (log2_q - log2_m) : 0.f);
+  return {kLn2 * loss2, (o.one_minus_beta * kLn2) * (log2_q - log2_m)};
 }
 
 template <class M, Form F>

@@ -126,10 +126,13 @@ def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, num_s
 
 
 def _embedding_rows(model: torch.nn.Module) -> int | None:
-    """Rows of a model's input embedding (the token ids it can read), None where that is not known."""
+    """Rows of a model's input embedding (the token ids it can read): a Hugging Face model's, or a plain module's
+    only nn.Embedding; None where that is not known (several embeddings: which one reads the ids?)."""
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
-    return getattr(emb, "num_embeddings", None)
+    if callable(get):
+        return getattr(get(), "num_embeddings", None)
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    return embeddings[0].num_embeddings if len(embeddings) == 1 else None
 
 
 def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | None, sequences: torch.Tensor,

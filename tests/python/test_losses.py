@@ -164,6 +164,24 @@ def test_skew_kls_at_and_near_the_endpoints(div, alpha):
         assert loss.item() == pytest.approx(plain(s, t, reduction="sum").item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and dpkd.with_cuda), reason="needs CUDA"))])
+@pytest.mark.parametrize("div,plain", [("skew_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")])
+@pytest.mark.parametrize("alpha", [1e-40, 1e-50])  # subnormal and zero as floats
+def test_skew_kls_with_alpha_below_floats_range_are_the_kls(device, div, plain, alpha):
+    """The mixture formulas with alpha = 0.f and log alpha ~ -115 overflowed (zero or NaN gradients on peaked rows)
+    or cancelled (a negative skew reverse KL)."""
+    s = (logits(8, 500, 30.0, seed=42) + 90 * torch.nn.functional.one_hot(torch.arange(8) * 7, 500)).to(device)
+    t = logits(8, 500, 30.0, seed=43).to(device)
+    got, want = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    loss = losses.distill_loss(got, t, divergence=div, alpha=alpha, reduction="sum")
+    loss.backward()
+    ref = losses.distill_loss(want, t, divergence=plain, reduction="sum")
+    ref.backward()
+    assert torch.isfinite(got.grad).all() and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("beta", [0.0, 1e-12, 1e-6, 0.5, 1 - 1e-6, 1 - 1e-12, 1.0])  # 1 - 1e-12 is 1.f in float
 def test_jsd_endpoints_and_near_them(beta):
     s = logits(8, 500, 4.0, seed=5).requires_grad_(True)

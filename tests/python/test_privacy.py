@@ -899,3 +899,143 @@ def test_poisson_sampler_splits_the_dataset_over_ranks():
     assert positions[0] != positions[1]
     with pytest.raises(ValueError, match="rank"):
         privacy.PoissonBatchSampler(10, 0.5, num_replicas=2, rank=2)
+
+
+def test_two_forward_passes_before_one_backward_are_refused():
+    """Row i of each pass would be one clipping unit: two examples if the passes held different micro-batches."""
+    model, dp, x, y, loss, _ = _private_mlp()
+    (loss(model(x[:3]), y[:3]).sum() + loss(model(x[3:]), y[3:]).sum()).backward()
+    with pytest.raises(ValueError, match="several forward passes"):
+        dp.step()
+
+
+def test_interleaved_micro_batches_accumulate_exactly():
+    """Both micro-batches' forwards before either backward: accumulate() after the first backward consumes only what
+    that backward delivered; the second's captures wait in its graph."""
+    model, dp, x, y, loss, check_step = _private_mlp()
+    dp.zero_grad()
+    first, second = loss(model(x[:2]), y[:2]), loss(model(x[2:]), y[2:])
+    first.sum().backward()
+    dp.accumulate()
+    second.sum().backward()
+    dp.step()
+    assert dp.last_per_example_norms.shape == (6,)
+    check_step()
+
+
+def test_a_forward_without_backward_frees_its_captures_with_its_graph():
+    import gc
+
+    from dpkd.privacy import engine as engine_module
+    model, dp, x, y, loss, _ = _private_mlp()
+    out = model(x)  # e.g. a step that ran out of memory before backward
+    assert any(isinstance(o, engine_module._Call) for o in gc.get_objects())
+    del out
+    gc.collect()
+    assert not any(isinstance(o, engine_module._Call) for o in gc.get_objects())
+
+
+def test_batch_norm_without_running_statistics_is_refused_in_eval_mode_too():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8, affine=False, track_running_stats=False),
+                            torch.nn.Linear(8, 2)).double()
+    m[1].eval()  # still normalises with the batch's statistics
+    with pytest.raises(ValueError, match="batch norm"):
+        privacy.make_private(m, torch.optim.SGD(m.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=0.1,
+                             expected_batch_size=4, sample_rate=0.1)
+
+
+def test_copies_and_pickles_of_a_private_model_are_not_private():
+    import copy
+    import io
+    normed = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8)).double()
+    privacy.make_private(normed, torch.optim.SGD(normed.parameters(), lr=1.0), noise_multiplier=1.0,
+                         max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    buffer = io.BytesIO()
+    torch.save(normed, buffer)  # its hooks pickle as inert ones
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    assert loaded[1].weight.grad is not None  # an ordinary, non-private model
+    model, dp, x, y, loss, _ = _private_mlp()
+    twin = copy.deepcopy(model)  # e.g. an EMA copy
+    loss(twin(x), y).sum().backward()  # ordinary gradients, nothing captured by the original's engine
+    assert not dp.engine.pending and twin[0].weight.grad is not None
+    _, dp_twin = privacy.make_private(twin, torch.optim.SGD(twin.parameters(), lr=1.0), noise_multiplier=0.0,
+                                      max_grad_norm=0.5, expected_batch_size=6, sample_rate=0.5)
+    dp_twin.zero_grad()
+    loss(twin(x), y).sum().backward()
+    dp_twin.step()
+    assert dp_twin.last_per_example_norms.shape == (6,) and not dp.engine.pending
+
+
+def test_make_private_on_a_part_of_a_private_model_is_refused():
+    model, dp, *_ = _private_mlp()
+    with pytest.raises(ValueError, match="already called"):
+        privacy.make_private(model[2], torch.optim.SGD(model[2].parameters(), lr=1.0), noise_multiplier=1.0,
+                             max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+
+
+def test_a_frozen_weight_next_to_a_trainable_bias_unfrozen_later_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).double()
+    model[0].weight.requires_grad_(False)  # BitFit: biases only
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
+                                 max_grad_norm=0.1, expected_batch_size=4, sample_rate=0.1)
+    model[0].weight.requires_grad_(True)
+    model(torch.randn(4, 4, dtype=torch.float64)).sum().backward()
+    with pytest.raises(ValueError, match="frozen at make_private"):
+        dp.step()
+
+
+def test_an_embedding_frozen_after_make_private_leaves_the_norms():
+    model, x, y, loss = make_case("tied_lm", b=4, seed=5)
+    model.emb.weight.requires_grad_(False)  # the tied weight: embedding and head
+    _, norms = brute_force(model, x, y, loss)  # of the other parameters
+    model.emb.weight.requires_grad_(True)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                                 max_grad_norm=1e6, expected_batch_size=4, sample_rate=0.1)
+    model.emb.weight.requires_grad_(False)  # frozen since make_private
+    loss(model(x), y).sum().backward()
+    dp.step()
+    torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-12)
+
+
+def test_ranks_seeded_alike_draw_independently():
+    draws = [list(privacy.PoissonBatchSampler(1000, 0.3, steps=1, num_replicas=2, rank=r,
+                                              generator=torch.Generator().manual_seed(0)))[0] for r in range(2)]
+    assert {i // 2 for i in draws[0]} != {i // 2 for i in draws[1]}  # equal seeds used to give equal positions
+    again = list(privacy.PoissonBatchSampler(1000, 0.3, steps=1, num_replicas=2, rank=1,
+                                             generator=torch.Generator().manual_seed(0)))[0]
+    assert again == draws[1]  # reproducible from the seed
+
+
+def test_empty_batches_of_unknown_types_are_refused_not_filled_with_an_example():
+    import dataclasses
+
+    import numpy as np
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+
+    items = [torch.tensor([float(i)]) for i in range(3)]
+    with pytest.raises(TypeError, match="cannot make an empty batch"):
+        privacy.EmptyBatchCollate(items, lambda b: Batch(torch.stack(b)))([])
+    assert privacy.EmptyBatchCollate(items, lambda b: Batch(torch.stack(b)) if b else Batch(torch.zeros(0, 1)))(
+        []).x.shape == (0, 1)  # a collate_fn that handles [] is used as it is
+    arrays = privacy.EmptyBatchCollate(items, lambda b: {"x": np.stack([t.numpy() for t in b])})([])
+    assert arrays["x"].shape == (0, 1)
+
+
+def test_dp_optimizer_copies_pickles_and_takes_step_hooks():
+    import copy
+    import pickle
+    model, dp, x, y, loss, check_step = _private_mlp()
+    calls = []
+    dp.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    clone = copy.deepcopy(dp)
+    assert clone.max_grad_norm == dp.max_grad_norm and len(pickle.loads(pickle.dumps(dp.accountant))) == 0
+    dp.zero_grad()
+    loss(model(x), y).sum().backward()
+    dp.step()
+    check_step()
+    assert calls == [1]

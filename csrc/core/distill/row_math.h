@@ -102,16 +102,18 @@ DPKD_HOST_DEVICE V log_add_exp(const V& a, const V& b) {
 }
 
 // The JSD endpoints and skew KLs at alpha = 0 are the KLs themselves (the mixture formulas degenerate
-// there: the skew reverse KL's g below leaves out a -log alpha). Told apart by the logs make_objective forms in
-// double: beta = 1 - 1e-12 rounds to 1.f, but its log1p(-beta) is -27.6, not -inf (a JSD of ~1e-12, not the
-// reverse KL).
+// there: the skew reverse KL's g below leaves out a -log alpha). The JSD's endpoints are told apart by the logs
+// make_objective forms in double: beta = 1 - 1e-12 rounds to 1.f, but its log1p(-beta) is -27.6, not -inf (a JSD
+// of ~1e-12, not the reverse KL). An alpha below float's normal range is the KL: the mixture formulas with
+// alpha = 0.f (or subnormal) and log alpha ~ -115 overflow or cancel.
 DPKD_HOST_DEVICE Divergence effective_divergence(const ObjectiveParams& o) {
   if (o.divergence == Divergence::kJSD) {
     if (o.log_beta == -INFINITY) return Divergence::kForwardKL;
     if (o.log_one_minus_beta == -INFINITY) return Divergence::kReverseKL;
   }
-  if (o.log_alpha == -INFINITY && o.divergence == Divergence::kSkewKL) return Divergence::kForwardKL;
-  if (o.log_alpha == -INFINITY && o.divergence == Divergence::kSkewReverseKL) return Divergence::kReverseKL;
+  const bool alpha_zero = o.alpha < 1.17549435e-38f;  // FLT_MIN
+  if (alpha_zero && o.divergence == Divergence::kSkewKL) return Divergence::kForwardKL;
+  if (alpha_zero && o.divergence == Divergence::kSkewReverseKL) return Divergence::kReverseKL;
   return o.divergence;
 }
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..accounting import RDPAccountant
-from .engine import ClippingEngine, LossReduction, layer_kind
+from .engine import ClippingEngine, LossReduction, attached_engine, layer_kind
 from .noise import gaussian
 from .optimizer import DPOptimizer, check_arguments
 from .sampler import EmptyBatchCollate, PoissonBatchSampler, poisson_loader
@@ -61,8 +61,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         # Their all-reduce of the non-private gradients is not DP-SGD's (clip per rank, noise once).
         raise ValueError(f"model is wrapped in {type(model).__name__}: pass the unwrapped model with "
                          "distributed=True, which clips per rank and all-reduces the clipped, noised sum itself")
-    attached = [name or "<root>" for name, m in model.named_modules()
-                if getattr(m, "_dpkd_engine", lambda: None)() is not None]
+    attached = [name or "<root>" for name, m in model.named_modules() if attached_engine(m) is not None]
     if attached:
         raise ValueError(f"make_private was already called on {attached[0]}: its engine still captures every forward "
                          "pass; call optimizer.engine.remove() on the earlier DP optimizer first")

@@ -20,11 +20,48 @@ from . import layers
 
 LossReduction = Literal["sum", "mean"]
 
+_ONE_PASS = ("for micro-batches of different examples call optimizer.accumulate() after each micro-batch's "
+             "backward(); several losses of the same examples must come from one forward pass and one backward()")
+
 # Layers that treat the examples of a batch independently and whose per-example gradients are small
 # enough to instantiate: handled generically through torch.func.
 _GENERIC = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 if hasattr(torch.nn, "RMSNorm"):
     _GENERIC = _GENERIC + (torch.nn.RMSNorm,)
+
+
+# Every module an engine patched or hooked, and each engine's model, to that engine: a model (or a part of one) is
+# made private once. Outside the modules, so that copies and pickles of a model carry no entry.
+_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def attached_engine(module: torch.nn.Module) -> ClippingEngine | None:
+    """The live engine that captures ``module``'s forward passes, if any."""
+    ref = _ATTACHED.get(module)
+    return None if ref is None else ref()
+
+
+def _inert_hook(*args) -> None:
+    return None
+
+
+class _EngineHook:
+    """A module hook that calls one of the engine's methods while the engine lives. A copy or a pickle of the
+    model gets an inert hook instead: the copy is not private, and the engine cannot be pickled."""
+
+    def __init__(self, engine: ClippingEngine, method: str, *bound) -> None:
+        self.engine, self.method, self.bound = weakref.ref(engine), method, bound
+
+    def __call__(self, *args):
+        engine = self.engine()
+        return None if engine is None else getattr(engine, self.method)(*self.bound, *args)
+
+    def __reduce__(self):
+        return (_make_inert_hook, ())
+
+
+def _make_inert_hook():
+    return _inert_hook
 
 
 def layer_kind(module: torch.nn.Module) -> str | None:
@@ -48,8 +85,11 @@ def _trainable_bias(module: torch.nn.Module) -> bool:
 @dataclasses.dataclass
 class _Call:
     """One forward call of a layer: its inputs, then its output gradient, or, for a linear layer whose
-    per-example gradients are cheaper than its ghost norm, those gradients (and the bias's) instead of both."""
+    per-example gradients are cheaper than its ghost norm, those gradients (and the bias's) instead of both.
+    Until its gradient arrives only the autograd graph holds it (a forward that never reaches backward frees its
+    captures with its graph); then the engine does, until the step or accumulate() consumes it."""
     inputs: tuple
+    forward_id: int = 0  # which forward pass of the model made it
     grad: torch.Tensor | None = None
     rows: int = 0
     per_example: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
@@ -132,7 +172,7 @@ class ClippingEngine:
             else:
                 raise ValueError("parameter shared by " + ", ".join(n for n, _, _ in entries)
                                  + ": only an embedding tied to a linear head is supported")
-        self.calls: dict[str, list[_Call]] = {name: [] for name in self.layers}
+        self.calls: dict[str, list[_Call]] = {name: [] for name in self.layers}  # calls whose gradient arrived
         self.instantiate: dict[str, bool] = {}  # linear layers: per-example gradients (True) or ghost norms
         self.closed_form_ok: dict[str, bool] = {}  # norm layers whose closed form was checked against torch.func
         # Rows per privacy unit: k consecutive batch rows (e.g. a prompt's k sampled continuations)
@@ -145,32 +185,51 @@ class ClippingEngine:
         # pass now (outside a backward pass) would add another batch's rows to the same examples (_check_forward).
         self._backward_seen = False
         self._flushing = False  # flush() runs modules through torch.func: its forwards are not the model's
-        # Train-mode batch norms mix the examples of a batch through its statistics (checked at wrap and flush).
+        self._forward_id = 0  # forward passes of the model (its pre-hook counts them)
+        # Batch norms that normalise with the batch's statistics (training mode, or no running statistics) mix
+        # the examples (checked at wrap and flush).
         self.batch_norms = [(n, m) for n, m in model.named_modules()
                             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self.check_batch_norms()
+        # Parameters of supported layers frozen now: unfrozen later, their gradients would be neither captured nor
+        # clipped (checked at flush).
+        self.frozen_params = [(f"{m_name}.{pn}" if m_name else pn, p) for m_name, (module, _) in self.layers.items()
+                              for pn, p in module.named_parameters(recurse=False) if not p.requires_grad]
         self.model = weakref.ref(model)
-        model._dpkd_engine = weakref.ref(self)  # make_private refuses a model that already has an engine
-        self.handles = []
+        self.handles = [model.register_forward_pre_hook(_EngineHook(self, "_count_forward"))]
         self.patched: list[torch.nn.Module] = []
+        _ATTACHED[model] = weakref.ref(self)
         for name, (module, kind) in self.layers.items():
+            _ATTACHED[module] = weakref.ref(self)
             if kind == "generic":
-                self.handles.append(module.register_forward_hook(self._forward_hook(name)))
+                self.handles.append(module.register_forward_hook(_EngineHook(self, "_capture_generic", name, module)))
             else:  # linear, GPT-2 Conv1D, embedding: forward through a capturing autograd function
-                module.forward = types.MethodType(self._capturing_forward(name, kind), module)
+                module.forward = types.MethodType(self._capturing_forward(name, kind, module), module)
                 self.patched.append(module)
         # Autograd never writes these parameters' .grad: if it does, they were used outside their module.
         self.patched_params = [(n, p) for m_name, (module, kind) in self.layers.items() if kind != "generic"
                                for n, p in ((f"{m_name}.{pn}", p) for pn, p in module.named_parameters(recurse=False))
                                if p.requires_grad]
 
+    def _count_forward(self, module: torch.nn.Module, args: tuple) -> None:
+        if module is self.model() and torch.is_grad_enabled() and not self._in_backward():
+            self._forward_id += 1
+
     def check_batch_norms(self) -> None:
-        training = [f"{n or '<root>'} ({type(m).__name__})" for n, m in self.batch_norms if m.training]
-        if training:
-            raise ValueError("batch norm in training mode normalises each example with statistics of the whole "
-                             "batch, so one example changes the others' gradients, which per-example clipping "
-                             "cannot bound: " + ", ".join(training) + ". Put them in eval mode (frozen statistics) "
-                             "after model.train(), or use GroupNorm/LayerNorm")
+        mixing = [f"{n or '<root>'} ({type(m).__name__})" for n, m in self.batch_norms
+                  if m.training or m.running_mean is None]
+        if mixing:
+            raise ValueError("batch norm in training mode (or without running statistics) normalises each example "
+                             "with statistics of the whole batch, so one example changes the others' gradients, "
+                             "which per-example clipping cannot bound: " + ", ".join(mixing) + ". Put them in eval "
+                             "mode with running statistics after model.train(), or use GroupNorm/LayerNorm")
+
+    def check_frozen_params(self) -> None:
+        unfrozen = [n for n, p in self.frozen_params if p.requires_grad]
+        if unfrozen:
+            raise ValueError(f"parameters frozen at make_private are trainable now ({', '.join(unfrozen)}): their "
+                             "per-example gradients are not captured, so they cannot be clipped; unfreeze "
+                             "parameters before make_private")
 
     @staticmethod
     def _in_backward() -> bool:
@@ -182,15 +241,15 @@ class ClippingEngine:
         backward pass whose gradients no step has consumed: its rows would join the earlier batch's examples of the
         same index in one clipping unit."""
         if self._backward_seen and not self._in_backward():
-            raise RuntimeError("a forward pass began after backward() and before optimizer.step(): to accumulate "
-                               "micro-batches call optimizer.accumulate() after each micro-batch's backward(), or "
-                               "add the per-example losses of both and call backward() once")
+            raise RuntimeError("a forward pass began after backward() and before optimizer.step(): " + _ONE_PASS)
 
-    def _capturing_forward(self, name: str, kind: str):
-        calls, anchor = self.calls[name], self.anchor
+    def _capturing_forward(self, name: str, kind: str, target: torch.nn.Module):
+        anchor, target = self.anchor, weakref.ref(target)
         receive = self._keep_grad(name) if kind == "embedding" else self._linear_grad(name)
 
         def forward(module, x):
+            if module is not target():  # a copy of the patched module (copy.deepcopy): not private
+                return type(module).forward(module, x)
             if kind == "conv1d_hf":
                 weight, bias = module.weight.t(), module.bias
             else:
@@ -202,8 +261,7 @@ class ClippingEngine:
             self._check_forward()
             if kind != "embedding":
                 x = self._as_multiplied(x)
-            call = _Call((x.detach(),), on_grad=receive)
-            calls.append(call)
+            call = _Call((x.detach(),), self._forward_id, on_grad=receive)
             if kind == "embedding":
                 return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
             lead = tuple(x.shape[:-1])
@@ -237,18 +295,16 @@ class ClippingEngine:
         copies[key] = (weakref.ref(x, forget), x._version, copy)
         return copy
 
-    def _forward_hook(self, name: str):
+    def _capture_generic(self, name: str, target: torch.nn.Module, module: torch.nn.Module, args: tuple,
+                         output) -> None:
+        """Forward hook of a layer whose per-example gradients come from torch.func or a closed form."""
+        if module is not target or self._flushing or not (
+                torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return  # the engine's own torch.func calls, evaluation, or a frozen path
+        self._check_forward()
+        call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), self._forward_id)
         keep = self._keep_grad(name)
-
-        def hook(module, args, output):
-            if self._flushing or not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
-                                      and output.requires_grad):
-                return  # the engine's own torch.func calls, generation, evaluation, or a frozen path
-            self._check_forward()
-            call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-            self.calls[name].append(call)
-            output.register_hook(lambda g: keep(call, g.detach()))
-        return hook
+        output.register_hook(lambda g: keep(call, g.detach()))
 
     @staticmethod
     def _once(name: str, call: _Call) -> None:
@@ -263,7 +319,7 @@ class ClippingEngine:
         def keep(call: _Call, g: torch.Tensor) -> None:
             self._once(name, call)
             call.grad, call.rows = g, g.shape[0]
-            self._backward_seen = True
+            self._received(name, call)
         return keep
 
     def _linear_grad(self, name: str):
@@ -289,8 +345,12 @@ class ClippingEngine:
             call.per_example = layers.linear_per_example_grads(a, g3, weight=module.weight.requires_grad,
                                                                bias=_trainable_bias(module))
             call.inputs, call.rows, call.rows_per_example = (), g.shape[0], self.rows_per_example
-            self._backward_seen = True
+            self._received(name, call)
         return receive
+
+    def _received(self, name: str, call: _Call) -> None:
+        self.calls[name].append(call)
+        self._backward_seen = True
 
     def _checked_closed_form(self, name: str, module: torch.nn.Module, params: dict, inputs: tuple,
                              g: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -316,9 +376,8 @@ class ClippingEngine:
         for module in self.patched:
             del module.forward  # back to the class's forward
         self.handles, self.patched = [], []
-        model = self.model()
-        if model is not None and getattr(model, "_dpkd_engine", lambda: None)() is self:
-            del model._dpkd_engine
+        for module in [m for m, ref in _ATTACHED.items() if ref() is self]:
+            del _ATTACHED[module]
 
     def _release(self, name: str) -> None:
         # The autograd graph (alive while the loss is) still refers to the calls: empty them, not just the list.
@@ -327,21 +386,13 @@ class ClippingEngine:
         self.calls[name].clear()
 
     def clear(self) -> None:
+        """Drop what backward passes delivered. Forward passes still waiting for their backward keep their captures
+        (zero_grad() between a forward and its backward; a micro-batch's forward before the previous one's
+        accumulate()): their graphs hold them."""
         for name in self.calls:
             self._release(name)
         self.instantiate.clear()
         self._autocast_copies.clear()
-        self._backward_seen = False
-
-    def clear_gradients(self) -> None:
-        """Drop what backward passes captured, keep the forward passes still waiting for theirs (zero_grad() between
-        a forward and its backward, as ordinary PyTorch loops may call it)."""
-        for calls in self.calls.values():
-            for c in calls:
-                if c.done:
-                    c.inputs, c.grad, c.per_example = (), None, None
-            calls[:] = [c for c in calls if not c.done]
-        self.instantiate.clear()
         self._backward_seen = False
 
     @property
@@ -350,6 +401,9 @@ class ClippingEngine:
 
     def _batch_size(self) -> int:
         """Examples in the captured batch (rows / rows_per_example)."""
+        if len({c.forward_id for calls in self.calls.values() for c in calls if c.done}) > 1:
+            # Row i of each pass would be one clipping unit: two examples, if the passes held different ones.
+            raise ValueError("the gradients of several forward passes of the model reached one step: " + _ONE_PASS)
         sizes = {c.rows for calls in self.calls.values() for c in calls if c.done}
         if len(sizes) != 1:
             raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: the batch dimension must be first "
@@ -394,6 +448,7 @@ class ClippingEngine:
         """Clip this micro-batch: add sum_i c_i g_i into ``sums`` (keyed by id(param)); returns ||g_i||."""
         self._autocast_copies.clear()
         self.check_batch_norms()
+        self.check_frozen_params()
         self._flushing = True
         try:
             return self._flush(max_grad_norm, sums)
@@ -439,6 +494,8 @@ class ClippingEngine:
                 elif module.weight.requires_grad:
                     add(scale**2 * layers.linear_sq_norms(a, g, weight=True, bias=False))
             elif kind == "embedding":
+                if not module.weight.requires_grad:  # frozen since make_private
+                    continue
                 ids, g = data[name]
                 add(scale**2 * layers.embedding_sq_norms(ids, g, module.padding_idx))
             else:
@@ -460,7 +517,7 @@ class ClippingEngine:
             add(scale**2 * layers.ghost_sq_norms(a, gs))
         ghost.clear()
         for emb, head in self.tied:
-            if data[emb] is None or data[head] is None:
+            if data[emb] is None or data[head] is None or not self.layers[emb][0].weight.requires_grad:
                 continue
             ids, g_emb = data[emb]
             a_head, g_head = data[head]

@@ -129,6 +129,32 @@ class DPOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.original_optimizer.defaults = value
 
+    # Optimizer's pickling keeps only defaults, state and param_groups: this wrapper's own attributes go too.
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # Hooks run around the wrapped optimizer's step, which this step() calls once the gradients are private.
+    def register_step_pre_hook(self, hook: Callable) -> Any:
+        return self.original_optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable) -> Any:
+        return self.original_optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> Any:
+        return self.original_optimizer.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> Any:
+        return self.original_optimizer.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> Any:
+        return self.original_optimizer.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> Any:
+        return self.original_optimizer.register_load_state_dict_post_hook(hook, prepend)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise ValueError("parameters cannot join a DP optimizer after make_private: their per-example gradients are "
                          "not captured; make them trainable before make_private")
@@ -139,7 +165,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        self.engine.clear_gradients()  # a forward pass still waiting for its backward stays captured
+        self.engine.clear()  # a forward pass still waiting for its backward stays captured (its graph holds it)
         self._sums, self._norms = {}, []
         self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params if p.grad is not None}
 

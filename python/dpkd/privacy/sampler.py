@@ -3,10 +3,12 @@ what the accountant's subsampled-Gaussian analysis assumes. Batch sizes vary and
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from .noise import secure_uniform
@@ -22,8 +24,9 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     Data-parallel training (``num_replicas`` ranks, this one ``rank``): each rank samples the indices
     i = rank (mod num_replicas) at the same rate, so that together the ranks draw one Poisson batch of the whole
-    dataset. The ranks' draws must be independent: a ``generator`` must be seeded differently on each rank;
-    without one (and outside secure mode) each rank seeds its own from os.urandom.
+    dataset. The ranks' draws must be independent: a ``generator`` (usually seeded alike on every rank) is
+    replaced by one seeded from its initial seed and the rank; without one (and outside secure mode) each rank
+    seeds its own from os.urandom.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, *, steps: int | None = None,
@@ -40,10 +43,11 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.dataset_size, self.sample_rate = dataset_size, sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.num_replicas, self.rank = num_replicas or 1, rank or 0
-        if self.num_replicas > 1 and generator is None and not secure_mode:
-            # The global RNG is usually seeded alike on every rank: equal draws would include the ranks' i-th
-            # indices together, not independently.
-            generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        if self.num_replicas > 1 and not secure_mode:
+            # Equal draws on every rank would include the ranks' i-th indices together, not independently.
+            seed = int.from_bytes(os.urandom(8), "little") if generator is None else \
+                int.from_bytes(hashlib.sha256(f"{generator.initial_seed()}/{self.rank}".encode()).digest()[:8], "little")
+            generator = torch.Generator().manual_seed(seed >> 1)
         self.generator, self.secure_mode = generator, secure_mode
 
     def __len__(self) -> int:
@@ -60,18 +64,22 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def _empty_like(batch: Any) -> Any:
-    """A collated batch of one item cut to zero items: tensors [:0] inside dicts, lists and tuples; a list of
-    plain values (default_collate's strings) becomes []."""
-    if isinstance(batch, torch.Tensor):
+    """A collated batch of one item cut to zero items: tensors and arrays [:0] inside dicts, lists and tuples; a list
+    of plain values (default_collate's strings) becomes []; None stays. Anything else is refused: returned as it is,
+    it would carry the one item into a batch that must be empty."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
         return batch[:0]
+    if batch is None:
+        return None
     if isinstance(batch, Mapping):
         return type(batch)({k: _empty_like(v) for k, v in batch.items()})
     if isinstance(batch, (list, tuple)):
-        if isinstance(batch, list) and not any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in batch):
+        if isinstance(batch, list) and all(isinstance(v, (str, bytes, int, float, bool)) for v in batch):
             return []
         parts = [_empty_like(v) for v in batch]
         return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
-    return batch
+    raise TypeError(f"EmptyBatchCollate cannot make an empty batch out of a {type(batch).__name__}: give a "
+                    "collate_fn that returns an empty batch for [] (it is tried first)")
 
 
 class EmptyBatchCollate:
@@ -85,7 +93,10 @@ class EmptyBatchCollate:
     def __call__(self, items: list) -> Any:
         if items:
             return self.collate_fn(items)
-        return _empty_like(self.collate_fn([self.dataset[0]]))
+        try:
+            return self.collate_fn([])  # a collate_fn that handles no items knows best
+        except Exception:  # default_collate([]) raises IndexError
+            return _empty_like(self.collate_fn([self.dataset[0]]))
 
 
 def poisson_loader(dataset: Any, expected_batch_size: int, *, steps: int | None = None,
