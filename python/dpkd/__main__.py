@@ -11,6 +11,8 @@ from . import accounting
 
 def _budget(args: argparse.Namespace) -> int:
     q, steps, delta = args.sample_rate, args.steps, args.delta
+    if args.target_epsilon is not None and args.noise_multiplier is not None:
+        raise ValueError("give --noise-multiplier or --target-epsilon (which calibrates it), not both")
     if args.target_epsilon is not None:
         noise = accounting.calibrate_noise(target_epsilon=args.target_epsilon, delta=delta, sample_rate=q, steps=steps)
         print(f"noise multiplier for epsilon <= {args.target_epsilon:g}: {noise:.6f}")
@@ -57,8 +59,8 @@ def _plot(path: str, noise: float, q: float, steps: int, delta: float) -> None:
 
 def _positive_int(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 

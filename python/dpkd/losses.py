@@ -359,6 +359,9 @@ def distill_loss(
         per_token = per_token * t2
     if select is not None:
         chosen = select if not callable(select) else select(token_stats_, valid)
+        if not hasattr(chosen, "weights") or not isinstance(getattr(chosen, "values", None), torch.Tensor):
+            raise TypeError(f"select must be a dpkd.select.Selection or a rule returning one, got "
+                            f"{type(chosen).__name__}")
         if tuple(chosen.values.shape) != tuple(per_token.shape):
             raise ValueError(f"select produced shape {tuple(chosen.values.shape)}, expected {tuple(per_token.shape)}")
         weights = chosen.weights() if weights is None else weights * chosen.weights()

@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from . import accounting, losses, privacy
+from . import select as sel
 
 Method = Literal["dp_opd", "dp_sft", "dp_offpolicy_kd", "kd", "sft"]
 METHODS: tuple[str, ...] = ("dp_opd", "dp_sft", "dp_offpolicy_kd", "kd", "sft")
@@ -41,7 +42,9 @@ class OPDConfig:
     max_new_tokens: int = 16
     sample_temperature: float = 1.0
     top_p: float = 1.0
-    ground_truth_fraction: float = 0.0   # GKD's lambda: a fraction of examples use the ground truth instead
+    # A fraction of examples (drawn per example) train on the ground truth instead of student samples: 1 - lambda of
+    # GKD / TRL's GKDConfig(lmbda=...), whose lambda is the on-policy fraction (drawn per batch there).
+    ground_truth_fraction: float = 0.0
     expected_batch_size: int = 8
     steps: int = 100
     lr: float = 1e-3
@@ -58,8 +61,14 @@ class OPDConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.num_samples < 1 or self.max_new_tokens < 1 or self.expected_batch_size < 1 or self.steps < 1:
-            raise ValueError("num_samples, max_new_tokens, expected_batch_size and steps must be >= 1")
+        for name in ("num_samples", "max_new_tokens", "expected_batch_size", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.sample_temperature > 0.0:
+            raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature}")
         if not 0.0 <= self.ground_truth_fraction <= 1.0:
             raise ValueError(f"ground_truth_fraction must be in [0, 1], got {self.ground_truth_fraction}")
 
@@ -140,17 +149,33 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
                         select: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Per-sequence losses [S] over continuation tokens only, the per-token losses [S, T-1] (0 outside
     the continuation) and the selected fraction. ``hard_labels``: cross entropy to the sequence's own
-    tokens (DP fine-tuning) instead of the teacher."""
+    tokens (DP fine-tuning) instead of the teacher; a ``select`` rule then sees the student's statistics in the
+    teacher's fields too (divergence 0): SHRED's surprisal, the student's entropy."""
     inputs, targets = sequences[:, :-1], sequences[:, 1:]
     attention = torch.ones_like(inputs)
     cont = torch.zeros_like(targets, dtype=torch.bool)
     cont[:, prompt_len - 1:] = True  # positions whose next token is a continuation token
     s_logits = _logits(student, inputs, attention)
     labels = torch.where(cont, targets, torch.full_like(targets, -100))
+    weights_seen = {}
+
+    def rule(stats, valid):
+        chosen = select(stats, valid)
+        if not isinstance(chosen, sel.Selection):
+            raise TypeError(f"a select rule returns a dpkd.select.Selection, got {type(chosen).__name__}")
+        if config.private:
+            chosen.check_private()  # one example's selection may depend on that example alone
+        weights_seen["w"] = chosen.weights()
+        return chosen
+
     if hard_labels:
         per_token = torch.nn.functional.cross_entropy(s_logits.transpose(1, 2).float(), labels, reduction="none",
                                                       ignore_index=-100)
         fraction = 1.0
+        if select is not None:
+            own = s_logits.detach()
+            per_token = per_token * rule(losses.token_stats(own, own, labels=labels), labels != -100).weights()
+            fraction = float(weights_seen["w"][cont].mean())
     else:
         rows = _embedding_rows(teacher)
         if rows is not None and int(inputs.max()) >= rows:
@@ -162,14 +187,6 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
             raise ValueError(f"student logits have {s_logits.shape[-1]} columns and teacher logits "
                              f"{t_logits.shape[-1]}: set OPDConfig(allow_vocab_mismatch=True) to treat the extra "
                              "columns as probability 0")
-        weights_seen = {}
-
-        def rule(stats, valid):
-            chosen = select(stats, valid)
-            if config.private:
-                chosen.check_private()  # one example's selection may depend on that example alone
-            weights_seen["w"] = chosen.weights()
-            return chosen
 
         per_token = losses.distill_loss(s_logits, t_logits, divergence=config.divergence, beta=config.beta,
                                         temperature=config.loss_temperature, labels=labels, reduction="none",
@@ -181,7 +198,12 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
 
 
 class OPDTrainer:
-    """Step-by-step trainer (``step()`` returns a metrics dict); ``train()`` runs ``config.steps`` steps."""
+    """Step-by-step trainer (``step()`` returns a metrics dict); ``train()`` runs the remaining steps.
+
+    ``log_path``: each step's metrics appended as a CSV row (``.csv``) or a JSON line (null for NaN and infinity);
+    appended, so that a resumed run continues its log. ``select``: a rule ``(TokenStats, valid) -> Selection`` on the
+    continuation tokens; the per-sequence loss stays a mean over all continuation tokens, so a 50% selection about
+    halves its scale (and its gradient's, against the clipping norm)."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, prompts: torch.Tensor,
                  continuations: torch.Tensor | None, config: OPDConfig, *, select: Callable | None = None,
@@ -194,7 +216,8 @@ class OPDTrainer:
             raise ValueError(f"method {config.method!r} needs a teacher")
         if continuations is None and (config.on_ground_truth or config.ground_truth_fraction):
             raise ValueError(f"method {config.method!r} (or ground_truth_fraction > 0) needs ground-truth continuations")
-        if continuations is not None and continuations.shape[1] < config.max_new_tokens:
+        uses_truth = config.on_ground_truth or config.ground_truth_fraction > 0
+        if uses_truth and continuations.shape[1] < config.max_new_tokens:
             raise ValueError(f"continuations have {continuations.shape[1]} tokens, fewer than max_new_tokens")
         self.prompts, self.continuations = prompts, continuations
         n = prompts.shape[0]
@@ -229,6 +252,17 @@ class OPDTrainer:
             self.optimizer = optimizer
         self.steps_done = 0
 
+    def budget_allows_step(self) -> bool:
+        """Whether one more step keeps epsilon within the target: from the accountant's own history (a resumed run's
+        included, whatever the noise it was spent at), not from a step count."""
+        cfg = self.config
+        if not (cfg.private and cfg.target_epsilon is not None):
+            return True
+        probe = accounting.RDPAccountant()
+        probe.load_state_dict(self.optimizer.accountant.state_dict())
+        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return self.steps_done < self.total_steps and probe.get_epsilon(self.delta) <= cfg.target_epsilon
+
     @property
     def epsilon(self) -> float:
         if not self.config.private:
@@ -251,7 +285,7 @@ class OPDTrainer:
         prompts = self.prompts[rows]
         k, m = cfg.num_samples, cfg.max_new_tokens
         truth = None
-        if self.continuations is not None:
+        if cfg.on_ground_truth or cfg.ground_truth_fraction > 0:
             truth = torch.cat([prompts, self.continuations[rows][:, :m]], 1).repeat_interleave(k, 0)
         if cfg.on_ground_truth:
             return truth, prompts.shape[1]
@@ -267,9 +301,9 @@ class OPDTrainer:
         """One training step. Past ``total_steps`` of a run with a target epsilon it raises: that step would take
         epsilon past the target."""
         cfg, t0 = self.config, time.perf_counter()
-        if cfg.private and cfg.target_epsilon is not None and self.steps_done >= self.total_steps:
-            raise RuntimeError(f"the privacy budget is spent: {self.total_steps} steps reach at most target_epsilon="
-                               f"{cfg.target_epsilon} (epsilon now {self.epsilon:.4g}); another step would exceed it")
+        if not self.budget_allows_step():
+            raise RuntimeError(f"the privacy budget is spent: another step would take epsilon from {self.epsilon:.4g} "
+                               f"past target_epsilon={cfg.target_epsilon}")
         rows = self._batch()
         self.optimizer.zero_grad()
         loss_value, fraction, tokens = float("nan"), float("nan"), 0
@@ -308,9 +342,10 @@ class OPDTrainer:
                 if new:
                     writer.writeheader()
                 writer.writerow(metrics)
-        else:
+        else:  # JSON has no NaN or Infinity (a non-private run's epsilon, an empty batch's norms): null
+            finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
             with open(path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json.dumps(finite, allow_nan=False) + "\n")
 
     def train(self, *, progress: bool = True) -> list[dict[str, Any]]:
         """Runs the remaining steps (up to ``total_steps``: the target epsilon is never exceeded)."""
@@ -322,6 +357,8 @@ class OPDTrainer:
         bar = tqdm(remaining, desc=self.config.method, disable=not progress) if tqdm else remaining
         history = []
         for _ in bar:
+            if not self.budget_allows_step():  # a resumed run whose history was spent under other settings
+                break
             m = self.step()
             history.append(m)
             if tqdm:

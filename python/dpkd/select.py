@@ -39,10 +39,16 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """A mask (bool) or weights (float) over tokens, and the scope it was computed in."""
+    """A mask (bool) or weights (float) over tokens, and the scope it was computed in: ``"sequence"`` when each
+    sequence's values depend on that sequence alone (the only scope DP accepts), ``"batch"`` otherwise (a batch
+    quantile). No default: a mask built by hand says which it is."""
 
     values: torch.Tensor
-    scope: Scope = "sequence"
+    scope: Scope
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("sequence", "batch"):
+            raise ValueError(f"scope must be 'sequence' or 'batch', got {self.scope!r}")
 
     @property
     def is_mask(self) -> bool:
@@ -96,7 +102,8 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _valid(score: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    v = torch.isfinite(score)
+    # NaN is no score (a token the statistics skipped); +-inf are scores (log q[label] = -inf is the most surprising)
+    v = ~torch.isnan(score)
     if valid is not None:
         if valid.shape != score.shape:
             raise ValueError(f"valid must have shape {tuple(score.shape)}, got {tuple(valid.shape)}")
@@ -117,7 +124,7 @@ def _check_fraction(fraction: float) -> None:
 def top_fraction(score: torch.Tensor, fraction: float, *, valid: torch.Tensor | None = None,
                  scope: Scope = "sequence", largest: bool = True) -> torch.Tensor:
     """Mask of the ceil(fraction * n) highest-scoring valid tokens of each sequence (or of the batch), where
-    n counts the sequence's valid tokens (``valid`` and a finite score); 1e-9 of slack in the ceiling makes
+    n counts the sequence's valid tokens (``valid`` and a score that is not NaN); 1e-9 of slack in the ceiling makes
     0.07 of 100 tokens 7.
 
     Ties go to the earlier position (a stable sort's first k), so the result is deterministic. A selection,
@@ -127,7 +134,10 @@ def top_fraction(score: torch.Tensor, fraction: float, *, valid: torch.Tensor | 
     _check_fraction(fraction)
     _check_scope(scope)
     shape = score.shape
-    s = _as_2d(score.detach().float())
+    # +-inf rank as the extreme scores they are (log q[label] = -inf: the most surprising token); the selection op
+    # takes finite ones
+    s = _as_2d(torch.nan_to_num(score.detach().float(), posinf=torch.finfo(torch.float32).max,
+                                neginf=torch.finfo(torch.float32).min))
     v = _as_2d(_valid(score.detach().float(), valid))
     if scope == "batch":
         s, v = s.reshape(1, -1), v.reshape(1, -1)
@@ -138,8 +148,11 @@ def top_fraction(score: torch.Tensor, fraction: float, *, valid: torch.Tensor | 
 
 def _top_fraction_by_sorting(s: torch.Tensor, v: torch.Tensor, fraction: float, largest: bool) -> torch.Tensor:
     key = s if largest else -s
-    key = torch.where(v, key, torch.full_like(key, -math.inf))
+    key = torch.where(v, key, torch.zeros_like(key))
+    # Valid tokens first (a valid key may be -inf), each part by key, ties by position: two stable sorts.
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    order = order.gather(-1, torch.sort(v.gather(-1, order).to(torch.int8), dim=-1, descending=True,
+                                        stable=True).indices)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return (rank < _selected_count(fraction, v.sum(-1, keepdim=True))) & v
@@ -168,7 +181,7 @@ def tip(student_entropy: torch.Tensor, divergence: torch.Tensor, *, quadrant: Qu
     """
     if quadrant not in ("q1", "q2", "q1_or_q2"):
         raise ValueError(f"quadrant must be 'q1', 'q2' or 'q1_or_q2', got {quadrant!r}")
-    v = _valid(student_entropy.detach().float(), valid) & torch.isfinite(divergence.detach())
+    v = _valid(student_entropy.detach().float(), valid) & ~torch.isnan(divergence.detach())
     if entropy_threshold is not None:
         high_entropy = (student_entropy > entropy_threshold) & v
     elif fraction is not None:

@@ -43,3 +43,11 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "dpkd", "budget", "--noise-multiplier", "1.1", "--sample-rate",
                           "0.01", "--steps", "100", "--delta", "1e-5"], capture_output=True, text=True, check=True)
     assert "epsilon (RDP" in out.stdout
+
+
+def test_budget_takes_sigma_or_a_target_not_both_and_steps_from_one():
+    from dpkd.__main__ import main
+    assert main(["budget", "--noise-multiplier", "1.0", "--target-epsilon", "3", "--sample-rate", "0.01",
+                 "--steps", "10", "--delta", "1e-5"]) == 2
+    with pytest.raises(SystemExit):
+        main(["budget", "--noise-multiplier", "1.0", "--sample-rate", "0.01", "--steps", "0", "--delta", "1e-5"])

@@ -176,3 +176,60 @@ def test_a_wider_teacher_vocabulary_needs_the_opt_in():
     t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(vocab=20, seed=2), prompts, conts,
                        opd.OPDConfig(allow_vocab_mismatch=True, **kw))
     assert torch.isfinite(torch.tensor(t.step()["loss"]))  # reverse KL: the extra columns hold no student mass
+
+
+def test_a_resumed_run_stops_at_its_own_target_whatever_the_history():
+    """The stop rule reads the accountant's history: a checkpoint spent under other settings cannot take a
+    resumed run past its target."""
+    prompts, conts = data()
+    spend = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                           opd.OPDConfig(steps=4, expected_batch_size=6, max_new_tokens=3, target_epsilon=8.0))
+    for _ in range(3):
+        spend.step()
+    assert spend.epsilon > 2.0
+    tight = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                           opd.OPDConfig(steps=4, expected_batch_size=6, max_new_tokens=3, target_epsilon=2.0))
+    tight.load_state_dict(spend.state_dict())
+    assert not tight.budget_allows_step() and tight.train(progress=False) == []
+    with pytest.raises(RuntimeError, match="budget is spent"):
+        tight.step()
+
+
+def test_selection_applies_to_fine_tuning_too(tmp_path):
+    """dp_sft with SHRED's highest surprisal: the rule sees the student's own label log-probabilities."""
+    prompts, conts = data()
+    seen = []
+
+    def rule(stats, valid):
+        seen.append(stats)
+        return select.highest_surprisal(stats.student_label_logprob, 0.25, valid=valid)
+
+    t = opd.OPDTrainer(TinyLM(seed=1), None, prompts, conts,
+                       opd.OPDConfig(method="dp_sft", steps=2, expected_batch_size=12, max_new_tokens=4,
+                                     target_epsilon=8.0), select=rule, log_path=str(tmp_path / "log.jsonl"))
+    m = t.step()
+    assert seen and 0.2 < m["selected_fraction"] < 0.5
+    assert "NaN" not in (tmp_path / "log.jsonl").read_text() and "Infinity" not in (tmp_path / "log.jsonl").read_text()
+    kd = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                        opd.OPDConfig(method="kd", steps=1, expected_batch_size=6, max_new_tokens=4),
+                        log_path=str(tmp_path / "kd.jsonl"))
+    kd.step()
+    import json
+    assert json.loads((tmp_path / "kd.jsonl").read_text())["epsilon"] is None  # infinite: no DP
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(num_samples=2.5), "num_samples"), (dict(top_p=1.5), "top_p"),
+                                          (dict(top_p=0.0), "top_p"), (dict(sample_temperature=0.0), "temperature")])
+def test_config_checks(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        opd.OPDConfig(**kwargs)
+
+
+def test_on_policy_training_ignores_short_ground_truth():
+    prompts, conts = data(m=2)  # shorter than max_new_tokens: unused on-policy
+    t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                       opd.OPDConfig(steps=1, expected_batch_size=6, max_new_tokens=4, target_epsilon=8.0))
+    t.step()
+    with pytest.raises(ValueError, match="fewer than max_new_tokens"):
+        opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                       opd.OPDConfig(steps=1, expected_batch_size=6, max_new_tokens=4, ground_truth_fraction=0.5))

@@ -52,12 +52,13 @@ def test_selection_op_equals_stable_sort_on_long_rows(largest):
     x[1, 3] = float("inf")
     valid = torch.rand(16, 4099, generator=g) > 0.2
     valid[2] = False  # a sequence of padding only
+    finite = x.nan_to_num(nan=math.nan, posinf=torch.finfo(torch.float32).max)  # inf ranks as the largest float
     for fraction in (0.0, 0.07, 0.3, 1.0):
         got = select.top_fraction(x, fraction, valid=valid, largest=largest)
-        v = valid & torch.isfinite(x)
-        ref = select._top_fraction_by_sorting(x, v, fraction, largest)
+        v = valid & ~torch.isnan(x)
+        ref = select._top_fraction_by_sorting(finite, v, fraction, largest)
         assert torch.equal(got, ref)
-        assert torch.equal(torch.ops.dpkd.select_top_fraction(x, valid, fraction, largest), ref)  # finite: its job
+        assert torch.equal(torch.ops.dpkd.select_top_fraction(finite, valid, fraction, largest), ref)  # NaN: invalid
         assert torch.equal(got.sum(-1), torch.tensor([math.ceil(fraction * int(n) - 1e-9) for n in v.sum(-1)]))
 
 
@@ -205,6 +206,8 @@ def test_composition_and_privacy_scope():
         (a & b).check_private()
     with pytest.raises(TypeError):
         a & w
+    with pytest.raises(TypeError):
+        select.Selection(valid)  # a hand-made mask says its scope
     for combine in (lambda: a & (h > 0.5), lambda: a | valid, lambda: a * w.values):  # a tensor's scope is unknown
         with pytest.raises(TypeError, match="wrap a tensor as Selection"):
             combine()
@@ -257,3 +260,24 @@ def test_per_sequence_selection_depends_on_its_own_sequence_only():
     b0 = select.top_fraction(st0, 0.3, scope="batch")
     b1 = select.top_fraction(st1, 0.3, scope="batch")
     assert not torch.equal(b0[[0, 2, 3]], b1[[0, 2, 3]])
+
+
+def test_infinite_scores_rank_as_extremes_and_nan_is_no_score():
+    """SHRED: log q[label] = -inf is the most surprising token, not an invalid one."""
+    z = torch.randn(1, 6, 11, generator=torch.Generator().manual_seed(3))
+    z[0, 2, 3] = float("-inf")
+    labels = torch.tensor([[0, 1, 3, 2, 4, 5]])
+    st = dpkd.token_stats(z, torch.randn(1, 6, 11), labels=labels)
+    assert st.student_label_logprob[0, 2] == float("-inf")
+    picked = select.highest_surprisal(st.student_label_logprob, 0.2, valid=labels != -100).values
+    assert picked[0, 2] and int(picked.sum()) == 2
+    score = torch.tensor([[1.0, float("inf"), float("nan"), 0.5]])
+    assert torch.equal(select.top_fraction(score, 0.34), torch.tensor([[True, True, False, False]]))
+    assert torch.equal(select._top_fraction_by_sorting(score.nan_to_num(posinf=3e38), ~score.isnan(), 0.34, True),
+                       torch.tensor([[True, True, False, False]]))
+
+
+def test_a_rule_must_return_a_selection():
+    s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    with pytest.raises(TypeError, match="Selection"):
+        dpkd.distill_loss(s, t, select=lambda st, v: st.student_entropy > 1.0)
