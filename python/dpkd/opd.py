@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import time
 from typing import Any, Callable, Literal
 
@@ -63,7 +64,7 @@ class OPDConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("num_samples", "max_new_tokens", "expected_batch_size", "steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

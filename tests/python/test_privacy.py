@@ -1026,16 +1026,125 @@ def test_empty_batches_of_unknown_types_are_refused_not_filled_with_an_example()
     assert arrays["x"].shape == (0, 1)
 
 
-def test_dp_optimizer_copies_pickles_and_takes_step_hooks():
+def test_dp_optimizer_refuses_copies_and_takes_step_hooks():
     import copy
     import pickle
     model, dp, x, y, loss, check_step = _private_mlp()
     calls = []
     dp.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
-    clone = copy.deepcopy(dp)
-    assert clone.max_grad_norm == dp.max_grad_norm and len(pickle.loads(pickle.dumps(dp.accountant))) == 0
+    for copy_it in (copy.deepcopy, pickle.dumps):  # a copy would step copied parameters through a detached engine
+        with pytest.raises(TypeError, match="state_dict"):
+            copy_it(dp)
     dp.zero_grad()
     loss(model(x), y).sum().backward()
     dp.step()
     check_step()
     assert calls == [1]
+
+
+class _BodyHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16))
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_passes_are_told_apart_through_submodules_too():
+    """Two micro-batches through a submodule before one step are refused as through the root; one batch through the
+    body and then the head (two outermost calls, each layer once) is one pass."""
+    torch.manual_seed(0)
+    model = _BodyHead().double()
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    per, norms = brute_force(model, x, y, loss)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                 max_grad_norm=0.5, expected_batch_size=6, sample_rate=0.5)
+    (model.body(x[:3]).sum() + model.body(x[3:]).sum()).backward()
+    with pytest.raises(ValueError, match="several forward passes"):
+        dp.step()
+    dp.zero_grad()
+    loss(model.head(model.body(x)), y).sum().backward()  # staged: one pass
+    dp.step()
+    coef = (0.5 / (norms + 1e-6)).clamp(max=1)
+    for n, p in model.named_parameters():
+        expected = -(per[n] * coef.reshape(-1, *[1] * (per[n].dim() - 1))).sum(0) / 6
+        torch.testing.assert_close(p.detach() - before[n], expected, rtol=1e-6, atol=1e-12)
+
+
+class _CheckpointedBody(_BodyHead):
+    """Checkpoints its body as Hugging Face models checkpoint their decoder layers (the model's own forward runs with
+    gradients enabled; reentrant recomputation inside backward)."""
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return self.head(checkpoint(self.body, x.requires_grad_(True), use_reentrant=True))
+
+
+def test_reentrant_checkpointing_after_two_passes_is_refused():
+    torch.manual_seed(0)
+    model = _CheckpointedBody().double()
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    plain = _BodyHead().double()
+    plain.load_state_dict(model.state_dict())
+    _, norms = brute_force(plain, x, y, loss)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                 max_grad_norm=0.5, expected_batch_size=6, sample_rate=0.5)
+    (loss(model(x[:3]), y[:3]).sum() + loss(model(x[3:]), y[3:]).sum()).backward()
+    with pytest.raises(ValueError, match="reentrant"):
+        dp.step()
+    dp.zero_grad()
+    loss(model(x), y).sum().backward()  # one pass: recomputed layers and the head agree on the examples
+    dp.step()
+    torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-12)
+
+
+def test_a_failed_flush_drops_the_micro_batch_whole(monkeypatch):
+    """A clipped sum that fails halfway (an out-of-memory error, say) must not leave some layers' sums behind for a
+    retry to add to the rest, clipped against a partial norm."""
+    from dpkd.privacy import layers as dp_layers
+    model, dp, x, y, loss, _ = _private_mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    real, calls = dp_layers.linear_clipped_sum, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dp_layers, "linear_clipped_sum", failing_once)
+    loss(model(x), y).sum().backward()
+    with pytest.raises(RuntimeError, match="simulated"):
+        dp.step()
+    assert not dp.engine.pending
+    dp.step()  # sigma = 0: nothing of the failed batch reaches the parameters
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_sampler_made_again_from_one_generator_draws_anew_on_every_rank():
+    g = torch.Generator().manual_seed(0)
+    epochs = [list(privacy.PoissonBatchSampler(100, 0.2, steps=1, num_replicas=2, rank=1, generator=g))[0]
+              for _ in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_poisson_loader_checks_its_empty_batch_when_made():
+    items = [torch.tensor([float(i)]) for i in range(3)]
+    with pytest.raises(TypeError, match="cannot make an empty batch"):
+        privacy.poisson_loader(items, 1, collate_fn=lambda b: (torch.stack(b), len(b)))
+
+
+def test_a_frozen_embedding_costs_no_clipped_sum(monkeypatch):
+    from dpkd.privacy import layers as dp_layers
+    model, x, y, loss = make_case("tied_lm", b=4, seed=5)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    model.emb.weight.requires_grad_(False)
+    monkeypatch.setattr(dp_layers, "embedding_clipped_sum", lambda *a: pytest.fail("[V, d] sum of a frozen weight"))
+    loss(model(x), y).sum().backward()
+    dp.step()

@@ -64,6 +64,12 @@ def _make_inert_hook():
     return _inert_hook
 
 
+def _prefixes(name: str) -> list[str]:
+    """'' and every dotted prefix of a module name: the modules that hold it."""
+    parts = name.split(".")
+    return [""] + [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def layer_kind(module: torch.nn.Module) -> str | None:
     """'linear', 'conv1d_hf' (GPT-2's transposed linear), 'embedding', 'generic' or None (unsupported)."""
     if isinstance(module, torch.nn.Linear):
@@ -89,7 +95,7 @@ class _Call:
     Until its gradient arrives only the autograd graph holds it (a forward that never reaches backward frees its
     captures with its graph); then the engine does, until the step or accumulate() consumes it."""
     inputs: tuple
-    forward_id: int = 0  # which forward pass of the model made it
+    entry: int | None = 0  # which outermost entry into the model made it; None: recomputed inside backward
     grad: torch.Tensor | None = None
     rows: int = 0
     per_example: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
@@ -185,7 +191,9 @@ class ClippingEngine:
         # pass now (outside a backward pass) would add another batch's rows to the same examples (_check_forward).
         self._backward_seen = False
         self._flushing = False  # flush() runs modules through torch.func: its forwards are not the model's
-        self._forward_id = 0  # forward passes of the model (its pre-hook counts them)
+        # Outermost entries into the model (its root, the modules holding captured layers, or a captured layer
+        # called alone), counted by hooks: a layer whose delivered calls come from two entries met two passes.
+        self._depth, self._entry, self._entries_since_clear = 0, 0, 0
         # Batch norms that normalise with the batch's statistics (training mode, or no running statistics) mix
         # the examples (checked at wrap and flush).
         self.batch_norms = [(n, m) for n, m in model.named_modules()
@@ -196,7 +204,12 @@ class ClippingEngine:
         self.frozen_params = [(f"{m_name}.{pn}" if m_name else pn, p) for m_name, (module, _) in self.layers.items()
                               for pn, p in module.named_parameters(recurse=False) if not p.requires_grad]
         self.model = weakref.ref(model)
-        self.handles = [model.register_forward_pre_hook(_EngineHook(self, "_count_forward"))]
+        holders = {prefix for name in self.layers for prefix in _prefixes(name)}
+        self.handles = []
+        for name, module in model.named_modules():
+            if name in holders:
+                self.handles.append(module.register_forward_pre_hook(_EngineHook(self, "_enter", module)))
+                self.handles.append(module.register_forward_hook(_EngineHook(self, "_leave", module), always_call=True))
         self.patched: list[torch.nn.Module] = []
         _ATTACHED[model] = weakref.ref(self)
         for name, (module, kind) in self.layers.items():
@@ -211,9 +224,30 @@ class ClippingEngine:
                                for n, p in ((f"{m_name}.{pn}", p) for pn, p in module.named_parameters(recurse=False))
                                if p.requires_grad]
 
-    def _count_forward(self, module: torch.nn.Module, args: tuple) -> None:
-        if module is self.model() and torch.is_grad_enabled() and not self._in_backward():
-            self._forward_id += 1
+    def _enter(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple) -> None:
+        if module is not target:  # a copy's hook
+            return
+        if self._depth == 0:
+            self._new_entry()
+        self._depth += 1
+
+    def _leave(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple, output) -> None:
+        if module is target:
+            self._depth -= 1
+
+    def _new_entry(self) -> None:
+        if torch.is_grad_enabled() and not self._in_backward():
+            self._entry += 1
+            self._entries_since_clear += 1
+
+    def _call_entry(self) -> int | None:
+        """The entry a capture belongs to: None inside backward (a reentrant checkpoint's recomputation), else the
+        current outermost entry, or a new one for a captured layer called on its own."""
+        if self._in_backward():
+            return None
+        if self._depth == 0:
+            self._new_entry()
+        return self._entry
 
     def check_batch_norms(self) -> None:
         mixing = [f"{n or '<root>'} ({type(m).__name__})" for n, m in self.batch_norms
@@ -254,14 +288,15 @@ class ClippingEngine:
                 weight, bias = module.weight.t(), module.bias
             else:
                 weight, bias = module.weight, getattr(module, "bias", None)
-            if not torch.is_grad_enabled():  # generation and evaluation: the plain layer
+            if not (torch.is_grad_enabled() and (module.weight.requires_grad or _trainable_bias(module))):
+                # generation, evaluation, or a layer frozen since make_private: the plain layer
                 if kind == "embedding":
                     return F.embedding(x, weight, module.padding_idx)
                 return F.linear(x, weight, bias)
             self._check_forward()
             if kind != "embedding":
                 x = self._as_multiplied(x)
-            call = _Call((x.detach(),), self._forward_id, on_grad=receive)
+            call = _Call((x.detach(),), self._call_entry(), on_grad=receive)
             if kind == "embedding":
                 return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
             lead = tuple(x.shape[:-1])
@@ -302,7 +337,7 @@ class ClippingEngine:
                 torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return  # the engine's own torch.func calls, evaluation, or a frozen path
         self._check_forward()
-        call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), self._forward_id)
+        call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), self._call_entry())
         keep = self._keep_grad(name)
         output.register_hook(lambda g: keep(call, g.detach()))
 
@@ -394,6 +429,7 @@ class ClippingEngine:
         self.instantiate.clear()
         self._autocast_copies.clear()
         self._backward_seen = False
+        self._entries_since_clear = 0
 
     @property
     def pending(self) -> bool:
@@ -401,9 +437,17 @@ class ClippingEngine:
 
     def _batch_size(self) -> int:
         """Examples in the captured batch (rows / rows_per_example)."""
-        if len({c.forward_id for calls in self.calls.values() for c in calls if c.done}) > 1:
-            # Row i of each pass would be one clipping unit: two examples, if the passes held different ones.
-            raise ValueError("the gradients of several forward passes of the model reached one step: " + _ONE_PASS)
+        for name, calls in self.calls.items():
+            entries = {c.entry for c in calls if c.done}
+            # Row i of each pass would be one clipping unit: two examples, if the passes held different ones. (A
+            # layer called twice within one pass -- a shared layer -- is one entry.)
+            if len(entries - {None}) > 1:
+                raise ValueError(f"layer {name!r} met several forward passes of the model before one step: "
+                                 + _ONE_PASS)
+            if None in entries and self._entries_since_clear > 1:
+                raise ValueError(f"layer {name!r} was recomputed by reentrant gradient checkpointing after several "
+                                 "forward passes: which pass each recomputation belongs to cannot be told; run one "
+                                 "forward pass per backward, or checkpoint with use_reentrant=False")
         sizes = {c.rows for calls in self.calls.values() for c in calls if c.done}
         if len(sizes) != 1:
             raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: the batch dimension must be first "
@@ -450,10 +494,19 @@ class ClippingEngine:
         self.check_batch_norms()
         self.check_frozen_params()
         self._flushing = True
+        mine: dict[int, torch.Tensor] = {}
         try:
-            return self._flush(max_grad_norm, sums)
+            norms = self._flush(max_grad_norm, mine)
+        except BaseException:
+            # Some layers' captures are released, some clipped sums formed: a retry would clip the rest against a
+            # partial norm. The micro-batch is dropped whole; nothing of it reaches the sums.
+            self.clear()
+            raise
         finally:
             self._flushing = False
+        for key, value in mine.items():
+            sums[key] = sums[key] + value if key in sums else value
+        return norms
 
     def _flush(self, max_grad_norm: float, sums: dict[int, torch.Tensor]) -> torch.Tensor:
         if not self.pending:
@@ -559,6 +612,8 @@ class ClippingEngine:
                 if per_bias is not None:
                     accumulate(module.bias, weighted(per_bias))
             elif kind == "embedding":
+                if not module.weight.requires_grad:  # frozen since make_private: no [V, d] sum to throw away
+                    continue
                 ids, g = entry
                 accumulate(module.weight, layers.embedding_clipped_sum(ids, g, captured_coef, module.num_embeddings,
                                                                        module.padding_idx))

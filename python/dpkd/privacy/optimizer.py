@@ -129,12 +129,10 @@ class DPOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.original_optimizer.defaults = value
 
-    # Optimizer's pickling keeps only defaults, state and param_groups: this wrapper's own attributes go too.
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        # A copy would step copies of the parameters through a detached engine while charging its own accountant.
+        raise TypeError("a DP optimizer is bound to its model's clipping engine and cannot be copied or pickled: "
+                        "save optimizer.state_dict() (optimizer and accountant) and make_private again to resume")
 
     # Hooks run around the wrapped optimizer's step, which this step() calls once the gradients are private.
     def register_step_pre_hook(self, hook: Callable) -> Any:

@@ -24,8 +24,8 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     Data-parallel training (``num_replicas`` ranks, this one ``rank``): each rank samples the indices
     i = rank (mod num_replicas) at the same rate, so that together the ranks draw one Poisson batch of the whole
-    dataset. The ranks' draws must be independent: a ``generator`` (usually seeded alike on every rank) is
-    replaced by one seeded from its initial seed and the rank; without one (and outside secure mode) each rank
+    dataset. The ranks' draws must be independent: a ``generator`` (usually seeded alike on every rank) seeds, with
+    one draw from it and the rank, a generator of this rank's own; without one (and outside secure mode) each rank
     seeds its own from os.urandom.
     """
 
@@ -44,9 +44,14 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.num_replicas, self.rank = num_replicas or 1, rank or 0
         if self.num_replicas > 1 and not secure_mode:
-            # Equal draws on every rank would include the ranks' i-th indices together, not independently.
-            seed = int.from_bytes(os.urandom(8), "little") if generator is None else \
-                int.from_bytes(hashlib.sha256(f"{generator.initial_seed()}/{self.rank}".encode()).digest()[:8], "little")
+            # Equal draws on every rank would include the ranks' i-th indices together, not independently. A draw
+            # from the caller's generator (alike on every rank, and advancing it: a sampler made again draws anew),
+            # hashed with the rank, seeds this rank's own.
+            if generator is None:
+                seed = int.from_bytes(os.urandom(8), "little")
+            else:
+                base = int(torch.randint(0, 2**62, (1,), generator=generator))
+                seed = int.from_bytes(hashlib.sha256(f"{base}/{self.rank}".encode()).digest()[:8], "little")
             generator = torch.Generator().manual_seed(seed >> 1)
         self.generator, self.secure_mode = generator, secure_mode
 
@@ -109,5 +114,6 @@ def poisson_loader(dataset: Any, expected_batch_size: int, *, steps: int | None 
     n = len(dataset)
     sampler = PoissonBatchSampler(n, expected_batch_size / n, steps=steps, generator=generator,
                                   secure_mode=secure_mode, num_replicas=num_replicas, rank=rank)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                       collate_fn=EmptyBatchCollate(dataset, collate_fn), **loader_kwargs)
+    collate = EmptyBatchCollate(dataset, collate_fn)
+    collate([])  # an empty batch this collate cannot make fails now, not thousands of steps into the run
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **loader_kwargs)
