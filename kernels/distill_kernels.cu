@@ -196,6 +196,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
   const RowContext ctx(effective_divergence(o.objective), o.objective, st[kMaxS], st[kLogSumS], st[kMaxT],
                        st[kLogSumT], st[kQG], st[kGRef]);
   const float mean_s = st[kMeanS], scale_s = st[kScaleS], mean_t = st[kMeanT], scale_t = st[kScaleT];
+  // Read once: the gradient stores' memory clobber would make the compiler reload them for every entry.
+  const float raw_max = st[kRawMax], raw_log_sum = st[kRawLogSum];
 
   if (vectorized) {
     constexpr int P = Pack<T>::kSize;
@@ -207,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
       for (int e = 0; e < P; ++e) {
         const float zs = to_float(ps.v[e]), zt = mix_teacher(o.teacher_mix, to_float(pt.v[e]), zs);
         gz[e] = raw_grad<M>(zs, [&] { return divergence_grad<M>(ctx, zs * scale_s, zt * scale_t); }, a, b, scale_s,
-                            st[kRawMax], st[kRawLogSum], k * P + e == label);
+                            raw_max, raw_log_sum, k * P + e == label);
       }
       store_values<G>(out + k * P, gz);
     }
@@ -215,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
       const float zs = row.student(j);
       out[j] = from_float<G>(raw_grad<M>(
           zs, [&] { return divergence_grad<M>(ctx, zs * scale_s, row.teacher(j, zs) * scale_t); }, a, b, scale_s,
-          st[kRawMax], st[kRawLogSum], j == label));
+          raw_max, raw_log_sum, j == label));
     }
     return;
   }
@@ -249,7 +251,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(int64_t n_rows, cons
     if (zs > -INFINITY) {
       const float gx = grad_x(j, zs);
       gz = a * scale_s * (o.standardize ? gx - g1_mean - (zs - mean_s) * g2_term : gx);
-      if (b != 0.f) gz += b * (prob<M>(zs, st[kRawMax], st[kRawLogSum]) - (j == label ? 1.f : 0.f));
+      if (b != 0.f) gz += b * (prob<M>(zs, raw_max, raw_log_sum) - (j == label ? 1.f : 0.f));
     }
     out[j] = from_float<G>(gz);
   }
