@@ -189,12 +189,17 @@ struct AddSum4 {
 // finite logit becomes 0, so that exp2 of a -inf entry is 0 without a branch per entry (NaN stays NaN).
 __device__ __forceinline__ float finite_or_zero(float v) { return v == -INFINITY ? 0.f : v; }
 
-// exp((x - max) - log_sum), 0 for x = -inf. FastMath: the hardware exp2 of one fma, no branch; its caller passes
-// finite_or_zero(max) and -finite_or_zero(log_sum) * log2(e), loop invariants (RowContext holds them per row).
+// log2 of a probability under FastMath: (x - max) log2(e) - log_sum log2(e) as one fma, from finite_or_zero(max)
+// and -finite_or_zero(log_sum) * log2(e), loop invariants (RowContext holds them per row); -inf for x = -inf.
+__device__ __forceinline__ float log2_prob(float x, float shift, float neg_log2_sum) {
+  return fmaf(x - shift, kLog2e, neg_log2_sum);
+}
+
+// exp((x - max) - log_sum), 0 for x = -inf. FastMath: the hardware exp2 of log2_prob, no branch.
 template <class M>
 __device__ __forceinline__ float prob_from(float x, float shift, float neg_log2_sum, float max, float log_sum) {
   if constexpr (std::is_same_v<M, FastMath>) {
-    return FastMath::exp2(fmaf(x - shift, kLog2e, neg_log2_sum));
+    return FastMath::exp2(log2_prob(x, shift, neg_log2_sum));
   } else {
     return x == -INFINITY ? 0.f : M::exp((x - max) - log_sum);
   }
@@ -261,12 +266,11 @@ enum class Form { kPerCall, kJsdLog, kGeneric };
 // The log form's terms. Finite where both probabilities are 0 too (m is clamped to FLT_MIN, and each term
 // selects 0), so its callers need no branch per entry. The clamp moves only terms below 1e-35: m < FLT_MIN
 // needs p and q below FLT_MIN / 1e-3. It keeps a NaN m (a row with NaN or +inf logits): fmaxf would not.
-// In log2 units: log2 q and log2 p are the very exponents q and p were formed from (prob_from: the same expression,
-// formed once), so the logs and the probabilities agree; one multiplication by ln 2 per term instead of per log.
+// In log2 units: log2 q and log2 p are the very exponents q and p were formed from (log2_prob, formed once), so the
+// logs and the probabilities agree; one multiplication by ln 2 per term instead of per log.
 __device__ __forceinline__ ElementTerms<float> jsd_log_terms(const RowContext& r, float x, float y, float q, float p) {
   const ObjectiveParams& o = r.objective;
-  const float log2_q = fmaf(x - r.shift_s, kLog2e, r.neg_log2_sum_s);
-  const float log2_p = fmaf(y - r.shift_t, kLog2e, r.neg_log2_sum_t);
+  const float log2_q = log2_prob(x, r.shift_s, r.neg_log2_sum_s), log2_p = log2_prob(y, r.shift_t, r.neg_log2_sum_t);
   const float m = o.beta * p + o.one_minus_beta * q;
   const float log2_m = FastMath::log2(m < 1.17549435e-38f ? 1.17549435e-38f : m);
   const float loss2 = (p > 0.f ? o.beta * p * (log2_p - log2_m) : 0.f) +

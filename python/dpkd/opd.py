@@ -175,8 +175,9 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
         fraction = 1.0
         if select is not None:
             own = s_logits.detach()
-            per_token = per_token * rule(losses.token_stats(own, own, labels=labels), labels != -100).weights()
-            fraction = float(weights_seen["w"][cont].mean())
+            weights = rule(losses.token_stats(own, own, labels=labels), labels != -100).weights()
+            per_token = per_token * weights
+            fraction = float(weights[cont].mean())
     else:
         rows = _embedding_rows(teacher)
         if rows is not None and int(inputs.max()) >= rows:

@@ -148,11 +148,8 @@ def top_fraction(score: torch.Tensor, fraction: float, *, valid: torch.Tensor | 
 
 def _top_fraction_by_sorting(s: torch.Tensor, v: torch.Tensor, fraction: float, largest: bool) -> torch.Tensor:
     key = s if largest else -s
-    key = torch.where(v, key, torch.zeros_like(key))
-    # Valid tokens first (a valid key may be -inf), each part by key, ties by position: two stable sorts.
+    key = torch.where(v, key, torch.full_like(key, -math.inf))  # valid keys are finite (top_fraction's nan_to_num)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    order = order.gather(-1, torch.sort(v.gather(-1, order).to(torch.int8), dim=-1, descending=True,
-                                        stable=True).indices)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return (rank < _selected_count(fraction, v.sum(-1, keepdim=True))) & v

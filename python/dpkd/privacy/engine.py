@@ -188,7 +188,7 @@ class ClippingEngine:
         # id(x) -> (weak reference to x, x's version, autocast's copy of x): see _as_multiplied
         self._autocast_copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
         # A backward pass has delivered output gradients that no step or accumulate() has consumed yet: a forward
-        # pass now (outside a backward pass) would add another batch's rows to the same examples (_check_forward).
+        # pass now (outside a backward pass) would add another batch's rows to the same examples (_call_entry).
         self._backward_seen = False
         self._flushing = False  # flush() runs modules through torch.func: its forwards are not the model's
         # Outermost entries into the model (its root, the modules holding captured layers, or a captured layer
@@ -242,9 +242,13 @@ class ClippingEngine:
 
     def _call_entry(self) -> int | None:
         """The entry a capture belongs to: None inside backward (a reentrant checkpoint's recomputation), else the
-        current outermost entry, or a new one for a captured layer called on its own."""
+        current outermost entry, or a new one for a captured layer called on its own. Outside backward, a capture
+        after a backward pass whose gradients no step has consumed is refused: its rows would join the earlier
+        batch's examples of the same index in one clipping unit."""
         if self._in_backward():
             return None
+        if self._backward_seen:
+            raise RuntimeError("a forward pass began after backward() and before optimizer.step(): " + _ONE_PASS)
         if self._depth == 0:
             self._new_entry()
         return self._entry
@@ -270,13 +274,6 @@ class ClippingEngine:
         task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
         return task is not None and task() != -1
 
-    def _check_forward(self) -> None:
-        """A capturing forward pass (outside a backward pass, where gradient checkpointing recomputes) after a
-        backward pass whose gradients no step has consumed: its rows would join the earlier batch's examples of the
-        same index in one clipping unit."""
-        if self._backward_seen and not self._in_backward():
-            raise RuntimeError("a forward pass began after backward() and before optimizer.step(): " + _ONE_PASS)
-
     def _capturing_forward(self, name: str, kind: str, target: torch.nn.Module):
         anchor, target = self.anchor, weakref.ref(target)
         receive = self._keep_grad(name) if kind == "embedding" else self._linear_grad(name)
@@ -293,10 +290,10 @@ class ClippingEngine:
                 if kind == "embedding":
                     return F.embedding(x, weight, module.padding_idx)
                 return F.linear(x, weight, bias)
-            self._check_forward()
+            entry = self._call_entry()
             if kind != "embedding":
                 x = self._as_multiplied(x)
-            call = _Call((x.detach(),), self._call_entry(), on_grad=receive)
+            call = _Call((x.detach(),), entry, on_grad=receive)
             if kind == "embedding":
                 return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
             lead = tuple(x.shape[:-1])
@@ -336,7 +333,6 @@ class ClippingEngine:
         if module is not target or self._flushing or not (
                 torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return  # the engine's own torch.func calls, evaluation, or a frozen path
-        self._check_forward()
         call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), self._call_entry())
         keep = self._keep_grad(name)
         output.register_hook(lambda g: keep(call, g.detach()))
