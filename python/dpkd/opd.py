@@ -369,13 +369,10 @@ class OPDTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "steps_done": self.steps_done,
-                "noise_generator": self.optimizer.generator.get_state() if self.config.private else None}
+                "generator": self.generator.get_state(), "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        if self.config.private:
-            self.optimizer.generator.set_state(state["noise_generator"])
+        self.generator.set_state(state["generator"])  # the noise generator's is in the DP optimizer's state
         self.steps_done = state["steps_done"]

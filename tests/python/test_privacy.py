@@ -306,6 +306,65 @@ def test_sensitivity_of_the_noise_free_update_is_at_most_c_over_l():
         assert (full - update(rest)).norm() <= 0.3 / 5 + 1e-9
 
 
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm", "shared_seq", "gemma_rmsnorm"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_an_example_with_a_non_finite_gradient_contributes_nothing(kind, bad, reduction):
+    """One example's inf or NaN loss must not reach the others' clipped sum (0 * inf is NaN): it contributes zero,
+    within C, and the step equals the step without it."""
+    model, x, y, loss = make_case(kind, b=5, seed=4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def update(rows, poison):
+        model.load_state_dict(state)
+        params = list(model.parameters())
+        before = [p.detach().clone() for p in params]
+        m, dp = privacy.make_private(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0,
+                                     max_grad_norm=0.3, expected_batch_size=5, sample_rate=0.1,
+                                     loss_reduction=reduction)
+        dp.zero_grad()
+        per = loss(m(x[rows]), y[rows])
+        if poison:
+            per = per * torch.tensor([bad] + [1.0] * (len(rows) - 1))
+        (per.sum() if reduction == "sum" else per.mean()).backward()
+        dp.step()
+        norms = dp.last_per_example_norms
+        dp.engine.remove()
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]), norms
+
+    with_bad, norms = update(list(range(5)), poison=True)
+    without, _ = update(list(range(1, 5)), poison=False)
+    assert not torch.isfinite(norms[0]) and torch.isfinite(norms[1:]).all()
+    torch.testing.assert_close(with_bad, without, rtol=1e-6, atol=1e-9)  # the Gemma norm computes in fp32
+
+
+def test_an_fp16_overflow_in_one_example_leaves_the_others_exact():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).half()
+    x, y = torch.randn(4, 8).half(), torch.randint(0, 4, (4,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def update(xs, ys):
+        model.load_state_dict(state)
+        before = [p.detach().clone() for p in model.parameters()]
+        m, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                     max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+        dp.zero_grad()
+        # A million times the loss: the example's output gradients overflow fp16 (max 65504).
+        scale = torch.tensor([1e6] + [1.0] * (len(ys) - 1)) if len(ys) == 4 else torch.ones(len(ys))
+        (torch.nn.functional.cross_entropy(m(xs).float(), ys, reduction="none") * scale).sum().backward()
+        dp.step()
+        norms = dp.last_per_example_norms
+        dp.engine.remove()
+        return torch.cat([(p.detach() - b).float().flatten() for p, b in zip(model.parameters(), before)]), norms
+
+    with_bad, norms = update(x, y)
+    without, _ = update(x[1:], y[1:])
+    assert not torch.isfinite(norms[0]) and torch.isfinite(norms[1:]).all()
+    assert torch.isfinite(with_bad).all()
+    torch.testing.assert_close(with_bad, without)
+
+
 def test_noise_scale_and_accountant():
     model = torch.nn.Linear(200, 50).double()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -1148,3 +1207,42 @@ def test_a_frozen_embedding_costs_no_clipped_sum(monkeypatch):
     monkeypatch.setattr(dp_layers, "embedding_clipped_sum", lambda *a: pytest.fail("[V, d] sum of a frozen weight"))
     loss(model(x), y).sum().backward()
     dp.step()
+
+
+def test_a_resumed_run_draws_the_noise_and_batches_a_straight_run_draws():
+    """Checkpoints hold the noise and sampling generators: a resumed run made from fresh seeded generators would
+    otherwise repeat the first steps' noise, which the accountant counts as independent."""
+    data = torch.randn(40, 6)
+
+    def run(steps, state=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        m, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                     max_grad_norm=1.0, expected_batch_size=8, dataset_size=40,
+                                     generator=torch.Generator().manual_seed(1))
+        sampler = privacy.PoissonBatchSampler(40, 0.2, steps=steps, generator=torch.Generator().manual_seed(2))
+        if state is not None:
+            model.load_state_dict(state["model"])
+            dp.load_state_dict(state["optimizer"])
+            sampler.load_state_dict(state["sampler"])
+        for rows in sampler:
+            dp.zero_grad()
+            m(data[rows]).pow(2).sum(1).sum().backward()
+            dp.step()
+        state = {"model": model.state_dict(), "optimizer": dp.state_dict(), "sampler": sampler.state_dict()}
+        dp.engine.remove()
+        return model, state
+
+    straight, _ = run(4)
+    _, halfway = run(2)
+    resumed, _ = run(2, halfway)
+    torch.testing.assert_close(resumed.weight, straight.weight, rtol=0, atol=0)
+    assert len(halfway["optimizer"]["accountant"]["history"]) > 0
+
+    model = torch.nn.Linear(6, 3)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, expected_batch_size=8, dataset_size=40)
+    with pytest.raises(ValueError, match="generator"):
+        dp.load_state_dict(halfway["optimizer"])
+    with pytest.raises(ValueError, match="generator"):
+        privacy.PoissonBatchSampler(40, 0.2, secure_mode=True).load_state_dict(halfway["sampler"])

@@ -576,11 +576,14 @@ class ClippingEngine:
         # The errors of the layers' clipped sums add up to at most sqrt(sum of their bounds^2) (Minkowski): counted
         # in the norm the coefficient divides by, they cannot take an example's contribution past C.
         bound = norms if margin_sq is None else norms + margin_sq.sqrt()
-        coef = (max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
+        # An example whose gradient is not finite (an inf or NaN loss, an fp16 overflow) has no norm to clip by:
+        # it contributes nothing, which is within C, so the step and its charge stand. Refusing the step instead
+        # would make whether there is one depend on that example, outside the accounting.
+        coef = torch.where(torch.isfinite(bound), (max_grad_norm / (bound + 1e-6)).clamp(max=1.0), 0)
         captured_coef = coef * scale  # for the captured (unscaled) output gradients
 
         def weighted(per_example):  # sum_i c_i per_example[i]
-            return torch.tensordot(captured_coef.to(per_example.dtype), per_example, 1)
+            return layers.weighted_sum(per_example, captured_coef)
 
         def accumulate(p, value):
             if p.requires_grad:
@@ -615,7 +618,6 @@ class ClippingEngine:
                                                                        module.padding_idx))
             else:
                 for n, per in generic_grads.pop(name).items():
-                    c = coef.to(per.dtype).reshape(-1, *([1] * (per.dim() - 1)))
-                    accumulate(getattr(module, n), (per * c).sum(0))
+                    accumulate(getattr(module, n), layers.weighted_sum(per, coef))
         self.clear()
         return norms

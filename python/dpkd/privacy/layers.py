@@ -90,9 +90,20 @@ def split_error_bounds(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return SPLIT_ROUNDOFF * norms(a) * norms(g)
 
 
+def dropping(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """x [B, ...] with the rows of examples whose coefficient is 0 set to 0: a dropped example's gradient may be
+    inf or NaN, and 0 * inf is NaN, which one example would spread to the whole sum."""
+    return torch.where((coef != 0).reshape(-1, *([1] * (x.dim() - 1))), x, 0)
+
+
+def weighted_sum(per_example: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_i c_i per_example[i], examples with c_i = 0 left out whatever their values."""
+    return torch.tensordot(coef.to(per_example.dtype), dropping(per_example, coef), 1)
+
+
 def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,
                        split: bool | None = None) -> torch.Tensor:
-    """sum_i c_i G_i^T A_i as [p, d], in fp32 (float64 for float64 inputs).
+    """sum_i c_i G_i^T A_i as [p, d], in fp32 (float64 for float64 inputs); examples with c_i = 0 left out.
 
     The per-example factors go on the narrower of the two (one pass over the smaller tensor). ``split``
     (default: ``splits(a, g)``) keeps the matmul 16-bit: the scaled factor c_i x, formed in fp32, is carried as two
@@ -103,7 +114,8 @@ def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,
         split = splits(a, g)
     narrow_a = a.shape[-1] <= g.shape[-1]
     x, other = (a, g) if narrow_a else (g, a)
-    scaled = x.to(dt) * coef.to(dt)[:, None, None]
+    scaled = dropping(x.to(dt) * coef.to(dt)[:, None, None], coef)
+    other = dropping(other, coef)
     if split:
         hi = scaled.to(x.dtype)
         parts = [hi, torch.sub(scaled, hi).to(x.dtype)]
@@ -136,7 +148,7 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | No
 def embedding_clipped_sum(ids: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, num_embeddings: int,
                           padding_idx: int | None) -> torch.Tensor:
     dt = _mixed.accumulation_dtype(g)
-    gs = g.to(dt) * coef.to(dt)[:, None, None]
+    gs = dropping(g.to(dt) * coef.to(dt)[:, None, None], coef)
     if padding_idx is not None:
         gs = gs * (ids != padding_idx)[..., None]
     out = torch.zeros(num_embeddings, g.shape[-1], dtype=dt, device=g.device)

@@ -251,8 +251,19 @@ class DPOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(bucket, [part.view_as(t) for t, part in zip(bucket, draw.split(sizes))])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.original_optimizer.state_dict(), "accountant": self.accountant.state_dict()}
+        """The wrapped optimizer's state, the accountant's history and the noise generator's state: a run resumed
+        from a seeded generator made afresh would draw again the noise of its first steps, and noise repeated
+        across steps is not what the accountant counted. (Without a generator the noise comes from torch's global
+        generator: save ``torch.get_rng_state()`` with the checkpoint, or pass one.)"""
+        return {"optimizer": self.original_optimizer.state_dict(), "accountant": self.accountant.state_dict(),
+                "noise_generator": self.generator.get_state() if self.generator is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("noise_generator")
+        if saved is not None and self.generator is None:
+            raise ValueError("the checkpoint holds a noise generator's state: give make_private a generator to "
+                             "restore it into")
         self.original_optimizer.load_state_dict(state["optimizer"])
         self.accountant.load_state_dict(state["accountant"])
+        if saved is not None:
+            self.generator.set_state(saved)

@@ -58,6 +58,21 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling generator's state, for a checkpoint (None in secure mode, or without a generator: then the
+        draws come from os.urandom or torch's global generator). A DataLoader with workers draws batches ahead of
+        the training loop: a run resumed from this state skips the batches drawn but not trained on, which changes
+        the data order but not the guarantee (every step's batch is still a fresh Poisson sample)."""
+        return {"generator": None if self.secure_mode or self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["generator"]
+        if saved is not None:
+            if self.secure_mode or self.generator is None:
+                raise ValueError("the checkpoint holds a sampling generator's state, and this sampler has no "
+                                 "generator to restore it into (secure mode, or none given)")
+            self.generator.set_state(saved)
+
     def __iter__(self) -> Iterator[list[int]]:
         indices = torch.arange(self.rank, self.dataset_size, self.num_replicas)
         for _ in range(self.steps):
