@@ -1,6 +1,6 @@
 """Accounting speed and agreement: dpkd against Opacus and dp_accounting on the same inputs.
 
-    python benchmarks/bench_accounting.py
+    python benchmarks/bench_accounting.py [--cases N]
 
 Peers are timed only when importable (pip install opacus dp-accounting). Each cell is the median
 of several runs; ratios are peer time / dpkd time.
@@ -8,6 +8,7 @@ of several runs; ratios are peer time / dpkd time.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -36,71 +37,90 @@ def timed(fn: Callable[[], float], repeat: int = 5) -> tuple[float, float]:
     return value, statistics.median(times)
 
 
-def peers():
+def peers(tight: bool):
+    """{name: (epsilon_fn, calibrate_fn)} of the peers importable here: their RDP accountants, or (``tight``) their
+    tighter ones, dp_accounting's PLD (connect-the-dots, interval 1e-4, as ours) and Opacus's PRV."""
     found = {}
     try:
+        from opacus.accountants import PRVAccountant
         from opacus.accountants.analysis import rdp as opacus_rdp
         from opacus.accountants.utils import get_noise_multiplier
 
         def opacus_eps(sigma, q, steps, delta):
+            if tight:
+                acc = PRVAccountant()
+                acc.history = [(sigma, q, steps)]
+                return float(acc.get_epsilon(delta))
             orders = list(accounting.DEFAULT_ORDERS)
             r = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
             return float(opacus_rdp.get_privacy_spent(orders=orders, rdp=r, delta=delta)[0])
 
         def opacus_cal(eps, q, steps, delta):
-            return get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps)
+            return get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps,
+                                        accountant="prv" if tight else "rdp")
 
-        found["Opacus"] = (opacus_eps, opacus_cal)
+        found["Opacus PRV" if tight else "Opacus"] = (opacus_eps, opacus_cal)
     except ImportError:
         pass
     try:
         import dp_accounting as dpa
+        from dp_accounting.pld import pld_privacy_accountant as dpa_pld
         from dp_accounting.rdp import rdp_privacy_accountant as dpa_rdp
 
         def event(sigma, q, steps):
             return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
 
+        def fresh():
+            return dpa_pld.PLDAccountant() if tight else dpa_rdp.RdpAccountant(list(accounting.DEFAULT_ORDERS))
+
         def dpa_eps(sigma, q, steps, delta):
-            acc = dpa_rdp.RdpAccountant(list(accounting.DEFAULT_ORDERS))
+            acc = fresh()
             acc.compose(event(sigma, q, steps))
             return float(acc.get_epsilon(delta))
 
         def dpa_cal(eps, q, steps, delta):
-            return dpa.calibrate_dp_mechanism(
-                lambda: dpa_rdp.RdpAccountant(list(accounting.DEFAULT_ORDERS)),
-                lambda sigma: event(sigma, q, steps),
-                eps, delta,
-            )
+            return dpa.calibrate_dp_mechanism(fresh, lambda sigma: event(sigma, q, steps), eps, delta)
 
-        found["dp_accounting"] = (dpa_eps, dpa_cal)
+        found["dp_accounting PLD" if tight else "dp_accounting"] = (dpa_eps, dpa_cal)
     except ImportError:
         pass
     return found
 
 
-def main() -> None:
-    others = peers()
-    print("epsilon (RDP, default order grid of 156 orders; improved conversion)")
+def tables(name: str, accountant: str, repeat: int, cases: int) -> None:
+    others = peers(accountant == "pld")
+    print(f"epsilon ({name})")
     print(f"{'sigma':>6} {'q':>9} {'steps':>6} | {'dpkd eps':>10} {'ms':>7}" +
-          "".join(f" | {name + ' eps':>18} {'ms':>7} {'x':>6}" for name in others))
-    for sigma, q, steps, delta in CASES:
-        ours, t = timed(lambda: accounting.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta))
+          "".join(f" | {peer + ' eps':>22} {'ms':>8} {'x':>6}" for peer in others))
+    for sigma, q, steps, delta in CASES[:cases]:
+        ours, t = timed(lambda: accounting.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta,
+                                                   accountant=accountant), repeat=repeat)
         row = f"{sigma:>6} {q:>9.6f} {steps:>6} | {ours:>10.5f} {t * 1e3:>7.2f}"
         for eps_fn, _ in others.values():
             theirs, t2 = timed(lambda: eps_fn(sigma, q, steps, delta), repeat=3)
-            row += f" | {theirs:>18.5f} {t2 * 1e3:>7.2f} {t2 / t:>6.1f}"
+            row += f" | {theirs:>22.5f} {t2 * 1e3:>8.2f} {t2 / t:>6.1f}"
         print(row)
     print()
-    print("calibrate_noise (smallest sigma with epsilon <= target)")
-    print(f"{'eps':>5} {'q':>7} {'steps':>6} | {'dpkd sigma':>11} {'ms':>7}" +
-          "".join(f" | {name + ' sigma':>20} {'ms':>8} {'x':>6}" for name in others))
-    for eps, q, steps, delta in CALIBRATION:
-        ours, t = timed(lambda: accounting.calibrate_noise(target_epsilon=eps, delta=delta, sample_rate=q, steps=steps))
-        row = f"{eps:>5} {q:>7} {steps:>6} | {ours:>11.6f} {t * 1e3:>7.2f}"
+    print(f"calibrate_noise ({name}: smallest sigma with epsilon <= target)")
+    print(f"{'eps':>5} {'q':>7} {'steps':>6} | {'dpkd sigma':>11} {'ms':>8}" +
+          "".join(f" | {peer + ' sigma':>24} {'ms':>8} {'x':>6}" for peer in others))
+    for eps, q, steps, delta in CALIBRATION[:cases]:
+        ours, t = timed(lambda: accounting.calibrate_noise(target_epsilon=eps, delta=delta, sample_rate=q, steps=steps,
+                                                           accountant=accountant), repeat=repeat)
+        row = f"{eps:>5} {q:>7} {steps:>6} | {ours:>11.6f} {t * 1e3:>8.2f}"
         for _, cal_fn in others.values():
             theirs, t2 = timed(lambda: cal_fn(eps, q, steps, delta), repeat=1)
-            row += f" | {theirs:>20.6f} {t2 * 1e3:>8.1f} {t2 / t:>6.0f}"
+            row += f" | {theirs:>24.6f} {t2 * 1e3:>8.1f} {t2 / t:>6.1f}"
         print(row)
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=len(CASES), help="the first N cases of each table")
+    args = parser.parse_args()
+    tables("RDP, default order grid of 156 orders; improved conversion", "rdp", repeat=5, cases=args.cases)
+    tables("PLD, connect-the-dots at 1e-4; Opacus: PRV", "pld", repeat=1, cases=args.cases)
 
 
 if __name__ == "__main__":

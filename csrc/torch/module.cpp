@@ -1,9 +1,11 @@
 // The compiled module dpkd._C: pybind11 bindings of the torch-free core. Argument errors from the
 // core (std::invalid_argument) reach Python as ValueError.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -11,6 +13,7 @@
 
 #include "accounting/calibration.h"
 #include "accounting/conversion.h"
+#include "accounting/pld.h"
 #include "accounting/rdp.h"
 
 namespace py = pybind11;
@@ -25,6 +28,12 @@ acc::Conversion parse_conversion(const std::string& name) {
 }
 
 std::tuple<double, double> as_tuple(const acc::EpsilonAtOrder& e) { return {e.epsilon, e.order}; }
+
+acc::Adjacency parse_adjacency(const std::string& name) {
+  if (name == "remove") return acc::Adjacency::kRemove;
+  if (name == "add") return acc::Adjacency::kAdd;
+  throw std::invalid_argument("adjacency must be 'remove' or 'add', got '" + name + "'");
+}
 
 void bind_accounting(py::module_& m) {
   using Orders = const std::vector<double>&;
@@ -72,6 +81,27 @@ void bind_accounting(py::module_& m) {
       },
       py::arg("target_epsilon"), py::arg("delta"), py::arg("noise_multiplier"), py::arg("sample_rate"),
       py::arg("orders"), py::arg("conversion"), nogil);
+  m.def(
+      "gaussian_hockey_stick",
+      [](double noise_multiplier, double sample_rate, double epsilon, const std::string& adjacency) {
+        return acc::gaussian_hockey_stick(noise_multiplier, sample_rate, epsilon, parse_adjacency(adjacency));
+      },
+      py::arg("noise_multiplier"), py::arg("sample_rate"), py::arg("epsilon"), py::arg("adjacency"));
+  m.def(
+      "subsampled_gaussian_pld",
+      [](double noise_multiplier, double sample_rate, double interval, double tail_mass, const std::string& adjacency) {
+        const auto dir = parse_adjacency(adjacency);
+        acc::DiscretePLD pld;
+        {
+          py::gil_scoped_release release;
+          pld = acc::subsampled_gaussian_pld(noise_multiplier, sample_rate, interval, tail_mass, dir);
+        }
+        py::array_t<double> masses(static_cast<py::ssize_t>(pld.masses.size()));
+        std::copy(pld.masses.begin(), pld.masses.end(), masses.mutable_data());
+        return std::make_tuple(pld.lower, masses, pld.infinity_mass);
+      },
+      py::arg("noise_multiplier"), py::arg("sample_rate"), py::arg("interval"), py::arg("tail_mass"),
+      py::arg("adjacency"));
   m.def("gdp_mu", &acc::gdp_mu, py::arg("noise_multiplier"), py::arg("sample_rate"), py::arg("steps"));
   m.def("gdp_epsilon", &acc::gdp_epsilon, py::arg("mu"), py::arg("delta"));
   m.def("gdp_delta", &acc::gdp_delta, py::arg("mu"), py::arg("epsilon"));

@@ -15,7 +15,10 @@ def _budget(args: argparse.Namespace) -> int:
         raise ValueError("give --noise-multiplier or --target-epsilon (which calibrates it), not both")
     if args.target_epsilon is not None:
         noise = accounting.calibrate_noise(target_epsilon=args.target_epsilon, delta=delta, sample_rate=q, steps=steps)
-        print(f"noise multiplier for epsilon <= {args.target_epsilon:g}: {noise:.6f}")
+        pld_noise = accounting.calibrate_noise(target_epsilon=args.target_epsilon, delta=delta, sample_rate=q,
+                                               steps=steps, accountant="pld")
+        print(f"noise multiplier for epsilon <= {args.target_epsilon:g}: {noise:.6f} (RDP), {pld_noise:.6f} (PLD, "
+              "accountant='pld')")
     elif args.noise_multiplier is not None:
         noise = args.noise_multiplier
     else:
@@ -24,6 +27,8 @@ def _budget(args: argparse.Namespace) -> int:
     gdp = accounting.gdp_epsilon(noise_multiplier=noise, sample_rate=q, steps=steps, delta=delta)
     print(f"noise multiplier {noise:g}, sample rate {q:g}, {steps} steps, delta {delta:g}")
     print(f"epsilon (RDP, improved conversion): {eps:.4f}  best order {order:g}")
+    pld = accounting.epsilon(noise_multiplier=noise, sample_rate=q, steps=steps, delta=delta, accountant="pld")
+    print(f"epsilon (PLD, connect-the-dots, tighter): {pld:.4f}")
     print(f"epsilon (GDP via CLT, APPROXIMATE, may under-estimate): {gdp:.4f}")
     if args.plot:
         _plot(args.plot, noise, q, steps, delta)
@@ -43,9 +48,12 @@ def _plot(path: str, noise: float, q: float, steps: int, delta: float) -> None:
 
     ts = np.unique(np.linspace(1, max(steps, 1), 60).astype(int))
     rdp_eps = [accounting.epsilon(noise_multiplier=noise, sample_rate=q, steps=int(t), delta=delta) for t in ts]
+    pld_eps = [accounting.epsilon(noise_multiplier=noise, sample_rate=q, steps=int(t), delta=delta, accountant="pld")
+               for t in ts[:: max(1, len(ts) // 20)]]
     gdp_eps = [accounting.gdp_epsilon(noise_multiplier=noise, sample_rate=q, steps=int(t), delta=delta) for t in ts]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ts, rdp_eps, label="RDP (upper bound)")
+    ax.plot(ts[:: max(1, len(ts) // 20)], pld_eps, label="PLD (upper bound, tighter)")
     ax.plot(ts, gdp_eps, "--", label="GDP via CLT (approximate)")
     ax.set_xlabel("steps")
     ax.set_ylabel(f"epsilon at delta = {delta:g}")

@@ -12,13 +12,14 @@ Names follow Opacus where the idea is the same (``step``, ``get_epsilon``, ``get
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from . import _C
+from . import _C, _pld
 
 Conversion = Literal["improved", "basic"]
 
@@ -28,11 +29,13 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(_C.default_orders())
 __all__ = [
     "DEFAULT_ORDERS",
     "GaussianEvent",
+    "PLDAccountant",
     "RDPAccountant",
     "calibrate_noise",
     "epsilon",
     "epsilon_from_rdp",
     "gdp_epsilon",
+    "make_accountant",
     "max_steps",
     "privacy_spent",
     "rdp",
@@ -99,8 +102,12 @@ def epsilon(
     delta: float,
     orders: Iterable[float] | None = None,
     conversion: Conversion = "improved",
+    accountant: Accountant = "rdp",
 ) -> float:
-    """Epsilon after ``steps`` identical DP-SGD steps (RDP accounting): an upper bound."""
+    """Epsilon after ``steps`` identical DP-SGD steps: an upper bound, by RDP (``orders``, ``conversion``) or, with
+    ``accountant="pld"``, by the tighter privacy loss distribution (PLDAccountant)."""
+    if _is_pld(accountant, orders, conversion):
+        return _pld_epsilon(noise_multiplier, sample_rate, _steps(steps), delta)
     return privacy_spent(
         noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta,
         orders=orders, conversion=conversion,
@@ -115,15 +122,34 @@ def calibrate_noise(
     steps: int,
     orders: Iterable[float] | None = None,
     conversion: Conversion = "improved",
+    accountant: Accountant = "rdp",
 ) -> float:
     """The smallest noise multiplier whose epsilon after ``steps`` steps is <= ``target_epsilon``.
 
-    Exact to about 1e-9 relative (Brent's method on the orders near the optimum, with a check on the
-    full grid); the result always satisfies the target. 0.0 when the steps cost nothing.
+    RDP: exact to about 1e-9 relative (Brent's method on the orders near the optimum, with a check on the
+    full grid). ``accountant="pld"``: bisection below RDP's sigma to 1e-5 relative (about a second). The result
+    always satisfies the target. 0.0 when the steps cost nothing.
     """
-    return _C.calibrate_noise(
+    pld = _is_pld(accountant, orders, conversion)
+    sigma = _C.calibrate_noise(
         float(target_epsilon), float(delta), float(sample_rate), _steps(steps), _orders(orders), conversion
     )
+    if not pld or sigma == 0.0:
+        return sigma
+
+    def fits(s: float) -> bool:
+        return _pld_epsilon(s, sample_rate, steps, delta) <= target_epsilon
+
+    hi = sigma
+    while not fits(hi):  # PLD's epsilon is below RDP's; this guards the discretisation's edge cases
+        hi *= 1.25
+    lo = hi / 2
+    while fits(lo) and lo > 1e-6:
+        hi, lo = lo, lo / 2
+    while hi - lo > 1e-5 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
 
 
 def max_steps(
@@ -134,11 +160,44 @@ def max_steps(
     sample_rate: float,
     orders: Iterable[float] | None = None,
     conversion: Conversion = "improved",
+    accountant: Accountant = "rdp",
 ) -> int:
-    """The largest number of steps whose epsilon is <= ``target_epsilon`` (2**63 - 1 if steps are free)."""
-    return _C.max_steps(
+    """The largest number of steps whose epsilon is <= ``target_epsilon`` (2**63 - 1 if steps are free); with
+    ``accountant="pld"``, found by doubling and bisection above RDP's answer."""
+    pld = _is_pld(accountant, orders, conversion)
+    steps = _C.max_steps(
         float(target_epsilon), float(delta), float(noise_multiplier), float(sample_rate), _orders(orders), conversion
     )
+    if not pld or steps == 2**63 - 1:
+        return steps
+
+    def fits(n: int) -> bool:
+        return _pld_epsilon(noise_multiplier, sample_rate, n, delta) <= target_epsilon
+
+    lo = steps
+    while lo > 0 and not fits(lo):  # guards the discretisation's edge cases
+        lo //= 2
+    hi = max(2 * lo, 1)
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _is_pld(accountant: str, orders: Iterable[float] | None, conversion: str) -> bool:
+    if accountant not in ("rdp", "pld"):
+        raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
+    if accountant == "pld" and (orders is not None or conversion != "improved"):
+        raise ValueError("orders and conversion belong to accountant='rdp'")
+    return accountant == "pld"
+
+
+def _pld_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    acc = PLDAccountant()
+    acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    return acc.get_epsilon(delta)
 
 
 def gdp_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -161,21 +220,15 @@ class GaussianEvent:
     steps: int = 1
 
 
-class RDPAccountant:
-    """Composes DP-SGD steps under RDP.
-
-    >>> acc = RDPAccountant()
-    >>> acc.step(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14063)
-    >>> round(acc.get_epsilon(delta=1e-5), 4)
-    2.5967
-    """
+class _Accountant:
+    """A history of privacy events (plain data, Opacus's method names); subclasses say what it costs."""
 
     def __init__(self) -> None:
         self.history: list[GaussianEvent] = []
 
     @staticmethod
     def mechanism() -> str:
-        return "rdp"
+        raise NotImplementedError
 
     def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
         """Record ``steps`` steps. Consecutive steps with equal parameters are merged into one event."""
@@ -194,6 +247,47 @@ class RDPAccountant:
     def __len__(self) -> int:
         """The number of steps taken."""
         return sum(e.steps for e in self.history)
+
+    def get_epsilon(self, delta: float) -> float:
+        raise NotImplementedError
+
+    def _settings(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot: resume with :meth:`load_state_dict`."""
+        return {"mechanism": self.mechanism(), "history": [dataclasses.asdict(e) for e in self.history],
+                **self._settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("mechanism") != self.mechanism():
+            raise ValueError(f"state: expected a {self.mechanism()!r} accountant state, got mechanism "
+                             f"{state.get('mechanism')!r}")
+        if {k: state.get(k) for k in self._settings()} != self._settings():
+            raise ValueError(f"state: recorded with settings {({k: state.get(k) for k in self._settings()})}, this "
+                             f"accountant has {self._settings()}")
+        history = [GaussianEvent(float(e["noise_multiplier"]), float(e["sample_rate"]), _steps(e["steps"]))
+                   for e in state["history"]]
+        for e in history:
+            _C.rdp(e.sample_rate, e.noise_multiplier, [2.0])
+        self.history = history
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={len(self)}, events={len(self.history)})"
+
+
+class RDPAccountant(_Accountant):
+    """Composes DP-SGD steps under RDP.
+
+    >>> acc = RDPAccountant()
+    >>> acc.step(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14063)
+    >>> round(acc.get_epsilon(delta=1e-5), 4)
+    2.5967
+    """
+
+    @staticmethod
+    def mechanism() -> str:
+        return "rdp"
 
     def get_rdp(self, orders: Iterable[float] | None = None) -> np.ndarray:
         """The composed RDP curve at ``orders``."""
@@ -220,18 +314,66 @@ class RDPAccountant:
         """Epsilon spent so far."""
         return self.get_privacy_spent(delta=delta, orders=orders, conversion=conversion)[0]
 
-    def state_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot: resume with :meth:`load_state_dict`."""
-        return {"mechanism": "rdp", "history": [dataclasses.asdict(e) for e in self.history]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("mechanism") != "rdp":
-            raise ValueError(f"state: expected an 'rdp' accountant state, got mechanism {state.get('mechanism')!r}")
-        history = [GaussianEvent(float(e["noise_multiplier"]), float(e["sample_rate"]), _steps(e["steps"]))
-                   for e in state["history"]]
-        for e in history:
-            _C.rdp(e.sample_rate, e.noise_multiplier, [2.0])
-        self.history = history
+class PLDAccountant(_Accountant):
+    """Composes DP-SGD steps through their privacy loss distributions (dp_accounting's PLD accountant, the
+    tightest of the three: 5-30% below RDP's epsilon at the same sigma).
 
-    def __repr__(self) -> str:
-        return f"RDPAccountant(steps={len(self)}, events={len(self.history)})"
+    Each step's PLD is discretised by connect-the-dots on multiples of ``value_discretization_interval``
+    (dp_accounting's default, 1e-4) and the steps are composed by FFT, cut to a window holding all but
+    ``tail_mass`` of the result (added to delta). Both directions of add/remove adjacency are composed and the
+    larger epsilon counts. Every approximation errs upwards: the result bounds the true epsilon.
+
+    >>> acc = PLDAccountant()
+    >>> acc.step(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14063)
+    >>> round(acc.get_epsilon(delta=1e-5), 4)
+    2.3818
+    """
+
+    def __init__(self, value_discretization_interval: float = 1e-4, tail_mass: float = 1e-15) -> None:
+        super().__init__()
+        interval, tail_mass = float(value_discretization_interval), float(tail_mass)
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError(f"value_discretization_interval must be finite and > 0, got {interval}")
+        if not 0 < tail_mass < 1e-3:
+            raise ValueError(f"tail_mass must be in (0, 1e-3), got {tail_mass}")
+        self.value_discretization_interval, self.tail_mass = interval, tail_mass
+
+    @staticmethod
+    def mechanism() -> str:
+        return "pld"
+
+    def _settings(self) -> dict[str, Any]:
+        return {"value_discretization_interval": self.value_discretization_interval, "tail_mass": self.tail_mass}
+
+    def _plds(self) -> list[_pld.PLD]:
+        events = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.history)
+        return [_composed(events, self.value_discretization_interval, self.tail_mass, a) for a in _pld.ADJACENCIES]
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0.0 before any step)."""
+        _C.epsilon_from_rdp([2.0], [0.0], float(delta), "improved")  # validates delta
+        return max(p.epsilon(float(delta)) for p in self._plds()) if self.history else 0.0
+
+    def get_delta(self, epsilon: float) -> float:
+        """Delta spent so far at ``epsilon``."""
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+        return max(p.delta(float(epsilon)) for p in self._plds()) if self.history else 0.0
+
+
+@functools.lru_cache(maxsize=16)
+def _composed(events: tuple, interval: float, tail_mass: float, adjacency: str) -> _pld.PLD:
+    return _pld.composed(events, interval, tail_mass, adjacency)
+
+
+Accountant = Literal["rdp", "pld"]
+
+
+def make_accountant(name: Accountant = "rdp") -> RDPAccountant | PLDAccountant:
+    """A fresh accountant by name: ``"rdp"`` or ``"pld"`` (Opacus's ``accountant=`` strings, where they agree)."""
+    if name == "rdp":
+        return RDPAccountant()
+    if name == "pld":
+        return PLDAccountant()
+    raise ValueError(f"accountant must be 'rdp' or 'pld', got {name!r}")

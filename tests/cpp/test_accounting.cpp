@@ -10,6 +10,7 @@
 #include "accounting/calibration.h"
 #include "accounting/conversion.h"
 #include "accounting/log_math.h"
+#include "accounting/pld.h"
 #include "accounting/rdp.h"
 
 using namespace dpkd::accounting;
@@ -183,4 +184,38 @@ TEST(Validation, ErrorsNameTheArgument) {
   EXPECT_NE(message([&] { epsilon(1.0, 0.1, -1, 1e-5, orders); }).find("steps"), std::string::npos);
   EXPECT_NE(message([&] { epsilon(1.0, 0.1, 10, 1.0, orders); }).find("delta"), std::string::npos);
   EXPECT_NE(message([&] { calibrate_noise(-1.0, 1e-5, 0.1, 10, orders); }).find("target_epsilon"), std::string::npos);
+}
+
+TEST(PLD, HockeyStickWithoutSubsamplingIsTheGaussians) {
+  // q = 1: delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu), mu = 1/sigma, in both directions.
+  const auto phi = [](double x) { return 0.5 * std::erfc(-x / std::sqrt(2.0)); };
+  for (double sigma : {0.5, 1.3, 4.0}) {
+    const double mu = 1.0 / sigma;
+    for (double eps : {-1.0, 0.0, 0.5, 2.0}) {
+      const double expected = phi(mu / 2 - eps / mu) - std::exp(eps) * phi(-mu / 2 - eps / mu);
+      EXPECT_NEAR(gaussian_hockey_stick(sigma, 1.0, eps, Adjacency::kRemove), expected, 1e-13);
+      EXPECT_NEAR(gaussian_hockey_stick(sigma, 1.0, eps, Adjacency::kAdd), expected, 1e-13);
+    }
+  }
+}
+
+TEST(PLD, OneStepMassesAreAProbabilityWithDeltaAtTheTop) {
+  for (auto dir : {Adjacency::kRemove, Adjacency::kAdd}) {
+    for (double q : {1e-4, 0.01, 0.3, 1.0}) {
+      const DiscretePLD pld = subsampled_gaussian_pld(1.1, q, 1e-3, 1e-15, dir);
+      double total = pld.infinity_mass;
+      for (double m : pld.masses) {
+        EXPECT_GE(m, 0.0);
+        total += m;
+      }
+      EXPECT_NEAR(total, 1.0, 1e-12);
+      const double top = (pld.lower + double(pld.masses.size()) - 1) * 1e-3;
+      EXPECT_DOUBLE_EQ(pld.infinity_mass, gaussian_hockey_stick(1.1, q, top, dir));
+    }
+  }
+  // sigma = 0: the example is revealed with probability q (remove), or the loss is -log(1 - q) (add).
+  const DiscretePLD revealed = subsampled_gaussian_pld(0.0, 0.25, 1e-3, 1e-15, Adjacency::kRemove);
+  EXPECT_DOUBLE_EQ(revealed.infinity_mass, 0.25);
+  EXPECT_THROW(subsampled_gaussian_pld(1.0, 0.1, 0.0, 1e-15, Adjacency::kAdd), std::invalid_argument);
+  EXPECT_THROW(subsampled_gaussian_pld(1.0, 1.5, 1e-4, 1e-15, Adjacency::kAdd), std::invalid_argument);
 }

@@ -141,32 +141,29 @@ def test_special_cases():
     assert acc.max_steps(target_epsilon=1.0, delta=1e-5, noise_multiplier=1.0, sample_rate=0.0) == 2**63 - 1
 
 
+def mp_hockey_stick(q: float, sigma: float, eps: float, adjacency: str) -> mp.mpf:
+    """delta(eps) of ONE Poisson-subsampled Gaussian step in 30 digits. The privacy loss log(P/Q)(z) is monotone in z,
+    so delta(eps) is a difference of normal tails at the threshold z*: no approximation beyond the arithmetic."""
+    q, s, e = mp.mpf(q), mp.mpf(sigma), mp.mpf(eps)
+    if adjacency == "remove":  # P = (1-q) N(0,s^2) + q N(1,s^2) against Q = N(0,s^2)
+        if mp.exp(e) <= 1 - q:
+            return 1 - mp.exp(e)
+        z = s * s * mp.log((mp.exp(e) - (1 - q)) / q) + mp.mpf(1) / 2
+        return (1 - q) * mp.ncdf(-z / s) + q * mp.ncdf(-(z - 1) / s) - mp.exp(e) * mp.ncdf(-z / s)
+    t = mp.exp(-e) - (1 - q)  # add: Q against P
+    if t <= 0:
+        return mp.mpf(0)
+    z = s * s * mp.log(t / q) + mp.mpf(1) / 2
+    return mp.ncdf(z / s) - mp.exp(e) * ((1 - q) * mp.ncdf(z / s) + q * mp.ncdf((z - 1) / s))
+
+
 def exact_epsilon_one_step(q: float, sigma: float, delta: float) -> float:
-    """The exact epsilon of ONE Poisson-subsampled Gaussian step, both neighbouring directions.
-
-    The privacy loss log(P/Q)(z) is monotone in z, so each delta(eps) is a difference of normal
-    tails at the threshold z*: no approximation beyond 30-digit arithmetic.
-    """
+    """The exact epsilon of ONE Poisson-subsampled Gaussian step, both neighbouring directions."""
     with mp.workdps(30):
-        q, s = mp.mpf(q), mp.mpf(sigma)
+        def worst(e):
+            return max(mp_hockey_stick(q, sigma, e, "remove"), mp_hockey_stick(q, sigma, e, "add"))
 
-        def tail(x):
-            return mp.ncdf(-x)
-
-        def delta_remove(e):  # P = (1-q) N(0,s^2) + q N(1,s^2) against Q = N(0,s^2)
-            if mp.exp(e) <= 1 - q:
-                return mp.mpf(1)
-            z = s * s * mp.log((mp.exp(e) - (1 - q)) / q) + mp.mpf(1) / 2
-            return (1 - q) * tail(z / s) + q * tail((z - 1) / s) - mp.exp(e) * tail(z / s)
-
-        def delta_add(e):  # Q against P
-            t = mp.exp(-e) - (1 - q)
-            if t <= 0:
-                return mp.mpf(0)
-            z = s * s * mp.log(t / q) + mp.mpf(1) / 2
-            return mp.ncdf(z / s) - mp.exp(e) * ((1 - q) * mp.ncdf(z / s) + q * mp.ncdf((z - 1) / s))
-
-        return float(mp.findroot(lambda e: max(delta_remove(e), delta_add(e)) - delta, (0.01, 40), solver="bisect"))
+        return float(mp.findroot(lambda e: worst(e) - delta, (0.01, 40), solver="bisect"))
 
 
 @pytest.mark.parametrize("q,sigma", [(0.5, 1.0), (0.1, 0.7), (0.3, 2.0)])
@@ -290,3 +287,125 @@ def test_opacus_rdp_doctest_and_gdp_bounds():
     assert eps == pytest.approx(0.33634406339259565, rel=1e-9) and order == 23
     gdp = acc.gdp_epsilon(noise_multiplier=1.5, sample_rate=0.04, steps=int(90 // 0.04), delta=1e-5)
     assert 6.59 < gdp < 6.6
+
+
+# --- privacy loss distributions ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adjacency", ["remove", "add"])
+@pytest.mark.parametrize("q,sigma,eps", [(0.01, 1.1, 0.1), (0.2, 0.8, 1.0), (0.05, 2.0, 0.01), (0.5, 1.0, -0.2),
+                                         (1e-5, 0.6, 1e-4), (1.0, 1.3, 2.0), (0.3, 0.5, 6.0), (0.01, 1.0, -3.0)])
+def test_one_steps_hockey_stick_matches_30_digits(q, sigma, eps, adjacency):
+    from dpkd import _C
+    with mp.workdps(30):
+        exact = float(mp_hockey_stick(q, sigma, eps, adjacency))
+    assert _C.gaussian_hockey_stick(sigma, q, eps, adjacency) == pytest.approx(exact, rel=1e-10, abs=1e-300)
+
+
+@pytest.mark.parametrize("adjacency", ["remove", "add"])
+@pytest.mark.parametrize("q,sigma", [(0.01, 1.1), (0.3, 0.7), (1.0, 2.0)])
+def test_one_steps_pld_passes_through_the_curve_at_grid_points_and_above_it_between(q, sigma, adjacency):
+    from dpkd import _C, _pld
+    pld = _pld.one_step(sigma, q, 1e-2, 1e-15, adjacency)
+    assert pld.masses.sum() + pld.infinity_mass == pytest.approx(1.0, abs=1e-12)
+    rng = np.random.default_rng(0)
+    losses = (pld.lower + np.arange(pld.masses.size)) * 1e-2
+    for i in rng.choice(pld.masses.size, 6, replace=False):
+        exact = _C.gaussian_hockey_stick(sigma, q, losses[i], adjacency)
+        assert pld.delta(losses[i]) == pytest.approx(exact, rel=1e-9, abs=1e-15)
+        between = losses[i] + 1e-2 * rng.uniform(0.1, 0.9)  # connect-the-dots lies above the convex curve
+        assert pld.delta(between) >= _C.gaussian_hockey_stick(sigma, q, between, adjacency) * (1 - 1e-12) - 1e-15
+
+
+@pytest.mark.parametrize("q,sigma", [(0.5, 1.0), (0.1, 0.7), (0.3, 2.0)])
+def test_pld_epsilon_of_one_step_is_the_exact_one_from_above(q, sigma):
+    exact = exact_epsilon_one_step(q, sigma, 1e-5)
+    pld = acc.epsilon(noise_multiplier=sigma, sample_rate=q, steps=1, delta=1e-5, accountant="pld")
+    assert exact <= pld <= exact * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("sigma,steps", [(1.0, 1), (2.0, 50), (5.0, 1000)])
+def test_pld_composition_without_subsampling_is_the_analytic_gaussian(sigma, steps):
+    """k Gaussian steps are one Gaussian mechanism with mu = sqrt(k) / sigma (Dong, Roth, Su 2019): delta(eps) =
+    Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu), exactly."""
+    with mp.workdps(30):
+        mu = mp.sqrt(steps) / sigma
+
+        def delta(e):
+            return mp.ncdf(mu / 2 - e / mu) - mp.exp(e) * mp.ncdf(-mu / 2 - e / mu)
+
+        exact = float(mp.findroot(lambda e: delta(e) - mp.mpf("1e-6"), (0.0, 60.0), solver="bisect"))
+        exact_delta = float(delta(1.0))
+    a = acc.PLDAccountant()
+    a.step(noise_multiplier=sigma, sample_rate=1.0, steps=steps)
+    assert exact <= a.get_epsilon(1e-6) <= exact + 1e-3
+    assert exact_delta <= a.get_delta(1.0) <= exact_delta * (1 + 1e-3)
+
+
+# dp_accounting 0.6.0: PLDAccountant() (connect-the-dots, interval 1e-4) composing PoissonSampledDpEvent(q,
+# GaussianDpEvent(sigma)) events; get_epsilon(delta) and get_delta(1.0).
+DP_ACCOUNTING_PLD = [
+    ([(1.1, 256 / 60000, 14063)], 1e-5, 2.381778812581751, 0.015532699374582052),
+    ([(1.5, 0.04, 2250)], 1e-5, 6.768787373891152, 0.28136297000539623),
+    ([(1.0, 0.01, 1000)], 1e-5, 1.8282436455855091, 0.002612496806301316),
+    ([(0.8, 0.1, 50), (2.0, 0.02, 3000)], 1e-6, 9.829335348250485, 0.2409903039509941),
+    ([(5.0, 0.5, 100)], 1e-5, 4.487844835938905, 0.1286726243426352),
+    ([(0.7, 0.001, 100000)], 1e-7, 4.598015336541735, 0.06819788354341232),
+]
+
+
+@pytest.mark.parametrize("events,delta,eps,delta_at_1", DP_ACCOUNTING_PLD)
+def test_pld_accountant_reproduces_dp_accounting(events, delta, eps, delta_at_1):
+    a = acc.PLDAccountant()
+    for sigma, q, steps in events:
+        a.step(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    assert a.get_epsilon(delta) == pytest.approx(eps, rel=1e-5)
+    assert a.get_delta(1.0) == pytest.approx(delta_at_1, rel=1e-6)
+    assert a.get_delta(a.get_epsilon(delta)) == pytest.approx(delta, rel=1e-6)
+    rdp = acc.RDPAccountant()
+    for sigma, q, steps in events:
+        rdp.step(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    assert a.get_epsilon(delta) < rdp.get_epsilon(delta)
+
+
+def test_pld_calibration_and_max_steps_are_tight():
+    kw = dict(delta=1e-5, sample_rate=0.04)
+    sigma = acc.calibrate_noise(target_epsilon=8.0, steps=2250, accountant="pld", **kw)
+    assert acc.epsilon(noise_multiplier=sigma, steps=2250, accountant="pld", **kw) <= 8.0
+    assert acc.epsilon(noise_multiplier=sigma * (1 - 2e-5), steps=2250, accountant="pld", **kw) > 8.0
+    assert sigma < acc.calibrate_noise(target_epsilon=8.0, steps=2250, **kw)  # tighter than RDP
+    n = acc.max_steps(target_epsilon=2.0, noise_multiplier=1.1, accountant="pld", delta=1e-5, sample_rate=0.01)
+    assert acc.epsilon(noise_multiplier=1.1, steps=n, accountant="pld", delta=1e-5, sample_rate=0.01) <= 2.0
+    assert acc.epsilon(noise_multiplier=1.1, steps=n + 1, accountant="pld", delta=1e-5, sample_rate=0.01) > 2.0
+
+
+def test_pld_special_cases_and_bad_input():
+    assert acc.epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=1, delta=1e-5, accountant="pld") == math.inf
+    assert acc.epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=1, delta=0.2, accountant="pld") < 0.11
+    assert acc.epsilon(noise_multiplier=1.0, sample_rate=0.0, steps=10, delta=1e-5, accountant="pld") == 0.0
+    assert acc.PLDAccountant().get_epsilon(1e-5) == 0.0
+    with pytest.raises(ValueError, match="accountant"):
+        acc.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5, accountant="prv")
+    with pytest.raises(ValueError, match="orders"):
+        acc.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5, accountant="pld", orders=[2.0])
+    with pytest.raises(ValueError, match="value_discretization_interval"):
+        acc.PLDAccountant(value_discretization_interval=0.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        acc.PLDAccountant().step(noise_multiplier=-1.0, sample_rate=0.1)
+    with pytest.raises(ValueError, match="delta"):
+        a = acc.PLDAccountant()
+        a.step(noise_multiplier=1.0, sample_rate=0.1)
+        a.get_epsilon(0.0)
+
+
+def test_pld_accountant_state_round_trips_and_refuses_another_mechanism():
+    a = acc.PLDAccountant(value_discretization_interval=1e-3)
+    a.step(noise_multiplier=1.1, sample_rate=0.01, steps=7)
+    a.step(noise_multiplier=0.9, sample_rate=0.02, steps=3)
+    b = acc.PLDAccountant(value_discretization_interval=1e-3)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.history == a.history and b.get_epsilon(1e-5) == a.get_epsilon(1e-5)
+    with pytest.raises(ValueError, match="'rdp' accountant state"):
+        acc.RDPAccountant().load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="settings"):
+        acc.PLDAccountant().load_state_dict(a.state_dict())
+    assert isinstance(acc.make_accountant("pld"), acc.PLDAccountant)

@@ -1,0 +1,167 @@
+"""Privacy loss distributions (PLDs) of Poisson-subsampled Gaussian steps: composition and queries.
+
+One step's PLD comes from the C++ core (``_C.subsampled_gaussian_pld``: connect-the-dots on a grid of losses, an
+upper bound on the step's hockey-stick curve). Here the steps are composed by FFT: the losses add, so their
+distributions convolve. The grid of the composition is cut to a window that holds all but ``tail_mass`` of it
+(Chernoff bounds on the sum); what falls outside lands, through the FFT's wrap-around, somewhere inside, and
+``tail_mass`` is added to the mass at +inf to pay for it. Every approximation errs upwards: the epsilon returned
+bounds the true one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import numpy as np
+
+from . import _C
+
+ADJACENCIES = ("remove", "add")
+
+
+@dataclasses.dataclass(frozen=True)
+class PLD:
+    """Mass ``masses[i]`` at loss ``(lower + i) * interval``, ``infinity_mass`` at +inf."""
+
+    lower: int
+    masses: np.ndarray
+    infinity_mass: float
+    interval: float
+
+    def delta(self, epsilon: float) -> float:
+        """delta(eps) = E[(1 - e^(eps - L))_+] + P(L = inf)."""
+        losses = (self.lower + np.arange(self.masses.size)) * self.interval
+        above = losses > epsilon
+        tail = float(np.sum(self.masses[above] * -np.expm1(epsilon - losses[above])))
+        return min(1.0, tail + self.infinity_mass)
+
+    def epsilon(self, delta: float) -> float:
+        """The smallest eps >= 0 with delta(eps) <= delta (inf if none): on the segment between the grid points that
+        bracket it, delta(eps) = A - e^eps T with A, T sums over the masses above, solved exactly."""
+        m = self.masses
+        if self.infinity_mass > delta:
+            return math.inf
+        if m.size == 0:
+            return 0.0
+        losses = (self.lower + np.arange(m.size)) * self.interval
+        with np.errstate(divide="ignore"):
+            log_weights = np.log(m) - losses  # log(m_i e^(-eps_i))
+        above = np.cumsum(m[::-1])[::-1]  # A_j = sum_{i >= j} m_i
+        log_t = np.logaddexp.accumulate(log_weights[::-1])[::-1]  # log T_j = log sum_{i >= j} m_i e^(-eps_i)
+        deltas = above - np.exp(losses + log_t) + self.infinity_mass  # delta at each grid point
+        j = int(np.argmax(deltas <= delta)) if np.any(deltas <= delta) else m.size
+        if j == m.size:  # only the +inf mass lies above the last grid point: delta there is infinity_mass <= delta
+            return max(0.0, float(losses[-1]))
+        room = above[j] + self.infinity_mass - delta
+        if room <= 0.0 or log_t[j] == -math.inf:
+            eps = float(losses[j - 1]) if j > 0 else 0.0
+        else:
+            eps = math.log(room) - float(log_t[j])
+            if j > 0:
+                eps = max(eps, float(losses[j - 1]))
+            eps = min(eps, float(losses[j]))
+        return max(0.0, eps)
+
+
+@functools.lru_cache(maxsize=64)
+def one_step(noise_multiplier: float, sample_rate: float, interval: float, tail_mass: float, adjacency: str) -> PLD:
+    lower, masses, infinity_mass = _C.subsampled_gaussian_pld(noise_multiplier, sample_rate, interval, tail_mass,
+                                                             adjacency)
+    masses.setflags(write=False)
+    return PLD(int(lower), masses, float(infinity_mass), interval)
+
+
+def _power(spectrum: np.ndarray, count: int) -> np.ndarray:
+    """spectrum ** count by squaring (2 log2(count) roundings, not count's worth through exp(count log z))."""
+    result = np.ones_like(spectrum)
+    base = spectrum.copy()
+    while count:
+        if count & 1:
+            result *= base
+        count >>= 1
+        if count:
+            base *= base
+    return result
+
+
+def _window(steps: Sequence[tuple[PLD, int]], tail_mass: float) -> tuple[int, int]:
+    """[lo, hi] in the summed grid offsets (each step's index counted from its own ``lower``) that holds all but
+    tail_mass of the composition: Chernoff, P(S >= u) <= E[e^(l S)] e^(-l u), over a grid of orders l scaled by the
+    sum's standard deviation."""
+    hi_max = sum(count * (pld.masses.size - 1) for pld, count in steps)
+    moments = []
+    for pld, count in steps:
+        idx = np.arange(pld.masses.size, dtype=np.float64)
+        total = pld.masses.sum()
+        mean = float(pld.masses @ idx) / total if total > 0 else 0.0
+        moments.append(count * float(pld.masses @ (idx - mean) ** 2) / max(total, 1e-300))
+    std = math.sqrt(sum(moments))
+    if std == 0.0:
+        return 0, hi_max
+    lo, hi = 0, hi_max
+    log_budget = math.log(2.0 / tail_mass)
+    for order in np.concatenate([-np.geomspace(0.25, 64.0, 40), np.geomspace(0.25, 64.0, 40)]) / std:
+        log_mgf = 0.0
+        for pld, count in steps:
+            with np.errstate(divide="ignore"):
+                terms = np.log(pld.masses) + order * np.arange(pld.masses.size)
+            top = terms.max()
+            log_mgf += count * (top + math.log(np.exp(terms - top).sum()))
+        bound = (log_mgf + log_budget) / order
+        if not math.isfinite(bound):
+            continue
+        if order > 0:
+            hi = min(hi, math.ceil(bound))
+        else:
+            lo = max(lo, math.floor(bound))
+    return lo, max(hi, lo)
+
+
+def compose(steps: Sequence[tuple[PLD, int]], tail_mass: float) -> PLD:
+    """The PLD of ``count`` repetitions of each step, all on one ``interval``."""
+    steps = [(pld, count) for pld, count in steps if count > 0]
+    interval = steps[0][0].interval if steps else 1.0
+    log_finite = sum(count * math.log1p(-pld.infinity_mass) if pld.infinity_mass < 1 else -math.inf
+                     for pld, count in steps)
+    infinity_mass = -math.expm1(log_finite)
+    if not steps or infinity_mass >= 1.0:
+        return PLD(0, np.ones(1) if not steps else np.zeros(1), infinity_mass, interval)
+    lo, hi = _window(steps, tail_mass)
+    width = hi - lo + 1
+    size = _fast_length(max(width, *(pld.masses.size for pld, _ in steps)))
+    spectrum = np.ones(size // 2 + 1, dtype=np.complex128)
+    for pld, count in steps:
+        spectrum *= _power(np.fft.rfft(pld.masses, size), count)
+    circular = np.fft.irfft(spectrum, size)
+    masses = np.clip(circular[(lo + np.arange(width)) % size], 0.0, None)
+    lower = sum(count * pld.lower for pld, count in steps) + lo
+    truncated = tail_mass if (lo > 0 or hi < sum(c * (p.masses.size - 1) for p, c in steps)) else 0.0
+    return PLD(lower, masses, min(1.0, infinity_mass + truncated), interval)
+
+
+def _fast_length(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (sizes numpy's FFT handles fastest)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < n:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def composed(events: Sequence[tuple[float, float, int]], interval: float, tail_mass: float,
+             adjacency: str) -> PLD:
+    """The PLD of a history of (noise_multiplier, sample_rate, steps) events in one adjacency direction."""
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, count in events:
+        merged[(sigma, q)] = merged.get((sigma, q), 0) + count
+    return compose([(one_step(s, q, interval, tail_mass, adjacency), c) for (s, q), c in merged.items()], tail_mass)
