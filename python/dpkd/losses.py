@@ -160,6 +160,7 @@ def _fused(
     teacher_grad: bool = False,
     row_weights: torch.Tensor | None = None,
     carries_loss: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported.
 
@@ -185,10 +186,11 @@ def _fused(
         loss = loss.reshape(lead)
         if carries_loss is not None:
             skipped = ~carries_loss.reshape(-1)
-    report_nan(stats, skipped, ("student_logits contains NaN or +inf, or a row without a finite logit (first in "
-                                "flattened row {row})",
-                                "teacher_logits contains NaN or +inf, or a row without a finite logit (first in "
-                                "flattened row {row})"))
+    if check_finite:
+        report_nan(stats, skipped, ("student_logits contains NaN or +inf, or a row without a finite logit (first in "
+                                    "flattened row {row})",
+                                    "teacher_logits contains NaN or +inf, or a row without a finite logit (first in "
+                                    "flattened row {row})"))
     return loss, stats.reshape(*lead, 5)
 
 
@@ -283,6 +285,7 @@ def distill_loss(
     inplace_backward: bool = False,
     teacher_grad: bool = False,
     fuse_backward: bool = True,
+    check_finite: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Token-level distillation loss between student and teacher logits.
 
@@ -325,6 +328,9 @@ def distill_loss(
             [N, V] gradient is held from the forward to the backward pass, and the loss can be
             backpropagated through once. Tokens without weight (masked, ignored, weight 0) are not computed:
             their statistics are NaN and their logits are not checked.
+        check_finite: raise where a row that carries loss has NaN or +inf logits (one host synchronisation).
+            Turn it off under DP-SGD: whether a batch raises would then depend on one example. The row's loss
+            and gradient are NaN instead, and the DP engine drops that example (its contribution is 0).
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
@@ -350,7 +356,7 @@ def distill_loss(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
         temperature=temperature, teacher_mix=1.0, standardize=standardize, hard_label_weight=hard_label_weight,
         ignore_index=ignore_index, inplace_backward=inplace_backward, teacher_grad=teacher_grad,
-        row_weights=row_weights, carries_loss=carries_loss,
+        row_weights=row_weights, carries_loss=carries_loss, check_finite=check_finite,
     )
     token_stats_ = TokenStats(*stats.unbind(-1))
     if row_weights is not None:

@@ -15,6 +15,7 @@ Models are Hugging Face causal LMs or any nn.Module mapping token ids [B, T] to 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -53,6 +54,7 @@ class OPDConfig:
     noise_multiplier: float | None = None  # None: calibrated from target_epsilon
     target_epsilon: float | None = 2.0
     delta: float | None = None             # None: 1 / N^2
+    accountant: str = "rdp"                # or "pld": tighter, so a smaller sigma for the same target
     secure_mode: bool = False
     seed: int = 0
     # Logits of different widths: the extra columns count as probability 0 (an infinite forward KL where the
@@ -70,6 +72,8 @@ class OPDConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.sample_temperature > 0.0:
             raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature}")
+        if self.accountant not in ("rdp", "pld"):
+            raise ValueError(f"accountant must be 'rdp' or 'pld', got {self.accountant!r}")
         if not 0.0 <= self.ground_truth_fraction <= 1.0:
             raise ValueError(f"ground_truth_fraction must be in [0, 1], got {self.ground_truth_fraction}")
 
@@ -179,10 +183,6 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
             per_token = per_token * weights
             fraction = float(weights[cont].mean())
     else:
-        rows = _embedding_rows(teacher)
-        if rows is not None and int(inputs.max()) >= rows:
-            raise ValueError(f"the sequences hold token id {int(inputs.max())}, outside the teacher's vocabulary of "
-                             f"{rows}: the teacher must read every token the student can produce (a shared tokenizer)")
         with torch.no_grad():
             t_logits = _logits(teacher, inputs, attention).to(s_logits.dtype)
         if s_logits.shape[-1] != t_logits.shape[-1] and not config.allow_vocab_mismatch:
@@ -193,7 +193,7 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
         per_token = losses.distill_loss(s_logits, t_logits, divergence=config.divergence, beta=config.beta,
                                         temperature=config.loss_temperature, labels=labels, reduction="none",
                                         allow_vocab_mismatch=config.allow_vocab_mismatch,
-                                        select=rule if select is not None else None)
+                                        select=rule if select is not None else None, check_finite=not config.private)
         fraction = float(weights_seen["w"][cont].mean()) if select is not None else 1.0
     per_seq = (per_token * cont).sum(1) / cont.sum(1).clamp(min=1)
     return per_seq, per_token, fraction
@@ -221,6 +221,17 @@ class OPDTrainer:
         uses_truth = config.on_ground_truth or config.ground_truth_fraction > 0
         if uses_truth and continuations.shape[1] < config.max_new_tokens:
             raise ValueError(f"continuations have {continuations.shape[1]} tokens, fewer than max_new_tokens")
+        rows = _embedding_rows(teacher) if teacher is not None else None
+        if rows is not None and config.method not in ("dp_sft", "sft"):
+            # Checked once, here: a check on the sampled tokens would raise, or not, with the batch's examples.
+            one = torch.ones(1, 1, dtype=torch.long, device=prompts.device)
+            with torch.no_grad():
+                width = _logits(student, one, one).shape[-1]  # the ids the student samples from
+            seen = max(int(prompts.max()), int(continuations.max()) if continuations is not None else -1)
+            if max(width - 1, seen) >= rows:
+                raise ValueError(f"the student can produce token ids up to {max(width - 1, seen)}, outside the "
+                                 f"teacher's vocabulary of {rows}: the teacher must read every token the student can "
+                                 "produce (a shared tokenizer)")
         self.prompts, self.continuations = prompts, continuations
         n = prompts.shape[0]
         self.sample_rate = min(1.0, config.expected_batch_size / n)
@@ -230,7 +241,8 @@ class OPDTrainer:
             if config.target_epsilon is None:
                 raise ValueError("give noise_multiplier or target_epsilon")
             sigma = accounting.calibrate_noise(target_epsilon=config.target_epsilon, delta=self.delta,
-                                               sample_rate=self.sample_rate, steps=config.steps)
+                                               sample_rate=self.sample_rate, steps=config.steps,
+                                               accountant=config.accountant)
         self.noise_multiplier = sigma if config.private else 0.0
         # Training stops before a step would take epsilon past target_epsilon (with a calibrated sigma
         # that is exactly config.steps; with a given sigma possibly fewer).
@@ -238,7 +250,7 @@ class OPDTrainer:
         if config.private and config.target_epsilon is not None:
             self.total_steps = min(config.steps, accounting.max_steps(
                 target_epsilon=config.target_epsilon, delta=self.delta, noise_multiplier=sigma,
-                sample_rate=self.sample_rate))
+                sample_rate=self.sample_rate, accountant=config.accountant))
             if self.total_steps == 0:
                 raise ValueError(f"noise_multiplier={sigma} spends more than target_epsilon={config.target_epsilon} "
                                  f"(delta={self.delta:.3g}, sample rate {self.sample_rate:.3g}) in a single step: "
@@ -249,7 +261,8 @@ class OPDTrainer:
             _, self.optimizer = privacy.make_private(
                 student, optimizer, noise_multiplier=sigma, max_grad_norm=config.max_grad_norm,
                 expected_batch_size=config.expected_batch_size, sample_rate=self.sample_rate,
-                secure_mode=config.secure_mode, generator=torch.Generator().manual_seed(config.seed + 1))
+                secure_mode=config.secure_mode, generator=torch.Generator().manual_seed(config.seed + 1),
+                accountant=accounting.make_accountant(config.accountant))
         else:
             self.optimizer = optimizer
         self.steps_done = 0
@@ -260,8 +273,7 @@ class OPDTrainer:
         cfg = self.config
         if not (cfg.private and cfg.target_epsilon is not None):
             return True
-        probe = accounting.RDPAccountant()
-        probe.load_state_dict(self.optimizer.accountant.state_dict())
+        probe = copy.deepcopy(self.optimizer.accountant)
         probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return self.steps_done < self.total_steps and probe.get_epsilon(self.delta) <= cfg.target_epsilon
 
@@ -373,6 +385,9 @@ class OPDTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])  # the noise generator's is in the DP optimizer's state
+        optimizer_state = state["optimizer"]
+        if self.config.private and "noise_generator" in state:  # written before the DP optimizer held it
+            optimizer_state = {**optimizer_state, "noise_generator": state["noise_generator"]}
+        self.optimizer.load_state_dict(optimizer_state)
+        self.generator.set_state(torch.as_tensor(state["generator"]).cpu())  # the noise's: in the optimizer's state
         self.steps_done = state["steps_done"]

@@ -162,9 +162,8 @@ def test_teacher_vocabulary_must_cover_the_students_tokens():
     prompts, conts = data()
     cfg = opd.OPDConfig(steps=2, expected_batch_size=6, max_new_tokens=5, num_samples=2, target_epsilon=4.0,
                         allow_vocab_mismatch=True)
-    t = opd.OPDTrainer(TinyLM(vocab=20, seed=1), TinyLM(seed=2), prompts, conts, cfg)  # samples ids 17-19 too
-    with pytest.raises(ValueError, match="outside the teacher's vocabulary of 17"):
-        t.step()
+    with pytest.raises(ValueError, match="outside the teacher's vocabulary of 17"):  # it samples ids 17-19 too
+        opd.OPDTrainer(TinyLM(vocab=20, seed=1), TinyLM(seed=2), prompts, conts, cfg)
 
 
 def test_a_wider_teacher_vocabulary_needs_the_opt_in():
@@ -176,6 +175,17 @@ def test_a_wider_teacher_vocabulary_needs_the_opt_in():
     t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(vocab=20, seed=2), prompts, conts,
                        opd.OPDConfig(allow_vocab_mismatch=True, **kw))
     assert torch.isfinite(torch.tensor(t.step()["loss"]))  # reverse KL: the extra columns hold no student mass
+
+
+def test_the_pld_accountant_affords_less_noise_for_the_same_target():
+    rdp, pld = trainer(steps=5), trainer(steps=5, accountant="pld")
+    assert pld.noise_multiplier < rdp.noise_multiplier
+    history = pld.train(progress=False)
+    assert len(history) == 5 and history[-1]["epsilon"] <= 4.0
+    assert history[-1]["epsilon"] == pytest.approx(accounting.epsilon(
+        noise_multiplier=pld.noise_multiplier, sample_rate=pld.sample_rate, steps=5, delta=pld.delta,
+        accountant="pld"), rel=1e-12)
+    assert pld.optimizer.state_dict()["accountant"]["mechanism"] == "pld"
 
 
 def test_a_resumed_run_stops_at_its_own_target_whatever_the_history():
@@ -233,3 +243,32 @@ def test_on_policy_training_ignores_short_ground_truth():
     with pytest.raises(ValueError, match="fewer than max_new_tokens"):
         opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
                        opd.OPDConfig(steps=1, expected_batch_size=6, max_new_tokens=4, ground_truth_fraction=0.5))
+
+
+def test_a_private_step_neither_raises_nor_skips_for_one_examples_non_finite_logits():
+    """Whether a private step happens must not depend on one example: an example whose teacher logits are inf is
+    dropped by the DP engine (its norm reads inf), and the others train."""
+    prompts, conts = data()
+    prompts[prompts == 16] = 3
+    prompts[7, 3] = 16
+    teacher, student = TinyLM(seed=2), TinyLM(seed=1)
+    with torch.no_grad():
+        teacher.emb.weight[16] = float("inf")
+    cfg = opd.OPDConfig(method="dp_opd", steps=12, expected_batch_size=6, max_new_tokens=3, num_samples=1,
+                        noise_multiplier=1.0, target_epsilon=None)
+    t = opd.OPDTrainer(student, teacher, prompts, conts, cfg)
+    seen = False
+    for _ in range(12):
+        state = t.generator.get_state()
+        rows = t._batch().tolist()
+        t.generator.set_state(state)
+        t.step()
+        if 7 in rows:
+            seen = True
+            norms = t.optimizer.last_per_example_norms
+            assert not torch.isfinite(norms).all() and torch.isfinite(norms).any()
+            assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert seen and t.steps_done == 12
+    with pytest.raises(ValueError, match="teacher_logits contains NaN"):  # outside DP the error stands
+        opd.OPDTrainer(TinyLM(seed=1), teacher, prompts, conts, opd.OPDConfig(
+            method="kd", steps=12, expected_batch_size=40, max_new_tokens=3)).step()

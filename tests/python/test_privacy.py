@@ -365,6 +365,21 @@ def test_an_fp16_overflow_in_one_example_leaves_the_others_exact():
     torch.testing.assert_close(with_bad, without)
 
 
+def test_make_private_takes_an_accountant_by_name():
+    model = torch.nn.Linear(4, 2)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, expected_batch_size=2, dataset_size=10, accountant="pld")
+    dp.zero_grad()
+    model(torch.randn(2, 4)).sum(1).sum().backward()
+    dp.step()
+    assert isinstance(dp.accountant, accounting.PLDAccountant) and len(dp.accountant) == 1
+    assert dp.accountant.history[0].sample_rate == 0.2
+    dp.engine.remove()
+    with pytest.raises(ValueError, match="accountant"):
+        privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                             max_grad_norm=1.0, expected_batch_size=2, dataset_size=10, accountant="prv")
+
+
 def test_noise_scale_and_accountant():
     model = torch.nn.Linear(200, 50).double()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -1246,3 +1261,63 @@ def test_a_resumed_run_draws_the_noise_and_batches_a_straight_run_draws():
         dp.load_state_dict(halfway["optimizer"])
     with pytest.raises(ValueError, match="generator"):
         privacy.PoissonBatchSampler(40, 0.2, secure_mode=True).load_state_dict(halfway["sampler"])
+
+
+def test_checkpoints_restore_per_rank_from_any_device_and_refuse_what_they_cannot():
+    model = torch.nn.Linear(3, 2)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, expected_batch_size=2, dataset_size=10,
+                                 generator=torch.Generator().manual_seed(0))
+    state = dp.state_dict()
+    if torch.cuda.is_available():
+        state["noise_generator"] = state["noise_generator"].cuda()  # as torch.load(map_location="cuda") leaves it
+    dp.load_state_dict(state)  # restored through the CPU
+    with pytest.warns(RuntimeWarning, match="no noise generator state"):
+        dp.load_state_dict({k: v for k, v in state.items() if k != "noise_generator"})
+    spent = {"mechanism": "rdp", "history": [{"noise_multiplier": 1.0, "sample_rate": 0.2, "steps": 5}]}
+    broken = dict(state, noise_generator=torch.zeros(3, dtype=torch.uint8), accountant=spent)
+    with pytest.raises(RuntimeError):
+        dp.load_state_dict(broken)
+    assert len(dp.accountant) == 0  # nothing was loaded from the broken state
+    dp.engine.remove()
+
+    ranks = [privacy.PoissonBatchSampler(100, 0.1, num_replicas=2, rank=r, generator=torch.Generator().manual_seed(0))
+             for r in range(2)]
+    with pytest.raises(ValueError, match="one state per rank"):
+        ranks[1].load_state_dict(ranks[0].state_dict())
+    ranks[1].load_state_dict(ranks[1].state_dict())
+
+
+def test_a_mean_reduced_loss_does_not_overflow_large_inputs_into_every_contribution():
+    """The mean's factor B on the product, not on the rows of the (unscaled) inputs: an input of 5e37 times B would be
+    inf, and so would every example's part of the clipped sum."""
+    vocab, d, t, b = 4, 2, 2, 8
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, vocab, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids, extra):
+            return self.head(self.emb(ids) + extra)
+
+    torch.manual_seed(0)
+    model = Tied().float()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, extra, w = torch.randint(0, vocab, (b, t)), torch.randn(b, t, d, dtype=torch.float32), torch.ones(b)
+    extra[0], w[0] = 5e37, 1e-38
+
+    def update(rows):
+        model.load_state_dict(state)
+        before = model.emb.weight.detach().clone()
+        m, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                     max_grad_norm=1.0, expected_batch_size=b, sample_rate=0.1, loss_reduction="mean")
+        dp.zero_grad()
+        (m(ids[rows], extra[rows]).mean((1, 2)) * w[rows]).mean().backward()
+        dp.step()
+        dp.engine.remove()
+        return model.emb.weight.detach() - before
+
+    with_first, without = update(list(range(b))), update(list(range(1, b)))
+    assert torch.isfinite(with_first).all() and (with_first - without).norm() <= 1.0 / b

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..accounting import RDPAccountant
+from ..accounting import Accountant, PLDAccountant, RDPAccountant, make_accountant
 from .engine import ClippingEngine, LossReduction, attached_engine, layer_kind
 from .noise import gaussian
 from .optimizer import DPOptimizer, check_arguments
@@ -33,7 +33,7 @@ __all__ = ["ClippingEngine", "DPOptimizer", "EmptyBatchCollate", "PoissonBatchSa
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, dataset_size: int | None = None,
                  sample_rate: float | None = None, loss_reduction: LossReduction = "sum",
-                 secure_mode: bool = False, accountant: RDPAccountant | None = None,
+                 secure_mode: bool = False, accountant: RDPAccountant | PLDAccountant | Accountant | None = None,
                  generator: torch.Generator | None = None, distributed: bool = False,
                  ) -> tuple[torch.nn.Module, DPOptimizer]:
     """Attach per-example clipping to ``model`` and wrap ``optimizer`` for DP-SGD.
@@ -44,6 +44,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         expected_batch_size: L, public; gradients are divided by it (never by the realised batch size).
         dataset_size / sample_rate: N, or q = L / N directly, for the accountant.
         loss_reduction: ``"sum"`` if you backpropagate loss_per_example.sum(), ``"mean"`` for .mean().
+        accountant: ``"rdp"`` (the default), ``"pld"`` (tighter), or an accountant to go on charging (a resumed
+            run's).
     The batch dimension must come first in every layer's input (one example per row; a sequence-first model would
     be clipped per time step), and Hugging Face models need position_ids of shape [B, T].
         secure_mode: noise (and poisson_loader's draws, if you pass secure_mode there too) from a
@@ -84,6 +86,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
             torch.distributed.broadcast(t.data, src=0)
     engine = ClippingEngine(model, loss_reduction)
     try:
+        if isinstance(accountant, str):
+            accountant = make_accountant(accountant)
         dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, sample_rate=sample_rate, accountant=accountant,
                          secure_mode=secure_mode, generator=generator, distributed=distributed)

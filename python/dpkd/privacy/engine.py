@@ -605,7 +605,11 @@ class ClippingEngine:
                     per_bias = bias_grads.pop(name, None)
                     weight = None
                     if module.weight.requires_grad:
-                        weight = layers.linear_clipped_sum(*entry, captured_coef)
+                        # The mean's factor goes on the product: on the rows it could take a large input past
+                        # the float range, and the inf would reach every example's contribution.
+                        weight = layers.linear_clipped_sum(*entry, coef)
+                        if scale != 1.0:
+                            weight.mul_(scale)
                 if weight is not None:
                     accumulate(module.weight, weight if kind == "linear" else weight.t())
                 if per_bias is not None:

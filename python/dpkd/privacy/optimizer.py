@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Callable
 
 import torch
 
 import torch.distributed as dist
 
-from ..accounting import RDPAccountant
+from ..accounting import PLDAccountant, RDPAccountant
 from . import noise
 from .engine import ClippingEngine
 
@@ -76,7 +77,7 @@ class DPOptimizer(torch.optim.Optimizer):
     # (the properties below), and step() is this class's own.
     def __init__(self, optimizer: torch.optim.Optimizer, engine: ClippingEngine, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float,
-                 accountant: RDPAccountant | None = None, secure_mode: bool = False,
+                 accountant: RDPAccountant | PLDAccountant | None = None, secure_mode: bool = False,
                  generator: torch.Generator | None = None, distributed: bool = False) -> None:
         check_arguments(noise_multiplier, max_grad_norm, expected_batch_size)
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, DPOptimizer):
@@ -263,7 +264,16 @@ class DPOptimizer(torch.optim.Optimizer):
         if saved is not None and self.generator is None:
             raise ValueError("the checkpoint holds a noise generator's state: give make_private a generator to "
                              "restore it into")
-        self.original_optimizer.load_state_dict(state["optimizer"])
+        if saved is None and self.generator is not None and not self.secure_mode:
+            warnings.warn("the checkpoint holds no noise generator state: the noise goes on from this generator's "
+                          "current state, which repeats the first run's noise if it was seeded alike",
+                          RuntimeWarning, stacklevel=2)
+        # Checked before anything changes (a torch.load map_location moves the state off the CPU).
+        saved = None if saved is None else torch.as_tensor(saved).cpu()
+        if saved is not None:
+            probe = torch.Generator(device=self.generator.device)
+            probe.set_state(saved)
         self.accountant.load_state_dict(state["accountant"])
+        self.original_optimizer.load_state_dict(state["optimizer"])
         if saved is not None:
             self.generator.set_state(saved)

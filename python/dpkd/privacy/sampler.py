@@ -63,15 +63,21 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
         draws come from os.urandom or torch's global generator). A DataLoader with workers draws batches ahead of
         the training loop: a run resumed from this state skips the batches drawn but not trained on, which changes
         the data order but not the guarantee (every step's batch is still a fresh Poisson sample)."""
-        return {"generator": None if self.secure_mode or self.generator is None else self.generator.get_state()}
+        return {"generator": None if self.secure_mode or self.generator is None else self.generator.get_state(),
+                "rank": self.rank, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s generator state: each rank its own (a rank given another's would draw the same
+        inclusions, not independent ones)."""
+        if (state.get("rank", 0), state.get("num_replicas", 1)) != (self.rank, self.num_replicas):
+            raise ValueError(f"the state is rank {state.get('rank', 0)} of {state.get('num_replicas', 1)}'s, this "
+                             f"sampler is rank {self.rank} of {self.num_replicas}'s: save and load one state per rank")
         saved = state["generator"]
         if saved is not None:
             if self.secure_mode or self.generator is None:
                 raise ValueError("the checkpoint holds a sampling generator's state, and this sampler has no "
                                  "generator to restore it into (secure mode, or none given)")
-            self.generator.set_state(saved)
+            self.generator.set_state(torch.as_tensor(saved).cpu())
 
     def __iter__(self) -> Iterator[list[int]]:
         indices = torch.arange(self.rank, self.dataset_size, self.num_replicas)
