@@ -87,32 +87,33 @@ def peers(tight: bool):
     return found
 
 
+def table(title: str, columns: str, value: str, rows, ours: Callable, peer_fns: dict, repeat: int) -> None:
+    """One row per case: dpkd's value and time, then each peer's with its time ratio to dpkd's."""
+    print(title)
+    print(columns + f" | {'dpkd ' + value:>11} {'ms':>8}" +
+          "".join(f" | {peer + ' ' + value:>24} {'ms':>8} {'x':>6}" for peer in peer_fns))
+    for label, case in rows:
+        mine, t = timed(lambda: ours(*case), repeat=repeat)
+        line = f"{label} | {mine:>11.6f} {t * 1e3:>8.2f}"
+        for fn in peer_fns.values():
+            theirs, t2 = timed(lambda: fn(*case), repeat=1)
+            line += f" | {theirs:>24.6f} {t2 * 1e3:>8.1f} {t2 / t:>6.1f}"
+        print(line)
+    print()
+
+
 def tables(name: str, accountant: str, repeat: int, cases: int) -> None:
     others = peers(accountant == "pld")
-    print(f"epsilon ({name})")
-    print(f"{'sigma':>6} {'q':>9} {'steps':>6} | {'dpkd eps':>10} {'ms':>7}" +
-          "".join(f" | {peer + ' eps':>22} {'ms':>8} {'x':>6}" for peer in others))
-    for sigma, q, steps, delta in CASES[:cases]:
-        ours, t = timed(lambda: accounting.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta,
-                                                   accountant=accountant), repeat=repeat)
-        row = f"{sigma:>6} {q:>9.6f} {steps:>6} | {ours:>10.5f} {t * 1e3:>7.2f}"
-        for eps_fn, _ in others.values():
-            theirs, t2 = timed(lambda: eps_fn(sigma, q, steps, delta), repeat=3)
-            row += f" | {theirs:>22.5f} {t2 * 1e3:>8.2f} {t2 / t:>6.1f}"
-        print(row)
-    print()
-    print(f"calibrate_noise ({name}: smallest sigma with epsilon <= target)")
-    print(f"{'eps':>5} {'q':>7} {'steps':>6} | {'dpkd sigma':>11} {'ms':>8}" +
-          "".join(f" | {peer + ' sigma':>24} {'ms':>8} {'x':>6}" for peer in others))
-    for eps, q, steps, delta in CALIBRATION[:cases]:
-        ours, t = timed(lambda: accounting.calibrate_noise(target_epsilon=eps, delta=delta, sample_rate=q, steps=steps,
-                                                           accountant=accountant), repeat=repeat)
-        row = f"{eps:>5} {q:>7} {steps:>6} | {ours:>11.6f} {t * 1e3:>8.2f}"
-        for _, cal_fn in others.values():
-            theirs, t2 = timed(lambda: cal_fn(eps, q, steps, delta), repeat=1)
-            row += f" | {theirs:>24.6f} {t2 * 1e3:>8.1f} {t2 / t:>6.1f}"
-        print(row)
-    print()
+    table(f"epsilon ({name})", f"{'sigma':>6} {'q':>9} {'steps':>6}", "eps",
+          [(f"{s:>6} {q:>9.6f} {n:>6}", (s, q, n, d)) for s, q, n, d in CASES[:cases]],
+          lambda s, q, n, d: accounting.epsilon(noise_multiplier=s, sample_rate=q, steps=n, delta=d,
+                                                accountant=accountant),
+          {peer: fns[0] for peer, fns in others.items()}, repeat)
+    table(f"calibrate_noise ({name}: smallest sigma with epsilon <= target)", f"{'eps':>6} {'q':>9} {'steps':>6}",
+          "sigma", [(f"{e:>6} {q:>9.6f} {n:>6}", (e, q, n, d)) for e, q, n, d in CALIBRATION[:cases]],
+          lambda e, q, n, d: accounting.calibrate_noise(target_epsilon=e, delta=d, sample_rate=q, steps=n,
+                                                        accountant=accountant),
+          {peer: fns[1] for peer, fns in others.items()}, repeat)
 
 
 def main() -> None:

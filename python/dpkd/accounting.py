@@ -127,7 +127,7 @@ def calibrate_noise(
     """The smallest noise multiplier whose epsilon after ``steps`` steps is <= ``target_epsilon``.
 
     RDP: exact to about 1e-9 relative (Brent's method on the orders near the optimum, with a check on the
-    full grid). ``accountant="pld"``: bisection below RDP's sigma to 1e-5 relative (about a second). The result
+    full grid). ``accountant="pld"``: regula falsi below RDP's sigma to 1e-5 relative (a few compositions). The result
     always satisfies the target. 0.0 when the steps cost nothing.
     """
     pld = _is_pld(accountant, orders, conversion)
@@ -137,18 +137,30 @@ def calibrate_noise(
     if not pld or sigma == 0.0:
         return sigma
 
-    def fits(s: float) -> bool:
-        return _pld_epsilon(s, sample_rate, steps, delta) <= target_epsilon
+    def excess(s: float) -> float:
+        return _pld_epsilon(s, sample_rate, steps, delta) - target_epsilon
 
-    hi = sigma
-    while not fits(hi):  # PLD's epsilon is below RDP's; this guards the discretisation's edge cases
-        hi *= 1.25
-    lo = hi / 2
-    while fits(lo) and lo > 1e-6:
-        hi, lo = lo, lo / 2
+    hi, f_hi = sigma, excess(sigma)
+    while f_hi > 0:  # PLD's epsilon is below RDP's; this guards the discretisation's edge cases
+        hi, f_hi = hi * 1.25, excess(hi * 1.25)
+    lo, f_lo = hi / 2, excess(hi / 2)
+    while f_lo <= 0 and lo > 1e-6:
+        hi, f_hi, lo = lo, f_lo, lo / 2
+        f_lo = excess(lo)
+    # Regula falsi, Illinois variant (epsilon is smooth and decreasing in sigma): a few evaluations, not bisection's
+    # seventeen; hi always satisfies the target.
+    side = 0
     while hi - lo > 1e-5 * hi:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo) if f_lo != f_hi else 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            mid = 0.5 * (lo + hi)
+        f_mid = excess(mid)
+        if f_mid <= 0:
+            hi, f_hi = mid, f_mid
+            f_lo, side = (f_lo / 2 if side == -1 else f_lo), -1
+        else:
+            lo, f_lo = mid, f_mid
+            f_hi, side = (f_hi / 2 if side == 1 else f_hi), 1
     return hi
 
 
