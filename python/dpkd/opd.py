@@ -21,7 +21,8 @@ import json
 import math
 import numbers
 import time
-from typing import Any, Callable, Literal
+import warnings
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -55,6 +56,9 @@ class OPDConfig:
     target_epsilon: float | None = 2.0
     delta: float | None = None             # None: 1 / N^2
     accountant: str = "rdp"                # or "pld": tighter, so a smaller sigma for the same target
+    # The end-of-sequence id (None: a Hugging Face student's own); tokens after a continuation's first EOS carry no
+    # loss, sampled or ground truth (padding after an EOS is left out with them).
+    eos_token_id: int | None = None
     secure_mode: bool = False
     seed: int = 0
     # Logits of different widths: the extra columns count as probability 0 (an infinite forward KL where the
@@ -72,6 +76,8 @@ class OPDConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.sample_temperature > 0.0:
             raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature}")
+        if self.divergence not in losses.DIVERGENCES:
+            raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {self.divergence!r}")
         if self.accountant not in ("rdp", "pld"):
             raise ValueError(f"accountant must be 'rdp' or 'pld', got {self.accountant!r}")
         if not 0.0 <= self.ground_truth_fraction <= 1.0:
@@ -104,15 +110,38 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def eos_ids(model: torch.nn.Module, eos_token_id: int | None = None) -> list[int]:
+    """The end-of-sequence ids: ``eos_token_id`` if given, else a Hugging Face model's (its generation config's, which
+    may list several), else none."""
+    if eos_token_id is not None:
+        return [int(eos_token_id)]
+    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if found is None:
+        found = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if found is None:
+        return []
+    return [int(i) for i in (found if isinstance(found, (list, tuple)) else [found])]
+
+
+def after_eos(continuations: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
+    """bool [S, M]: the tokens after each row's first end-of-sequence token (the EOS itself is not after it)."""
+    if not eos:
+        return torch.zeros_like(continuations, dtype=torch.bool)
+    is_eos = torch.isin(continuations, torch.tensor(eos, device=continuations.device))
+    return (is_eos.long().cumsum(1) - is_eos.long()) > 0
+
+
 @torch.no_grad()
 def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, num_samples: int, max_new_tokens: int,
                          temperature: float = 1.0, top_p: float = 1.0,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, eos_token_id: int | None = None) -> torch.Tensor:
     """[B * num_samples, P + max_new_tokens] token ids: each prompt repeated, continued by sampling.
 
     Prompts are equal-length [B, P]. Hugging Face models sample through ``generate`` (KV cache), seeded
-    from ``generator`` without touching the global RNG; other modules by a loop over the full prefix.
-    Generation never stops early: every continuation has max_new_tokens tokens.
+    from ``generator`` without touching the global RNG; other modules by a loop over the full prefix. The
+    end-of-sequence token is sampled like any other (never suppressed: the samples are the student's own
+    distribution); a Hugging Face row that ends early is filled up with it, and what follows a row's first EOS
+    (``eos_ids``) carries no loss in :func:`continuation_losses`.
     """
     was_training = model.training
     model.eval()
@@ -123,12 +152,14 @@ def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, num_s
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
                 torch.manual_seed(seed)
+            eos = eos_ids(model, eos_token_id)
+            fill = eos[0] if eos else 0
             out = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq), do_sample=True,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, top_k=0,
-                                 pad_token_id=model.config.eos_token_id)
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
+                                 pad_token_id=fill, **({"eos_token_id": eos} if eos else {}))
         model.train(was_training)
-        return out
+        short = seq.shape[1] + max_new_tokens - out.shape[1]  # every row stopped early
+        return torch.nn.functional.pad(out, (0, short), value=fill) if short else out
     for _ in range(max_new_tokens):
         attention = torch.ones_like(seq)
         logits = _logits(model, seq, attention)[:, -1].float() / temperature
@@ -159,7 +190,8 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
     inputs, targets = sequences[:, :-1], sequences[:, 1:]
     attention = torch.ones_like(inputs)
     cont = torch.zeros_like(targets, dtype=torch.bool)
-    cont[:, prompt_len - 1:] = True  # positions whose next token is a continuation token
+    # Positions whose next token is a continuation token up to and including its first end-of-sequence token.
+    cont[:, prompt_len - 1:] = ~after_eos(sequences[:, prompt_len:], eos_ids(student, config.eos_token_id))
     s_logits = _logits(student, inputs, attention)
     labels = torch.where(cont, targets, torch.full_like(targets, -100))
     weights_seen = {}
@@ -211,6 +243,11 @@ class OPDTrainer:
                  continuations: torch.Tensor | None, config: OPDConfig, *, select: Callable | None = None,
                  log_path: str | None = None) -> None:
         self.config, self.select, self.log_path = config, select, log_path
+        if teacher is student:
+            raise ValueError("teacher is the student: OPD trains a student against a separate, frozen teacher (for "
+                             "self-distillation call dpkd.distill_loss with teacher_grad=True yourself)")
+        if continuations is not None and continuations.shape[0] != prompts.shape[0]:
+            raise ValueError(f"prompts hold {prompts.shape[0]} examples and continuations {continuations.shape[0]}")
         self.student, self.teacher = student.train(), teacher
         if teacher is not None:
             teacher.requires_grad_(False).eval()
@@ -221,17 +258,27 @@ class OPDTrainer:
         uses_truth = config.on_ground_truth or config.ground_truth_fraction > 0
         if uses_truth and continuations.shape[1] < config.max_new_tokens:
             raise ValueError(f"continuations have {continuations.shape[1]} tokens, fewer than max_new_tokens")
+        # Checked once, here, on the data and the models' shapes: a check on each batch would raise, or not, with the
+        # batch's examples.
+        one = torch.ones(1, 1, dtype=torch.long, device=prompts.device)
+        with torch.no_grad():
+            width = _logits(student.eval(), one, one).shape[-1]  # the ids the student samples from (no dropout draw)
+        student.train()
+        for name, ids in (("prompts", prompts), ("continuations", continuations)):
+            if ids is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < width:
+                raise ValueError(f"{name} hold token ids in [{int(ids.min())}, {int(ids.max())}], outside the student's "
+                                 f"vocabulary of {width} (its logits' width)")
         rows = _embedding_rows(teacher) if teacher is not None else None
-        if rows is not None and config.method not in ("dp_sft", "sft"):
-            # Checked once, here: a check on the sampled tokens would raise, or not, with the batch's examples.
-            one = torch.ones(1, 1, dtype=torch.long, device=prompts.device)
+        if rows is not None and config.method not in ("dp_sft", "sft") and width > rows:
+            raise ValueError(f"the student can produce token ids up to {width - 1}, outside the teacher's vocabulary "
+                             f"of {rows}: the teacher must read every token the student can produce (a shared "
+                             "tokenizer)")
+        if teacher is not None and config.method not in ("dp_sft", "sft") and not config.allow_vocab_mismatch:
             with torch.no_grad():
-                width = _logits(student, one, one).shape[-1]  # the ids the student samples from
-            seen = max(int(prompts.max()), int(continuations.max()) if continuations is not None else -1)
-            if max(width - 1, seen) >= rows:
-                raise ValueError(f"the student can produce token ids up to {max(width - 1, seen)}, outside the "
-                                 f"teacher's vocabulary of {rows}: the teacher must read every token the student can "
-                                 "produce (a shared tokenizer)")
+                teacher_width = _logits(teacher, one, one).shape[-1]
+            if teacher_width != width:
+                raise ValueError(f"student logits have {width} columns and teacher logits {teacher_width}: set "
+                                 "OPDConfig(allow_vocab_mismatch=True) to treat the extra columns as probability 0")
         self.prompts, self.continuations = prompts, continuations
         n = prompts.shape[0]
         self.sample_rate = min(1.0, config.expected_batch_size / n)
@@ -244,13 +291,18 @@ class OPDTrainer:
                                                sample_rate=self.sample_rate, steps=config.steps,
                                                accountant=config.accountant)
         self.noise_multiplier = sigma if config.private else 0.0
+        if config.private and sigma == 0.0 and config.target_epsilon is None:
+            warnings.warn(f"method {config.method!r} with noise_multiplier=0 adds no noise: the run is not private "
+                          "(its epsilon is infinite)", RuntimeWarning, stacklevel=2)
         # Training stops before a step would take epsilon past target_epsilon (with a calibrated sigma
         # that is exactly config.steps; with a given sigma possibly fewer).
         self.total_steps = config.steps
+        self._affordable = None  # steps at this sigma and rate that the target affords, from zero
         if config.private and config.target_epsilon is not None:
-            self.total_steps = min(config.steps, accounting.max_steps(
+            self._affordable = accounting.max_steps(
                 target_epsilon=config.target_epsilon, delta=self.delta, noise_multiplier=sigma,
-                sample_rate=self.sample_rate, accountant=config.accountant))
+                sample_rate=self.sample_rate, accountant=config.accountant)
+            self.total_steps = min(config.steps, self._affordable)
             if self.total_steps == 0:
                 raise ValueError(f"noise_multiplier={sigma} spends more than target_epsilon={config.target_epsilon} "
                                  f"(delta={self.delta:.3g}, sample rate {self.sample_rate:.3g}) in a single step: "
@@ -273,9 +325,14 @@ class OPDTrainer:
         cfg = self.config
         if not (cfg.private and cfg.target_epsilon is not None):
             return True
-        probe = copy.deepcopy(self.optimizer.accountant)
+        if self.steps_done >= self.total_steps:
+            return False
+        spent = self.optimizer.accountant
+        if all((e.noise_multiplier, e.sample_rate) == (self.noise_multiplier, self.sample_rate) for e in spent.history):
+            return len(spent) + 1 <= self._affordable  # epsilon grows with the count alone: no composition per step
+        probe = copy.deepcopy(spent)
         probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return self.steps_done < self.total_steps and probe.get_epsilon(self.delta) <= cfg.target_epsilon
+        return probe.get_epsilon(self.delta) <= cfg.target_epsilon
 
     @property
     def epsilon(self) -> float:
@@ -304,7 +361,8 @@ class OPDTrainer:
         if cfg.on_ground_truth:
             return truth, prompts.shape[1]
         seqs = sample_continuations(self.student, prompts, num_samples=k, max_new_tokens=m,
-                                    temperature=cfg.sample_temperature, top_p=cfg.top_p, generator=self.generator)
+                                    temperature=cfg.sample_temperature, top_p=cfg.top_p, generator=self.generator,
+                                    eos_token_id=cfg.eos_token_id)
         if cfg.ground_truth_fraction > 0:
             pick = (torch.rand(rows.numel(), generator=self.generator) < cfg.ground_truth_fraction)
             pick = pick.repeat_interleave(k).to(seqs.device)
@@ -380,8 +438,13 @@ class OPDTrainer:
         return history
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to go on as an uninterrupted one: the student, the optimizer (with the
+        accountant and the noise generator), the sampling generator and torch's global generators (dropout, rules that
+        draw from them)."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "steps_done": self.steps_done}
+                "generator": self.generator.get_state(), "steps_done": self.steps_done,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -391,3 +454,7 @@ class OPDTrainer:
         self.optimizer.load_state_dict(optimizer_state)
         self.generator.set_state(torch.as_tensor(state["generator"]).cpu())  # the noise's: in the optimizer's state
         self.steps_done = state["steps_done"]
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(torch.as_tensor(state["torch_rng"]).cpu())
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.as_tensor(s).cpu() for s in state["cuda_rng"]])

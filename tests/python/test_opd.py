@@ -169,9 +169,8 @@ def test_teacher_vocabulary_must_cover_the_students_tokens():
 def test_a_wider_teacher_vocabulary_needs_the_opt_in():
     prompts, conts = data()
     kw = dict(steps=2, expected_batch_size=6, max_new_tokens=5, target_epsilon=4.0, divergence="reverse_kl")
-    t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(vocab=20, seed=2), prompts, conts, opd.OPDConfig(**kw))
-    with pytest.raises(ValueError, match="allow_vocab_mismatch"):
-        t.step()
+    with pytest.raises(ValueError, match="allow_vocab_mismatch"):  # at construction, not with some batch
+        opd.OPDTrainer(TinyLM(seed=1), TinyLM(vocab=20, seed=2), prompts, conts, opd.OPDConfig(**kw))
     t = opd.OPDTrainer(TinyLM(seed=1), TinyLM(vocab=20, seed=2), prompts, conts,
                        opd.OPDConfig(allow_vocab_mismatch=True, **kw))
     assert torch.isfinite(torch.tensor(t.step()["loss"]))  # reverse KL: the extra columns hold no student mass
@@ -272,3 +271,69 @@ def test_a_private_step_neither_raises_nor_skips_for_one_examples_non_finite_log
     with pytest.raises(ValueError, match="teacher_logits contains NaN"):  # outside DP the error stands
         opd.OPDTrainer(TinyLM(seed=1), teacher, prompts, conts, opd.OPDConfig(
             method="kd", steps=12, expected_batch_size=40, max_new_tokens=3)).step()
+
+
+def test_hugging_face_sampling_emits_eos_and_nothing_after_it_carries_loss():
+    """The samples are the student's own distribution, EOS included (generate's min_new_tokens would suppress it);
+    a row that stops early is filled up, and the filling is no part of the loss."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=17, n_positions=32, n_embd=16, n_layer=1, n_head=2, eos_token_id=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    student = transformers.GPT2LMHeadModel(cfg)
+    bias = torch.zeros(17)
+    bias[2] = 3.0  # p(eos) about 0.6 per token
+    hook = student.lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    prompts, _ = data()
+    prompts[prompts == 2] = 5
+    seqs = opd.sample_continuations(student, prompts[:8], num_samples=2, max_new_tokens=5,
+                                    generator=torch.Generator().manual_seed(1))
+    hook.remove()
+    cont = seqs[:, 4:]
+    assert seqs.shape == (16, 9) and (cont == 2).any(1).float().mean() > 0.5
+    after = opd.after_eos(cont, [2])
+    assert (cont[after] == 2).all()  # what follows a row's first EOS is filling
+    config = opd.OPDConfig(eos_token_id=2)
+    per_seq, per_token, _ = opd.continuation_losses(student, TinyLM(seed=2), seqs, 4, config)
+    assert (per_token[:, 3:][after] == 0).all() and (per_token[:, 3:][~after] > 0).all()
+    counted = (~after).sum(1)
+    torch.testing.assert_close(per_seq, per_token[:, 3:].sum(1) / counted)
+
+
+def test_a_resumed_run_with_dropout_goes_on_as_an_uninterrupted_one(tmp_path):
+    class DropoutLM(TinyLM):
+        def forward(self, ids):
+            return torch.nn.functional.dropout(super().forward(ids), 0.3, self.training)
+
+    prompts, conts = data()
+    cfg = opd.OPDConfig(steps=4, expected_batch_size=6, max_new_tokens=3, target_epsilon=8.0)
+    torch.manual_seed(5)
+    straight = opd.OPDTrainer(DropoutLM(seed=1), TinyLM(seed=2), prompts, conts, cfg)
+    straight.train(progress=False)
+    torch.manual_seed(5)
+    first = opd.OPDTrainer(DropoutLM(seed=1), TinyLM(seed=2), prompts, conts, cfg)
+    first.step(), first.step()
+    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
+    torch.manual_seed(123)  # a new process: another global generator state
+    resumed = opd.OPDTrainer(DropoutLM(seed=1), TinyLM(seed=2), prompts, conts, cfg)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    resumed.train(progress=False)
+    for a, b in zip(straight.student.parameters(), resumed.student.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_construction_refuses_what_a_batch_would_trip_over():
+    prompts, conts = data()
+    kw = dict(steps=2, expected_batch_size=6, max_new_tokens=3)
+    with pytest.raises(ValueError, match="prompts hold 40 examples and continuations 39"):
+        opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts[:39], opd.OPDConfig(**kw))
+    student = TinyLM(seed=1)
+    with pytest.raises(ValueError, match="teacher is the student"):
+        opd.OPDTrainer(student, student, prompts, conts, opd.OPDConfig(**kw))
+    with pytest.raises(ValueError, match="continuations hold token ids .* outside the student's vocabulary of 17"):
+        opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts + 10, opd.OPDConfig(method="dp_sft", **kw))
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        opd.OPDConfig(divergence="kl")
+    with pytest.warns(RuntimeWarning, match="not private"):
+        opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                       opd.OPDConfig(noise_multiplier=0.0, target_epsilon=None, **kw))
