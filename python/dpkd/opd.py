@@ -59,6 +59,9 @@ class OPDConfig:
     # The end-of-sequence id (None: a Hugging Face student's own); tokens after a continuation's first EOS carry no
     # loss, sampled or ground truth (padding after an EOS is left out with them).
     eos_token_id: int | None = None
+    # Prompts of different lengths: left-padded to one length with this id, which Hugging Face models' attention masks
+    # out (a leading run of it only; plain modules read it as a token). None: prompts are all of one length.
+    pad_token_id: int | None = None
     secure_mode: bool = False
     seed: int = 0
     # Logits of different widths: the extra columns count as probability 0 (an infinite forward KL where the
@@ -123,6 +126,14 @@ def eos_ids(model: torch.nn.Module, eos_token_id: int | None = None) -> list[int
     return [int(i) for i in (found if isinstance(found, (list, tuple)) else [found])]
 
 
+def prompt_attention(prompts: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """1 on the prompts' tokens, 0 on their left padding (``pad_token_id``; None: no padding)."""
+    if pad_token_id is None:
+        return torch.ones_like(prompts)
+    pads = (prompts == pad_token_id).long().cumprod(1)  # padding is the leading run only: a pad id inside is a token
+    return 1 - pads
+
+
 def after_eos(continuations: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
     """bool [S, M]: the tokens after each row's first end-of-sequence token (the EOS itself is not after it)."""
     if not eos:
@@ -134,10 +145,12 @@ def after_eos(continuations: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
 @torch.no_grad()
 def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, num_samples: int, max_new_tokens: int,
                          temperature: float = 1.0, top_p: float = 1.0,
-                         generator: torch.Generator | None = None, eos_token_id: int | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, eos_token_id: int | None = None,
+                         pad_token_id: int | None = None) -> torch.Tensor:
     """[B * num_samples, P + max_new_tokens] token ids: each prompt repeated, continued by sampling.
 
-    Prompts are equal-length [B, P]. Hugging Face models sample through ``generate`` (KV cache), seeded
+    Prompts are [B, P], shorter ones left-padded with ``pad_token_id`` (masked from a Hugging Face model's
+    attention; a plain module reads them as tokens). Hugging Face models sample through ``generate`` (KV cache), seeded
     from ``generator`` without touching the global RNG; other modules by a loop over the full prefix. The
     end-of-sequence token is sampled like any other (never suppressed: the samples are the student's own
     distribution); a Hugging Face row that ends early is filled up with it, and what follows a row's first EOS
@@ -154,14 +167,15 @@ def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, num_s
                 torch.manual_seed(seed)
             eos = eos_ids(model, eos_token_id)
             fill = eos[0] if eos else 0
-            out = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq), do_sample=True,
+            out = model.generate(input_ids=seq, attention_mask=prompt_attention(seq, pad_token_id), do_sample=True,
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
                                  pad_token_id=fill, **({"eos_token_id": eos} if eos else {}))
         model.train(was_training)
         short = seq.shape[1] + max_new_tokens - out.shape[1]  # every row stopped early
         return torch.nn.functional.pad(out, (0, short), value=fill) if short else out
+    prompt_mask = prompt_attention(seq, pad_token_id)
     for _ in range(max_new_tokens):
-        attention = torch.ones_like(seq)
+        attention = torch.nn.functional.pad(prompt_mask, (0, seq.shape[1] - prompt_mask.shape[1]), value=1)
         logits = _logits(model, seq, attention)[:, -1].float() / temperature
         probs = _nucleus(logits, top_p).softmax(-1)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(seq.device)
@@ -189,6 +203,7 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
     teacher's fields too (divergence 0): SHRED's surprisal, the student's entropy."""
     inputs, targets = sequences[:, :-1], sequences[:, 1:]
     attention = torch.ones_like(inputs)
+    attention[:, :prompt_len] = prompt_attention(sequences[:, :prompt_len], config.pad_token_id)
     cont = torch.zeros_like(targets, dtype=torch.bool)
     # Positions whose next token is a continuation token up to and including its first end-of-sequence token.
     cont[:, prompt_len - 1:] = ~after_eos(sequences[:, prompt_len:], eos_ids(student, config.eos_token_id))
@@ -362,7 +377,7 @@ class OPDTrainer:
             return truth, prompts.shape[1]
         seqs = sample_continuations(self.student, prompts, num_samples=k, max_new_tokens=m,
                                     temperature=cfg.sample_temperature, top_p=cfg.top_p, generator=self.generator,
-                                    eos_token_id=cfg.eos_token_id)
+                                    eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
         if cfg.ground_truth_fraction > 0:
             pick = (torch.rand(rows.numel(), generator=self.generator) < cfg.ground_truth_fraction)
             pick = pick.repeat_interleave(k).to(seqs.device)

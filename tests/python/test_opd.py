@@ -337,3 +337,25 @@ def test_construction_refuses_what_a_batch_would_trip_over():
     with pytest.warns(RuntimeWarning, match="not private"):
         opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
                        opd.OPDConfig(noise_multiplier=0.0, target_epsilon=None, **kw))
+
+
+def test_left_padded_prompts_score_as_the_unpadded_ones():
+    """Prompts of different lengths, left-padded: the padding is masked from attention and positions start at the first
+    real token, so a padded example's loss is the unpadded one's."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=17, n_positions=32, n_embd=16, n_layer=1, n_head=2, eos_token_id=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    student, teacher = transformers.GPT2LMHeadModel(cfg), transformers.GPT2LMHeadModel(cfg)
+    seq = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])  # prompt 5 6 7, continuation 8 9 10 11
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), seq], 1)  # pad id 0, prompt length 5
+    plain, _, _ = opd.continuation_losses(student, teacher, seq, 3, opd.OPDConfig())
+    masked, _, _ = opd.continuation_losses(student, teacher, padded, 5, opd.OPDConfig(pad_token_id=0))
+    unmasked, _, _ = opd.continuation_losses(student, teacher, padded, 5, opd.OPDConfig())
+    torch.testing.assert_close(masked, plain)
+    assert not torch.allclose(unmasked, plain)  # the padding does change the loss when read as tokens
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    conts = torch.randint(3, 15, (2, 4))
+    t = opd.OPDTrainer(student, teacher, prompts, conts, opd.OPDConfig(
+        steps=2, expected_batch_size=2, max_new_tokens=4, pad_token_id=0, target_epsilon=8.0))
+    assert len(t.train(progress=False)) == 2

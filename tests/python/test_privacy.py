@@ -1321,3 +1321,14 @@ def test_a_mean_reduced_loss_does_not_overflow_large_inputs_into_every_contribut
 
     with_first, without = update(list(range(b))), update(list(range(1, b)))
     assert torch.isfinite(with_first).all() and (with_first - without).norm() <= 1.0 / b
+
+
+def test_micro_batches_partition_one_poisson_batch_each():
+    whole = privacy.PoissonBatchSampler(50, 0.3, steps=20, generator=torch.Generator().manual_seed(4))
+    parts = privacy.PoissonBatchSampler(50, 0.3, steps=20, generator=torch.Generator().manual_seed(4), micro_batches=3)
+    batches, pieces = list(whole), list(parts)
+    assert len(parts) == 60 and len(pieces) == 60
+    for i, batch in enumerate(batches):
+        assert sum(pieces[3 * i:3 * i + 3], []) == batch  # in order, each example once
+    with pytest.raises(ValueError, match="micro_batches"):
+        privacy.PoissonBatchSampler(50, 0.3, micro_batches=0)

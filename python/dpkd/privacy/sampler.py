@@ -22,6 +22,11 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
     list of no indices: call ``optimizer.step()`` for it anyway (a noise-only step that the accountant counts).
     ``secure_mode`` draws the inclusion decisions from os.urandom.
 
+    Gradient accumulation (``micro_batches`` = k): each Poisson batch comes as k consecutive parts of it (some may be
+    empty), for one ``optimizer.step()`` after the k-th; call ``optimizer.accumulate()`` after each part's backward.
+    k independent Poisson batches per step instead would hold an example twice in some steps, which the accountant's
+    rate and sensitivity do not cover.
+
     Data-parallel training (``num_replicas`` ranks, this one ``rank``): each rank samples the indices
     i = rank (mod num_replicas) at the same rate, so that together the ranks draw one Poisson batch of the whole
     dataset. The ranks' draws must be independent: a ``generator`` (usually seeded alike on every rank) seeds, with
@@ -31,7 +36,10 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __init__(self, dataset_size: int, sample_rate: float, *, steps: int | None = None,
                  generator: torch.Generator | None = None, secure_mode: bool = False,
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
+                 num_replicas: int | None = None, rank: int | None = None, micro_batches: int = 1) -> None:
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        self.micro_batches = micro_batches
         if dataset_size <= 0:
             raise ValueError(f"dataset_size must be > 0, got {dataset_size}")
         if not 0.0 < sample_rate <= 1.0:
@@ -56,7 +64,7 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.generator, self.secure_mode = generator, secure_mode
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps * self.micro_batches
 
     def state_dict(self) -> dict[str, Any]:
         """The sampling generator's state, for a checkpoint (None in secure mode, or without a generator: then the
@@ -86,7 +94,8 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
                 keep = torch.from_numpy(secure_uniform(indices.numel())) < self.sample_rate
             else:
                 keep = torch.rand(indices.numel(), generator=self.generator) < self.sample_rate
-            yield indices[keep].tolist()
+            for part in indices[keep].tensor_split(self.micro_batches):
+                yield part.tolist()
 
 
 def _empty_like(batch: Any) -> Any:
@@ -110,7 +119,9 @@ def _empty_like(batch: Any) -> Any:
 
 class EmptyBatchCollate:
     """``collate_fn`` for Poisson batches: an empty batch becomes the collated first item cut to zero items (so that
-    the model, the loss and ``optimizer.step()`` run as for any batch), any other batch goes to ``collate_fn``."""
+    a loop runs as for any batch, and ``optimizer.step()`` takes its noise-only step), any other batch goes to
+    ``collate_fn``. Models that cannot run zero examples (Hugging Face's reshape on the batch dimension) need the
+    forward and backward skipped for it: ``if batch["input_ids"].shape[0]: ...`` before ``optimizer.step()``."""
 
     def __init__(self, dataset: Any, collate_fn: Callable[[list], Any] | None = None) -> None:
         self.dataset = dataset
@@ -128,13 +139,16 @@ class EmptyBatchCollate:
 def poisson_loader(dataset: Any, expected_batch_size: int, *, steps: int | None = None,
                    generator: torch.Generator | None = None, secure_mode: bool = False,
                    collate_fn: Callable[[list], Any] | None = None, num_replicas: int | None = None,
-                   rank: int | None = None, **loader_kwargs: Any) -> torch.utils.data.DataLoader:
+                   rank: int | None = None, micro_batches: int = 1,
+                   **loader_kwargs: Any) -> torch.utils.data.DataLoader:
     """A DataLoader of Poisson batches at rate q = expected_batch_size / len(dataset) (PoissonBatchSampler), empty
     batches included as empty tensors (EmptyBatchCollate). ``loader_kwargs`` go to the DataLoader (num_workers,
-    pin_memory, ...); with ``num_replicas``/``rank``, expected_batch_size is the global one."""
+    pin_memory, ...); with ``num_replicas``/``rank``, expected_batch_size is the global one; with ``micro_batches`` = k,
+    each Poisson batch (of expected size expected_batch_size) comes in k parts (see PoissonBatchSampler)."""
     n = len(dataset)
     sampler = PoissonBatchSampler(n, expected_batch_size / n, steps=steps, generator=generator,
-                                  secure_mode=secure_mode, num_replicas=num_replicas, rank=rank)
+                                  secure_mode=secure_mode, num_replicas=num_replicas, rank=rank,
+                                  micro_batches=micro_batches)
     collate = EmptyBatchCollate(dataset, collate_fn)
     collate([])  # an empty batch this collate cannot make fails now, not thousands of steps into the run
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **loader_kwargs)
