@@ -24,19 +24,29 @@ ADJACENCIES = ("remove", "add")
 
 @dataclasses.dataclass(frozen=True)
 class PLD:
-    """Mass ``masses[i]`` at loss ``(lower + i) * interval``, ``infinity_mass`` at +inf."""
+    """Mass ``masses[i]`` at loss ``(lower + i) * interval``, ``infinity_mass`` at +inf.
+
+    A composition computed under an exponential tilt (``tilt`` > 0, see :func:`compose`) holds the masses of its window
+    only, and delta(eps) carries an allowance exp(log_allowance - tilt eps) for the tilted tails outside it; it answers
+    for eps inside the window (``epsilon`` returns NaN below it)."""
 
     lower: int
     masses: np.ndarray
     infinity_mass: float
     interval: float
+    tilt: float = 0.0
+    log_allowance: float = -math.inf
+    rounding: float = 0.0  # the FFT's absolute error per entry, about
+
+    def _allowance(self, eps):
+        return np.exp(self.log_allowance - self.tilt * eps) if self.tilt > 0 else 0.0 * eps
 
     def delta(self, epsilon: float) -> float:
         """delta(eps) = E[(1 - e^(eps - L))_+] + P(L = inf)."""
         losses = (self.lower + np.arange(self.masses.size)) * self.interval
         above = losses > epsilon
         tail = float(np.sum(self.masses[above] * -np.expm1(epsilon - losses[above])))
-        return min(1.0, tail + self.infinity_mass)
+        return min(1.0, tail + self.infinity_mass + float(self._allowance(epsilon)))
 
     def epsilon(self, delta: float) -> float:
         """The smallest eps >= 0 with delta(eps) <= delta (inf if none): on the segment between the grid points that
@@ -51,11 +61,15 @@ class PLD:
             log_weights = np.log(m) - losses  # log(m_i e^(-eps_i))
         above = np.cumsum(m[::-1])[::-1]  # A_j = sum_{i >= j} m_i
         log_t = np.logaddexp.accumulate(log_weights[::-1])[::-1]  # log T_j = log sum_{i >= j} m_i e^(-eps_i)
-        deltas = above - np.exp(losses + log_t) + self.infinity_mass  # delta at each grid point
+        allowance = self._allowance(losses)
+        deltas = above - np.exp(losses + log_t) + self.infinity_mass + allowance  # delta at each grid point
         j = int(np.argmax(deltas <= delta)) if np.any(deltas <= delta) else m.size
         if j == m.size:  # only the +inf mass lies above the last grid point: delta there is infinity_mass <= delta
             return max(0.0, float(losses[-1]))
-        room = above[j] + self.infinity_mass - delta
+        if j == 0 and self.tilt > 0:
+            return math.nan  # below the window of a tilted composition: no answer here
+        # Within the segment the allowance is at most its value at the segment's left end.
+        room = above[j] + self.infinity_mass + float(allowance[max(j - 1, 0)]) - delta
         if room <= 0.0 or log_t[j] == -math.inf:
             eps = float(losses[j - 1]) if j > 0 else 0.0
         else:
@@ -64,6 +78,16 @@ class PLD:
                 eps = max(eps, float(losses[j - 1]))
             eps = min(eps, float(losses[j]))
         return max(0.0, eps)
+
+    def tail_below_noise(self, epsilon: float) -> bool:
+        """Whether the FFT's rounding could move delta(eps) by 1e-4 of itself: ``rounding`` per entry, over the
+        entries above eps."""
+        losses = (self.lower + np.arange(self.masses.size)) * self.interval
+        above = losses > epsilon
+        count = int(above.sum())
+        if count == 0:
+            return False
+        return count * self.rounding > 1e-4 * float(np.sum(self.masses[above] * -np.expm1(epsilon - losses[above])))
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,8 +144,45 @@ def _window(steps: Sequence[tuple[PLD, int]], tail_mass: float) -> tuple[int, in
     return lo, max(hi, lo)
 
 
-def compose(steps: Sequence[tuple[PLD, int]], tail_mass: float) -> PLD:
-    """The PLD of ``count`` repetitions of each step, all on one ``interval``."""
+def _tilted(pld: PLD, tilt: float) -> tuple[PLD, float]:
+    """The step's finite masses times e^(tilt * loss), normalised: (that PLD, log of the normaliser)."""
+    losses = (pld.lower + np.arange(pld.masses.size)) * pld.interval
+    with np.errstate(divide="ignore"):
+        log_w = np.log(pld.masses) + tilt * losses
+    top = log_w.max()
+    w = np.exp(log_w - top)
+    total = w.sum()
+    return PLD(pld.lower, w / total, 0.0, pld.interval), float(top + math.log(total))
+
+
+def tilt_for(steps: Sequence[tuple[PLD, int]], epsilon: float) -> float:
+    """The tilt >= 0 that centres the composition's tilted distribution at ``epsilon`` (0 if it lies above it): there
+    the FFT resolves the masses delta(epsilon) rests on."""
+    def mean(tilt: float) -> float:
+        total = 0.0
+        for pld, count in steps:
+            w, _ = _tilted(pld, tilt)
+            total += count * float(w.masses @ ((w.lower + np.arange(w.masses.size)) * w.interval))
+        return total
+
+    if mean(0.0) >= epsilon:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while mean(hi) < epsilon and hi < 1e6:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mean(mid) < epsilon else (lo, mid)
+    return hi
+
+
+def compose(steps: Sequence[tuple[PLD, int]], tail_mass: float, tilt: float = 0.0) -> PLD:
+    """The PLD of ``count`` repetitions of each step, all on one ``interval``.
+
+    ``tilt`` > 0 composes the masses times e^(tilt * loss) (exponential tilting), which moves the bulk of the
+    composition to where its upper tail was: the FFT's rounding, about 1e-16 of the largest entry, would otherwise
+    swamp the masses a small delta rests on. The window then holds the tilted bulk, and what the tilted tails outside it
+    could add to delta is carried as an allowance."""
     steps = [(pld, count) for pld, count in steps if count > 0]
     interval = steps[0][0].interval if steps else 1.0
     log_finite = sum(count * math.log1p(-pld.infinity_mass) if pld.infinity_mass < 1 else -math.inf
@@ -129,6 +190,11 @@ def compose(steps: Sequence[tuple[PLD, int]], tail_mass: float) -> PLD:
     infinity_mass = -math.expm1(log_finite)
     if not steps or infinity_mass >= 1.0:
         return PLD(0, np.ones(1) if not steps else np.zeros(1), infinity_mass, interval)
+    log_scale = 0.0
+    if tilt > 0:
+        tilted = [(_tilted(pld, tilt), count) for pld, count in steps]
+        log_scale = sum(count * log_z for (_, log_z), count in tilted)
+        steps = [(pld, count) for (pld, _), count in tilted]
     lo, hi = _window(steps, tail_mass)
     width = hi - lo + 1
     size = _fast_length(max(width, *(pld.masses.size for pld, _ in steps)))
@@ -139,7 +205,18 @@ def compose(steps: Sequence[tuple[PLD, int]], tail_mass: float) -> PLD:
     masses = np.clip(circular[(lo + np.arange(width)) % size], 0.0, None)
     lower = sum(count * pld.lower for pld, count in steps) + lo
     truncated = tail_mass if (lo > 0 or hi < sum(c * (p.masses.size - 1) for p, c in steps)) else 0.0
-    return PLD(lower, masses, min(1.0, infinity_mass + truncated), interval)
+    if tilt == 0:
+        # A spectrum coefficient near 1 raised to the n-th power carries n times its rounding (squaring doubles a
+        # relative error): about (n + log2 size) 1.1e-16 of the largest mass per entry, doubled to be safe.
+        steps_total = sum(count for _, count in steps)
+        rounding = 2.2e-16 * (steps_total + 8 * math.log2(size)) * float(masses.max())
+        return PLD(lower, masses, min(1.0, infinity_mass + truncated), interval, rounding=rounding)
+    # Untilted: m_j = t_j exp(log_scale - tilt * loss_j), at most 1 (far below the bulk, t_j is rounding noise).
+    losses = (lower + np.arange(width)) * interval
+    with np.errstate(divide="ignore", over="ignore"):
+        masses = np.minimum(1.0, np.exp(np.log(masses) + log_scale - tilt * losses))
+    # The tilted mass outside the window, <= tail_mass, adds at most tail_mass exp(log_scale - tilt eps) to delta(eps).
+    return PLD(lower, masses, infinity_mass, interval, tilt, math.log(tail_mass) + log_scale)
 
 
 def _fast_length(n: int) -> int:
@@ -158,10 +235,16 @@ def _fast_length(n: int) -> int:
     return best
 
 
-def composed(events: Sequence[tuple[float, float, int]], interval: float, tail_mass: float,
-             adjacency: str) -> PLD:
-    """The PLD of a history of (noise_multiplier, sample_rate, steps) events in one adjacency direction."""
+def steps_of(events: Sequence[tuple[float, float, int]], interval: float, tail_mass: float,
+             adjacency: str) -> list[tuple[PLD, int]]:
+    """One-step PLDs and their counts for a history of (noise_multiplier, sample_rate, steps) events."""
     merged: dict[tuple[float, float], int] = {}
     for sigma, q, count in events:
         merged[(sigma, q)] = merged.get((sigma, q), 0) + count
-    return compose([(one_step(s, q, interval, tail_mass, adjacency), c) for (s, q), c in merged.items()], tail_mass)
+    return [(one_step(s, q, interval, tail_mass, adjacency), c) for (s, q), c in merged.items()]
+
+
+def composed(events: Sequence[tuple[float, float, int]], interval: float, tail_mass: float, adjacency: str,
+             tilt: float = 0.0) -> PLD:
+    """The PLD of a history of events in one adjacency direction (tilted by ``tilt``, see :func:`compose`)."""
+    return compose(steps_of(events, interval, tail_mass, adjacency), tail_mass, tilt)

@@ -358,25 +358,53 @@ class PLDAccountant(_Accountant):
     def _settings(self) -> dict[str, Any]:
         return {"value_discretization_interval": self.value_discretization_interval, "tail_mass": self.tail_mass}
 
-    def _plds(self) -> list[_pld.PLD]:
+    def _composed(self, adjacency: str, tilt: float = 0.0) -> _pld.PLD:
         events = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.history)
-        return [_composed(events, self.value_discretization_interval, self.tail_mass, a) for a in _pld.ADJACENCIES]
+        return _composed(events, self.value_discretization_interval, self.tail_mass, adjacency, tilt)
+
+    def _tilt(self, adjacency: str, epsilon: float) -> float:
+        events = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.history)
+        steps = _pld.steps_of(events, self.value_discretization_interval, self.tail_mass, adjacency)
+        return float(f"{_pld.tilt_for(steps, epsilon):.3g}")  # rounded: a cache key, and any tilt is exact
+
+    def _epsilon(self, adjacency: str, delta: float) -> float:
+        eps = self._composed(adjacency).epsilon(delta)
+        # Where delta rests on masses below the FFT's resolution (a small delta after many steps), the composition is
+        # made again under the tilt that centres them (twice: the first answer moves the centre).
+        for _ in range(2):
+            if not math.isfinite(eps) or not self._composed(adjacency).tail_below_noise(eps):
+                break
+            tilt = self._tilt(adjacency, eps)
+            if tilt == 0:
+                break
+            tilted = self._composed(adjacency, tilt).epsilon(delta)
+            if math.isnan(tilted):
+                break
+            eps = tilted
+        return eps
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0.0 before any step)."""
         _C.epsilon_from_rdp([2.0], [0.0], float(delta), "improved")  # validates delta
-        return max(p.epsilon(float(delta)) for p in self._plds()) if self.history else 0.0
+        return max(self._epsilon(a, float(delta)) for a in _pld.ADJACENCIES) if self.history else 0.0
 
     def get_delta(self, epsilon: float) -> float:
         """Delta spent so far at ``epsilon``."""
         if not (math.isfinite(epsilon) and epsilon >= 0):
             raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
-        return max(p.delta(float(epsilon)) for p in self._plds()) if self.history else 0.0
+        if not self.history:
+            return 0.0
+        deltas = []
+        for a in _pld.ADJACENCIES:
+            pld = self._composed(a)
+            tilt = self._tilt(a, epsilon) if pld.tail_below_noise(epsilon) else 0.0
+            deltas.append((self._composed(a, tilt) if tilt > 0 else pld).delta(float(epsilon)))
+        return max(deltas)
 
 
 @functools.lru_cache(maxsize=16)
-def _composed(events: tuple, interval: float, tail_mass: float, adjacency: str) -> _pld.PLD:
-    return _pld.composed(events, interval, tail_mass, adjacency)
+def _composed(events: tuple, interval: float, tail_mass: float, adjacency: str, tilt: float = 0.0) -> _pld.PLD:
+    return _pld.composed(events, interval, tail_mass, adjacency, tilt)
 
 
 Accountant = Literal["rdp", "pld"]
