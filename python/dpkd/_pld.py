@@ -37,6 +37,7 @@ class PLD:
     tilt: float = 0.0
     log_allowance: float = -math.inf
     rounding: float = 0.0  # the FFT's absolute error per entry, about
+    resolved: tuple[float, float] = (-math.inf, math.inf)  # tilted: the losses whose masses the FFT resolves
 
     def _allowance(self, eps):
         return np.exp(self.log_allowance - self.tilt * eps) if self.tilt > 0 else 0.0 * eps
@@ -90,7 +91,7 @@ class PLD:
         return count * self.rounding > 1e-4 * float(np.sum(self.masses[above] * -np.expm1(epsilon - losses[above])))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def one_step(noise_multiplier: float, sample_rate: float, interval: float, tail_mass: float, adjacency: str) -> PLD:
     lower, masses, infinity_mass = _C.subsampled_gaussian_pld(noise_multiplier, sample_rate, interval, tail_mass,
                                                              adjacency)
@@ -127,11 +128,15 @@ def _window(steps: Sequence[tuple[PLD, int]], tail_mass: float) -> tuple[int, in
         return 0, hi_max
     lo, hi = 0, hi_max
     log_budget = math.log(2.0 / tail_mass)
-    for order in np.concatenate([-np.geomspace(0.25, 64.0, 40), np.geomspace(0.25, 64.0, 40)]) / std:
+    with np.errstate(divide="ignore"):
+        logs = [(np.log(pld.masses), np.arange(pld.masses.size, dtype=np.float64), count) for pld, count in steps]
+    # Orders from 1e-4 of 1/std: a step with a long, thin tail (small q or sigma) has a tiny std next to its reach,
+    # and only small orders then bound the sum short of its whole support.
+    orders = np.geomspace(1e-4, 64.0, 72) / std
+    for order in np.concatenate([-orders, orders]):
         log_mgf = 0.0
-        for pld, count in steps:
-            with np.errstate(divide="ignore"):
-                terms = np.log(pld.masses) + order * np.arange(pld.masses.size)
+        for log_m, idx, count in logs:
+            terms = log_m + order * idx
             top = terms.max()
             log_mgf += count * (top + math.log(np.exp(terms - top).sum()))
         bound = (log_mgf + log_budget) / order
@@ -197,6 +202,9 @@ def compose(steps: Sequence[tuple[PLD, int]], tail_mass: float, tilt: float = 0.
         steps = [(pld, count) for (pld, _), count in tilted]
     lo, hi = _window(steps, tail_mass)
     width = hi - lo + 1
+    if width > 1 << 27:
+        raise ValueError(f"the composition spans {width} grid points (more than 2^27): use a larger "
+                         "value_discretization_interval, or accountant='rdp'")
     size = _fast_length(max(width, *(pld.masses.size for pld, _ in steps)))
     spectrum = np.ones(size // 2 + 1, dtype=np.complex128)
     for pld, count in steps:
@@ -213,10 +221,12 @@ def compose(steps: Sequence[tuple[PLD, int]], tail_mass: float, tilt: float = 0.
         return PLD(lower, masses, min(1.0, infinity_mass + truncated), interval, rounding=rounding)
     # Untilted: m_j = t_j exp(log_scale - tilt * loss_j), at most 1 (far below the bulk, t_j is rounding noise).
     losses = (lower + np.arange(width)) * interval
+    bulk = np.flatnonzero(masses >= 1e-6 * masses.max())  # rounding is 1e-9 of these at most
     with np.errstate(divide="ignore", over="ignore"):
         masses = np.minimum(1.0, np.exp(np.log(masses) + log_scale - tilt * losses))
     # The tilted mass outside the window, <= tail_mass, adds at most tail_mass exp(log_scale - tilt eps) to delta(eps).
-    return PLD(lower, masses, infinity_mass, interval, tilt, math.log(tail_mass) + log_scale)
+    return PLD(lower, masses, infinity_mass, interval, tilt, math.log(tail_mass) + log_scale,
+               resolved=(float(losses[bulk[0]]), float(losses[bulk[-1]])))
 
 
 def _fast_length(n: int) -> int:

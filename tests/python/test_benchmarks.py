@@ -32,7 +32,7 @@ def test_dpsgd_benchmark_against_opacus():
     ("bench_distill.py", ["--sizes", "8", "--vocab", "500", "--repeat", "1", "--no-compile"], "jsd"),
     ("bench_fused_linear.py", ["--n", "64", "--vocab", "500", "--hs", "16", "--ht", "24", "--repeat", "1"],
      "10% tokens"),
-    ("bench_accounting.py", ["--cases", "1"], "dp_accounting PLD"),
+    ("bench_accounting.py", ["--cases", "1"], "Opacus PRV"),
     ("bench_ghost.py", ["--device", "cpu", "--batch", "2", "--seq", "16", "--hidden", "32", "--repeat", "1"],
      "llama gate,up"),
 ])
