@@ -462,8 +462,12 @@ class OPDTrainer:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
         optimizer_state = state["optimizer"]
+        if ("accountant" in optimizer_state) != self.config.private:
+            kind = "a private" if "accountant" in optimizer_state else "a non-private"
+            raise ValueError(f"the checkpoint is {kind} run's, and method {self.config.method!r} is "
+                             f"{'' if self.config.private else 'non-'}private: resume with the method it was saved with")
+        self.student.load_state_dict(state["student"])
         if self.config.private and "noise_generator" in state:  # written before the DP optimizer held it
             optimizer_state = {**optimizer_state, "noise_generator": state["noise_generator"]}
         self.optimizer.load_state_dict(optimizer_state)

@@ -359,3 +359,14 @@ def test_left_padded_prompts_score_as_the_unpadded_ones():
     t = opd.OPDTrainer(student, teacher, prompts, conts, opd.OPDConfig(
         steps=2, expected_batch_size=2, max_new_tokens=4, pad_token_id=0, target_epsilon=8.0))
     assert len(t.train(progress=False)) == 2
+
+
+def test_a_checkpoint_resumes_only_into_a_run_as_private_as_it():
+    prompts, conts = data()
+    kw = dict(steps=2, expected_batch_size=6, max_new_tokens=3)
+    private = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts, opd.OPDConfig(target_epsilon=8.0, **kw))
+    plain = opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts, opd.OPDConfig(method="kd", **kw))
+    with pytest.raises(ValueError, match="private run's"):
+        plain.load_state_dict(private.state_dict())
+    with pytest.raises(ValueError, match="non-private run's"):
+        private.load_state_dict(plain.state_dict())
