@@ -279,7 +279,7 @@ class OPDTrainer:
         with torch.no_grad():
             width = _logits(student.eval(), one, one).shape[-1]  # the ids the student samples from (no dropout draw)
         student.train()
-        for name, ids in (("prompts", prompts), ("continuations", continuations)):
+        for name, ids in (("prompts", prompts), ("continuations", continuations if uses_truth else None)):
             if ids is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < width:
                 raise ValueError(f"{name} hold token ids in [{int(ids.min())}, {int(ids.max())}], outside the student's "
                                  f"vocabulary of {width} (its logits' width)")
@@ -409,6 +409,7 @@ class OPDTrainer:
         self.steps_done += 1
         norms = getattr(self.optimizer, "last_per_example_norms", torch.zeros(0))
         metrics = {"step": self.steps_done, "loss": loss_value, "epsilon": self.epsilon, "batch": int(rows.numel()),
+                   # positions processed (those after an EOS too), not only those that carry loss
                    "selected_fraction": fraction, "tokens_per_s": tokens / (time.perf_counter() - t0),
                    "norm_p50": float(norms.quantile(0.5)) if norms.numel() else float("nan"),
                    "norm_p90": float(norms.quantile(0.9)) if norms.numel() else float("nan")}
@@ -467,10 +468,13 @@ class OPDTrainer:
             kind = "a private" if "accountant" in optimizer_state else "a non-private"
             raise ValueError(f"the checkpoint is {kind} run's, and method {self.config.method!r} is "
                              f"{'' if self.config.private else 'non-'}private: resume with the method it was saved with")
-        self.student.load_state_dict(state["student"])
         if self.config.private and "noise_generator" in state:  # written before the DP optimizer held it
             optimizer_state = {**optimizer_state, "noise_generator": state["noise_generator"]}
-        self.optimizer.load_state_dict(optimizer_state)
+        for key in ("generator", "torch_rng"):  # checked before anything loads
+            if state.get(key) is not None:
+                torch.Generator().set_state(torch.as_tensor(state[key]).cpu())
+        self.optimizer.load_state_dict(optimizer_state)  # checks its own parts before it changes anything
+        self.student.load_state_dict(state["student"])
         self.generator.set_state(torch.as_tensor(state["generator"]).cpu())  # the noise's: in the optimizer's state
         self.steps_done = state["steps_done"]
         if state.get("torch_rng") is not None:

@@ -370,3 +370,21 @@ def test_a_checkpoint_resumes_only_into_a_run_as_private_as_it():
         plain.load_state_dict(private.state_dict())
     with pytest.raises(ValueError, match="non-private run's"):
         private.load_state_dict(plain.state_dict())
+
+
+def test_a_checkpoint_that_fails_to_load_changes_nothing():
+    prompts, conts = data()
+    a = trainer("dp_opd", steps=4)
+    a.step(), a.step()
+    b = trainer("dp_opd", steps=4)
+    before = [p.clone() for p in b.student.parameters()]
+    state = a.state_dict()
+    bad_groups = {**state, "optimizer": {**state["optimizer"],
+                                         "optimizer": {**state["optimizer"]["optimizer"], "param_groups": []}}}
+    with pytest.raises(ValueError):
+        b.load_state_dict(bad_groups)
+    bad_noise = {**state, "optimizer": {**state["optimizer"], "noise_generator": torch.zeros(3, dtype=torch.uint8)}}
+    with pytest.raises(RuntimeError):
+        b.load_state_dict(bad_noise)
+    assert len(b.optimizer.accountant) == 0 and b.steps_done == 0
+    assert all(torch.equal(x, y) for x, y in zip(before, b.student.parameters()))

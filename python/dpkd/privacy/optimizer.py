@@ -3,6 +3,7 @@ the expected batch size, step the wrapped optimizer, charge the accountant."""
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -268,12 +269,14 @@ class DPOptimizer(torch.optim.Optimizer):
             warnings.warn("the checkpoint holds no noise generator state: the noise goes on from this generator's "
                           "current state, which repeats the first run's noise if it was seeded alike",
                           RuntimeWarning, stacklevel=2)
-        # Checked before anything changes (a torch.load map_location moves the state off the CPU).
+        # Checked before anything changes (a torch.load map_location moves the state off the CPU): the generator's
+        # state on a probe, the accountant's on a copy; the wrapped optimizer's load is the last that can fail.
         saved = None if saved is None else torch.as_tensor(saved).cpu()
         if saved is not None:
             probe = torch.Generator(device=self.generator.device)
             probe.set_state(saved)
-        self.accountant.load_state_dict(state["accountant"])
+        copy.deepcopy(self.accountant).load_state_dict(state["accountant"])
         self.original_optimizer.load_state_dict(state["optimizer"])
+        self.accountant.load_state_dict(state["accountant"])
         if saved is not None:
             self.generator.set_state(saved)
