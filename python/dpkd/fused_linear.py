@@ -182,7 +182,8 @@ def fused_linear_distill_loss(
     fp32_logits: bool | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
-    """:func:`dpkd.distill_loss` of ``softcap(scale (h W^T + b))`` for both models, from hidden states.
+    """:func:`dpkd.distill_loss` of ``softcap(scale (h W^T + b))`` for both models, from hidden states (its options
+    but for ``select``, ``standardize`` and T² scaling; ``mask``/``weights`` choose tokens).
 
     Args:
         student_hidden: [N, H_s] or [B, T, H_s]; student_weight [V, H_s] (e.g. ``lm_head.weight``).

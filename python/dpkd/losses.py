@@ -47,7 +47,7 @@ __all__ = [
 class TokenStats(NamedTuple):
     """Per-token statistics, shaped like the logits without the vocabulary dimension (fp32).
 
-    Entropies and the divergence are at the loss's temperature. ``student_label_logprob`` and
+    Entropies, the divergence and the label log-probabilities are at the loss's temperature. ``student_label_logprob`` and
     ``teacher_label_logprob`` are NaN where no label is given or the label is ``ignore_index``. Returned with a
     loss whose gradient the forward kernel computes (``fuse_backward``, the default under autograd), every
     statistic is NaN at tokens that carry no loss (ignored, masked, weight 0): the kernel skips them.
@@ -364,7 +364,11 @@ def distill_loss(
     if t2 != 1.0:
         per_token = per_token * t2
     if select is not None:
-        chosen = select if not callable(select) else select(token_stats_, valid)
+        # The rule sees NaN (no score) at tokens that carry no loss, so that padding takes no place in its quotas
+        # even where the rule is not given ``valid``.
+        rule_stats = token_stats_ if valid is None else TokenStats(
+            *(torch.where(valid, f, torch.full_like(f, math.nan)) for f in token_stats_))
+        chosen = select if not callable(select) else select(rule_stats, valid)
         if not hasattr(chosen, "weights") or not isinstance(getattr(chosen, "values", None), torch.Tensor):
             raise TypeError(f"select must be a dpkd.select.Selection or a rule returning one, got "
                             f"{type(chosen).__name__}")

@@ -281,3 +281,22 @@ def test_a_rule_must_return_a_selection():
     s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
     with pytest.raises(TypeError, match="Selection"):
         dpkd.distill_loss(s, t, select=lambda st, v: st.student_entropy > 1.0)
+
+
+def test_a_rule_without_valid_gives_padding_no_place_in_its_quota():
+    """The rule sees NaN statistics where no loss is carried, so a rule called without valid= still ranks only real
+    tokens (uniform logits at ignored positions would otherwise win the top entropy places)."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    s[1, :2] = 0.0  # maximal entropy, but ignored
+    labels = torch.randint(0, 11, (2, 6))
+    labels[1, :2] = -100
+    seen = {}
+
+    def rule(stats, valid):
+        chosen = select.entropy_top_fraction(stats.student_entropy, 0.5)  # no valid=
+        seen["values"] = chosen.values
+        return chosen
+
+    dpkd.distill_loss(s, t, labels=labels, select=rule)
+    assert not seen["values"][1, :2].any() and int(seen["values"][1].sum()) == 2
