@@ -39,14 +39,23 @@ class PLD:
     rounding: float = 0.0  # the FFT's absolute error per entry, about
     resolved: tuple[float, float] = (-math.inf, math.inf)  # tilted: the losses whose masses the FFT resolves
 
+    @property
+    def losses(self) -> np.ndarray:
+        """The loss at each entry of ``masses``."""
+        return (self.lower + np.arange(self.masses.size)) * self.interval
+
+    def _tail(self, epsilon: float) -> np.ndarray:
+        """Each entry's part of delta(eps): m_i (1 - e^(eps - loss_i)) for the losses above eps."""
+        losses = self.losses
+        above = losses > epsilon
+        return self.masses[above] * -np.expm1(epsilon - losses[above])
+
     def _allowance(self, eps):
         return np.exp(self.log_allowance - self.tilt * eps) if self.tilt > 0 else 0.0 * eps
 
     def delta(self, epsilon: float) -> float:
         """delta(eps) = E[(1 - e^(eps - L))_+] + P(L = inf)."""
-        losses = (self.lower + np.arange(self.masses.size)) * self.interval
-        above = losses > epsilon
-        tail = float(np.sum(self.masses[above] * -np.expm1(epsilon - losses[above])))
+        tail = float(np.sum(self._tail(epsilon)))
         return min(1.0, tail + self.infinity_mass + float(self._allowance(epsilon)))
 
     def epsilon(self, delta: float) -> float:
@@ -57,7 +66,7 @@ class PLD:
             return math.inf
         if m.size == 0:
             return 0.0
-        losses = (self.lower + np.arange(m.size)) * self.interval
+        losses = self.losses
         with np.errstate(divide="ignore"):
             log_weights = np.log(m) - losses  # log(m_i e^(-eps_i))
         above = np.cumsum(m[::-1])[::-1]  # A_j = sum_{i >= j} m_i
@@ -83,12 +92,8 @@ class PLD:
     def tail_below_noise(self, epsilon: float) -> bool:
         """Whether the FFT's rounding could move delta(eps) by 1e-4 of itself: ``rounding`` per entry, over the
         entries above eps."""
-        losses = (self.lower + np.arange(self.masses.size)) * self.interval
-        above = losses > epsilon
-        count = int(above.sum())
-        if count == 0:
-            return False
-        return count * self.rounding > 1e-4 * float(np.sum(self.masses[above] * -np.expm1(epsilon - losses[above])))
+        parts = self._tail(epsilon)
+        return parts.size > 0 and parts.size * self.rounding > 1e-4 * float(parts.sum())
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,9 +156,8 @@ def _window(steps: Sequence[tuple[PLD, int]], tail_mass: float) -> tuple[int, in
 
 def _tilted(pld: PLD, tilt: float) -> tuple[PLD, float]:
     """The step's finite masses times e^(tilt * loss), normalised: (that PLD, log of the normaliser)."""
-    losses = (pld.lower + np.arange(pld.masses.size)) * pld.interval
     with np.errstate(divide="ignore"):
-        log_w = np.log(pld.masses) + tilt * losses
+        log_w = np.log(pld.masses) + tilt * pld.losses
     top = log_w.max()
     w = np.exp(log_w - top)
     total = w.sum()
@@ -167,7 +171,7 @@ def tilt_for(steps: Sequence[tuple[PLD, int]], epsilon: float) -> float:
         total = 0.0
         for pld, count in steps:
             w, _ = _tilted(pld, tilt)
-            total += count * float(w.masses @ ((w.lower + np.arange(w.masses.size)) * w.interval))
+            total += count * float(w.masses @ w.losses)
         return total
 
     if mean(0.0) >= epsilon:

@@ -201,9 +201,13 @@ def max_steps(
     return lo
 
 
+def check_accountant(name: str) -> None:
+    if name not in ("rdp", "pld"):
+        raise ValueError(f"accountant must be 'rdp' or 'pld', got {name!r}")
+
+
 def _is_pld(accountant: str, orders: Iterable[float] | None, conversion: str) -> bool:
-    if accountant not in ("rdp", "pld"):
-        raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
+    check_accountant(accountant)
     if accountant == "pld" and (orders is not None or conversion != "improved"):
         raise ValueError("orders and conversion belong to accountant='rdp'")
     return accountant == "pld"
@@ -362,13 +366,14 @@ class PLDAccountant(_Accountant):
     def _settings(self) -> dict[str, Any]:
         return {"value_discretization_interval": self.value_discretization_interval, "tail_mass": self.tail_mass}
 
+    def _events(self) -> tuple[tuple[float, float, int], ...]:
+        return tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.history)
+
     def _composed(self, adjacency: str, tilt: float = 0.0) -> _pld.PLD:
-        events = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.history)
-        return _composed(events, self.value_discretization_interval, self.tail_mass, adjacency, tilt)
+        return _composed(self._events(), self.value_discretization_interval, self.tail_mass, adjacency, tilt)
 
     def _tilt(self, adjacency: str, epsilon: float) -> float:
-        events = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.history)
-        steps = _pld.steps_of(events, self.value_discretization_interval, self.tail_mass, adjacency)
+        steps = _pld.steps_of(self._events(), self.value_discretization_interval, self.tail_mass, adjacency)
         return float(f"{_pld.tilt_for(steps, epsilon):.3g}")  # rounded: a cache key, and any tilt is exact
 
     def _epsilon(self, adjacency: str, delta: float) -> float:
@@ -428,8 +433,5 @@ Accountant = Literal["rdp", "pld"]
 
 def make_accountant(name: Accountant = "rdp") -> RDPAccountant | PLDAccountant:
     """A fresh accountant by name: ``"rdp"`` or ``"pld"`` (Opacus's ``accountant=`` strings, where they agree)."""
-    if name == "rdp":
-        return RDPAccountant()
-    if name == "pld":
-        return PLDAccountant()
-    raise ValueError(f"accountant must be 'rdp' or 'pld', got {name!r}")
+    check_accountant(name)
+    return RDPAccountant() if name == "rdp" else PLDAccountant()

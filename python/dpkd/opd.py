@@ -81,8 +81,7 @@ class OPDConfig:
             raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature}")
         if self.divergence not in losses.DIVERGENCES:
             raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {self.divergence!r}")
-        if self.accountant not in ("rdp", "pld"):
-            raise ValueError(f"accountant must be 'rdp' or 'pld', got {self.accountant!r}")
+        accounting.check_accountant(self.accountant)
         if not 0.0 <= self.ground_truth_fraction <= 1.0:
             raise ValueError(f"ground_truth_fraction must be in [0, 1], got {self.ground_truth_fraction}")
 
