@@ -579,8 +579,9 @@ class ClippingEngine:
         # An example whose gradient is not finite (an inf or NaN loss, an fp16 overflow) has no norm to clip by:
         # it contributes nothing, which is within C, so the step and its charge stand. Refusing the step instead
         # would make whether there is one depend on that example, outside the accounting.
-        coef = torch.where(torch.isfinite(bound), (max_grad_norm / (bound + 1e-6)).clamp(max=1.0), 0)
-        captured_coef = coef * scale  # for the captured (unscaled) output gradients
+        coef = layers.Coefficients(
+            torch.where(torch.isfinite(bound), (max_grad_norm / (bound + 1e-6)).clamp(max=1.0), 0))
+        captured_coef = coef.scaled_by(scale)  # for the captured (unscaled) output gradients
 
         def weighted(per_example):  # sum_i c_i per_example[i]
             return layers.weighted_sum(per_example, captured_coef)

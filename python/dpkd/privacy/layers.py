@@ -90,18 +90,42 @@ def split_error_bounds(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return SPLIT_ROUNDOFF * norms(a) * norms(g)
 
 
-def dropping(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """x [B, ...] with the rows of examples whose coefficient is 0 set to 0: a dropped example's gradient may be
-    inf or NaN, and 0 * inf is NaN, which one example would spread to the whole sum."""
-    return torch.where((coef != 0).reshape(-1, *([1] * (x.dim() - 1))), x, 0)
+class Coefficients:
+    """Per-example clipping coefficients c [B], with which examples they keep (c != 0), formed once per step and
+    shared by every layer's clipped sum (a mask per layer was two more small ops per layer, which a GPU step of
+    small layers pays in host time). An example with c_i = 0 is left out whatever its values: a dropped example's
+    gradient may be inf or NaN, and 0 * inf is NaN, which one example would spread to the whole sum."""
+
+    __slots__ = ("c", "keep")
+
+    def __init__(self, c: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        self.c, self.keep = c, (c != 0) if keep is None else keep
+
+    @staticmethod
+    def of(coef: torch.Tensor | Coefficients) -> Coefficients:
+        return coef if isinstance(coef, Coefficients) else Coefficients(coef)
+
+    def scaled_by(self, factor: float) -> Coefficients:
+        """factor * c, keeping the same examples."""
+        return self if factor == 1.0 else Coefficients(self.c * factor, self.keep)
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, ...] with the rows of the examples left out set to 0."""
+        return torch.where(self.keep.view(-1, *([1] * (x.dim() - 1))), x, 0)
+
+    def scale(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """c_i x[i] in ``dtype`` for x [B, T, f], the rows of the examples left out set to 0."""
+        return torch.where(self.keep.view(-1, 1, 1), x.to(dtype) * self.c.to(dtype).view(-1, 1, 1), 0)
 
 
-def weighted_sum(per_example: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+def weighted_sum(per_example: torch.Tensor, coef: torch.Tensor | Coefficients) -> torch.Tensor:
     """sum_i c_i per_example[i], examples with c_i = 0 left out whatever their values."""
-    return torch.tensordot(coef.to(per_example.dtype), dropping(per_example, coef), 1)
+    coef = Coefficients.of(coef)
+    flat = coef.drop(per_example).reshape(per_example.shape[0], -1)
+    return (coef.c.to(flat.dtype) @ flat).reshape(per_example.shape[1:])
 
 
-def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,
+def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor | Coefficients, *,
                        split: bool | None = None) -> torch.Tensor:
     """sum_i c_i G_i^T A_i as [p, d], in fp32 (float64 for float64 inputs); examples with c_i = 0 left out.
 
@@ -114,8 +138,9 @@ def linear_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,
         split = splits(a, g)
     narrow_a = a.shape[-1] <= g.shape[-1]
     x, other = (a, g) if narrow_a else (g, a)
-    scaled = dropping(x.to(dt) * coef.to(dt)[:, None, None], coef)
-    other = dropping(other, coef)
+    coef = Coefficients.of(coef)
+    scaled = coef.scale(x, dt)
+    other = coef.drop(other)
     if split:
         hi = scaled.to(x.dtype)
         parts = [hi, torch.sub(scaled, hi).to(x.dtype)]
@@ -145,10 +170,10 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | No
     return rows.pow(2).sum((1, 2))
 
 
-def embedding_clipped_sum(ids: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, num_embeddings: int,
-                          padding_idx: int | None) -> torch.Tensor:
+def embedding_clipped_sum(ids: torch.Tensor, g: torch.Tensor, coef: torch.Tensor | Coefficients,
+                          num_embeddings: int, padding_idx: int | None) -> torch.Tensor:
     dt = _mixed.accumulation_dtype(g)
-    gs = dropping(g.to(dt) * coef.to(dt)[:, None, None], coef)
+    gs = Coefficients.of(coef).scale(g, dt)
     if padding_idx is not None:
         gs = gs * (ids != padding_idx)[..., None]
     out = torch.zeros(num_embeddings, g.shape[-1], dtype=dt, device=g.device)
