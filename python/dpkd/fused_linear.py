@@ -152,6 +152,10 @@ class _FusedLinearDistill(torch.autograd.Function):
         return _ops.first_order_only(grad_h, grad_w, grad_b) + (None, None, None, None)
 
 
+# The chunk loop runs over the tokens that carry loss, a number known only at run time: torch.compile calls the
+# function as it is (a graph break; with fullgraph=True an error that gives this reason) instead of failing inside it.
+@torch.compiler.disable(reason="dpkd.fused_linear_distill_loss chunks the tokens that carry loss, a number known "
+                        "only at run time; it runs outside the graph (a graph break)")
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,

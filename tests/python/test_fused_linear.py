@@ -303,3 +303,25 @@ def test_bad_arguments_are_named():
     ids = torch.zeros(8, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="teacher_logprobs contains NaN"):
         fused_linear_distill_loss(h, w, teacher_topk=(ids, torch.full((8, 2), float("nan"))))
+
+
+def test_torch_compile_runs_it_outside_the_graph():
+    """The chunk loop's length is data-dependent: compiled code calls the function as it is (the compiled model
+    around it still compiles), and fullgraph=True refuses with the reason instead of a data-dependent-shape error
+    from inside the loop."""
+    h_s, w_s, b_s, h_t, w_t = setup()
+    labels = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(5))
+    labels[::3] = -100
+
+    def step(h_s, w_s, b_s, h_t, w_t):
+        return dpkd.fused_linear_distill_loss(torch.tanh(h_s), w_s, h_t, w_t, student_bias=b_s, divergence="jsd",
+                                              labels=labels, hard_label_weight=0.3) * 2
+
+    eager = grads(step(h_s, w_s, b_s, h_t, w_t), h_s, w_s, b_s)
+    loss = torch.compile(step, backend="aot_eager")(h_s, w_s, b_s, h_t, w_t)
+    assert loss.item() == pytest.approx(step(h_s, w_s, b_s, h_t, w_t).item(), rel=1e-6)
+    for got, want in zip(grads(loss, h_s, w_s, b_s), eager):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(Exception, match="tokens that carry loss, a number known only at run time"):
+        torch._dynamo.reset()  # compiled code is cached per code object: the graph-break one above would be reused
+        torch.compile(step, fullgraph=True, backend="aot_eager")(h_s, w_s, b_s, h_t, w_t)
