@@ -251,12 +251,21 @@ class OPDTrainer:
     ``log_path``: each step's metrics appended as a CSV row (``.csv``) or a JSON line (null for NaN and infinity);
     appended, so that a resumed run continues its log. ``select``: a rule ``(TokenStats, valid) -> Selection`` on the
     continuation tokens; the per-sequence loss stays a mean over all continuation tokens, so a 50% selection about
-    halves its scale (and its gradient's, against the clipping norm)."""
+    halves its scale (and its gradient's, against the clipping norm). ``optimizer``: the student's optimizer (default
+    ``AdamW(lr=config.lr)`` over its trainable parameters; config.lr is then unused), e.g. SGD for an fp16 student,
+    whose Adam state would overflow; a private method wraps it for DP-SGD, and an LR scheduler on it goes on working."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, prompts: torch.Tensor,
                  continuations: torch.Tensor | None, config: OPDConfig, *, select: Callable | None = None,
-                 log_path: str | None = None) -> None:
+                 log_path: str | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.config, self.select, self.log_path = config, select, log_path
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            mine = {id(p) for p in student.parameters() if p.requires_grad}
+            if any(id(p) not in mine for group in optimizer.param_groups for p in group["params"]):
+                raise ValueError("optimizer holds parameters that are not the student's trainable ones: only the "
+                                 "student trains (and, under DP, only its parameters' gradients are clipped)")
         if teacher is student:
             raise ValueError("teacher is the student: OPD trains a student against a separate, frozen teacher (for "
                              "self-distillation call dpkd.distill_loss with teacher_grad=True yourself)")
@@ -322,7 +331,8 @@ class OPDTrainer:
                                  f"(delta={self.delta:.3g}, sample rate {self.sample_rate:.3g}) in a single step: "
                                  "raise noise_multiplier or target_epsilon, or leave noise_multiplier to calibration")
         self.generator = torch.Generator().manual_seed(config.seed)
-        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
+        if optimizer is None:
+            optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
         if config.private:
             _, self.optimizer = privacy.make_private(
                 student, optimizer, noise_multiplier=sigma, max_grad_norm=config.max_grad_norm,

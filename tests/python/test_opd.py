@@ -388,3 +388,27 @@ def test_a_checkpoint_that_fails_to_load_changes_nothing():
         b.load_state_dict(bad_noise)
     assert len(b.optimizer.accountant) == 0 and b.steps_done == 0
     assert all(torch.equal(x, y) for x, y in zip(before, b.student.parameters()))
+
+
+@pytest.mark.parametrize("method", ["dp_opd", "kd"])
+def test_the_students_own_optimizer_and_its_scheduler(method):
+    prompts, conts = data()
+    student, teacher = TinyLM(seed=1), TinyLM(seed=2)
+    sgd = torch.optim.SGD(student.parameters(), lr=0.5)
+    cfg = opd.OPDConfig(method=method, steps=3, expected_batch_size=6, max_new_tokens=5, target_epsilon=4.0)
+    t = opd.OPDTrainer(student, teacher, prompts, conts, cfg, optimizer=sgd)
+    before = [p.detach().clone() for p in student.parameters()]
+    t.step()
+    moved = [p.detach() - b for p, b in zip(student.parameters(), before)]
+    assert any(m.abs().max() > 0 for m in moved)
+    for m, p in zip(moved, student.parameters()):  # plain SGD at lr 0.5 on the (private) gradient it was given
+        torch.testing.assert_close(m, -0.5 * p.grad)
+    torch.optim.lr_scheduler.LambdaLR(sgd, lambda epoch: 0.0)  # sets lr 0 on the very optimizer the trainer steps
+    before = [p.detach().clone() for p in student.parameters()]
+    t.step()
+    assert all(torch.equal(p, b) for p, b in zip(student.parameters(), before))
+    with pytest.raises(ValueError, match="not the student's trainable ones"):
+        opd.OPDTrainer(TinyLM(seed=1), teacher, prompts, conts, cfg,
+                       optimizer=torch.optim.SGD(teacher.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        opd.OPDTrainer(TinyLM(seed=1), teacher, prompts, conts, cfg, optimizer=lambda ps: None)
