@@ -84,6 +84,13 @@ def layer_kind(module: torch.nn.Module) -> str | None:
     return None
 
 
+def _summed(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The sum of [B] tensors in one op where they share a dtype (a step sums one per layer)."""
+    if len(parts) <= 1 or any(p.dtype != parts[0].dtype for p in parts):
+        return sum(parts[1:], parts[0]) if parts else None
+    return torch.stack(parts).sum(0)
+
+
 def _trainable_bias(module: torch.nn.Module) -> bool:
     return getattr(module, "bias", None) is not None and module.bias.requires_grad
 
@@ -513,26 +520,25 @@ class ClippingEngine:
         # the (quadratic) squared norms and the (linear) clipped sums rather than a pass over the gradients.
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         data = {name: self._tokens(name) for name in self.layers}
-        sq = None
+        # Squared per-example norms, one [B] part per layer (or Gram group), summed once: from the captured (unscaled)
+        # output gradients, times scale^2 at the end; and those already in the loss's scale (generic layers).
+        captured_sq: list[torch.Tensor] = []
+        own_sq: list[torch.Tensor] = []
         margin_sq = None  # bf16 clipped sums' error bounds (layers.split_error_bounds), squared, summed over layers
         generic_grads = {}
         ghost: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # input -> (input, output grads)
         bias_grads = {}  # linear layers: per-example bias gradients [B, p] (instantiated layers: in data)
 
-        def add(v):
-            nonlocal sq
-            sq = v if sq is None else sq + v
-
         for name, (module, kind) in self.layers.items():
             if data[name] is None:
                 continue
             if kind in ("linear", "conv1d_hf") and self.instantiate.get(name):
-                add(scale**2 * sum(p.reshape(batch, -1).pow(2).sum(1) for p in data[name][1:] if p is not None))
+                captured_sq.extend(p.reshape(batch, -1).pow(2).sum(1) for p in data[name][1:] if p is not None)
             elif kind in ("linear", "conv1d_hf"):
                 a, g = data[name]
                 if _trainable_bias(module):
                     bias_grads[name] = layers.linear_per_example_grads(a, g, weight=False, bias=True)[1]
-                    add(scale**2 * bias_grads[name].pow(2).sum(1))
+                    captured_sq.append(bias_grads[name].pow(2).sum(1))
                 if module.weight.requires_grad and layers.splits(a, g):
                     e = (scale * layers.split_error_bounds(a, g)).pow(2)
                     margin_sq = e if margin_sq is None else margin_sq + e
@@ -541,12 +547,12 @@ class ClippingEngine:
                     key = (a.data_ptr(), a.shape, a.stride(), a.dtype, a.device)
                     ghost.setdefault(key, (a, []))[1].append(g)
                 elif module.weight.requires_grad:
-                    add(scale**2 * layers.linear_sq_norms(a, g, weight=True, bias=False))
+                    captured_sq.append(layers.linear_sq_norms(a, g, weight=True, bias=False))
             elif kind == "embedding":
                 if not module.weight.requires_grad:  # frozen since make_private
                     continue
                 ids, g = data[name]
-                add(scale**2 * layers.embedding_sq_norms(ids, g, module.padding_idx))
+                captured_sq.append(layers.embedding_sq_norms(ids, g, module.padding_idx))
             else:
                 calls, sc = data[name], scale
                 params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -561,17 +567,22 @@ class ClippingEngine:
                     per = {n: v.reshape(batch, -1, *v.shape[1:]).sum(1) for n, v in per.items()}  # rows -> examples
                     total = per if total is None else {n: total[n] + per[n] for n in per}
                 generic_grads[name] = total
-                add(sum(v.reshape(batch, -1).pow(2).sum(1) for v in total.values()))
+                own_sq.extend(v.reshape(batch, -1).pow(2).sum(1) for v in total.values())
         for a, gs in ghost.values():
-            add(scale**2 * layers.ghost_sq_norms(a, gs))
+            captured_sq.append(layers.ghost_sq_norms(a, gs))
         ghost.clear()
         for emb, head in self.tied:
             if data[emb] is None or data[head] is None or not self.layers[emb][0].weight.requires_grad:
                 continue
             ids, g_emb = data[emb]
             a_head, g_head = data[head]
-            add(2 * scale**2 * layers.embedding_linear_cross(ids, g_emb, a_head, g_head,
-                                                              self.layers[emb][0].padding_idx))
+            captured_sq.append(2 * layers.embedding_linear_cross(ids, g_emb, a_head, g_head,
+                                                                 self.layers[emb][0].padding_idx))
+        sq = _summed(captured_sq)
+        if sq is not None and scale != 1.0:
+            sq = sq * scale**2
+        if own_sq:
+            sq = _summed(own_sq) if sq is None else sq + _summed(own_sq)
         norms = sq.clamp(min=0).sqrt()
         # The errors of the layers' clipped sums add up to at most sqrt(sum of their bounds^2) (Minkowski): counted
         # in the norm the coefficient divides by, they cannot take an example's contribution past C.
