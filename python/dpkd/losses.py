@@ -295,7 +295,9 @@ def distill_loss(
             the missing columns then have probability 0). No gradient flows into them unless ``teacher_grad``.
         divergence: ``forward_kl`` KL(p||q), ``reverse_kl`` KL(q||p), ``jsd`` the generalized JSD
             beta KL(p||m) + (1-beta) KL(q||m) with m = beta p + (1-beta) q (beta = 0 is forward KL and
-            beta = 1 reverse KL, as in TRL), ``skew_kl`` KL(p || alpha p + (1-alpha) q),
+            beta = 1 reverse KL, as in TRL; the formula itself goes to 0 as beta approaches 0 or 1, like
+            beta KL(p||q) near 0, so a sweep of beta jumps at the endpoints),
+            ``skew_kl`` KL(p || alpha p + (1-alpha) q),
             ``skew_reverse_kl`` KL(q || (1-alpha) p + alpha q), ``tvd`` total variation.
             p is the teacher's distribution and q the student's, both at ``temperature``.
         labels: token ids [N] or [B, T]; ``ignore_index`` marks tokens without loss. Needed for
@@ -304,7 +306,8 @@ def distill_loss(
         weights: optional per-token weights (e.g. from :mod:`dpkd.select`), multiplied in.
         reduction: ``none`` (per-token, zeros at invalid tokens), ``sum``, ``mean`` (over valid tokens)
             or ``batchmean`` (sum / first dimension, as :func:`torch.nn.functional.kl_div`).
-        hard_label_weight: w in (1 - w) divergence + w cross_entropy(student at temperature 1, labels).
+        hard_label_weight: w in (1 - w) divergence + w cross_entropy(student at temperature 1, labels); the
+            cross entropy reads the student's logits as given (not standardized by ``standardize``).
         standardize: z-score each row of both models' logits before the temperature (logit
             standardization): (z - mean) / (std + 1e-6) over the row's finite entries, std the population one
             (the paper's code divides by torch.std's unbiased form plus 1e-7: a factor sqrt(V / (V - 1)) apart,

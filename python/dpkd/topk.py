@@ -153,7 +153,7 @@ def topk_forward_kl(
     chunk = chunk_size or max(1, (1 << 24) // max(v, 1))
     per_token, lse = _TopKForwardKL.apply(x, teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k),
                                           float(temperature), bool(tail), int(chunk))
-    if not torch.compiler.is_compiling() and torch.isnan(lse).any():
+    if not torch.compiler.is_compiling() and (torch.isnan(lse) | torch.isposinf(lse)).any():  # a +inf logit: lse +inf
         raise ValueError("student_logits contains NaN or +inf")
     valid = losses.valid_tokens(labels, mask, ignore_index)
     return losses._reduce(per_token.reshape(lead), valid, weights, reduction)

@@ -433,6 +433,11 @@ def test_topk_teacher_validates_inputs():
         with pytest.raises((ValueError, TypeError), match=match):
             dpkd.topk_forward_kl(s, ids, bad, **kw)
     dpkd.topk_forward_kl(s, ids, torch.log(torch.tensor([[0.7, 0.3]] * 3)), tail=True)  # all the mass: no tail
+    for value in (float("nan"), float("inf")):  # +inf was a NaN loss: its log-sum-exp is +inf, not NaN
+        bad = s.clone()
+        bad[1, 7] = value
+        with pytest.raises(ValueError, match="student_logits contains NaN or \\+inf"):
+            dpkd.topk_forward_kl(bad, ids, logp)
 
 
 def test_topk_teacher_compiles_without_graph_breaks():
