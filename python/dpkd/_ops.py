@@ -101,10 +101,13 @@ def _teacher_grad(grad_loss, student, teacher, labels, options):
 
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """Marks a gradient the kernels computed (no graph behind it): differentiating it raises."""
+    """Marks a gradient the kernels computed (no graph behind it): differentiating it raises. Its other inputs
+    (anchors) are what the true gradient depends on: through them the marker lies on the path from a penalty to the
+    parameters, so autograd runs it (a marker on a detached leaf was pruned, and the penalty silently got nothing
+    from the loss's curvature)."""
 
     @staticmethod
-    def forward(ctx, grad):
+    def forward(ctx, grad, *anchors):
         return grad.view_as(grad)
 
     @staticmethod
@@ -113,12 +116,25 @@ class _NoSecondDerivative(torch.autograd.Function):
                            "through a dpkd loss): a gradient penalty cannot see through them")
 
 
-def first_order_only(*grads):
+def first_order_only(*grads, anchors=()):
     """``grads`` as a backward pass returns them; under create_graph=True each is marked, so that a penalty built
-    on it raises instead of silently receiving no gradient from it."""
+    on it raises instead of silently receiving no gradient from it. ``anchors``: the inputs the gradients depend on
+    (see _NoSecondDerivative)."""
     if not torch.is_grad_enabled():
         return grads
-    return tuple(g if g is None else _NoSecondDerivative.apply(g.detach().requires_grad_()) for g in grads)
+    anchors = tuple(a for a in anchors if a is not None and a.requires_grad)
+    return tuple(g if g is None else _NoSecondDerivative.apply(g.detach() if anchors else g.detach().requires_grad_(),
+                                                               *anchors) for g in grads)
+
+
+def graph_anchor(*tensors):
+    """A 0-element tensor whose autograd history reaches ``tensors`` (those that require grad) without holding their
+    storage (slices and cat save only sizes): for a Function whose backward does not otherwise keep its inputs, an
+    anchor for first_order_only. None where there is nothing to anchor."""
+    live = [t for t in tensors if t is not None and t.requires_grad]
+    if not live or not torch.is_grad_enabled():
+        return None
+    return torch.cat([t.reshape(-1)[:0].float() for t in live])
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_state):
@@ -129,7 +145,7 @@ def _backward(ctx, grad_loss, grad_stats, grad_state):
     if ctx.needs_input_grad[0]:
         op = torch.ops.dpkd.distill_backward_ if ctx.inplace else torch.ops.dpkd.distill_backward
         grad_student = op(grad_loss.float().contiguous(), student, teacher, labels, row_state, *ctx.options)
-    return first_order_only(grad_student, grad_teacher) + (None,) * (ctx.n_inputs - 2)
+    return first_order_only(grad_student, grad_teacher, anchors=(student, teacher)) + (None,) * (ctx.n_inputs - 2)
 
 
 torch.library.register_autograd("dpkd::distill_forward", _backward, setup_context=_setup_context)
@@ -161,11 +177,13 @@ def fp16_gradient_scale(row_weights: torch.Tensor) -> torch.Tensor:
 class _GradFromForward(torch.autograd.Function):
     """A scalar loss whose gradient with respect to ``student`` the forward kernel already wrote, times
     ``1 / unscale``: the backward pass only scales it by ``grad_output * unscale`` (in fp32: a GradScaler's
-    65536 is inf in fp16), on the device and only when that is not 1."""
+    65536 is inf in fp16), on the device and only when that is not 1. ``anchor``: graph_anchor(student), which
+    keeps a gradient penalty on that gradient from passing silently (first_order_only)."""
 
     @staticmethod
-    def forward(ctx, student, loss, grad, unscale):
+    def forward(ctx, student, loss, grad, unscale, anchor):
         ctx.grad, ctx.unscale = grad, unscale
+        ctx.save_for_backward(anchor)
         return loss.clone()
 
     @staticmethod
@@ -175,7 +193,8 @@ class _GradFromForward(torch.autograd.Function):
             raise RuntimeError("this distillation loss's gradient was computed in its forward pass and is used up: "
                                "backward through it once, or pass fuse_backward=False")
         factor = grad_output if ctx.unscale is None else grad_output.float() * ctx.unscale
-        return first_order_only(torch.ops.dpkd.scale_unless_one_(grad, factor.detach())) + (None, None, None)
+        return first_order_only(torch.ops.dpkd.scale_unless_one_(grad, factor.detach()),
+                                anchors=ctx.saved_tensors) + (None, None, None, None)
 
 
 def distill_reduced(student, teacher, labels, grad_weight, divergence, beta, alpha, temperature, teacher_mix,
@@ -188,4 +207,5 @@ def distill_reduced(student, teacher, labels, grad_weight, divergence, beta, alp
             student.detach(), teacher.detach(), labels, grad_weight if scale is None else grad_weight * scale,
             divergence, beta, alpha, temperature, teacher_mix, standardize, hard_label_weight, ignore_index)
         loss = torch.dot(per_row, grad_weight)  # rows without weight are skipped by the kernels: their loss is 0
-    return _GradFromForward.apply(student, loss, grad, None if scale is None else 1 / scale), per_row, stats
+    return (_GradFromForward.apply(student, loss, grad, None if scale is None else 1 / scale, graph_anchor(student)),
+            per_row, stats)

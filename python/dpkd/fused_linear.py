@@ -82,7 +82,7 @@ class _FusedLinearDistill(torch.autograd.Function):
     objective can write it so (None: the logits' dtype); the student's head gradients accumulated from it."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, objective, labels, row_scale, opts):
+    def forward(ctx, h_s, w_s, b_s, objective, labels, row_scale, opts, anchor):
         s_scale, s_cap, chunk, fp32_accum, fp32_logits = opts
         n = h_s.shape[0]
         active = (row_scale != 0).nonzero().flatten()
@@ -139,6 +139,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         if not keep_fp32:
             ctx.grads = tuple(None if g is None else g.to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
         ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(anchor)  # see _ops.first_order_only
         return (per_token * row_scale).sum(), stats
 
     @staticmethod
@@ -149,7 +150,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             return (g * grad_out.detach().to(g.dtype)).to(dtype)
 
         grad_h, grad_w, grad_b = (None if g is None else scaled(g, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
-        return _ops.first_order_only(grad_h, grad_w, grad_b) + (None, None, None, None)
+        return _ops.first_order_only(grad_h, grad_w, grad_b, anchors=ctx.saved_tensors) + (None,) * 5
 
 
 # The chunk loop runs over the tokens that carry loss, a number known only at run time: torch.compile calls the
@@ -316,7 +317,8 @@ def fused_linear_distill_loss(
             return loss, st, g
 
     opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
-    loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts)
+    loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts,
+                                            _ops.graph_anchor(h_s, student_weight, student_bias))
     if teacher_topk is None:  # after every chunk is queued; tokens without weight were not computed
         losses.report_nan(stats, row_scale == 0, tuple(
             f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf, or no finite value "

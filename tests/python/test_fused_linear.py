@@ -325,3 +325,13 @@ def test_torch_compile_runs_it_outside_the_graph():
     with pytest.raises(Exception, match="tokens that carry loss, a number known only at run time"):
         torch._dynamo.reset()  # compiled code is cached per code object: the graph-break one above would be reused
         torch.compile(step, fullgraph=True, backend="aot_eager")(h_s, w_s, b_s, h_t, w_t)
+
+
+def test_a_gradient_penalty_through_it_raises():
+    """Its gradients are computed in the forward pass, without a graph: a penalty on them must raise, not receive
+    nothing (was None with allow_unused=True)."""
+    h_s, w_s, b_s, h_t, w_t = setup()
+    loss = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, divergence="jsd")
+    (gh,) = torch.autograd.grad(loss, h_s, create_graph=True)
+    with pytest.raises(RuntimeError, match="no derivative of their own"):
+        torch.autograd.grad(gh.pow(2).sum(), w_s, allow_unused=True)

@@ -745,3 +745,15 @@ def test_a_second_derivative_raises_instead_of_vanishing(fuse):
         (loss + g.pow(2).sum()).backward()
     (plain,) = torch.autograd.grad(dpkd.forward_kl(s, t, fuse_backward=fuse), s)
     torch.testing.assert_close(g.detach(), plain)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_penalty_differentiated_for_an_upstream_parameter_raises(fuse):
+    """The penalty alone, differentiated for a weight upstream of the logits (torch.autograd.grad prunes what does
+    not lead there): was None with allow_unused=True, and without it a misleading "not used in the graph"."""
+    x = logits(6, 4, seed=42)
+    w = logits(4, 9, seed=43).requires_grad_(True)
+    loss = dpkd.forward_kl(x @ w, logits(6, 9, seed=44), reduction="batchmean", fuse_backward=fuse)
+    (gw,) = torch.autograd.grad(loss, w, create_graph=True)
+    with pytest.raises(RuntimeError, match="no derivative of their own"):
+        torch.autograd.grad(gw.pow(2).sum(), w, allow_unused=True)
