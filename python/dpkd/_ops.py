@@ -134,7 +134,8 @@ def graph_anchor(*tensors):
     live = [t for t in tensors if t is not None and t.requires_grad]
     if not live or not torch.is_grad_enabled():
         return None
-    return torch.cat([t.reshape(-1)[:0].float() for t in live])
+    # narrow first: reshape(-1) of a non-contiguous tensor would copy all of it
+    return torch.cat([(t.narrow(0, 0, 0) if t.dim() else t.reshape(1)[:0]).reshape(-1).float() for t in live])
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_state):
