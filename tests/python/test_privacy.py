@@ -802,6 +802,41 @@ def test_optimizer_parameters_outside_the_model_are_refused():
                              noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
 
 
+@pytest.mark.parametrize("layer", ["layer_norm", "conv1d"])
+def test_a_norm_or_conv_weight_used_outside_its_module_is_refused(layer):
+    """Generic layers (norms, convolutions) got an ordinary autograd gradient, which the clipped sum replaced: a use
+    outside the module was dropped without a word (found by a user-trial helper). Their forwards now read stand-ins."""
+    class Sneaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.LayerNorm(4) if layer == "layer_norm" else torch.nn.Conv1d(4, 4, 1)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            if layer == "layer_norm":
+                return self.head(self.inner(x) + x * self.inner.weight)
+            y = self.inner(x.transpose(1, 2)) + torch.nn.functional.conv1d(x.transpose(1, 2), self.inner.weight)
+            return self.head(y.transpose(1, 2))
+
+    model = Sneaky().double()
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                 max_grad_norm=100.0, expected_batch_size=3, sample_rate=0.1)
+    model(torch.randn(3, 5, 4, dtype=torch.float64)).sum().backward()
+    with pytest.raises(ValueError, match="inner.weight received a gradient from outside its module"):
+        dp.step()
+    # Used only inside: no autograd gradient on the real parameters, which the step then moves.
+    dp.zero_grad()
+    model.forward = lambda x: model.head(model.inner(x) if layer == "layer_norm"
+                                         else model.inner(x.transpose(1, 2)).transpose(1, 2))
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    model(x).sum().backward()
+    assert all(p.grad is None for p in model.inner.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    dp.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.inner._parameters.values())
+
+
 def test_a_weight_used_outside_its_module_is_refused():
     class Sneaky(torch.nn.Module):
         def __init__(self):
@@ -920,13 +955,15 @@ def test_make_private_twice_is_refused_until_the_first_engine_is_removed():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8)).double()
     kw = dict(noise_multiplier=1.0, max_grad_norm=0.1, expected_batch_size=4, sample_rate=0.1)
     _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), **kw)
+    hooks = len(model[1]._forward_hooks), len(model[1]._forward_pre_hooks)  # one engine's
     with pytest.raises(ValueError, match="already called"):
         privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), **kw)
     dp.engine.remove()
+    assert len(model[1]._forward_hooks) == len(model[1]._forward_pre_hooks) == 0
     _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), **kw)
     model(torch.randn(4, 4)).sum().backward()
     dp.step()
-    assert len(model[1]._forward_hooks) == 1
+    assert (len(model[1]._forward_hooks), len(model[1]._forward_pre_hooks)) == hooks
 
 
 def test_learning_rate_schedulers_take_the_dp_optimizer():

@@ -222,14 +222,19 @@ class ClippingEngine:
         for name, (module, kind) in self.layers.items():
             _ATTACHED[module] = weakref.ref(self)
             if kind == "generic":
+                self.handles.append(module.register_forward_pre_hook(_EngineHook(self, "_stand_in_params", module)))
                 self.handles.append(module.register_forward_hook(_EngineHook(self, "_capture_generic", name, module)))
+                self.handles.append(module.register_forward_hook(_EngineHook(self, "_restore_params", module),
+                                                                 always_call=True))
             else:  # linear, GPT-2 Conv1D, embedding: forward through a capturing autograd function
                 module.forward = types.MethodType(self._capturing_forward(name, kind, module), module)
                 self.patched.append(module)
-        # Autograd never writes these parameters' .grad: if it does, they were used outside their module.
-        self.patched_params = [(n, p) for m_name, (module, kind) in self.layers.items() if kind != "generic"
+        # Autograd never writes these parameters' .grad (the capturing functions give none, and the generic layers'
+        # forwards read stand-ins): if it does, they were used outside their module.
+        self.patched_params = [(n, p) for m_name, (module, kind) in self.layers.items()
                                for n, p in ((f"{m_name}.{pn}", p) for pn, p in module.named_parameters(recurse=False))
                                if p.requires_grad]
+        self._stood_in: dict[torch.nn.Module, list[dict[str, torch.nn.Parameter]]] = {}
 
     def _enter(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple) -> None:
         if module is not target:  # a copy's hook
@@ -334,6 +339,23 @@ class ClippingEngine:
         copies[key] = (weakref.ref(x, forget), x._version, copy)
         return copy
 
+    def _stand_in_params(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple) -> None:
+        """During a generic layer's forward its trainable parameters are stand-ins (new leaves on the same storage):
+        its own uses then give the real parameters no autograd gradient (the engine forms theirs from the captures),
+        so a gradient on a real one comes from a use outside the module, which per-example clipping cannot see."""
+        if module is not target or self._flushing or not torch.is_grad_enabled():
+            self._stood_in.setdefault(module, []).append({})
+            return
+        real = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
+        for n, p in real.items():
+            module._parameters[n] = torch.nn.Parameter(p.detach(), requires_grad=True)
+        self._stood_in.setdefault(module, []).append(real)
+
+    def _restore_params(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple, output) -> None:
+        stack = self._stood_in.get(module)
+        if stack:
+            module._parameters.update(stack.pop())
+
     def _capture_generic(self, name: str, target: torch.nn.Module, module: torch.nn.Module, args: tuple,
                          output) -> None:
         """Forward hook of a layer whose per-example gradients come from torch.func or a closed form."""
@@ -411,6 +433,10 @@ class ClippingEngine:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for module, stack in self._stood_in.items():  # a forward still running (remove() called inside it)
+            for real in reversed(stack):
+                module._parameters.update(real)
+        self._stood_in.clear()
         for module in self.patched:
             del module.forward  # back to the class's forward
         self.handles, self.patched = [], []
