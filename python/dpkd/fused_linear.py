@@ -45,7 +45,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sc
     else:  # the product never rounded to 16 bits: cuBLAS writes its fp32 accumulator
         z = torch.mm(h, weight.t(), out_dtype=torch.float32)
     if bias is not None:
-        z = z + bias
+        z = z + bias.to(z.dtype)  # a float64 bias would widen the logits past what the kernels take
     if scale != 1.0:
         z = z * scale
     if softcap is None:
@@ -253,8 +253,11 @@ def fused_linear_distill_loss(
                              f"{tuple(student_hidden.shape[:-1])} + (K,)")
         if ids.dtype != torch.int64:
             raise TypeError(f"teacher_topk ids must be int64, got {ids.dtype}")
+        if not logprobs.is_floating_point():
+            raise TypeError(f"teacher_topk log-probs must be a floating tensor, got {logprobs.dtype}")
         if ids.numel():
-            topk.check_topk_teacher(ids, logprobs, student_weight.shape[0], topk_tail)
+            topk.check_topk_teacher(ids, logprobs, student_weight.shape[0], topk_tail,
+                                    names=("teacher_topk ids", "teacher_topk log-probs"))
         if divergence != "forward_kl" or hard_label_weight:
             raise ValueError("a top-k teacher takes divergence='forward_kl' and no hard_label_weight")
     lead = tuple(student_hidden.shape[:-1])
@@ -278,6 +281,9 @@ def fused_linear_distill_loss(
     fp32_weight_grad = half if fp32_weight_grad is None else fp32_weight_grad
     # float64 heads: the objective kernels take fp32 (or 16-bit) logits
     fp32_logits = (half or student_weight.dtype == torch.float64) if fp32_logits is None else fp32_logits
+    if not fp32_logits and student_weight.dtype == torch.float64:
+        raise ValueError("fp32_logits=False with a float64 student_weight: the objective kernels take fp32 or 16-bit "
+                         "logits; leave fp32_logits at its default")
     # fp32 logits of 16-bit factors (a fp32 teacher head's logits, if any, get the same ~1e-6 relative exp/log
     # errors: far below the bf16 gradient's rounding)
     fast_math = half and fp32_logits

@@ -111,6 +111,11 @@ def _valid(score: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return v
 
 
+def _check_same_shape(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:  # broadcasting [T] against [B, T] would select per batch what was meant per sequence
+        raise ValueError(f"{names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} must have one shape")
+
+
 def _check_scope(scope: str) -> None:
     if scope not in ("sequence", "batch"):
         raise ValueError(f"scope must be 'sequence' or 'batch', got {scope!r}")
@@ -178,6 +183,7 @@ def tip(student_entropy: torch.Tensor, divergence: torch.Tensor, *, quadrant: Qu
     """
     if quadrant not in ("q1", "q2", "q1_or_q2"):
         raise ValueError(f"quadrant must be 'q1', 'q2' or 'q1_or_q2', got {quadrant!r}")
+    _check_same_shape(("student_entropy", "divergence"), student_entropy, divergence)
     v = _valid(student_entropy.detach().float(), valid) & ~torch.isnan(divergence.detach())
     if entropy_threshold is not None:
         high_entropy = (student_entropy > entropy_threshold) & v
@@ -200,7 +206,8 @@ def tip(student_entropy: torch.Tensor, divergence: torch.Tensor, *, quadrant: Qu
 def entropy_sampling(student_entropy: torch.Tensor, fraction: float, *, generator: torch.Generator | None = None,
                      valid: torch.Tensor | None = None, scope: Scope = "sequence") -> Selection:
     """Sample ceil(fraction * n) tokens per sequence without replacement, with probability proportional
-    to the student entropy (Gumbel top-k on log-entropy; seeded by ``generator``)."""
+    to the student entropy (Gumbel top-k on log-entropy; seeded by ``generator``); n counts the valid tokens of
+    positive entropy (a token of entropy 0 has probability 0 of being drawn)."""
     _check_fraction(fraction)
     h = student_entropy.detach().float()
     u = torch.rand(h.shape, generator=generator, device="cpu").to(h.device).clamp(min=1e-20)
@@ -214,6 +221,7 @@ def relative_confidence(student_label_logprob: torch.Tensor, teacher_label_logpr
                         valid: torch.Tensor | None = None, scope: Scope = "sequence") -> Selection:
     """TSD-KD-style: keep tokens where the teacher is most confident relative to the student on the
     realised token, score = log p_teacher(y) - log q_student(y)."""
+    _check_same_shape(("student_label_logprob", "teacher_label_logprob"), student_label_logprob, teacher_label_logprob)
     score = teacher_label_logprob.detach().float() - student_label_logprob.detach().float()
     if threshold is not None:
         return Selection((score > threshold) & _valid(score, valid), scope)
@@ -235,9 +243,13 @@ def teacher_entropy_weights(teacher_entropy: torch.Tensor, *, vocab_size: int, p
     distribution is close to uniform (unreliable targets) count little. Per token: sequence scope."""
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    if not 0 <= power < math.inf:  # a negative power weights a near-uniform teacher most (inf at H = log V)
+        raise ValueError(f"power must be >= 0 and finite, got {power}")
     w = (1 - teacher_entropy.detach().float() / math.log(vocab_size)).clamp(0, 1) ** power
     if valid is not None:
-        w = torch.where(valid, w, torch.zeros_like(w))
+        if valid.shape != w.shape:
+            raise ValueError(f"valid must have shape {tuple(w.shape)}, got {tuple(valid.shape)}")
+        w = torch.where(valid.bool(), w, torch.zeros_like(w))
     return Selection(torch.nan_to_num(w, nan=0.0), "sequence")
 
 
@@ -249,9 +261,11 @@ def paced_weights(pass_rate: torch.Tensor, *, alpha: float = 1.0, beta: float = 
     """
     if not (alpha >= 0 and beta >= 0):  # a negative power makes a weight infinite at p = 0 or 1
         raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+    if pass_rate.dim() != 1:
+        raise ValueError(f"pass_rate must be [B] (one rate per sequence), got shape {tuple(pass_rate.shape)}")
     p = pass_rate.detach().float()
-    if ((p < 0) | (p > 1)).any():
-        raise ValueError("pass_rate must be in [0, 1]")
+    if not ((p >= 0) & (p <= 1)).all():  # NaN fails too
+        raise ValueError("pass_rate must be in [0, 1] (and not NaN)")
     w = p**alpha * (1 - p) ** beta
     if tokens_per_sequence is not None:
         w = w[:, None].expand(-1, tokens_per_sequence)

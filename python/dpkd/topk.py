@@ -85,7 +85,8 @@ def loss_and_grad(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, temper
 _LOGPROB_SLACK = 1e-3
 
 
-def check_topk_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, tail: bool) -> None:
+def check_topk_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, tail: bool,
+                       names: tuple[str, str] = ("teacher_ids", "teacher_logprobs")) -> None:
     """The teacher's ids in range, log-probabilities not NaN and <= 0, and their mass <= 1 where a tail takes the
     rest: one host read for all of it."""
     lp = logp.detach().float()
@@ -93,9 +94,9 @@ def check_topk_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, tail: bool
     if tail:
         flags.append((lp.exp().sum(-1) > 1 + _LOGPROB_SLACK).any())
     bad = torch.stack(flags).tolist()
-    messages = [f"teacher_ids must be in [0, {v})", "teacher_logprobs contains NaN",
-                "teacher_logprobs must be log-probabilities (<= 0)",
-                "teacher_logprobs of a row sum to more than probability 1, leaving no mass for the tail"]
+    messages = [f"{names[0]} must be in [0, {v})", f"{names[1]} contains NaN",
+                f"{names[1]} must be log-probabilities (<= 0)",
+                f"{names[1]} of a row sum to more than probability 1, leaving no mass for the tail"]
     for flag, message in zip(bad, messages):
         if flag:
             raise ValueError(message)

@@ -301,7 +301,7 @@ def test_bad_arguments_are_named():
         with pytest.raises(ValueError, match=r"student_hidden must be \[N, H\]"):
             fused_linear_distill_loss(hh, w, ht, wt)
     ids = torch.zeros(8, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="teacher_logprobs contains NaN"):
+    with pytest.raises(ValueError, match="teacher_topk log-probs contains NaN"):
         fused_linear_distill_loss(h, w, teacher_topk=(ids, torch.full((8, 2), float("nan"))))
 
 
@@ -335,3 +335,25 @@ def test_a_gradient_penalty_through_it_raises():
     (gh,) = torch.autograd.grad(loss, h_s, create_graph=True)
     with pytest.raises(RuntimeError, match="no derivative of their own"):
         torch.autograd.grad(gh.pow(2).sum(), w_s, allow_unused=True)
+
+
+def test_float64_heads_with_a_bias_and_the_top_k_teachers_checks():
+    """A float64 student bias widened the fp32 chunk logits to float64, which the kernels refuse (it named
+    student_logits, not an argument here); a top-k teacher's integer log-probs passed unchecked (found by a
+    user-trial helper)."""
+    h_s, w_s, b_s, h_t, w_t = setup(dtype=torch.float64)
+    loss = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, divergence="jsd")
+    h32, w32, b32, ht32, wt32 = setup(dtype=torch.float32)  # the same values (drawn in float64)
+    ref = reference(h32, w32, b32, ht32, wt32, divergence="jsd")  # fp32 logits, as the float64 head's chunks
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for got, want in zip(grads(loss, h_s, w_s, b_s), grads(ref, h32, w32, b32)):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="fp32_logits=False with a float64 student_weight"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, fp32_logits=False)
+    ids = torch.zeros(24, 2, dtype=torch.long)
+    ids[:, 1] = 1
+    with pytest.raises(TypeError, match="teacher_topk log-probs must be a floating tensor"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids, torch.zeros(24, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"teacher_topk ids must be in \[0, 97\)"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids + 96, torch.full((24, 2), -1.0)))

@@ -300,3 +300,23 @@ def test_a_rule_without_valid_gives_padding_no_place_in_its_quota():
 
     dpkd.distill_loss(s, t, labels=labels, select=rule)
     assert not seen["values"][1, :2].any() and int(seen["values"][1].sum()) == 2
+
+
+def test_rules_check_their_arguments():
+    """Found by a user-trial helper: [T] against [B, T] statistics broadcast silently (and mismatched ones raised a
+    bare broadcasting error, or one naming valid=); a negative power gave teacher_entropy_weights weights up to
+    3.4e38; a NaN pass rate gave a NaN weight; an integer valid= raised inside torch.where."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.rand(3, 7, generator=g), torch.rand(3, 7, generator=g)
+    for call in (lambda: select.relative_confidence(a[0], b), lambda: select.relative_confidence(a, b[:, :6]),
+                 lambda: select.tip(a, b[:, :1])):
+        with pytest.raises(ValueError, match="must have one shape"):
+            call()
+    with pytest.raises(ValueError, match="power must be >= 0"):
+        select.teacher_entropy_weights(a, vocab_size=50, power=-1)
+    w = select.teacher_entropy_weights(a, vocab_size=50, valid=(b > 0.5).long()).values
+    torch.testing.assert_close(w, torch.where(b > 0.5, 1 - a / math.log(50), 0))
+    with pytest.raises(ValueError, match="pass_rate must be in"):
+        select.paced_weights(torch.tensor([float("nan"), 0.5]))
+    with pytest.raises(ValueError, match=r"pass_rate must be \[B\]"):
+        select.paced_weights(torch.tensor([[0.2], [0.5]]), tokens_per_sequence=3)
