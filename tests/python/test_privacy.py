@@ -1369,3 +1369,19 @@ def test_micro_batches_partition_one_poisson_batch_each():
         assert sum(pieces[3 * i:3 * i + 3], []) == batch  # in order, each example once
     with pytest.raises(ValueError, match="micro_batches"):
         privacy.PoissonBatchSampler(50, 0.3, micro_batches=0)
+
+
+def test_sizes_are_named_as_the_caller_gave_them():
+    """Found by a user-trial helper: these named sample_rate, which the caller never passed, or came from DataLoader."""
+    data = torch.utils.data.TensorDataset(torch.randn(100, 3))
+    for bad in (0, -1, 500, float("nan")):
+        with pytest.raises(ValueError, match=r"expected_batch_size must be in \(0, len\(dataset\) = 100\]"):
+            privacy.poisson_loader(data, bad)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        privacy.poisson_loader(data, 8, steps=-1)
+    model = torch.nn.Linear(3, 1)
+    for kw, match in ((dict(expected_batch_size=200, dataset_size=100), "at most dataset_size"),
+                      (dict(expected_batch_size=10, dataset_size=250.5), "dataset_size must be an int")):
+        with pytest.raises(ValueError, match=match):
+            privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, **kw)

@@ -18,6 +18,8 @@ anything else that has trainable parameters is listed in one error at wrap time.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..accounting import Accountant, PLDAccountant, RDPAccountant, make_accountant
@@ -68,11 +70,14 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         raise ValueError(f"make_private was already called on {attached[0]}: its engine still captures every forward "
                          "pass; call optimizer.engine.remove() on the earlier DP optimizer first")
     check_arguments(noise_multiplier, max_grad_norm, expected_batch_size)
-    if dataset_size is not None and dataset_size <= 0:
-        raise ValueError(f"dataset_size must be > 0, got {dataset_size}")
+    if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral)
+                                     or dataset_size <= 0):
+        raise ValueError(f"dataset_size must be an int > 0, got {dataset_size!r}")
     if sample_rate is None:
         if dataset_size is None:
             raise ValueError("give dataset_size (> 0) or sample_rate")
+        if expected_batch_size > dataset_size:
+            raise ValueError(f"expected_batch_size ({expected_batch_size}) must be at most dataset_size ({dataset_size})")
         sample_rate = expected_batch_size / dataset_size
     elif dataset_size is not None and abs(sample_rate - expected_batch_size / dataset_size) > 1e-12 * sample_rate:
         raise ValueError(f"sample_rate={sample_rate} disagrees with expected_batch_size / dataset_size = "

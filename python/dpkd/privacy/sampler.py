@@ -4,6 +4,7 @@ what the accountant's subsampled-Gaussian analysis assumes. Batch sizes vary and
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
@@ -42,6 +43,8 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.micro_batches = micro_batches
         if dataset_size <= 0:
             raise ValueError(f"dataset_size must be > 0, got {dataset_size}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0):
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if (num_replicas is None) != (rank is None):
@@ -146,6 +149,10 @@ def poisson_loader(dataset: Any, expected_batch_size: int, *, steps: int | None 
     pin_memory, ...); with ``num_replicas``/``rank``, expected_batch_size is the global one; with ``micro_batches`` = k,
     each Poisson batch (of expected size expected_batch_size) comes in k parts (see PoissonBatchSampler)."""
     n = len(dataset)
+    # Checked here by the names the caller used (PoissonBatchSampler names the rate it is given).
+    if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, numbers.Real) or not (
+            0 < expected_batch_size <= n):  # q N need not be whole
+        raise ValueError(f"expected_batch_size must be in (0, len(dataset) = {n}], got {expected_batch_size!r}")
     sampler = PoissonBatchSampler(n, expected_batch_size / n, steps=steps, generator=generator,
                                   secure_mode=secure_mode, num_replicas=num_replicas, rank=rank,
                                   micro_batches=micro_batches)
