@@ -1385,3 +1385,21 @@ def test_sizes_are_named_as_the_caller_gave_them():
         with pytest.raises(ValueError, match=match):
             privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
                                  max_grad_norm=1.0, **kw)
+
+
+def test_a_layer_with_an_earlier_pre_hook_that_reads_its_parameters():
+    """torch.nn.utils.weight_norm's pre-hook rebuilds the weight from weight_g and weight_v: the stand-ins must be in
+    place before it runs, or the real parameters get an autograd gradient (refused as an outside use; found by a
+    review helper)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.utils.weight_norm(torch.nn.Conv1d(3, 3, 3, padding=1)), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 1)).double()
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    plain = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                 max_grad_norm=1e6, expected_batch_size=4, sample_rate=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(x).sum().backward()
+    dp.step()
+    for p, b, g in zip(model.parameters(), before, plain):
+        torch.testing.assert_close(p - b, -g / 4)

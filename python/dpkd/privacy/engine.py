@@ -222,7 +222,9 @@ class ClippingEngine:
         for name, (module, kind) in self.layers.items():
             _ATTACHED[module] = weakref.ref(self)
             if kind == "generic":
-                self.handles.append(module.register_forward_pre_hook(_EngineHook(self, "_stand_in_params", module)))
+                # First of the pre-hooks: one registered earlier (the old weight_norm's) may read the parameters.
+                self.handles.append(module.register_forward_pre_hook(_EngineHook(self, "_stand_in_params", module),
+                                                                     prepend=True))
                 self.handles.append(module.register_forward_hook(_EngineHook(self, "_capture_generic", name, module)))
                 self.handles.append(module.register_forward_hook(_EngineHook(self, "_restore_params", module),
                                                                  always_call=True))
