@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from . import _mixed, _ops, losses, topk
+from .privacy import engine as privacy_engine
+from .privacy import head as privacy_head
 
 __all__ = ["fused_linear_distill_loss"]
 
@@ -82,7 +84,9 @@ class _FusedLinearDistill(torch.autograd.Function):
     objective can write it so (None: the logits' dtype); the student's head gradients accumulated from it."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, objective, labels, row_scale, opts, anchor):
+    def forward(ctx, h_s, w_s, b_s, objective, labels, row_scale, opts, private, anchor):
+        """``private``: under DP-SGD, (active tokens, tokens per chunk, unscale) -> privacy.head.PrivateHead, which
+        measures each example's head-gradient norm here and forms the clipped sum at the step; else None."""
         s_scale, s_cap, chunk, fp32_accum, fp32_logits = opts
         n = h_s.shape[0]
         active = (row_scale != 0).nonzero().flatten()
@@ -94,9 +98,10 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_h = torch.zeros(h_s.shape, dtype=torch.float32 if keep_fp32 else h_s.dtype, device=h_s.device) \
             if h_s.requires_grad else None
         acc = torch.float32 if fp32_accum else w_s.dtype
-        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if w_s.requires_grad else None
-        grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=w_s.device) if b_s is not None and b_s.requires_grad \
-            else None
+        head_grads = private is None  # under DP the engine forms the head's (clipped) gradients
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if w_s.requires_grad and head_grads else None
+        grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=w_s.device) \
+            if b_s is not None and b_s.requires_grad and head_grads else None
         w_logits = _logit_weight(w_s, fp32_logits)
         low_half = active.numel() < _LOW_HALF_BELOW_TOKENS
         # The logits' gradient in fp16 is scaled (see _ops.fp16_gradient_scale), the products with it scaled back
@@ -108,18 +113,30 @@ class _FusedLinearDistill(torch.autograd.Function):
         # trainable bias sums it (in fp32).
         grad16 = (h_s.dtype if fp32_logits and h_s.dtype in (torch.bfloat16, torch.float16) and not low_half
                   and s_cap is None and s_scale == 1.0 and grad_b is None else None)
-        for start in range(0, active.numel(), chunk):
-            rows = active[start:start + chunk]
+
+        def chunk_gradient(rows):
+            """The chunk's hidden states, losses, statistics and d loss / d pre-activation logits: the same ops on
+            the same rows give the same bits (the DP step recomputes them)."""
             hs = h_s[rows]
             zs, cap_grad = _logits(hs, w_logits, b_s, s_scale, s_cap, fp32_logits)
             lab = None if labels is None else labels[rows]
             loss, st, g = objective(rows, zs.detach(), lab, row_scale[rows].float() * grad_scale, grad16)
-            per_token[rows], stats[rows] = loss, st
             del zs
             if cap_grad is not None:
                 g = (g.float() * cap_grad).to(g.dtype)
             if s_scale != 1.0:
                 g = g * s_scale
+            return hs, loss, st, g
+
+        head = None if private is None else private(active, chunk, unscale)
+        spans = [(s, min(s + chunk, active.numel()), False, False) for s in range(0, active.numel(), chunk)] \
+            if head is None else head.chunks
+        for start, end, part, last in spans:
+            rows = active[start:end]
+            hs, loss, st, g = chunk_gradient(rows)
+            per_token[rows], stats[rows] = loss, st
+            if head is not None:
+                head.observe(start, end, part, last, hs, g, loss, st)
             if grad_b is not None:
                 grad_b += (g.sum(0, dtype=torch.float32) * unscale).to(acc)
             # An fp32 logits gradient meets 16-bit weights as g = hi + lo, both 16-bit: hi alone suffices
@@ -134,6 +151,9 @@ class _FusedLinearDistill(torch.autograd.Function):
                     parts.append(torch.sub(g, parts[0], out=torch.empty_like(parts[0])))
                 for part in parts:
                     _add_matmul(grad_w, part.t(), hs, unscale)
+        if head is not None:
+            head.gradient = lambda rows: chunk_gradient(rows)[::3]
+        ctx.head = head
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         if not keep_fp32:
@@ -150,7 +170,43 @@ class _FusedLinearDistill(torch.autograd.Function):
             return (g * grad_out.detach().to(g.dtype)).to(dtype)
 
         grad_h, grad_w, grad_b = (None if g is None else scaled(g, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
-        return _ops.first_order_only(grad_h, grad_w, grad_b, anchors=ctx.saved_tensors) + (None,) * 5
+        if ctx.head is not None:
+            ctx.head.deliver(grad_out.detach())
+        return _ops.first_order_only(grad_h, grad_w, grad_b, anchors=ctx.saved_tensors) + (None,) * 6
+
+
+def _private_head(hidden, weight, bias, reduction, entropies, read):
+    """Under DP-SGD (``weight`` held by a private model's linear layer, gradients on): the factory of the loss's
+    privacy.head.PrivateHead, after checking what per-example clipping needs; else None."""
+    found = privacy_engine.head_engine(weight) if torch.is_grad_enabled() else None
+    if found is None:
+        return None
+    engine, name = found
+    module = engine.layers[name][0]
+    train_weight, train_bias = weight.requires_grad, bias is not None and bias.requires_grad
+    if not (train_weight or train_bias):
+        return None
+    where = f"under DP-SGD (student_weight is layer {name!r} of a private model)"
+    if reduction != "sum":
+        raise ValueError(f"{where} the loss must be reduction='sum' of per-example losses: {reduction!r} divides by "
+                         "counts over the whole batch, so one example would change the others' gradients; for each "
+                         "example's token mean pass weights=valid / valid.sum(-1, keepdim=True)")
+    if hidden.dim() != 3:
+        raise ValueError(f"{where} student_hidden must be [B, T, H], batch first, got {tuple(hidden.shape)}")
+    if bias is not None and bias is not module.bias:
+        raise ValueError(f"{where} student_bias must be that layer's bias (or None)")
+    if any(head == name for _, head in engine.tied):
+        raise ValueError(f"{where} the head is tied to an embedding: the per-example cross term of the two uses is "
+                         "not formed here; untie the weights or train through the logits (dpkd.distill_loss)")
+    rows, tokens = hidden.shape[0], hidden.shape[1]
+    accum = _mixed.accumulation_dtype(hidden)
+    checked = [t for t in read if isinstance(t, torch.Tensor)]
+
+    def make(active, chunk, unscale):
+        return privacy_head.PrivateHead(engine, name, active, tokens, rows, chunk, weight=train_weight,
+                                        bias=train_bias, unscale=unscale, accum=accum, entropies=entropies,
+                                        checked=checked)
+    return make
 
 
 # The chunk loop runs over the tokens that carry loss, a number known only at run time: torch.compile calls the
@@ -186,6 +242,7 @@ def fused_linear_distill_loss(
     fp32_weight_grad: bool | None = None,
     fp32_logits: bool | None = None,
     return_stats: bool = False,
+    check_finite: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
     """:func:`dpkd.distill_loss` of ``softcap(scale (h W^T + b))`` for both models, from hidden states (its options
     but for ``select``, ``standardize`` and T² scaling; ``mask``/``weights`` choose tokens).
@@ -208,6 +265,15 @@ def fused_linear_distill_loss(
             objective kernels (on CUDA with the hardware exp2/log2 of the 16-bit kernels: logits from 16-bit
             factors need no more).
         return_stats: also return :class:`dpkd.TokenStats` (NaN for tokens that carry no loss).
+        check_finite: raise where a token that carries loss has NaN or +inf logits (as :func:`dpkd.distill_loss`;
+            turn it off under DP-SGD, where the engine drops that example instead).
+
+    Under DP-SGD (``student_weight`` is the weight of a linear layer of a model made private by
+    :func:`dpkd.privacy.make_private`), the head is clipped per example with the rest of the model: each
+    example's head-gradient norm is measured in the chunk loop and the step recomputes the chunks to form the
+    clipped sum (see :mod:`dpkd.privacy.head`). The loss must then be ``reduction="sum"`` of per-example losses
+    (``weights=valid / valid.sum(-1, keepdim=True)`` for each example's token mean), student_hidden [B, T, H]
+    batch first, and the head used once per step and not tied to the embedding.
     Example with Hugging Face models::
 
         s = student(input_ids, output_hidden_states=True); t = teacher(input_ids, output_hidden_states=True)
@@ -323,9 +389,12 @@ def fused_linear_distill_loss(
             return loss, st, g
 
     opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
+    private = _private_head(student_hidden, student_weight, student_bias, reduction, teacher_topk is None,
+                            [student_hidden, student_weight, student_bias, labels, mask, weights, teacher_hidden,
+                             teacher_weight, teacher_bias, *(teacher_topk or ())])
     loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts,
-                                            _ops.graph_anchor(h_s, student_weight, student_bias))
-    if teacher_topk is None:  # after every chunk is queued; tokens without weight were not computed
+                                            private, _ops.graph_anchor(h_s, student_weight, student_bias))
+    if teacher_topk is None and check_finite:  # after every chunk is queued; tokens without weight were not computed
         losses.report_nan(stats, row_scale == 0, tuple(
             f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf, or no finite value "
             "(first in flattened token {row})" for model in ("student", "teacher")))

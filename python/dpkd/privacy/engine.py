@@ -41,6 +41,15 @@ def attached_engine(module: torch.nn.Module) -> ClippingEngine | None:
     return None if ref is None else ref()
 
 
+def head_engine(weight: torch.Tensor) -> tuple[ClippingEngine, str] | None:
+    """The live engine and layer name of the linear layer whose weight is ``weight``, if one holds it (for
+    dpkd.fused_linear_distill_loss, which multiplies the weight outside the layer)."""
+    for engine in {ref() for ref in list(_ATTACHED.values())}:
+        if engine is not None and id(weight) in engine.linear_weights:
+            return engine, engine.linear_weights[id(weight)]
+    return None
+
+
 def _inert_hook(*args) -> None:
     return None
 
@@ -186,6 +195,9 @@ class ClippingEngine:
                 raise ValueError("parameter shared by " + ", ".join(n for n, _, _ in entries)
                                  + ": only an embedding tied to a linear head is supported")
         self.calls: dict[str, list[_Call]] = {name: [] for name in self.layers}  # calls whose gradient arrived
+        # Linear layers' weights as dpkd.fused_linear_distill_loss finds them, and its uses of them (privacy.head)
+        self.linear_weights = {id(m.weight): name for name, (m, kind) in self.layers.items() if kind == "linear"}
+        self.head_calls: dict[str, list[typing.Any]] = {name: [] for name in self.linear_weights.values()}
         self.instantiate: dict[str, bool] = {}  # linear layers: per-example gradients (True) or ghost norms
         self.closed_form_ok: dict[str, bool] = {}  # norm layers whose closed form was checked against torch.func
         # Rows per privacy unit: k consecutive batch rows (e.g. a prompt's k sampled continuations)
@@ -266,6 +278,25 @@ class ClippingEngine:
         if self._depth == 0:
             self._new_entry()
         return self._entry
+
+    def head_entry(self) -> int | None:
+        """The entry of a head's use inside dpkd.fused_linear_distill_loss: that of the latest pass into the model,
+        whose hidden states it reads (the loss is called outside the model); refused like a forward pass after a
+        backward pass that no step has consumed."""
+        if self._backward_seen:
+            raise RuntimeError("dpkd.fused_linear_distill_loss was called after backward() and before "
+                               "optimizer.step(): " + _ONE_PASS)
+        return self._entry
+
+    def receive_head(self, name: str, head) -> None:
+        """A head's use inside the fused loss, delivered by the loss's backward pass (privacy.head.PrivateHead)."""
+        if self.head_calls[name]:
+            raise RuntimeError(f"layer {name!r} reached dpkd.fused_linear_distill_loss's backward twice before one "
+                               "step (two fused losses on one head, or a second backward pass through one): the "
+                               "cross terms of the two uses' per-example gradients are not formed; add the losses' "
+                               "token weights into one call")
+        self.head_calls[name].append(head)
+        self._backward_seen = True
 
     def check_batch_norms(self) -> None:
         mixing = [f"{n or '<root>'} ({type(m).__name__})" for n, m in self.batch_norms
@@ -450,6 +481,9 @@ class ClippingEngine:
         for c in self.calls[name]:
             c.inputs, c.grad, c.per_example = (), None, None
         self.calls[name].clear()
+        for h in self.head_calls.get(name, ()):
+            h.release()
+        self.head_calls.get(name, []).clear()
 
     def clear(self) -> None:
         """Drop what backward passes delivered. Forward passes still waiting for their backward keep their captures
@@ -464,12 +498,17 @@ class ClippingEngine:
 
     @property
     def pending(self) -> bool:
-        return any(c.done for calls in self.calls.values() for c in calls)
+        return any(c.done for calls in self.calls.values() for c in calls) or any(self.head_calls.values())
 
     def _batch_size(self) -> int:
         """Examples in the captured batch (rows / rows_per_example)."""
         for name, calls in self.calls.items():
-            entries = {c.entry for c in calls if c.done}
+            heads = self.head_calls.get(name, [])
+            if heads and any(c.done for c in calls):
+                raise ValueError(f"layer {name!r} was used both through its forward and by "
+                                 "dpkd.fused_linear_distill_loss before one step: the cross terms of the two uses' "
+                                 "per-example gradients are not formed")
+            entries = {c.entry for c in calls if c.done} | {h.entry for h in heads}
             # Row i of each pass would be one clipping unit: two examples, if the passes held different ones. (A
             # layer called twice within one pass -- a shared layer -- is one entry.)
             if len(entries - {None}) > 1:
@@ -480,13 +519,15 @@ class ClippingEngine:
                                  "forward passes: which pass each recomputation belongs to cannot be told; run one "
                                  "forward pass per backward, or checkpoint with use_reentrant=False")
         sizes = {c.rows for calls in self.calls.values() for c in calls if c.done}
+        sizes |= {h.rows for heads in self.head_calls.values() for h in heads}
         if len(sizes) != 1:
             raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: the batch dimension must be first "
                              "everywhere (pass Hugging Face models position_ids of shape [B, T], not [1, T]), "
                              "and the loss must be per example")
         rows = sizes.pop()
         if any(c.per_example is not None and c.rows_per_example != self.rows_per_example
-               for calls in self.calls.values() for c in calls):
+               for calls in self.calls.values() for c in calls) or any(
+                h.rows_per_example != self.rows_per_example for heads in self.head_calls.values() for h in heads):
             raise ValueError("rows_per_example changed between the backward pass and the step")
         if rows % self.rows_per_example:
             raise ValueError(f"{rows} batch rows do not split into examples of {self.rows_per_example} rows")
@@ -606,6 +647,12 @@ class ClippingEngine:
             a_head, g_head = data[head]
             captured_sq.append(2 * layers.embedding_linear_cross(ids, g_emb, a_head, g_head,
                                                                  self.layers[emb][0].padding_idx))
+        for heads in self.head_calls.values():
+            for h in heads:  # squared norms and bounds already in the delivered (captured) units
+                captured_sq.append(h.sq)
+                if h.margin is not None:
+                    e = (scale * h.margin).pow(2)
+                    margin_sq = e if margin_sq is None else margin_sq + e
         sq = _summed(captured_sq)
         if sq is not None and scale != 1.0:
             sq = sq * scale**2
@@ -632,6 +679,10 @@ class ClippingEngine:
         # Each layer's captured tensors are released once its clipped sum is formed: the parameter gradients
         # grow as they shrink, so the step's peak stays that of the end of the backward pass.
         for name, (module, kind) in self.layers.items():
+            for head in self.head_calls.get(name, ()):
+                for p, value in zip((module.weight, module.bias), head.clipped_sums(coef)):
+                    if value is not None:
+                        accumulate(p, value.mul_(scale) if scale != 1.0 else value)
             entry, data[name] = data[name], None
             self._release(name)
             if entry is None:

@@ -1,0 +1,162 @@
+"""Per-example clipping of a linear output head that :func:`dpkd.fused_linear_distill_loss` multiplies
+without forming full-batch logits.
+
+The head's gradient G_i = sum_t dz_t h_t^T (dz: d loss / d logits, [V] per token) exists only chunk by
+chunk, and the clipping coefficients are known only once the whole model's backward pass has run, after
+the chunks are gone. So the loss's chunk loop measures each example's squared norm as it goes -- ghost
+norms sum_{t,s in i} (h_t . h_s)(dz_t . dz_s) inside chunks made of whole examples; an example with more
+tokens than a chunk has its gradient instantiated ([V, H] in fp32) across its chunks -- and the step
+recomputes each chunk's dz (the same ops on the same rows: the same bits) to form sum_i c_i G_i. That
+second pass costs the two models' logits again (about 60-80% of the head's non-private work) instead of
+the [N, V] output gradient that the engine would otherwise keep, which is what the fused loss avoids.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import torch
+
+from .. import _mixed
+from . import layers
+
+# rows (flattened token indices) -> (their hidden states [c, H], d loss / d logits [c, V] times ``unscale``'s inverse)
+ChunkGradient = typing.Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def pack_examples(counts: list[int], chunk: int) -> list[tuple[int, int, bool, bool]]:
+    """Chunks (start, end, part_of_one_example, last_part) over tokens ordered by example, ``counts[e]`` of
+    example e: consecutive whole examples up to ``chunk`` tokens, and an example with more tokens than that in
+    parts of ``chunk`` tokens of its own."""
+    out, start, pos = [], 0, 0
+    for n in counts:
+        if n == 0:
+            continue
+        if n > chunk:
+            if pos > start:
+                out.append((start, pos, False, False))
+            out.extend((s, min(s + chunk, pos + n), True, s + chunk >= pos + n) for s in range(pos, pos + n, chunk))
+            pos += n
+            start = pos
+            continue
+        if pos + n - start > chunk:
+            out.append((start, pos, False, False))
+            start = pos
+        pos += n
+    if pos > start:
+        out.append((start, pos, False, False))
+    return out
+
+
+class PrivateHead:
+    """One use of a head inside the fused loss: the examples' squared norms and split-error bounds, measured
+    by :meth:`observe` during the chunk loop, and the chunks to recompute for :meth:`clipped_sums`.
+
+    ``active``: the flattened indices of the tokens that carry loss (ascending), ``tokens_per_row`` per batch row;
+    ``unscale``: the factor that takes the chunk loop's logit gradients to the loss's (an fp16 loss scales them);
+    ``entropies``: whether the objective's statistics hold the two models' entropies (NaN where a row's logits are
+    not finite: the kernels may otherwise pass over a NaN logit)."""
+
+    def __init__(self, engine, name: str, active: torch.Tensor, tokens_per_row: int, rows: int, chunk: int, *,
+                 weight: bool, bias: bool, unscale: float, accum: torch.dtype,
+                 entropies: bool, checked: list[torch.Tensor]) -> None:
+        k = engine.rows_per_example
+        if rows % k:
+            raise ValueError(f"{rows} batch rows do not split into examples of {k} rows")
+        self.engine, self.name, self.active, self.examples = engine, name, active, rows // k
+        self.example = torch.div(active, tokens_per_row * k, rounding_mode="floor")
+        examples, example = self.examples, self.example
+        self.weight, self.bias, self.unscale, self.accum = weight, bias, unscale, accum
+        self.split: bool | None = None  # whether the clipped sums multiply bf16 parts (layers.splits), at observe
+        self.entry, self.rows, self.rows_per_example = engine.head_entry(), rows, k
+        counts = torch.bincount(example, minlength=examples).tolist() if example.numel() else [0] * examples
+        self.chunks = pack_examples(counts, chunk)
+        self.sq = torch.zeros(examples, dtype=accum, device=example.device)
+        self.entropies = entropies
+        self.nonfinite = torch.zeros(examples, dtype=torch.bool, device=example.device)
+        self.sq_hidden = torch.zeros_like(self.sq)  # ||H_i||^2, ||dZ_i||^2 for the split's error bounds
+        self.sq_grad = torch.zeros_like(self.sq)
+        self._part_w: torch.Tensor | None = None  # an instantiated example's gradient, across its parts
+        self._part_b: torch.Tensor | None = None
+        self.checked = [(t, t._version) for t in checked]  # what the recomputation reads
+        self.gradient: ChunkGradient | None = None
+        self.grad_out: float | None = None  # the upstream gradient of the loss, once backward delivered it
+        self.margin: torch.Tensor | None = None
+
+    def observe(self, start: int, end: int, part: bool, last: bool, h: torch.Tensor, g: torch.Tensor,
+                loss: torch.Tensor, stats: torch.Tensor) -> None:
+        """Add chunk active[start:end]'s contribution (hidden rows ``h``, logit gradients ``g``, per-token ``loss``
+        and ``stats``) to the norms. An example with a non-finite logit gets a NaN norm: the engine drops it."""
+        e = self.example[start:end]
+        bad = ~torch.isfinite(loss)
+        if self.entropies:
+            bad |= stats[:, :2].isnan().any(1)
+        self.nonfinite.index_put_((e,), bad, accumulate=True)
+        self.split = layers.splits(h, g)
+        u = self.unscale
+        if self.split:
+            self.sq_hidden.index_add_(0, e, h.to(self.accum).pow(2).sum(1))
+            self.sq_grad.index_add_(0, e, g.to(self.accum).pow(2).sum(1) * u * u)
+        if part:
+            if self.weight:
+                w = _mixed.matmul(g.t(), h).mul_(u)
+                self._part_w = w if self._part_w is None else self._part_w.add_(w)
+            if self.bias:
+                b = g.to(self.accum).sum(0).mul_(u)
+                self._part_b = b if self._part_b is None else self._part_b.add_(b)
+            if last:
+                total = sum(p.pow(2).sum() for p in (self._part_w, self._part_b) if p is not None)
+                self.sq.index_add_(0, e[:1], total.reshape(1))
+                self._part_w = self._part_b = None
+            return
+        # Ghost norms of the chunk's examples: the Grams of the whole chunk, pairs of different examples masked
+        # out (by where: another example's NaN must not reach this one's norm).
+        gram = _mixed.matmul(g, g.t()).mul_(u * u)
+        pairs = gram * _mixed.matmul(h, h.t()) if self.weight else None
+        if self.bias:
+            pairs = gram if pairs is None else pairs + gram
+        if e[0] != e[-1]:
+            pairs = torch.where(e[:, None] == e[None, :], pairs, 0)
+        self.sq.index_add_(0, e, pairs.sum(1))
+
+    def deliver(self, grad_out: torch.Tensor) -> None:
+        """From the loss's backward: scale by the upstream gradient and hand this use to the engine."""
+        self.grad_out = float(grad_out)
+        self.sq = torch.where(self.nonfinite, float("nan"), self.sq * self.grad_out**2)
+        if self.split:  # see layers.split_error_bounds
+            self.margin = layers.SPLIT_ROUNDOFF * abs(self.grad_out) * (self.sq_hidden * self.sq_grad).sqrt()
+        self.sq_hidden = self.sq_grad = None
+        self.engine.receive_head(self.name, self)
+
+    def clipped_sums(self, coef: layers.Coefficients) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """sum_i c_i G_i for the weight ([V, H], fp32) and the bias, in the units of the delivered gradient, from
+        the chunks recomputed; examples with c_i = 0 left out whatever their values."""
+        for t, version in self.checked:
+            if t._version != version:
+                raise RuntimeError("a tensor that dpkd.fused_linear_distill_loss read (hidden states, head weight or "
+                                   "bias, labels, weights) was modified in place between backward() and the step: "
+                                   "the step recomputes the head's per-example gradients from them")
+        w_sum = b_sum = None
+        for start, end, _, _ in self.chunks:
+            e = self.example[start:end]
+            keep = coef.keep[e]
+            h, g = self.gradient(self.active[start:end])
+            c = coef.c[e] * (self.grad_out * self.unscale)
+            if self.weight:
+                part = layers.linear_clipped_sum(h[:, None], g[:, None], layers.Coefficients(c, keep), split=self.split)
+                w_sum = part if w_sum is None else w_sum.add_(part)
+            if self.bias:
+                part = torch.where(keep[:, None], g.to(self.accum) * c[:, None].to(self.accum), 0).sum(0)
+                b_sum = part if b_sum is None else b_sum.add_(part)
+        return w_sum, b_sum
+
+    def release(self) -> None:
+        """Drop what the recomputation holds (hidden states, the teacher's): the autograd graph may outlive the
+        step."""
+        self.gradient, self.checked, self.chunks = None, [], []
+
+
+def examples_of(active: torch.Tensor, tokens_per_row: int, rows_per_example: int) -> torch.Tensor:
+    """The example of each flattened token index in ``active``."""
+    return torch.div(active, tokens_per_row * rows_per_example, rounding_mode="floor")
+
