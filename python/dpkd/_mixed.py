@@ -4,6 +4,7 @@ on a GPU the 16-bit factors keep the tensor cores' 16-bit rate (fp32 matmuls run
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -24,6 +25,16 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
         return acc.dtype == batched.dtype == torch.float32 and bool((acc == 4).all()) and bool((batched == 2).all())
     except (RuntimeError, TypeError):
         return False
+
+
+def no_autocast(device_types) -> contextlib.ExitStack:
+    """Autocast off for these device types (those that have it), for computations that must multiply the factors
+    they are given: DP-SGD's norms and clipped sums."""
+    stack = contextlib.ExitStack()
+    for device_type in set(device_types):
+        if torch.amp.is_autocast_available(device_type):  # not 'meta'
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -198,15 +198,47 @@ class _GradFromForward(torch.autograd.Function):
                                 anchors=ctx.saved_tensors) + (None, None, None, None)
 
 
+def flagged_rows(stats: torch.Tensor) -> torch.Tensor:
+    """Rows the kernels flag (a model's entropy NaN): NaN or +inf logits, or no finite logit. The kernels' running
+    maxima pass over a NaN logit, so such a row's loss and gradient may otherwise be finite."""
+    return stats[:, :2].isnan().any(1)
+
+
+class _NaNRows(torch.autograd.Function):
+    """Per-row losses with the rows in ``bad`` NaN in value and in gradient (the backward kernel multiplies each
+    row by its upstream gradient, so the whole row turns NaN): under DP-SGD the engine then drops that example."""
+
+    @staticmethod
+    def forward(ctx, loss, bad):
+        ctx.save_for_backward(bad)
+        return torch.where(bad, float("nan"), loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bad,) = ctx.saved_tensors
+        return torch.where(bad, float("nan"), grad), None
+
+
+def nan_rows(loss: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    return _NaNRows.apply(loss, bad)
+
+
 def distill_reduced(student, teacher, labels, grad_weight, divergence, beta, alpha, temperature, teacher_mix,
-                    standardize, hard_label_weight, ignore_index):
+                    standardize, hard_label_weight, ignore_index, flag_nonfinite=False):
     """(scalar loss sum_i grad_weight[i] * loss[i], per-row loss, statistics) for 2-D logits, the scalar's
-    student gradient computed by the forward kernel."""
+    student gradient computed by the forward kernel. ``flag_nonfinite``: rows of nonzero weight that the kernels
+    flag (flagged_rows) get a NaN loss and a NaN in their gradient row, which is ours to change."""
     with torch.no_grad():
         scale = fp16_gradient_scale(grad_weight) if student.dtype == torch.float16 else None
         per_row, stats, grad = torch.ops.dpkd.distill_forward_grad(
             student.detach(), teacher.detach(), labels, grad_weight if scale is None else grad_weight * scale,
             divergence, beta, alpha, temperature, teacher_mix, standardize, hard_label_weight, ignore_index)
         loss = torch.dot(per_row, grad_weight)  # rows without weight are skipped by the kernels: their loss is 0
+        if flag_nonfinite:
+            bad = flagged_rows(stats) & (grad_weight != 0)
+            per_row = torch.where(bad, float("nan"), per_row)
+            loss = torch.where(bad.any(), float("nan"), loss)
+            if grad.shape[-1]:
+                grad[:, 0].masked_fill_(bad, float("nan"))
     return (_GradFromForward.apply(student, loss, grad, None if scale is None else 1 / scale, graph_anchor(student)),
             per_row, stats)

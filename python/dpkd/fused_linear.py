@@ -129,14 +129,14 @@ class _FusedLinearDistill(torch.autograd.Function):
             return hs, loss, st, g
 
         head = None if private is None else private(active, chunk, unscale)
-        spans = [(s, min(s + chunk, active.numel()), False, False) for s in range(0, active.numel(), chunk)] \
+        spans = [privacy_head.Chunk(s, min(s + chunk, active.numel())) for s in range(0, active.numel(), chunk)] \
             if head is None else head.chunks
-        for start, end, part, last in spans:
-            rows = active[start:end]
+        for span in spans:
+            rows = active[span.start:span.end]
             hs, loss, st, g = chunk_gradient(rows)
             per_token[rows], stats[rows] = loss, st
             if head is not None:
-                head.observe(start, end, part, last, hs, g, loss, st)
+                head.observe(span, hs, g, loss, st)
             if grad_b is not None:
                 grad_b += (g.sum(0, dtype=torch.float32) * unscale).to(acc)
             # An fp32 logits gradient meets 16-bit weights as g = hi + lo, both 16-bit: hi alone suffices
@@ -152,7 +152,15 @@ class _FusedLinearDistill(torch.autograd.Function):
                 for part in parts:
                     _add_matmul(grad_w, part.t(), hs, unscale)
         if head is not None:
-            head.gradient = lambda rows: chunk_gradient(rows)[::3]
+            # The step recomputes under the autocast state this ran under (the engine's clipping runs without).
+            kind = h_s.device.type
+            amp = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+            amp_dtype = torch.get_autocast_dtype(kind) if amp else None
+
+            def gradient(rows):
+                with torch.autocast(kind, dtype=amp_dtype) if amp else _mixed.no_autocast([kind]):
+                    return chunk_gradient(rows)[::3]
+            head.gradient = gradient
         ctx.head = head
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)

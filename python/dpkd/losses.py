@@ -178,14 +178,18 @@ def _fused(
     skipped = None
     if row_weights is not None:
         row_weights = row_weights.reshape(-1).float()
-        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights, *options)
+        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights, *options,
+                                              flag_nonfinite=not (check_finite or torch.compiler.is_compiling()))
         # Rows without weight carry nothing: the kernels skip them (statistics NaN) and their logits are not checked.
         skipped = row_weights == 0
     else:
         loss, stats = _ops.distill(s2, t2, l1, *options, bool(inplace_backward))
-        loss = loss.reshape(lead)
         if carries_loss is not None:
             skipped = ~carries_loss.reshape(-1)
+        if not (check_finite or torch.compiler.is_compiling()):
+            bad = _ops.flagged_rows(stats)
+            loss = _ops.nan_rows(loss, bad if skipped is None else bad & ~skipped)
+        loss = loss.reshape(lead)
     if check_finite:
         report_nan(stats, skipped, ("student_logits contains NaN or +inf, or a row without a finite logit (first in "
                                     "flattened row {row})",
@@ -333,7 +337,8 @@ def distill_loss(
             their statistics are NaN and their logits are not checked.
         check_finite: raise where a row that carries loss has NaN or +inf logits (one host synchronisation).
             Turn it off under DP-SGD: whether a batch raises would then depend on one example. The row's loss
-            and gradient are NaN instead, and the DP engine drops that example (its contribution is 0).
+            and gradient are NaN instead (a NaN logit included, which the kernels' maxima would pass over), and
+            the DP engine drops that example (its contribution is 0). Not while compiling (torch.compile).
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,

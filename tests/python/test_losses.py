@@ -657,6 +657,31 @@ def test_tokens_of_weight_zero_holding_nan_carry_nothing(device, v):
     assert (grads[0][~keep] == 0).all()
 
 
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])  # the two-pass path; the gradient from the forward kernel
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and dpkd.with_cuda), reason="needs CUDA"))])
+def test_unchecked_nan_logit_gives_its_row_a_nan_loss_and_gradient(who, reduction, device):
+    """check_finite=False (under DP-SGD): a NaN logit, which the kernels' maxima pass over, still makes its row's
+    loss and gradient NaN (so the DP engine drops that example); the other rows are those of a clean batch.
+    Padding rows (ignore_index) that hold NaN stay out of it."""
+    s, t = logits(5, 301, seed=31).to(device), logits(5, 301, seed=32).to(device)
+    (s if who == "student" else t)[2, 7] = float("nan")
+    s[4, 0] = t[4, 1] = float("nan")
+    labels = torch.tensor([1, 2, 3, 4, -100], device=device)
+    sd = s.clone().requires_grad_(True)
+    loss = dpkd.distill_loss(sd, t, divergence="jsd", labels=labels, reduction=reduction, check_finite=False)
+    loss.sum().backward()
+    assert sd.grad[2].isnan().any() and not loss.sum().isfinite()
+    if reduction == "none":
+        assert loss[2].isnan() and loss[[0, 1, 3, 4]].isfinite().all()
+    keep = [0, 1, 3]
+    clean = s[keep].clone().requires_grad_(True)
+    dpkd.distill_loss(clean, t[keep], divergence="jsd", labels=labels[keep], reduction=reduction).sum().backward()
+    assert_one_rounding_apart(sd.grad[keep], clean.grad)
+    assert (sd.grad[4] == 0).all()
+
+
 def test_fast_math_is_a_cuda_option_the_cpu_ignores():
     """distill_forward_grad's fast_math picks the CUDA kernels' hardware exp2/log2 for fp32 logits; the CPU's
     vectorised math is accurate either way, so the CPU results are the same bits."""

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .. import _mixed
 from . import layers
 
 LossReduction = Literal["sum", "mean"]
@@ -435,8 +436,9 @@ class ClippingEngine:
                 keep(call, g)
                 return
             a, g3 = self._group(a), self._group(g3)
-            call.per_example = layers.linear_per_example_grads(a, g3, weight=module.weight.requires_grad,
-                                                               bias=_trainable_bias(module))
+            with _mixed.no_autocast([g3.device.type]):  # a backward pass run inside autocast
+                call.per_example = layers.linear_per_example_grads(a, g3, weight=module.weight.requires_grad,
+                                                                   bias=_trainable_bias(module))
             call.inputs, call.rows, call.rows_per_example = (), g.shape[0], self.rows_per_example
             self._received(name, call)
         return receive
@@ -568,7 +570,10 @@ class ClippingEngine:
         self._flushing = True
         mine: dict[int, torch.Tensor] = {}
         try:
-            norms = self._flush(max_grad_norm, mine)
+            # Inside autocast a step would form the sums from bf16 products, rounded otherwise than the norms, and an
+            # example's contribution could pass C.
+            with _mixed.no_autocast(p.device.type for p in self.params):
+                norms = self._flush(max_grad_norm, mine)
         except BaseException:
             # Some layers' captures are released, some clipped sums formed: a retry would clip the rest against a
             # partial norm. The micro-batch is dropped whole; nothing of it reaches the sums.

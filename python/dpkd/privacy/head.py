@@ -24,27 +24,39 @@ from . import layers
 ChunkGradient = typing.Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def pack_examples(counts: list[int], chunk: int) -> list[tuple[int, int, bool, bool]]:
-    """Chunks (start, end, part_of_one_example, last_part) over tokens ordered by example, ``counts[e]`` of
-    example e: consecutive whole examples up to ``chunk`` tokens, and an example with more tokens than that in
-    parts of ``chunk`` tokens of its own."""
-    out, start, pos = [], 0, 0
+class Chunk(typing.NamedTuple):
+    """Tokens active[start:end]: whole examples of ``sizes`` tokens each, or (``part``) a part of one example
+    longer than a chunk, ``last`` its last."""
+    start: int
+    end: int
+    sizes: tuple[int, ...] = ()
+    part: bool = False
+    last: bool = False
+
+
+def pack_examples(counts: list[int], chunk: int) -> list[Chunk]:
+    """Chunks over tokens ordered by example, ``counts[e]`` of example e: consecutive whole examples up to
+    ``chunk`` tokens, and an example with more tokens than that in parts of ``chunk`` tokens of its own."""
+    out, sizes, pos = [], [], 0
+
+    def close():
+        if sizes:
+            out.append(Chunk(pos - sum(sizes), pos, tuple(sizes)))
+            sizes.clear()
+
     for n in counts:
         if n == 0:
             continue
         if n > chunk:
-            if pos > start:
-                out.append((start, pos, False, False))
-            out.extend((s, min(s + chunk, pos + n), True, s + chunk >= pos + n) for s in range(pos, pos + n, chunk))
-            pos += n
-            start = pos
-            continue
-        if pos + n - start > chunk:
-            out.append((start, pos, False, False))
-            start = pos
+            close()
+            out.extend(Chunk(s, min(s + chunk, pos + n), (), True, s + chunk >= pos + n)
+                       for s in range(pos, pos + n, chunk))
+        else:
+            if sum(sizes) + n > chunk:
+                close()
+            sizes.append(n)
         pos += n
-    if pos > start:
-        out.append((start, pos, False, False))
+    close()
     return out
 
 
@@ -83,11 +95,16 @@ class PrivateHead:
         self.grad_out: float | None = None  # the upstream gradient of the loss, once backward delivered it
         self.margin: torch.Tensor | None = None
 
-    def observe(self, start: int, end: int, part: bool, last: bool, h: torch.Tensor, g: torch.Tensor,
-                loss: torch.Tensor, stats: torch.Tensor) -> None:
-        """Add chunk active[start:end]'s contribution (hidden rows ``h``, logit gradients ``g``, per-token ``loss``
-        and ``stats``) to the norms. An example with a non-finite logit gets a NaN norm: the engine drops it."""
-        e = self.example[start:end]
+    def observe(self, chunk: Chunk, h: torch.Tensor, g: torch.Tensor, loss: torch.Tensor,
+                stats: torch.Tensor) -> None:
+        """Add a chunk's contribution (hidden rows ``h``, logit gradients ``g``, per-token ``loss`` and ``stats``) to
+        the norms. An example with a non-finite logit gets a NaN norm: the engine drops it."""
+        with _mixed.no_autocast([h.device.type]):  # the norms in self.accum, whatever the loss ran under
+            self._observe(chunk, h, g, loss, stats)
+
+    def _observe(self, chunk: Chunk, h: torch.Tensor, g: torch.Tensor, loss: torch.Tensor,
+                 stats: torch.Tensor) -> None:
+        e = self.example[chunk.start:chunk.end]
         bad = ~torch.isfinite(loss)
         if self.entropies:
             bad |= stats[:, :2].isnan().any(1)
@@ -97,27 +114,42 @@ class PrivateHead:
         if self.split:
             self.sq_hidden.index_add_(0, e, h.to(self.accum).pow(2).sum(1))
             self.sq_grad.index_add_(0, e, g.to(self.accum).pow(2).sum(1) * u * u)
-        if part:
+        if chunk.part:
             if self.weight:
                 w = _mixed.matmul(g.t(), h).mul_(u)
                 self._part_w = w if self._part_w is None else self._part_w.add_(w)
             if self.bias:
                 b = g.to(self.accum).sum(0).mul_(u)
                 self._part_b = b if self._part_b is None else self._part_b.add_(b)
-            if last:
+            if chunk.last:
                 total = sum(p.pow(2).sum() for p in (self._part_w, self._part_b) if p is not None)
-                self.sq.index_add_(0, e[:1], total.reshape(1))
+                self.sq.index_add_(0, e[:1], total.reshape(1).to(self.accum))
                 self._part_w = self._part_b = None
             return
-        # Ghost norms of the chunk's examples: the Grams of the whole chunk, pairs of different examples masked
-        # out (by where: another example's NaN must not reach this one's norm).
-        gram = _mixed.matmul(g, g.t()).mul_(u * u)
+        sizes, c = chunk.sizes, chunk.end - chunk.start
+        if len(sizes) == 1 or len(sizes) > 64 or 4 * sum(n * n for n in sizes) > c * c:
+            # One Gram pair for the chunk, pairs of different examples masked out (by where: another example's NaN
+            # must not reach this one's norm): fewer, larger matmuls where the examples' blocks fill the chunk.
+            pairs = self._ghost_pairs(h, g)
+            if len(sizes) > 1:
+                pairs = torch.where(e[:, None] == e[None, :], pairs, 0)
+            self.sq.index_add_(0, e, pairs.sum(1).to(self.accum))
+            return
+        # Each example's own Gram pair: sum_i T_i^2 products instead of the chunk's c^2.
+        firsts, sq, at = [], [], 0
+        for n in sizes:
+            firsts.append(at)
+            sq.append(self._ghost_pairs(h[at:at + n], g[at:at + n]).sum())
+            at += n
+        self.sq.index_add_(0, e[torch.tensor(firsts, device=e.device)], torch.stack(sq).to(self.accum))
+
+    def _ghost_pairs(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """[(h_t . h_s)(dz_t . dz_s)] (weight) + [dz_t . dz_s] (bias) over the rows given."""
+        gram = _mixed.matmul(g, g.t()).mul_(self.unscale * self.unscale)
         pairs = gram * _mixed.matmul(h, h.t()) if self.weight else None
         if self.bias:
             pairs = gram if pairs is None else pairs + gram
-        if e[0] != e[-1]:
-            pairs = torch.where(e[:, None] == e[None, :], pairs, 0)
-        self.sq.index_add_(0, e, pairs.sum(1))
+        return pairs
 
     def deliver(self, grad_out: torch.Tensor) -> None:
         """From the loss's backward: scale by the upstream gradient and hand this use to the engine."""
@@ -136,11 +168,15 @@ class PrivateHead:
                 raise RuntimeError("a tensor that dpkd.fused_linear_distill_loss read (hidden states, head weight or "
                                    "bias, labels, weights) was modified in place between backward() and the step: "
                                    "the step recomputes the head's per-example gradients from them")
+        with torch.no_grad():  # as the loss's forward ran: no graph through the hidden states and the weight
+            return self._clipped_sums(coef)
+
+    def _clipped_sums(self, coef: layers.Coefficients) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         w_sum = b_sum = None
-        for start, end, _, _ in self.chunks:
-            e = self.example[start:end]
+        for chunk in self.chunks:
+            e = self.example[chunk.start:chunk.end]
             keep = coef.keep[e]
-            h, g = self.gradient(self.active[start:end])
+            h, g = self.gradient(self.active[chunk.start:chunk.end])
             c = coef.c[e] * (self.grad_out * self.unscale)
             if self.weight:
                 part = layers.linear_clipped_sum(h[:, None], g[:, None], layers.Coefficients(c, keep), split=self.split)
@@ -156,7 +192,4 @@ class PrivateHead:
         self.gradient, self.checked, self.chunks = None, [], []
 
 
-def examples_of(active: torch.Tensor, tokens_per_row: int, rows_per_example: int) -> torch.Tensor:
-    """The example of each flattened token index in ``active``."""
-    return torch.div(active, tokens_per_row * rows_per_example, rounding_mode="floor")
 

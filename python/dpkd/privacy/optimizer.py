@@ -186,7 +186,9 @@ class DPOptimizer(torch.optim.Optimizer):
             mine = self._assigned.get(id(p))
             if mine is None or p.grad is not mine[0] or p.grad._version != mine[1]:
                 raise ValueError(f"parameter {name} received a gradient from outside its module (for example "
-                                 "F.linear on its weight); DP-SGD cannot clip that use per example")
+                                 "F.linear on its weight, or dpkd.fused_linear_distill_loss given a copy, cast or "
+                                 "view of the weight rather than the parameter itself); DP-SGD cannot clip that use "
+                                 "per example")
 
     def accumulate(self) -> torch.Tensor:
         """Clip the micro-batch whose backward pass just ran; returns its per-example norms."""

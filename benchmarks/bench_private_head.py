@@ -1,0 +1,112 @@
+"""A training step of a student whose large output head meets a distillation loss, private and not: the
+logits path (lm_head's forward + dpkd.distill_loss; under DP the engine keeps the [N, V] output gradient)
+against the fused linear head (dpkd.fused_linear_distill_loss; under DP the head's per-example norms come
+from its chunk loop and the step recomputes the chunks). Median step time and peak memory of the whole step
+(parameters, optimizer state and what each method keeps included), with ratios to the non-private logits path.
+Each method runs in a process of its own, so that none inherits another's allocations.
+
+    python benchmarks/bench_private_head.py                                         # CPU, small
+    python benchmarks/bench_private_head.py --device cuda --batch 32 --seq 256 --vocab 128256 --hs 2048 --ht 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+
+import torch
+
+import dpkd
+from dpkd import privacy
+from timing import measure
+
+
+class Student(torch.nn.Module):
+    """A stand-in body (embedding, one linear layer, LayerNorm) under a [V, H] head: the head dominates."""
+
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, hidden)
+        self.body = torch.nn.Linear(hidden, hidden)
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(torch.tanh(self.body(self.emb(ids))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hs", type=int, default=256)
+    ap.add_argument("--ht", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--methods", default="logits,fused,logits_dp,fused_dp", help="a subset, comma-separated")
+    args = ap.parse_args()
+    keys = args.methods.split(",")
+    if len(keys) > 1:
+        rows = []
+        for key in keys:
+            argv = [a for a in sys.argv[1:] if not a.startswith("--methods")]
+            out = subprocess.run([sys.executable, __file__, *argv, f"--methods={key}"], capture_output=True,
+                                 text=True, check=True).stdout
+            rows.append(out.strip().splitlines()[-1].split("\t"))
+        print(rows[0][0])
+        print(f"{'method':<16}{'ms':>10}{'x time':>8}{'peak MB':>10}{'x mem':>8}")
+        ref_ms, ref_mb = float(rows[0][2]), float(rows[0][3])
+        for _, name, ms, mb in rows:
+            ms, mb = float(ms), float(mb)
+            print(f"{name:<16}{ms:>10.1f}{ms / ref_ms:>8.2f}{mb:>10.0f}{mb / ref_mb:>8.2f}")
+        return
+    dev = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
+    torch.manual_seed(0)
+    base = Student(args.vocab, args.hs).to(dev, dtype)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
+    valid = torch.ones(args.batch, args.seq, dtype=torch.bool, device=dev)
+    valid[:, : args.seq // 4] = False  # the prompt part carries no loss
+    w = valid.float() / valid.sum(-1, keepdim=True)  # each example's token mean
+    h_t = torch.randn(args.batch, args.seq, args.ht, device=dev).to(dtype)
+    w_t = (torch.randn(args.vocab, args.ht, device=dev) * args.ht**-0.5).to(dtype)
+
+    def logits_loss(m):
+        with torch.no_grad():
+            z_t = h_t @ w_t.t()  # the teacher's logits, as the fused head forms them in its chunks
+        per_token = dpkd.distill_loss(m.head(m.hidden(ids)), z_t, divergence="jsd", reduction="none",
+                                      check_finite=False)
+        return (per_token * w).sum()
+
+    def fused_loss(m):
+        return dpkd.fused_linear_distill_loss(m.hidden(ids), m.head.weight, h_t, w_t, divergence="jsd", weights=w,
+                                              reduction="sum", check_finite=False)
+
+    def method(loss_fn, private):
+        m = copy.deepcopy(base)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        if private:
+            m, opt = privacy.make_private(m, opt, noise_multiplier=1.0, max_grad_norm=1.0,
+                                          expected_batch_size=args.batch, sample_rate=0.01)
+
+        def step():
+            opt.zero_grad()
+            loss_fn(m).backward()
+            opt.step()
+        return step
+
+    methods = {"logits": ("logits", logits_loss, False), "fused": ("fused head", fused_loss, False),
+               "logits_dp": ("logits, DP", logits_loss, True), "fused_dp": ("fused head, DP", fused_loss, True)}
+    name, loss_fn, private = methods[keys[0]]
+    ms, mb = measure(method(loss_fn, private), dev, args.repeat, absolute=True, cpu_memory=dev == "cpu")
+    title = (f"device {dev}, {dtype}, B {args.batch}, T {args.seq}, V {args.vocab}, H_s {args.hs}, H_t {args.ht}: "
+             "one SGD step through the JSD loss, each example's token mean")
+    print(f"{title}\t{name}\t{ms}\t{mb}")
+
+
+if __name__ == "__main__":
+    main()
