@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from . import accounting, losses, privacy
+from . import accounting, fused_linear, losses, privacy
 from . import select as sel
 
 Method = Literal["dp_opd", "dp_sft", "dp_offpolicy_kd", "kd", "sft"]
@@ -67,6 +67,11 @@ class OPDConfig:
     # Logits of different widths: the extra columns count as probability 0 (an infinite forward KL where the
     # teacher puts mass on them, an infinite reverse KL where the student does). Off: such a pair is an error.
     allow_vocab_mismatch: bool = False
+    # The distillation loss from the two models' last hidden states and output layers (dpkd.fused_linear_distill_loss):
+    # no [B, T, V] logits. Hugging Face causal LMs whose logits are their output layer on their base model's last
+    # hidden state (checked at construction; Gemma's final softcap taken along), no select rule, and under DP an
+    # output layer not tied to the input embeddings.
+    fused_head: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +87,8 @@ class OPDConfig:
         if self.divergence not in losses.DIVERGENCES:
             raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {self.divergence!r}")
         accounting.check_accountant(self.accountant)
+        if self.fused_head and self.method in ("dp_sft", "sft"):
+            raise ValueError(f"fused_head distils from a teacher; method {self.method!r} has none")
         if not 0.0 <= self.ground_truth_fraction <= 1.0:
             raise ValueError(f"ground_truth_fraction must be in [0, 1], got {self.ground_truth_fraction}")
 
@@ -100,6 +107,42 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) 
         positions = (attention.long().cumsum(1) - 1).clamp(min=0)
         return model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
     return model(ids)
+
+
+def _head_parts(model: torch.nn.Module):
+    """(hidden states of ids under attention, output layer, final softcap) of a Hugging Face causal LM, or None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    if not (hasattr(model, "config") and isinstance(head, torch.nn.Linear) and isinstance(base, torch.nn.Module)
+            and base is not model):
+        return None
+
+    def hidden(ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        positions = (attention.long().cumsum(1) - 1).clamp(min=0)
+        return base(input_ids=ids, attention_mask=attention, position_ids=positions).last_hidden_state
+    return hidden, head, getattr(model.config, "final_logit_softcapping", None)
+
+
+def _check_head_parts(name: str, model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """OPDConfig(fused_head=True): the model's logits must be its output layer on its base model's last hidden state
+    (softcapped where its config says so); a model that scales or shifts them otherwise is refused."""
+    parts = _head_parts(model)
+    if parts is None:
+        raise ValueError(f"fused_head needs Hugging Face causal LMs with an nn.Linear output layer; the {name} "
+                         f"({type(model).__name__}) is not one")
+    hidden, head, cap = parts
+    attention = torch.ones_like(ids)
+    training = model.training
+    model.eval()  # no dropout draw
+    with torch.no_grad():
+        z = head(hidden(ids, attention)).float()
+        if cap:
+            z = cap * torch.tanh(z / cap)
+        ref = _logits(model, ids, attention).float()
+    model.train(training)
+    if not torch.allclose(z, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max().clamp(min=1))):
+        raise ValueError(f"fused_head: the {name}'s logits are not its output layer on its base model's last hidden "
+                         f"state (max difference {float((z - ref).abs().max()):.3g}); use fused_head=False")
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -193,6 +236,35 @@ def _embedding_rows(model: torch.nn.Module) -> int | None:
     return embeddings[0].num_embeddings if len(embeddings) == 1 else None
 
 
+def _continuation_tokens(student: torch.nn.Module, sequences: torch.Tensor, prompt_len: int, config: OPDConfig):
+    """(inputs, targets, attention mask, which targets carry loss) of prompt + continuation sequences."""
+    inputs, targets = sequences[:, :-1], sequences[:, 1:]
+    attention = torch.ones_like(inputs)
+    attention[:, :prompt_len] = prompt_attention(sequences[:, :prompt_len], config.pad_token_id)
+    cont = torch.zeros_like(targets, dtype=torch.bool)
+    # Positions whose next token is a continuation token up to and including its first end-of-sequence token.
+    cont[:, prompt_len - 1:] = ~after_eos(sequences[:, prompt_len:], eos_ids(student, config.eos_token_id))
+    return inputs, targets, attention, cont
+
+
+def fused_continuation_loss(student: torch.nn.Module, teacher: torch.nn.Module, sequences: torch.Tensor,
+                            prompt_len: int, config: OPDConfig) -> torch.Tensor:
+    """:func:`continuation_losses`' per-example losses, summed (each example's continuations, ``num_samples``
+    consecutive rows, averaged), from the models' hidden states and output layers: no [B, T, V] logits."""
+    inputs, _, attention, cont = _continuation_tokens(student, sequences, prompt_len, config)
+    s_hidden, s_head, s_cap = _head_parts(student)
+    t_hidden, t_head, t_cap = _head_parts(teacher)
+    with torch.no_grad():
+        h_t = t_hidden(inputs, attention)
+    tokens = cont.sum(1, keepdim=True).clamp(min=1)
+    weights = cont / (tokens * config.num_samples)
+    return fused_linear.fused_linear_distill_loss(
+        s_hidden(inputs, attention), s_head.weight, h_t, t_head.weight, student_bias=s_head.bias,
+        teacher_bias=t_head.bias, student_softcap=s_cap, teacher_softcap=t_cap, divergence=config.divergence,
+        beta=config.beta, temperature=config.loss_temperature, weights=weights.to(torch.float32), reduction="sum",
+        allow_vocab_mismatch=config.allow_vocab_mismatch, check_finite=not config.private)
+
+
 def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | None, sequences: torch.Tensor,
                         prompt_len: int, config: OPDConfig, *, hard_labels: bool = False,
                         select: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -200,12 +272,7 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
     the continuation) and the selected fraction. ``hard_labels``: cross entropy to the sequence's own
     tokens (DP fine-tuning) instead of the teacher; a ``select`` rule then sees the student's statistics in the
     teacher's fields too (divergence 0): SHRED's surprisal, the student's entropy."""
-    inputs, targets = sequences[:, :-1], sequences[:, 1:]
-    attention = torch.ones_like(inputs)
-    attention[:, :prompt_len] = prompt_attention(sequences[:, :prompt_len], config.pad_token_id)
-    cont = torch.zeros_like(targets, dtype=torch.bool)
-    # Positions whose next token is a continuation token up to and including its first end-of-sequence token.
-    cont[:, prompt_len - 1:] = ~after_eos(sequences[:, prompt_len:], eos_ids(student, config.eos_token_id))
+    inputs, targets, attention, cont = _continuation_tokens(student, sequences, prompt_len, config)
     s_logits = _logits(student, inputs, attention)
     labels = torch.where(cont, targets, torch.full_like(targets, -100))
     weights_seen = {}
@@ -302,6 +369,18 @@ class OPDTrainer:
             if teacher_width != width:
                 raise ValueError(f"student logits have {width} columns and teacher logits {teacher_width}: set "
                                  "OPDConfig(allow_vocab_mismatch=True) to treat the extra columns as probability 0")
+        if config.fused_head:
+            if select is not None:
+                raise ValueError("fused_head takes no select rule: a rule reads token statistics before the loss, "
+                                 "which the fused head forms only with it")
+            probe = prompts[:1]
+            _check_head_parts("student", student, probe)
+            _check_head_parts("teacher", teacher, probe)
+            embeddings = student.get_input_embeddings() if hasattr(student, "get_input_embeddings") else None
+            if config.private and getattr(embeddings, "weight", None) is _head_parts(student)[1].weight:
+                raise ValueError("fused_head under DP-SGD needs the student's output layer untied from its input "
+                                 "embeddings (the per-example cross term of the two uses is not formed there); "
+                                 "use fused_head=False")
         self.prompts, self.continuations = prompts, continuations
         n = prompts.shape[0]
         self.sample_rate = min(1.0, config.expected_batch_size / n)
@@ -407,12 +486,16 @@ class OPDTrainer:
             seqs, p_len = self._sequences(rows)
             if cfg.private:
                 self.optimizer.engine.rows_per_example = cfg.num_samples
-            per_seq, _, fraction = continuation_losses(self.student, self.teacher, seqs, p_len, cfg,
-                                                       hard_labels=cfg.method in ("dp_sft", "sft"),
-                                                       select=self.select)
-            per_example = per_seq.view(rows.numel(), cfg.num_samples).mean(1)
-            per_example.sum().backward()
-            loss_value = float(per_example.detach().mean())
+            if cfg.fused_head:
+                total = fused_continuation_loss(self.student, self.teacher, seqs, p_len, cfg)
+                fraction = 1.0
+            else:
+                per_seq, _, fraction = continuation_losses(self.student, self.teacher, seqs, p_len, cfg,
+                                                           hard_labels=cfg.method in ("dp_sft", "sft"),
+                                                           select=self.select)
+                total = per_seq.view(rows.numel(), cfg.num_samples).mean(1).sum()
+            total.backward()
+            loss_value = float(total.detach()) / rows.numel()
             tokens = int(seqs.shape[0] * cfg.max_new_tokens)
         self.optimizer.step()
         self.steps_done += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -412,3 +414,60 @@ def test_the_students_own_optimizer_and_its_scheduler(method):
                        optimizer=torch.optim.SGD(teacher.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         opd.OPDTrainer(TinyLM(seed=1), teacher, prompts, conts, cfg, optimizer=lambda ps: None)
+
+
+def _tiny_llama(hidden, seed, **extra):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=17, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False, eos_token_id=16, bos_token_id=0, **extra)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # peaked distributions: norms that differ between examples
+    return model
+
+
+@pytest.mark.parametrize("method", ["dp_opd", "kd"])
+def test_fused_head_takes_the_same_step_as_the_logits(method):
+    """OPDConfig(fused_head=True) on Hugging Face Llamas: the same sampled batch and the same update as the logits
+    path (sigma 0, plain SGD, clipping active under DP), to the fp32 logits' rounding."""
+    prompts, conts = data()
+    deltas = []
+    for fused in (False, True):
+        student, teacher = _tiny_llama(16, 1), _tiny_llama(24, 2)
+        before = [p.detach().clone() for p in student.parameters()]
+        cfg = opd.OPDConfig(method=method, steps=1, expected_batch_size=6, max_new_tokens=5, num_samples=2,
+                            noise_multiplier=0.0, target_epsilon=None, max_grad_norm=0.05, divergence="jsd",
+                            fused_head=fused)
+        with pytest.warns(RuntimeWarning) if method == "dp_opd" else contextlib.nullcontext():
+            t = opd.OPDTrainer(student, teacher, prompts, conts, cfg,
+                               optimizer=torch.optim.SGD(student.parameters(), lr=1.0))
+        metrics = t.step()
+        deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(student.parameters(), before)]))
+        if method == "dp_opd":
+            assert metrics["norm_p50"] > 0.05  # clipping active
+    assert float(deltas[0].norm()) > 0
+    assert float((deltas[1] - deltas[0]).norm()) <= 1e-5 * float(deltas[0].norm())
+
+
+def test_fused_head_refusals():
+    transformers = pytest.importorskip("transformers")
+    prompts, conts = data()
+    cfg = opd.OPDConfig(method="dp_opd", steps=1, expected_batch_size=6, max_new_tokens=5, target_epsilon=4.0,
+                        fused_head=True)
+    with pytest.raises(ValueError, match="Hugging Face causal LMs"):
+        opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts, cfg)
+    with pytest.raises(ValueError, match="no select rule"):
+        opd.OPDTrainer(_tiny_llama(16, 1), _tiny_llama(24, 2), prompts, conts, cfg,
+                       select=lambda stats, valid: select.entropy_top_fraction(stats.student_entropy, 0.5,
+                                                                               valid=valid))
+    # A config that says softcap where the model applies none: its logits are not the head on the hidden states.
+    with pytest.raises(ValueError, match="not its output layer on its base model's last hidden state"):
+        opd.OPDTrainer(_tiny_llama(16, 1, final_logit_softcapping=2.0), _tiny_llama(24, 2), prompts, conts, cfg)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=17, n_positions=32, n_embd=16, n_layer=1,
+                                                                n_head=2))
+    with pytest.raises(ValueError, match="untied from its input embeddings"):
+        opd.OPDTrainer(gpt2, _tiny_llama(24, 2), prompts, conts, cfg)
+    with pytest.raises(ValueError, match="has none"):
+        opd.OPDConfig(method="dp_sft", fused_head=True)
