@@ -33,9 +33,13 @@ class TinyCausalLM(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.norm, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden states [B, T, d], which ``head`` maps to logits (for the fused linear-head losses)."""
         positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         x = self.tok(ids) + self.pos(positions)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(ids))
