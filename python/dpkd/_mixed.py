@@ -37,6 +37,18 @@ def no_autocast(device_types) -> contextlib.ExitStack:
     return stack
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type`` now, or None where it is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_as(device_type: str, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device_type`` (None: off): to recompute under the state a forward pass ran under."""
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else no_autocast([device_type])
+
+
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 

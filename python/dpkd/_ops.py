@@ -138,14 +138,24 @@ def graph_anchor(*tensors):
     return torch.cat([(t.narrow(0, 0, 0) if t.dim() else t.reshape(1)[:0]).reshape(-1).float() for t in live])
 
 
+def _nan_where_upstream_is(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad`` (ours: just written) with a NaN in each row whose upstream gradient is NaN: the kernels write zeros
+    for a row without a finite logit whatever multiplies it (_NaNRows relies on the NaN reaching the row)."""
+    if grad.shape[-1]:
+        grad[:, 0].masked_fill_(grad_loss.isnan(), float("nan"))
+    return grad
+
+
 def _backward(ctx, grad_loss, grad_stats, grad_state):
     student, teacher, labels, row_state = ctx.saved_tensors
     grad_student = grad_teacher = None
     if ctx.needs_input_grad[1]:  # before an in-place student backward overwrites the student logits
-        grad_teacher = _teacher_grad(grad_loss, student, teacher, labels, ctx.options)
+        grad_teacher = _nan_where_upstream_is(_teacher_grad(grad_loss, student, teacher, labels, ctx.options),
+                                              grad_loss)
     if ctx.needs_input_grad[0]:
         op = torch.ops.dpkd.distill_backward_ if ctx.inplace else torch.ops.dpkd.distill_backward
-        grad_student = op(grad_loss.float().contiguous(), student, teacher, labels, row_state, *ctx.options)
+        grad_student = _nan_where_upstream_is(
+            op(grad_loss.float().contiguous(), student, teacher, labels, row_state, *ctx.options), grad_loss)
     return first_order_only(grad_student, grad_teacher, anchors=(student, teacher)) + (None,) * (ctx.n_inputs - 2)
 
 

@@ -154,11 +154,10 @@ class _FusedLinearDistill(torch.autograd.Function):
         if head is not None:
             # The step recomputes under the autocast state this ran under (the engine's clipping runs without).
             kind = h_s.device.type
-            amp = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-            amp_dtype = torch.get_autocast_dtype(kind) if amp else None
+            amp = _mixed.autocast_dtype(kind)
 
             def gradient(rows):
-                with torch.autocast(kind, dtype=amp_dtype) if amp else _mixed.no_autocast([kind]):
+                with _mixed.autocast_as(kind, amp):
                     return chunk_gradient(rows)[::3]
             head.gradient = gradient
         ctx.head = head

@@ -337,8 +337,9 @@ def distill_loss(
             their statistics are NaN and their logits are not checked.
         check_finite: raise where a row that carries loss has NaN or +inf logits (one host synchronisation).
             Turn it off under DP-SGD: whether a batch raises would then depend on one example. The row's loss
-            and gradient are NaN instead (a NaN logit included, which the kernels' maxima would pass over), and
-            the DP engine drops that example (its contribution is 0). Not while compiling (torch.compile).
+            (unless a select rule leaves the row out) and gradient are NaN instead (a NaN logit included, which
+            the kernels' maxima would pass over, and a row without a finite logit), and the DP engine drops that
+            example (its contribution is 0). Not while compiling (torch.compile).
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,

@@ -682,6 +682,23 @@ def test_unchecked_nan_logit_gives_its_row_a_nan_loss_and_gradient(who, reductio
     assert (sd.grad[4] == 0).all()
 
 
+@pytest.mark.parametrize("fill", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_unchecked_row_without_a_finite_logit_gets_a_nan_gradient_too(fill, reduction):
+    """A student (or teacher) row with no finite logit: the kernels write it a zero gradient whatever multiplies it,
+    so the NaN of an unchecked row is put into it after the kernel (a review found the example kept training);
+    the teacher's gradient likewise under teacher_grad."""
+    for who in ("student", "teacher"):
+        s, t = logits(4, 33, seed=41), logits(4, 33, seed=42)
+        (s if who == "student" else t)[1] = fill
+        sd, td = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        loss = dpkd.distill_loss(sd, td, divergence="jsd", reduction=reduction, check_finite=False, teacher_grad=True,
+                                 fuse_backward=False)
+        loss.sum().backward()
+        assert sd.grad[1].isnan().any() and td.grad[1].isnan().any(), who
+        assert sd.grad[[0, 2, 3]].isfinite().all() and td.grad[[0, 2, 3]].isfinite().all()
+
+
 def test_fast_math_is_a_cuda_option_the_cpu_ignores():
     """distill_forward_grad's fast_math picks the CUDA kernels' hardware exp2/log2 for fp32 logits; the CPU's
     vectorised math is accurate either way, so the CPU results are the same bits."""

@@ -80,15 +80,34 @@ def _prefixes(name: str) -> list[str]:
     return [""] + [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
+def _scaled_embedding(module: torch.nn.Embedding) -> bool:
+    """Whether an nn.Embedding subclass with a forward of its own computes embedding(ids) * module.embed_scale
+    (Gemma's scaled word embeddings), checked on a probe: the capturing forward then multiplies the scale in."""
+    scale = getattr(module, "embed_scale", None)
+    if scale is None or module.num_embeddings == 0:
+        return False
+    ids = torch.arange(min(2, module.num_embeddings), device=module.weight.device).reshape(1, -1)
+    try:
+        with torch.no_grad():
+            out = type(module).forward(module, ids)
+            want = F.embedding(ids, module.weight, module.padding_idx) * torch.as_tensor(scale).to(module.weight.dtype)
+    except (TypeError, RuntimeError):
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == want.shape and torch.equal(out, want)
+
+
 def layer_kind(module: torch.nn.Module) -> str | None:
-    """'linear', 'conv1d_hf' (GPT-2's transposed linear), 'embedding', 'generic' or None (unsupported)."""
+    """'linear', 'conv1d_hf' (GPT-2's transposed linear), 'embedding', 'generic' or None (unsupported). A Linear or
+    Embedding subclass whose forward does something else (OPT's learned positions, a quantised linear) is
+    unsupported: the capturing forward would replace it; Gemma's scaled embedding is the one such forward taken."""
     if isinstance(module, torch.nn.Linear):
-        return "linear"
+        return "linear" if type(module).forward is torch.nn.Linear.forward else None
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return "conv1d_hf"
     if isinstance(module, torch.nn.Embedding):
         plain = not (module.sparse or module.max_norm is not None or module.scale_grad_by_freq)
-        return "embedding" if plain else None
+        own_forward = type(module).forward is not torch.nn.Embedding.forward
+        return "embedding" if plain and (not own_forward or _scaled_embedding(module)) else None
     if isinstance(module, _GENERIC) or type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
         return "generic"
     return None
@@ -118,6 +137,7 @@ class _Call:
     per_example: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
     rows_per_example: int = 1  # the engine's grouping when per_example was formed
     on_grad: typing.Callable[[_Call, torch.Tensor], None] | None = None
+    autocast: torch.dtype | None = None  # generic layers: the forward's autocast dtype, for torch.func's re-forward
 
     @property
     def done(self) -> bool:
@@ -333,15 +353,18 @@ class ClippingEngine:
                 weight, bias = module.weight, getattr(module, "bias", None)
             if not (torch.is_grad_enabled() and (module.weight.requires_grad or _trainable_bias(module))):
                 # generation, evaluation, or a layer frozen since make_private: the plain layer
-                if kind == "embedding":
-                    return F.embedding(x, weight, module.padding_idx)
-                return F.linear(x, weight, bias)
+                return type(module).forward(module, x)
             entry = self._call_entry()
             if kind != "embedding":
                 x = self._as_multiplied(x)
             call = _Call((x.detach(),), entry, on_grad=receive)
             if kind == "embedding":
-                return _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
+                out = _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
+                # Gemma's scale (layer_kind checked the forward): applied after the capture, whose output gradient
+                # then carries it, as the weight's gradient does
+                scale = getattr(module, "embed_scale", None) if type(module).forward is not torch.nn.Embedding.forward \
+                    else None
+                return out if scale is None else out * torch.as_tensor(scale).to(weight.dtype)
             lead = tuple(x.shape[:-1])
             y = _CapturingLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, anchor, call, lead)
             return y.view(*lead, y.shape[-1])
@@ -396,7 +419,8 @@ class ClippingEngine:
         if module is not target or self._flushing or not (
                 torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return  # the engine's own torch.func calls, evaluation, or a frozen path
-        call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), self._call_entry())
+        call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), self._call_entry(),
+                     autocast=_mixed.autocast_dtype(output.device.type))
         keep = self._keep_grad(name)
         output.register_hook(lambda g: keep(call, g.detach()))
 
@@ -634,10 +658,13 @@ class ClippingEngine:
                 for c in calls:
                     g = c.grad if sc == 1.0 else c.grad * sc
                     per = layers.norm_per_example_grads(module, c.inputs[0], g, set(params))
-                    if per is None:
-                        per = self._checked_closed_form(name, module, params, c.inputs, g)
-                    if per is None:
-                        per = layers.per_example_grads(module, params, c.inputs, g)
+                    # torch.func re-runs the forward: under the autocast state it ran under (a bf16 input meets
+                    # fp32 parameters there); its per-example gradients come back in fp32 for the norms and sums.
+                    with _mixed.autocast_as(g.device.type, c.autocast):
+                        if per is None:
+                            per = self._checked_closed_form(name, module, params, c.inputs, g)
+                        if per is None:
+                            per = layers.per_example_grads(module, params, c.inputs, g)
                     per = {n: v.reshape(batch, -1, *v.shape[1:]).sum(1) for n, v in per.items()}  # rows -> examples
                     total = per if total is None else {n: total[n] + per[n] for n in per}
                 generic_grads[name] = total
