@@ -664,7 +664,12 @@ def test_embedding_and_linear_subclasses_with_forwards_of_their_own_are_refused(
         def forward(self, ids):
             return super(GemmaLike, self).forward(ids) + self.embed_scale.to(self.weight.dtype)
 
+    class ByHand(torch.nn.Linear):  # Falcon's FalconLinear: F.linear written out
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
     assert privacy.layer_kind(GemmaLike(10, 4)) == "embedding"
+    assert privacy.layer_kind(ByHand(4, 3)) == "linear"
     for module in (Positions(10, 4), Scaled(4, 4), NotGemma(10, 4)):
         assert privacy.layer_kind(module) is None
         with pytest.raises(ValueError, match=type(module).__name__):

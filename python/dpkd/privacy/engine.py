@@ -96,12 +96,28 @@ def _scaled_embedding(module: torch.nn.Embedding) -> bool:
     return isinstance(out, torch.Tensor) and out.shape == want.shape and torch.equal(out, want)
 
 
+def _plain_linear(module: torch.nn.Linear) -> bool:
+    """Whether a Linear subclass's own forward computes F.linear (Falcon's does, by hand), checked on a probe."""
+    w = module.weight
+    probe = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    tol = 1e-2 if w.dtype in (torch.bfloat16, torch.float16) else 1e-5
+    try:
+        with torch.no_grad():
+            out = type(module).forward(module, probe)
+            want = F.linear(probe, w, module.bias)
+            return (isinstance(out, torch.Tensor) and out.shape == want.shape
+                    and bool(torch.allclose(out.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))))
+    except (TypeError, RuntimeError, NotImplementedError):  # another signature; a device without values (meta)
+        return False
+
+
 def layer_kind(module: torch.nn.Module) -> str | None:
     """'linear', 'conv1d_hf' (GPT-2's transposed linear), 'embedding', 'generic' or None (unsupported). A Linear or
-    Embedding subclass whose forward does something else (OPT's learned positions, a quantised linear) is
-    unsupported: the capturing forward would replace it; Gemma's scaled embedding is the one such forward taken."""
+    Embedding subclass whose forward does something else (OPT's learned positions, a linear that rescales) is
+    unsupported: the capturing forward would replace it. Checked on a probe, two such forwards are taken: a linear's
+    that computes F.linear, and Gemma's scaled embedding."""
     if isinstance(module, torch.nn.Linear):
-        return "linear" if type(module).forward is torch.nn.Linear.forward else None
+        return "linear" if type(module).forward is torch.nn.Linear.forward or _plain_linear(module) else None
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return "conv1d_hf"
     if isinstance(module, torch.nn.Embedding):
