@@ -686,6 +686,32 @@ def test_embedding_and_linear_subclasses_with_forwards_of_their_own_are_refused(
     dp.step()
 
 
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_a_model_that_folds_tokens_into_the_batch_is_refused(by_keyword):
+    """OPT's decoder layers reshape [B, T, d] to [B * T, d] before fc1/fc2: with only those layers trainable, every
+    captured layer saw B * T rows, so no batch-size mismatch showed, and each token was clipped as an example (a
+    review measured one example moving the update by 3.13 C). The layers' rows are now held against the model input's
+    batch size (positional, or a Hugging Face input_ids= keyword)."""
+    class Folding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4).requires_grad_(False)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, input_ids):
+            x = self.emb(input_ids)
+            return self.fc(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], 3)
+
+    model = Folding()
+    model, dp = privacy.make_private(model, torch.optim.SGD(model.fc.parameters(), lr=1.0), noise_multiplier=0.0,
+                                     max_grad_norm=1.0, expected_batch_size=2, sample_rate=0.1)
+    ids = torch.randint(0, 10, (2, 5))
+    out = model(input_ids=ids) if by_keyword else model(ids)
+    out.pow(2).sum((1, 2)).sum().backward()
+    with pytest.raises(ValueError, match="saw 10 rows where the model's input had 2"):
+        dp.step()
+
+
 def test_broadcast_position_ids_are_refused_not_silently_wrong():
     model = _hf_model("gpt2")
     _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,

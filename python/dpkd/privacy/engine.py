@@ -51,6 +51,15 @@ def head_engine(weight: torch.Tensor) -> tuple[ClippingEngine, str] | None:
     return None
 
 
+def _leading_rows(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a model's input: its first positional tensor's, or a Hugging Face model's input_ids' or
+    inputs_embeds' (None where there is none to read)."""
+    for x in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(x, torch.Tensor):
+            return x.shape[0] if x.dim() else None
+    return None
+
+
 def _inert_hook(*args) -> None:
     return None
 
@@ -250,6 +259,9 @@ class ClippingEngine:
         # Outermost entries into the model (its root, the modules holding captured layers, or a captured layer
         # called alone), counted by hooks: a layer whose delivered calls come from two entries met two passes.
         self._depth, self._entry, self._entries_since_clear = 0, 0, 0
+        # Each entry's input batch size (its rows), which the layers' rows must equal: a model that folds tokens into
+        # the batch dimension (OPT's decoder layers reshape to [B * T, d]) would otherwise be clipped per token.
+        self._entry_rows: dict[int, int | None] = {}
         # Batch norms that normalise with the batch's statistics (training mode, or no running statistics) mix
         # the examples (checked at wrap and flush).
         self.batch_norms = [(n, m) for n, m in model.named_modules()
@@ -264,7 +276,8 @@ class ClippingEngine:
         self.handles = []
         for name, module in model.named_modules():
             if name in holders:
-                self.handles.append(module.register_forward_pre_hook(_EngineHook(self, "_enter", module)))
+                self.handles.append(module.register_forward_pre_hook(_EngineHook(self, "_enter", module),
+                                                                     with_kwargs=True))
                 self.handles.append(module.register_forward_hook(_EngineHook(self, "_leave", module), always_call=True))
         self.patched: list[torch.nn.Module] = []
         _ATTACHED[model] = weakref.ref(self)
@@ -287,21 +300,23 @@ class ClippingEngine:
                                if p.requires_grad]
         self._stood_in: dict[torch.nn.Module, list[dict[str, torch.nn.Parameter]]] = {}
 
-    def _enter(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple) -> None:
+    def _enter(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if module is not target:  # a copy's hook
             return
-        if self._depth == 0:
-            self._new_entry()
+        if self._depth == 0 and self._new_entry():
+            self._entry_rows = {self._entry: _leading_rows(args, kwargs)}  # earlier entries are consumed or refused
         self._depth += 1
 
     def _leave(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple, output) -> None:
         if module is target:
             self._depth -= 1
 
-    def _new_entry(self) -> None:
+    def _new_entry(self) -> bool:
         if torch.is_grad_enabled() and not self._in_backward():
             self._entry += 1
             self._entries_since_clear += 1
+            return True
+        return False
 
     def _call_entry(self) -> int | None:
         """The entry a capture belongs to: None inside backward (a reentrant checkpoint's recomputation), else the
@@ -560,13 +575,25 @@ class ClippingEngine:
                 raise ValueError(f"layer {name!r} was recomputed by reentrant gradient checkpointing after several "
                                  "forward passes: which pass each recomputation belongs to cannot be told; run one "
                                  "forward pass per backward, or checkpoint with use_reentrant=False")
-        sizes = {c.rows for calls in self.calls.values() for c in calls if c.done}
-        sizes |= {h.rows for heads in self.head_calls.values() for h in heads}
-        if len(sizes) != 1:
-            raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: the batch dimension must be first "
-                             "everywhere (pass Hugging Face models position_ids of shape [B, T], not [1, T]), "
-                             "and the loss must be per example")
-        rows = sizes.pop()
+        seen: dict[int, list[str]] = {}  # rows -> the layers that saw them
+        for name in self.calls:
+            for rows in {c.rows for c in self.calls[name] if c.done} | {h.rows for h in self.head_calls.get(name, ())}:
+                seen.setdefault(rows, []).append(name)
+        if len(seen) != 1:
+            parts = "; ".join(f"{rows} rows: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                              for rows, names in sorted(seen.items()))
+            raise ValueError(f"layers saw different batch sizes ({parts}): the batch dimension must be first "
+                             "everywhere (pass Hugging Face models position_ids of shape [B, T], not [1, T]; a model "
+                             "that folds tokens into the batch dimension, as OPT's decoder layers do, cannot be "
+                             "clipped per example there), and the loss must be per example")
+        rows = next(iter(seen))
+        for name in self.calls:
+            entries = {c.entry for c in self.calls[name] if c.done} | {h.entry for h in self.head_calls.get(name, ())}
+            inputs = {self._entry_rows.get(e) for e in entries} - {None}
+            if inputs and inputs != {rows}:
+                raise ValueError(f"layer {name!r} saw {rows} rows where the model's input had {inputs.pop()}: the "
+                                 "model folds something (OPT's decoder layers: the tokens) into the batch dimension "
+                                 "before it, so clipping would bound each row, not each example")
         if any(c.per_example is not None and c.rows_per_example != self.rows_per_example
                for calls in self.calls.values() for c in calls) or any(
                 h.rows_per_example != self.rows_per_example for heads in self.head_calls.values() for h in heads):
