@@ -202,17 +202,19 @@ def _private_head(hidden, weight, bias, reduction, entropies, read):
         raise ValueError(f"{where} student_hidden must be [B, T, H], batch first, got {tuple(hidden.shape)}")
     if bias is not None and bias is not module.bias:
         raise ValueError(f"{where} student_bias must be that layer's bias (or None)")
-    if any(head == name for _, head in engine.tied):
-        raise ValueError(f"{where} the head is tied to an embedding: the per-example cross term of the two uses is "
-                         "not formed here; untie the weights or train through the logits (dpkd.distill_loss)")
     rows, tokens = hidden.shape[0], hidden.shape[1]
+    tied = engine.tied_ids(name)
+    if tied is not None and tied[1].shape[0] != rows:
+        raise ValueError(f"{where} the head is tied to embedding {tied[0]!r}, which read {tied[1].shape[0]} rows, not "
+                         f"the {rows} of student_hidden")
     accum = _mixed.accumulation_dtype(hidden)
     checked = [t for t in read if isinstance(t, torch.Tensor)]
 
     def make(active, chunk, unscale):
         return privacy_head.PrivateHead(engine, name, active, tokens, rows, chunk, weight=train_weight,
                                         bias=train_bias, unscale=unscale, accum=accum, entropies=entropies,
-                                        checked=checked)
+                                        checked=checked, hidden=hidden.reshape(-1, hidden.shape[-1]),
+                                        tied_ids=None if tied is None else tied[1])
     return make
 
 

@@ -69,8 +69,7 @@ class OPDConfig:
     allow_vocab_mismatch: bool = False
     # The distillation loss from the two models' last hidden states and output layers (dpkd.fused_linear_distill_loss):
     # no [B, T, V] logits. Hugging Face causal LMs whose logits are their output layer on their base model's last
-    # hidden state (checked at construction; Gemma's final softcap taken along), no select rule, and under DP an
-    # output layer not tied to the input embeddings.
+    # hidden state (checked at construction; Gemma's final softcap taken along), and no select rule.
     fused_head: bool = False
 
     def __post_init__(self) -> None:
@@ -379,11 +378,6 @@ class OPDTrainer:
             probe = prompts[:1]
             _check_head_parts("student", student, probe)
             _check_head_parts("teacher", teacher, probe)
-            embeddings = student.get_input_embeddings() if hasattr(student, "get_input_embeddings") else None
-            if config.private and getattr(embeddings, "weight", None) is _head_parts(student)[1].weight:
-                raise ValueError("fused_head under DP-SGD needs the student's output layer untied from its input "
-                                 "embeddings (the per-example cross term of the two uses is not formed there); "
-                                 "use fused_head=False")
         self.prompts, self.continuations = prompts, continuations
         n = prompts.shape[0]
         self.sample_rate = min(1.0, config.expected_batch_size / n)

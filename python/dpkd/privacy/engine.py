@@ -262,6 +262,9 @@ class ClippingEngine:
         # Each entry's input batch size (its rows), which the layers' rows must equal: a model that folds tokens into
         # the batch dimension (OPT's decoder layers reshape to [B * T, d]) would otherwise be clipped per token.
         self._entry_rows: dict[int, int | None] = {}
+        # The latest (entry, ids) of each embedding tied to a head: a fused loss on that head gathers its logit
+        # gradients at those ids for the cross term of the two uses (privacy.head)
+        self._tied_ids: dict[str, torch.Tensor] = {}
         # Batch norms that normalise with the batch's statistics (training mode, or no running statistics) mix
         # the examples (checked at wrap and flush).
         self.batch_norms = [(n, m) for n, m in model.named_modules()
@@ -340,6 +343,21 @@ class ClippingEngine:
                                "optimizer.step(): " + _ONE_PASS)
         return self._entry
 
+    def tied_ids(self, head: str) -> tuple[str, torch.Tensor] | None:
+        """For a head tied to an embedding: (the embedding's name, the ids it read in the latest pass into the model),
+        which a fused loss on the head needs for the cross term; None for an untied head. Refused where the
+        embedding did not run in that pass."""
+        emb = next((e for e, h in self.tied if h == head), None)
+        if emb is None or not self.layers[emb][0].weight.requires_grad:
+            return None
+        # The latest ids since the last step: the step checks them against what the embedding delivered, and refuses
+        # two passes through it.
+        ids = self._tied_ids.get(emb)
+        if ids is None:
+            raise ValueError(f"layer {head!r} is tied to embedding {emb!r}, which did not run in this step's pass into "
+                             "the model: the per-example cross term of the two uses needs the ids it read")
+        return emb, ids
+
     def receive_head(self, name: str, head) -> None:
         """A head's use inside the fused loss, delivered by the loss's backward pass (privacy.head.PrivateHead)."""
         if self.head_calls[name]:
@@ -389,6 +407,8 @@ class ClippingEngine:
             if kind != "embedding":
                 x = self._as_multiplied(x)
             call = _Call((x.detach(),), entry, on_grad=receive)
+            if kind == "embedding" and any(emb == name for emb, _ in self.tied):
+                self._tied_ids[name] = x.detach()
             if kind == "embedding":
                 out = _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
                 # Gemma's scale (layer_kind checked the forward): applied after the capture, whose output gradient
@@ -550,6 +570,7 @@ class ClippingEngine:
             self._release(name)
         self.instantiate.clear()
         self._autocast_copies.clear()
+        self._tied_ids.clear()
         self._backward_seen = False
         self._entries_since_clear = 0
 
@@ -722,6 +743,12 @@ class ClippingEngine:
             a_head, g_head = data[head]
             captured_sq.append(2 * layers.embedding_linear_cross(ids, g_emb, a_head, g_head,
                                                                  self.layers[emb][0].padding_idx))
+        for emb, head in self.tied:
+            if data[emb] is None or not self.layers[emb][0].weight.requires_grad:
+                continue
+            ids, g_emb = data[emb]
+            for h in self.head_calls.get(head, ()):  # the head used by the fused loss
+                captured_sq.append(2 * h.cross(ids, g_emb, self.layers[emb][0].padding_idx))
         for heads in self.head_calls.values():
             for h in heads:  # squared norms and bounds already in the delivered (captured) units
                 captured_sq.append(h.sq)

@@ -9,6 +9,9 @@ tokens than a chunk has its gradient instantiated ([V, H] in fp32) across its ch
 recomputes each chunk's dz (the same ops on the same rows: the same bits) to form sum_i c_i G_i. That
 second pass costs the two models' logits again (about 60-80% of the head's non-private work) instead of
 the [N, V] output gradient that the engine would otherwise keep, which is what the fused loss avoids.
+A head tied to the input embedding adds the cross term 2 <G_emb_i, G_i> = 2 sum_{s,t} dz_s[x_t] (h_s . e_t) to the
+norms: the chunk loop keeps dz_s[x_t] for each example's head tokens s and input ids x_t, the step multiplies
+it with the embedding's captured output gradients e_t.
 """
 
 from __future__ import annotations
@@ -67,11 +70,14 @@ class PrivateHead:
     ``active``: the flattened indices of the tokens that carry loss (ascending), ``tokens_per_row`` per batch row;
     ``unscale``: the factor that takes the chunk loop's logit gradients to the loss's (an fp16 loss scales them);
     ``entropies``: whether the objective's statistics hold the two models' entropies (NaN where a row's logits are
-    not finite: the kernels may otherwise pass over a NaN logit)."""
+    not finite: the kernels may otherwise pass over a NaN logit); ``hidden``: the hidden states [N, H];
+    ``tied_ids``: for a head tied to an embedding, the ids [B, T'] that embedding read: the chunk loop keeps each
+    example's logit gradients at its own ids, dz_s[x_t], for the cross term with the embedding's gradient."""
 
     def __init__(self, engine, name: str, active: torch.Tensor, tokens_per_row: int, rows: int, chunk: int, *,
                  weight: bool, bias: bool, unscale: float, accum: torch.dtype,
-                 entropies: bool, checked: list[torch.Tensor]) -> None:
+                 entropies: bool, checked: list[torch.Tensor], hidden: torch.Tensor,
+                 tied_ids: torch.Tensor | None = None) -> None:
         k = engine.rows_per_example
         if rows % k:
             raise ValueError(f"{rows} batch rows do not split into examples of {k} rows")
@@ -94,6 +100,10 @@ class PrivateHead:
         self.gradient: ChunkGradient | None = None
         self.grad_out: float | None = None  # the upstream gradient of the loss, once backward delivered it
         self.margin: torch.Tensor | None = None
+        self.hidden = hidden.detach()  # read by the cross term, which must build no graph
+        # Tied: each example's ids [E, k T'], and per example the (head rows, dz at its ids [rows, k T']) pieces
+        self.tied_ids = None if tied_ids is None else tied_ids.reshape(examples, -1)
+        self.picked: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def observe(self, chunk: Chunk, h: torch.Tensor, g: torch.Tensor, loss: torch.Tensor,
                 stats: torch.Tensor) -> None:
@@ -105,6 +115,8 @@ class PrivateHead:
     def _observe(self, chunk: Chunk, h: torch.Tensor, g: torch.Tensor, loss: torch.Tensor,
                  stats: torch.Tensor) -> None:
         e = self.example[chunk.start:chunk.end]
+        if self.tied_ids is not None:
+            self._pick(chunk, g)
         bad = ~torch.isfinite(loss)
         if self.entropies:
             bad |= stats[:, :2].isnan().any(1)
@@ -142,6 +154,36 @@ class PrivateHead:
             sq.append(self._ghost_pairs(h[at:at + n], g[at:at + n]).sum())
             at += n
         self.sq.index_add_(0, e[torch.tensor(firsts, device=e.device)], torch.stack(sq).to(self.accum))
+
+    def _pick(self, chunk: Chunk, g: torch.Tensor) -> None:
+        """Keep dz_s[x_t] for the chunk's head tokens s and their example's ids x_t (a [rows, k T'] block per example,
+        in the loss's units)."""
+        rows = self.active[chunk.start:chunk.end]
+        sizes = chunk.sizes or (chunk.end - chunk.start,)
+        firsts = [0]
+        for n in sizes[:-1]:
+            firsts.append(firsts[-1] + n)
+        examples = self.example[chunk.start:chunk.end][torch.tensor(firsts, device=g.device)].tolist()
+        for first, n, i in zip(firsts, sizes, examples):
+            block = g[first:first + n].index_select(1, self.tied_ids[i]).to(self.accum) * self.unscale
+            self.picked.setdefault(i, []).append((rows[first:first + n], block))
+
+    def cross(self, ids: torch.Tensor, g_emb: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+        """<embedding's per-example gradient, this head use's> per example, in the delivered units: sum over the
+        example's head tokens s and input tokens t of dz_s[x_t] (h_s . e_t), e the embedding's output gradients
+        (grouped [E, k T', H], as ``ids``); the padding row gets no embedding gradient."""
+        if not torch.equal(ids, self.tied_ids):
+            raise ValueError("the tied embedding's ids at the step differ from those the fused loss read")
+        e = g_emb.to(self.accum)
+        if padding_idx is not None:
+            e = e * (ids != padding_idx)[..., None]
+        out = torch.zeros(self.examples, dtype=self.accum, device=e.device)
+        with _mixed.no_autocast([e.device.type]):
+            for i, pieces in self.picked.items():
+                for rows, block in pieces:
+                    dots = self.hidden[rows].to(self.accum) @ e[i].t()  # [rows, k T']
+                    out[i] += (block * dots).sum()
+        return out * self.grad_out
 
     def _ghost_pairs(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """[(h_t . h_s)(dz_t . dz_s)] (weight) + [dz_t . dz_s] (bias) over the rows given."""
@@ -189,7 +231,7 @@ class PrivateHead:
     def release(self) -> None:
         """Drop what the recomputation holds (hidden states, the teacher's): the autograd graph may outlive the
         step."""
-        self.gradient, self.checked, self.chunks = None, [], []
+        self.gradient, self.checked, self.chunks, self.hidden, self.picked = None, [], [], None, {}
 
 
 
