@@ -222,6 +222,29 @@ def test_inputs_changed_in_place_before_the_step_are_refused():
         dp.step()
 
 
+def test_a_tied_head_after_zero_grad_or_without_embedding_gradients():
+    """zero_grad() between the forward pass and the fused loss keeps the embedding's ids (a review found it refused);
+    embeddings made under no_grad carry no gradient, so the cross term is 0 and the head alone is clipped."""
+    model, ids, valid, h_t, w_t = make_case(bias=False)
+    model.head.weight = model.emb.weight
+    model, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                     max_grad_norm=1.0, expected_batch_size=8, sample_rate=0.1)
+    h = model.hidden(ids)
+    dp.zero_grad()
+    dpkd.fused_linear_distill_loss(h, model.head.weight, h_t, w_t, weights=example_weights(valid),
+                                   reduction="sum").backward()
+    dp.step()
+    assert torch.isfinite(dp.last_per_example_norms).all()
+    with torch.no_grad():
+        e = model.emb(ids)
+    h = model.norm(torch.tanh(model.body(e)))
+    dp.zero_grad()
+    dpkd.fused_linear_distill_loss(h, model.head.weight, h_t, w_t, weights=example_weights(valid),
+                                   reduction="sum").backward()
+    dp.step()
+    assert torch.isfinite(dp.last_per_example_norms).all()
+
+
 @pytest.mark.parametrize("rows_per_example", [1, 2])
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_a_head_tied_to_the_embedding_equals_brute_force(rows_per_example, chunk_size):

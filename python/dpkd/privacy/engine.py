@@ -163,6 +163,20 @@ class _Call:
     rows_per_example: int = 1  # the engine's grouping when per_example was formed
     on_grad: typing.Callable[[_Call, torch.Tensor], None] | None = None
     autocast: torch.dtype | None = None  # generic layers: the forward's autocast dtype, for torch.func's re-forward
+    versions: tuple[int, ...] = ()  # the inputs' versions when the layer read them
+
+    def __post_init__(self) -> None:
+        self.versions = tuple(t._version for t in self.inputs if isinstance(t, torch.Tensor))
+
+    def check_unchanged(self, name: str) -> None:
+        """The captured inputs are those the layer read: an in-place change since (which autograd would refuse for a
+        tensor it saved) would give the per-example gradients of other values."""
+        if not self.inputs:  # released, or consumed when the gradient arrived (instantiated per-example gradients)
+            return
+        now = tuple(t._version for t in self.inputs if isinstance(t, torch.Tensor))
+        if now != self.versions:
+            raise ValueError(f"the input of layer {name!r} was modified in place after the layer read it (the model's "
+                             "ids or activations): its per-example gradients are formed from that input at the step")
 
     @property
     def done(self) -> bool:
@@ -344,19 +358,15 @@ class ClippingEngine:
         return self._entry
 
     def tied_ids(self, head: str) -> tuple[str, torch.Tensor] | None:
-        """For a head tied to an embedding: (the embedding's name, the ids it read in the latest pass into the model),
-        which a fused loss on the head needs for the cross term; None for an untied head. Refused where the
-        embedding did not run in that pass."""
+        """For a head tied to an embedding: (the embedding's name, the ids of its latest call with gradients), which a
+        fused loss on the head needs for the cross term; None for an untied head."""
         emb = next((e for e, h in self.tied if h == head), None)
         if emb is None or not self.layers[emb][0].weight.requires_grad:
             return None
-        # The latest ids since the last step: the step checks them against what the embedding delivered, and refuses
-        # two passes through it.
+        # The embedding's latest ids (None: it never ran with gradients, e.g. inputs_embeds made under no_grad): the
+        # step checks them against the ids of the calls that delivered gradients, and refuses two passes through it.
         ids = self._tied_ids.get(emb)
-        if ids is None:
-            raise ValueError(f"layer {head!r} is tied to embedding {emb!r}, which did not run in this step's pass into "
-                             "the model: the per-example cross term of the two uses needs the ids it read")
-        return emb, ids
+        return None if ids is None else (emb, ids)
 
     def receive_head(self, name: str, head) -> None:
         """A head's use inside the fused loss, delivered by the loss's backward pass (privacy.head.PrivateHead)."""
@@ -487,6 +497,7 @@ class ClippingEngine:
     def _keep_grad(self, name: str):
         def keep(call: _Call, g: torch.Tensor) -> None:
             self._once(name, call)
+            call.check_unchanged(name)
             call.grad, call.rows = g, g.shape[0]
             self._received(name, call)
         return keep
@@ -502,6 +513,7 @@ class ClippingEngine:
 
         def receive(call: _Call, g: torch.Tensor) -> None:
             self._once(name, call)
+            call.check_unchanged(name)
             a = layers.flatten_tokens(call.inputs[0])
             g3 = layers.flatten_tokens(g)
             if name not in self.instantiate:
@@ -570,7 +582,6 @@ class ClippingEngine:
             self._release(name)
         self.instantiate.clear()
         self._autocast_copies.clear()
-        self._tied_ids.clear()
         self._backward_seen = False
         self._entries_since_clear = 0
 
@@ -636,6 +647,8 @@ class ClippingEngine:
         done = [c for c in self.calls[name] if c.done]
         if not done:
             return None
+        for c in done:
+            c.check_unchanged(name)
         if kind not in ("embedding", "linear", "conv1d_hf"):
             return done
         if self.instantiate.get(name):
@@ -748,6 +761,8 @@ class ClippingEngine:
                 continue
             ids, g_emb = data[emb]
             for h in self.head_calls.get(head, ()):  # the head used by the fused loss
+                for c in self.calls[emb]:
+                    c.check_unchanged(emb)
                 captured_sq.append(2 * h.cross(ids, g_emb, self.layers[emb][0].padding_idx))
         for heads in self.head_calls.values():
             for h in heads:  # squared norms and bounds already in the delivered (captured) units

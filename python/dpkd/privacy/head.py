@@ -172,8 +172,9 @@ class PrivateHead:
         """<embedding's per-example gradient, this head use's> per example, in the delivered units: sum over the
         example's head tokens s and input tokens t of dz_s[x_t] (h_s . e_t), e the embedding's output gradients
         (grouped [E, k T', H], as ``ids``); the padding row gets no embedding gradient."""
-        if not torch.equal(ids, self.tied_ids):
-            raise ValueError("the tied embedding's ids at the step differ from those the fused loss read")
+        if self.tied_ids is None or not torch.equal(ids, self.tied_ids):
+            raise ValueError("the tied embedding's ids at the step differ from those the fused loss read (the "
+                             "embedding ran again, on other ids, or only after the loss)")
         e = g_emb.to(self.accum)
         if padding_idx is not None:
             e = e * (ids != padding_idx)[..., None]
