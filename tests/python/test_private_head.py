@@ -59,6 +59,14 @@ def assert_close_in_norm(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e
     assert float((got - want).norm()) <= rtol * float(want.norm()), (float((got - want).norm()), float(want.norm()))
 
 
+def assert_clipped_step(deltas, got_norms, per, norms, c) -> None:
+    """The engine's norms are the brute-force ones, and the sigma = 0 SGD(lr=1) step is -(sum_i c_i g_i) / 8."""
+    torch.testing.assert_close(got_norms, norms, rtol=1e-5, atol=1e-9)
+    coef = (c / (norms + 1e-6)).clamp(max=1)
+    for k, delta in enumerate(deltas):
+        assert_close_in_norm(delta, -sum(coef[i] * per[i][k] for i in range(len(per))) / 8)
+
+
 def example_weights(valid: torch.Tensor) -> torch.Tensor:
     """Each example's token mean: the per-example loss of a fused call with reduction='sum'."""
     v = valid.double()
@@ -113,10 +121,7 @@ def test_fused_head_step_equals_brute_force(div, bias, chunk_size, reduction, de
     params, per, norms = brute_force(model, ids, valid, h_t, w_t, div)
     c = float(norms.median())  # about half of the examples clipped
     deltas, got_norms = private_step(model, ids, valid, h_t, w_t, div, c, reduction=reduction, chunk_size=chunk_size)
-    torch.testing.assert_close(got_norms, norms, rtol=1e-5, atol=1e-9)
-    coef = (c / (norms + 1e-6)).clamp(max=1)
-    for k, delta in enumerate(deltas):
-        assert_close_in_norm(delta, -sum(coef[i] * per[i][k] for i in range(len(per))) / 8)
+    assert_clipped_step(deltas, got_norms, per, norms, c)
 
 
 def test_several_rows_per_example_through_the_fused_head():
@@ -124,10 +129,7 @@ def test_several_rows_per_example_through_the_fused_head():
     params, per, norms = brute_force(model, ids, valid, h_t, w_t, "jsd", rows_per_example=2)
     c = float(norms.median())
     deltas, got_norms = private_step(model, ids, valid, h_t, w_t, "jsd", c, rows_per_example=2, chunk_size=5)
-    torch.testing.assert_close(got_norms, norms, rtol=1e-5, atol=1e-9)
-    coef = (c / (norms + 1e-6)).clamp(max=1)
-    for k, delta in enumerate(deltas):
-        assert_close_in_norm(delta, -sum(coef[i] * per[i][k] for i in range(len(per))) / 8)
+    assert_clipped_step(deltas, got_norms, per, norms, c)
 
 
 def test_pack_examples():
@@ -260,10 +262,7 @@ def test_a_head_tied_to_the_embedding_equals_brute_force(rows_per_example, chunk
     c = float(norms.median())
     deltas, got = private_step(model, ids, valid, h_t, w_t, "jsd", c, rows_per_example=rows_per_example,
                                chunk_size=chunk_size)
-    torch.testing.assert_close(got, norms, rtol=1e-5, atol=1e-9)
-    coef = (c / (norms + 1e-6)).clamp(max=1)
-    for k, delta in enumerate(deltas):
-        assert_close_in_norm(delta, -sum(coef[i] * per[i][k] for i in range(len(per))) / 8)
+    assert_clipped_step(deltas, got, per, norms, c)
 
 
 def test_top_k_teacher_step_equals_brute_force():
