@@ -29,11 +29,14 @@ def taid_loss(
     mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     reduction: losses.Reduction = "mean",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """-sum p_t log q with p_t = softmax(((1 - t) sg(z_s) + t z_t) / T): the cross entropy to the
     interpolated target (KL(p_t || q) plus the target's entropy, which carries no gradient).
 
-    ``t`` in [0, 1]: 1 is plain forward-KL distillation; the gradient is q - p_t.
+    ``t`` in [0, 1]: 1 is plain forward-KL distillation; the gradient is q - p_t. ``check_finite``: as in
+    :func:`dpkd.distill_loss` (off under DP-SGD: a row with NaN or +inf logits then gets a NaN loss and gradient, and
+    the engine drops its example).
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
@@ -45,7 +48,7 @@ def taid_loss(
     per_token, stats = losses._fused(
         student_logits, teacher_logits, labels, divergence="forward_kl", beta=0.5, alpha=0.1,
         temperature=temperature, teacher_mix=t, standardize=False, hard_label_weight=0.0, ignore_index=ignore_index,
-        carries_loss=carries_loss,
+        carries_loss=carries_loss, check_finite=check_finite,
     )
     per_token = per_token + stats[..., 1]  # + H(p_t): constant in the student (p_t uses sg(z_s))
     return losses._reduce(per_token, valid, weights, reduction)

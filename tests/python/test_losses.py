@@ -356,6 +356,24 @@ def test_taid_loss_is_cross_entropy_to_interpolated_target_with_stop_gradient():
         assert rel_err(s.grad, s64.grad) < 1e-5
 
 
+def test_taid_loss_takes_check_finite_for_dp():
+    """Under DP-SGD a loss must not raise per batch: with check_finite=False a row with a NaN teacher logit gets a
+    NaN loss and gradient (the engine drops its example), the others those of the clean rows; by default it raises."""
+    s, t = logits(4, 33, seed=51), logits(4, 33, seed=52)
+    t[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="teacher_logits contains NaN"):
+        dpkd.taid_loss(s, t, 0.5)
+    sd = s.clone().requires_grad_(True)
+    loss = dpkd.taid_loss(sd, t, 0.5, reduction="none", check_finite=False)
+    loss.sum().backward()
+    assert loss[2].isnan() and loss[[0, 1, 3]].isfinite().all() and sd.grad[2].isnan().any()
+    clean = s[[0, 1, 3]].clone().requires_grad_(True)
+    expected = dpkd.taid_loss(clean, t[[0, 1, 3]], 0.5, reduction="none")
+    expected.sum().backward()
+    torch.testing.assert_close(loss[[0, 1, 3]], expected, rtol=1e-6, atol=0)
+    assert_one_rounding_apart(sd.grad[[0, 1, 3]], clean.grad)
+
+
 def test_taid_schedule_ramps_and_adapts():
     sched = dpkd.TAIDSchedule(total_steps=100)
     assert sched.t == 0.4
