@@ -112,7 +112,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         # writes it so (no conversion pass over it), unless a softcap or logit scale multiplies it first or a
         # trainable bias sums it (in fp32).
         grad16 = (h_s.dtype if fp32_logits and h_s.dtype in (torch.bfloat16, torch.float16) and not low_half
-                  and s_cap is None and s_scale == 1.0 and grad_b is None else None)
+                  and s_cap is None and s_scale == 1.0 and not (b_s is not None and b_s.requires_grad) else None)
 
         def chunk_gradient(rows):
             """The chunk's hidden states, losses, statistics and d loss / d pre-activation logits: the same ops on
@@ -205,8 +205,9 @@ def _private_head(hidden, weight, bias, reduction, entropies, read):
     rows, tokens = hidden.shape[0], hidden.shape[1]
     tied = engine.tied_ids(name)
     if tied is not None and tied[1].shape[0] != rows:
-        raise ValueError(f"{where} the head is tied to embedding {tied[0]!r}, which read {tied[1].shape[0]} rows, not "
-                         f"the {rows} of student_hidden")
+        # Another batch's ids (this step's embedding ran without gradients, or not yet): unused, unless the
+        # embedding delivers gradients at the step, which then refuses the mismatch (PrivateHead.cross).
+        tied = None
     accum = _mixed.accumulation_dtype(hidden)
     checked = [t for t in read if isinstance(t, torch.Tensor)]
 
@@ -251,7 +252,7 @@ def fused_linear_distill_loss(
     fp32_weight_grad: bool | None = None,
     fp32_logits: bool | None = None,
     return_stats: bool = False,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
     """:func:`dpkd.distill_loss` of ``softcap(scale (h W^T + b))`` for both models, from hidden states (its options
     but for ``select``, ``standardize`` and T² scaling; ``mask``/``weights`` choose tokens).
@@ -274,15 +275,17 @@ def fused_linear_distill_loss(
             objective kernels (on CUDA with the hardware exp2/log2 of the 16-bit kernels: logits from 16-bit
             factors need no more).
         return_stats: also return :class:`dpkd.TokenStats` (NaN for tokens that carry no loss).
-        check_finite: raise where a token that carries loss has NaN or +inf logits (as :func:`dpkd.distill_loss`;
-            turn it off under DP-SGD, where the engine drops that example instead).
+        check_finite: raise where a token that carries loss has NaN or +inf logits (as :func:`dpkd.distill_loss`).
+            Default: on, but off under DP-SGD (below), where the engine drops that example instead: a raise would
+            make whether a step happens depend on one example (True is refused there).
 
     Under DP-SGD (``student_weight`` is the weight of a linear layer of a model made private by
     :func:`dpkd.privacy.make_private`), the head is clipped per example with the rest of the model: each
     example's head-gradient norm is measured in the chunk loop and the step recomputes the chunks to form the
     clipped sum (see :mod:`dpkd.privacy.head`). The loss must then be ``reduction="sum"`` of per-example losses
     (``weights=valid / valid.sum(-1, keepdim=True)`` for each example's token mean), student_hidden [B, T, H]
-    batch first, and the head used once per step and not tied to the embedding.
+    batch first, and the head used once per step (a head tied to the input embedding is supported: the embedding
+    must have run, with gradients, in the same step).
     Example with Hugging Face models::
 
         s = student(input_ids, output_hidden_states=True); t = teacher(input_ids, output_hidden_states=True)
@@ -401,6 +404,10 @@ def fused_linear_distill_loss(
     private = _private_head(student_hidden, student_weight, student_bias, reduction, teacher_topk is None,
                             [student_hidden, student_weight, student_bias, labels, mask, weights, teacher_hidden,
                              teacher_weight, teacher_bias, *(teacher_topk or ())])
+    if private is not None and check_finite:
+        raise ValueError("check_finite=True under DP-SGD: whether a step happens would depend on one example's "
+                         "logits; leave it at its default (off under DP: that example is dropped)")
+    check_finite = private is None if check_finite is None else check_finite
     loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts,
                                             private, _ops.graph_anchor(h_s, student_weight, student_bias))
     if teacher_topk is None and check_finite:  # after every chunk is queued; tokens without weight were not computed

@@ -134,10 +134,11 @@ def test_several_rows_per_example_through_the_fused_head():
 
 def test_pack_examples():
     pack, Chunk = privacy.head.pack_examples, privacy.head.Chunk
-    assert pack([2, 3, 0, 4], 5) == [Chunk(0, 5, (2, 3)), Chunk(5, 9, (4,))]
-    assert pack([2, 7, 1], 3) == [Chunk(0, 2, (2,)), Chunk(2, 5, (), True, False), Chunk(5, 8, (), True, False),
-                                  Chunk(8, 9, (), True, True), Chunk(9, 10, (1,))]
-    assert pack([1, 1, 5, 1], 6) == [Chunk(0, 2, (1, 1)), Chunk(2, 8, (5, 1))]
+    assert pack([2, 3, 0, 4], 5) == [Chunk(0, 5, (2, 3), examples=(0, 1)), Chunk(5, 9, (4,), examples=(3,))]
+    assert pack([2, 7, 1], 3) == [Chunk(0, 2, (2,), examples=(0,)), Chunk(2, 5, (), True, False, (1,)),
+                                  Chunk(5, 8, (), True, False, (1,)), Chunk(8, 9, (), True, True, (1,)),
+                                  Chunk(9, 10, (1,), examples=(2,))]
+    assert pack([1, 1, 5, 1], 6) == [Chunk(0, 2, (1, 1), examples=(0, 1)), Chunk(2, 8, (5, 1), examples=(2, 3))]
     assert pack([0, 0], 4) == []
 
 
@@ -245,6 +246,30 @@ def test_a_tied_head_after_zero_grad_or_without_embedding_gradients():
                                    reduction="sum").backward()
     dp.step()
     assert torch.isfinite(dp.last_per_example_norms).all()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_step_of_another_batch_size_after_one_without_the_body_gradients(tie):
+    """State of the previous step must not judge this one: a step whose hidden states (tied: whose embeddings) were
+    made under no_grad, after a step of 6 rows, was refused as folding tokens into the batch (untied) or as the
+    embedding having read 6 rows (tied) -- a review found both."""
+    model, ids, valid, h_t, w_t = make_case(bias=False)
+    if tie:
+        model.head.weight = model.emb.weight
+    model, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                     max_grad_norm=1.0, expected_batch_size=8, sample_rate=0.1)
+    dpkd.fused_linear_distill_loss(model.hidden(ids), model.head.weight, h_t, w_t, weights=example_weights(valid),
+                                   reduction="sum").backward()
+    dp.step()
+    dp.zero_grad()
+    with torch.no_grad():
+        h = model.hidden(ids[:4])
+    dpkd.fused_linear_distill_loss(h, model.head.weight, h_t[:4], w_t, weights=example_weights(valid[:4]),
+                                   reduction="sum").backward()
+    dp.step()
+    assert dp.last_per_example_norms.shape == (4,) and torch.isfinite(dp.last_per_example_norms).all()
+    with pytest.raises(ValueError, match="check_finite=True under DP-SGD"):
+        dpkd.fused_linear_distill_loss(h, model.head.weight, h_t[:4], w_t, reduction="sum", check_finite=True)
 
 
 @pytest.mark.parametrize("rows_per_example", [1, 2])

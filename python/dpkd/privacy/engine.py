@@ -582,6 +582,7 @@ class ClippingEngine:
             self._release(name)
         self.instantiate.clear()
         self._autocast_copies.clear()
+        self._entry_rows = {}  # a forward still waiting for its backward goes unchecked rather than held to a stale size
         self._backward_seen = False
         self._entries_since_clear = 0
 

@@ -6,7 +6,8 @@ chunk, and the clipping coefficients are known only once the whole model's backw
 the chunks are gone. So the loss's chunk loop measures each example's squared norm as it goes -- ghost
 norms sum_{t,s in i} (h_t . h_s)(dz_t . dz_s) inside chunks made of whole examples; an example with more
 tokens than a chunk has its gradient instantiated ([V, H] in fp32) across its chunks -- and the step
-recomputes each chunk's dz (the same ops on the same rows: the same bits) to form sum_i c_i G_i. That
+recomputes each chunk's dz (the same ops on the same rows: the same bits, assumed -- no kernel here has atomics,
+and cuBLAS repeats a product of one shape bit for bit on one GPU) to form sum_i c_i G_i. That
 second pass costs the two models' logits again (about 60-80% of the head's non-private work) instead of
 the [N, V] output gradient that the engine would otherwise keep, which is what the fused loss avoids.
 A head tied to the input embedding adds the cross term 2 <G_emb_i, G_i> = 2 sum_{s,t} dz_s[x_t] (h_s . e_t) to the
@@ -35,29 +36,32 @@ class Chunk(typing.NamedTuple):
     sizes: tuple[int, ...] = ()
     part: bool = False
     last: bool = False
+    examples: tuple[int, ...] = ()  # the examples it holds (known on the host: no device read per chunk)
 
 
 def pack_examples(counts: list[int], chunk: int) -> list[Chunk]:
     """Chunks over tokens ordered by example, ``counts[e]`` of example e: consecutive whole examples up to
     ``chunk`` tokens, and an example with more tokens than that in parts of ``chunk`` tokens of its own."""
-    out, sizes, pos = [], [], 0
+    out, sizes, held, pos = [], [], [], 0
 
     def close():
         if sizes:
-            out.append(Chunk(pos - sum(sizes), pos, tuple(sizes)))
+            out.append(Chunk(pos - sum(sizes), pos, tuple(sizes), examples=tuple(held)))
             sizes.clear()
+            held.clear()
 
-    for n in counts:
+    for example, n in enumerate(counts):
         if n == 0:
             continue
         if n > chunk:
             close()
-            out.extend(Chunk(s, min(s + chunk, pos + n), (), True, s + chunk >= pos + n)
+            out.extend(Chunk(s, min(s + chunk, pos + n), (), True, s + chunk >= pos + n, (example,))
                        for s in range(pos, pos + n, chunk))
         else:
             if sum(sizes) + n > chunk:
                 close()
             sizes.append(n)
+            held.append(example)
         pos += n
     close()
     return out
@@ -89,6 +93,13 @@ class PrivateHead:
         self.entry, self.rows, self.rows_per_example = engine.head_entry(), rows, k
         counts = torch.bincount(example, minlength=examples).tolist() if example.numel() else [0] * examples
         self.chunks = pack_examples(counts, chunk)
+        # Every chunk's examples on the device, copied once: chunk k's are _chunk_examples[_offsets[k.start]:...]
+        offsets, flat = {}, []
+        for ch in self.chunks:
+            offsets[ch.start] = len(flat)
+            flat.extend(ch.examples)
+        self._offsets = offsets
+        self._chunk_examples = torch.tensor(flat, dtype=torch.long, device=example.device)
         self.sq = torch.zeros(examples, dtype=accum, device=example.device)
         self.entropies = entropies
         self.nonfinite = torch.zeros(examples, dtype=torch.bool, device=example.device)
@@ -148,25 +159,22 @@ class PrivateHead:
             self.sq.index_add_(0, e, pairs.sum(1).to(self.accum))
             return
         # Each example's own Gram pair: sum_i T_i^2 products instead of the chunk's c^2.
-        firsts, sq, at = [], [], 0
+        sq, at = [], 0
         for n in sizes:
-            firsts.append(at)
             sq.append(self._ghost_pairs(h[at:at + n], g[at:at + n]).sum())
             at += n
-        self.sq.index_add_(0, e[torch.tensor(firsts, device=e.device)], torch.stack(sq).to(self.accum))
+        first = self._offsets[chunk.start]
+        self.sq.index_add_(0, self._chunk_examples[first:first + len(sizes)], torch.stack(sq).to(self.accum))
 
     def _pick(self, chunk: Chunk, g: torch.Tensor) -> None:
         """Keep dz_s[x_t] for the chunk's head tokens s and their example's ids x_t (a [rows, k T'] block per example,
         in the loss's units)."""
         rows = self.active[chunk.start:chunk.end]
-        sizes = chunk.sizes or (chunk.end - chunk.start,)
-        firsts = [0]
-        for n in sizes[:-1]:
-            firsts.append(firsts[-1] + n)
-        examples = self.example[chunk.start:chunk.end][torch.tensor(firsts, device=g.device)].tolist()
-        for first, n, i in zip(firsts, sizes, examples):
-            block = g[first:first + n].index_select(1, self.tied_ids[i]).to(self.accum) * self.unscale
-            self.picked.setdefault(i, []).append((rows[first:first + n], block))
+        at = 0
+        for n, i in zip(chunk.sizes or (chunk.end - chunk.start,), chunk.examples):
+            block = g[at:at + n].index_select(1, self.tied_ids[i]).to(self.accum) * self.unscale
+            self.picked.setdefault(i, []).append((rows[at:at + n], block))
+            at += n
 
     def cross(self, ids: torch.Tensor, g_emb: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
         """<embedding's per-example gradient, this head use's> per example, in the delivered units: sum over the
