@@ -138,12 +138,18 @@ def graph_anchor(*tensors):
     return torch.cat([(t.narrow(0, 0, 0) if t.dim() else t.reshape(1)[:0]).reshape(-1).float() for t in live])
 
 
-def _nan_where_upstream_is(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``grad`` (ours: just written) with a NaN in each row whose upstream gradient is NaN: the kernels write zeros
-    for a row without a finite logit whatever multiplies it (_NaNRows relies on the NaN reaching the row)."""
+def _nan_in_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``grad`` [N, V] (ours: just written) with a NaN in each of ``rows`` (one entry per row: O(N), no pass over
+    [N, V]); the DP engine drops an example whose gradient holds one."""
     if grad.shape[-1]:
-        grad[:, 0].masked_fill_(grad_loss.isnan(), float("nan"))
+        grad[:, 0].masked_fill_(rows, float("nan"))
     return grad
+
+
+def _nan_where_upstream_is(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """The kernels write zeros for a row without a finite logit whatever multiplies it: a NaN upstream gradient
+    (_NaNRows's) is put into the row after them."""
+    return _nan_in_rows(grad, grad_loss.isnan())
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_state):
@@ -248,7 +254,6 @@ def distill_reduced(student, teacher, labels, grad_weight, divergence, beta, alp
             bad = flagged_rows(stats) & (grad_weight != 0)
             per_row = torch.where(bad, float("nan"), per_row)
             loss = torch.where(bad.any(), float("nan"), loss)
-            if grad.shape[-1]:
-                grad[:, 0].masked_fill_(bad, float("nan"))
+            _nan_in_rows(grad, bad)
     return (_GradFromForward.apply(student, loss, grad, None if scale is None else 1 / scale, graph_anchor(student)),
             per_row, stats)

@@ -176,17 +176,17 @@ def _fused(
     options = (divergence, float(beta), float(alpha), float(temperature), float(teacher_mix), bool(standardize),
                float(hard_label_weight), int(ignore_index))
     skipped = None
+    flag_nonfinite = not (check_finite or torch.compiler.is_compiling())  # see check_finite in distill_loss
     if row_weights is not None:
         row_weights = row_weights.reshape(-1).float()
-        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights, *options,
-                                              flag_nonfinite=not (check_finite or torch.compiler.is_compiling()))
+        loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights, *options, flag_nonfinite=flag_nonfinite)
         # Rows without weight carry nothing: the kernels skip them (statistics NaN) and their logits are not checked.
         skipped = row_weights == 0
     else:
         loss, stats = _ops.distill(s2, t2, l1, *options, bool(inplace_backward))
         if carries_loss is not None:
             skipped = ~carries_loss.reshape(-1)
-        if not (check_finite or torch.compiler.is_compiling()):
+        if flag_nonfinite:
             bad = _ops.flagged_rows(stats)
             loss = _ops.nan_rows(loss, bad if skipped is None else bad & ~skipped)
         loss = loss.reshape(lead)

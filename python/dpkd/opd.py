@@ -100,11 +100,15 @@ class OPDConfig:
         return self.method in ("dp_sft", "dp_offpolicy_kd", "sft")
 
 
+def _positions(attention: torch.Tensor) -> torch.Tensor:
+    """[B, T] position ids from the first attended token (per-example DP needs them per row, not broadcast)."""
+    return (attention.long().cumsum(1) - 1).clamp(min=0)
+
+
 def _logits(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """Logits of an HF causal LM (explicit [B, T] position ids: per-example DP needs them) or of a plain module."""
     if hasattr(model, "config") and hasattr(model, "generate"):
-        positions = (attention.long().cumsum(1) - 1).clamp(min=0)
-        return model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        return model(input_ids=ids, attention_mask=attention, position_ids=_positions(attention)).logits
     return model(ids)
 
 
@@ -117,8 +121,7 @@ def _head_parts(model: torch.nn.Module):
         return None
 
     def hidden(ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        positions = (attention.long().cumsum(1) - 1).clamp(min=0)
-        return base(input_ids=ids, attention_mask=attention, position_ids=positions).last_hidden_state
+        return base(input_ids=ids, attention_mask=attention, position_ids=_positions(attention)).last_hidden_state
     return hidden, head, getattr(model.config, "final_logit_softcapping", None)
 
 
@@ -264,7 +267,8 @@ def fused_continuation_loss(student: torch.nn.Module, teacher: torch.nn.Module, 
         s_hidden(inputs, attention), s_head.weight, h_t, t_head.weight, student_bias=s_head.bias,
         teacher_bias=t_head.bias, student_softcap=s_cap, teacher_softcap=t_cap, divergence=config.divergence,
         beta=config.beta, temperature=config.loss_temperature, weights=weights.to(torch.float32), reduction="sum",
-        allow_vocab_mismatch=config.allow_vocab_mismatch, check_finite=not config.private)
+        allow_vocab_mismatch=config.allow_vocab_mismatch,
+        check_finite=not config.private)  # also with a frozen head, which the fused loss does not see as private
 
 
 def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | None, sequences: torch.Tensor,

@@ -276,8 +276,8 @@ class ClippingEngine:
         # Each entry's input batch size (its rows), which the layers' rows must equal: a model that folds tokens into
         # the batch dimension (OPT's decoder layers reshape to [B * T, d]) would otherwise be clipped per token.
         self._entry_rows: dict[int, int | None] = {}
-        # The latest (entry, ids) of each embedding tied to a head: a fused loss on that head gathers its logit
-        # gradients at those ids for the cross term of the two uses (privacy.head)
+        # The latest ids of each embedding tied to a head: a fused loss on that head gathers its logit gradients at
+        # those ids for the cross term of the two uses (privacy.head)
         self._tied_ids: dict[str, torch.Tensor] = {}
         # Batch norms that normalise with the batch's statistics (training mode, or no running statistics) mix
         # the examples (checked at wrap and flush).
@@ -400,32 +400,32 @@ class ClippingEngine:
         return task is not None and task() != -1
 
     def _capturing_forward(self, name: str, kind: str, target: torch.nn.Module):
-        anchor, target = self.anchor, weakref.ref(target)
         receive = self._keep_grad(name) if kind == "embedding" else self._linear_grad(name)
+        tied = kind == "embedding" and any(emb == name for emb, _ in self.tied)
+        # Gemma's scaled embedding (layer_kind checked its forward): the scale goes on after the capture, whose output
+        # gradient then carries it, as the weight's gradient does
+        scaled = kind == "embedding" and type(target).forward is not torch.nn.Embedding.forward
+        anchor, target = self.anchor, weakref.ref(target)
 
         def forward(module, x):
             if module is not target():  # a copy of the patched module (copy.deepcopy): not private
+                return type(module).forward(module, x)
+            if not (torch.is_grad_enabled() and (module.weight.requires_grad or _trainable_bias(module))):
+                # generation, evaluation, or a layer frozen since make_private: the plain layer
                 return type(module).forward(module, x)
             if kind == "conv1d_hf":
                 weight, bias = module.weight.t(), module.bias
             else:
                 weight, bias = module.weight, getattr(module, "bias", None)
-            if not (torch.is_grad_enabled() and (module.weight.requires_grad or _trainable_bias(module))):
-                # generation, evaluation, or a layer frozen since make_private: the plain layer
-                return type(module).forward(module, x)
             entry = self._call_entry()
             if kind != "embedding":
                 x = self._as_multiplied(x)
             call = _Call((x.detach(),), entry, on_grad=receive)
-            if kind == "embedding" and any(emb == name for emb, _ in self.tied):
+            if tied:
                 self._tied_ids[name] = x.detach()
             if kind == "embedding":
                 out = _CapturingEmbedding.apply(x, weight, module.padding_idx, anchor, call)
-                # Gemma's scale (layer_kind checked the forward): applied after the capture, whose output gradient
-                # then carries it, as the weight's gradient does
-                scale = getattr(module, "embed_scale", None) if type(module).forward is not torch.nn.Embedding.forward \
-                    else None
-                return out if scale is None else out * torch.as_tensor(scale).to(weight.dtype)
+                return out * torch.as_tensor(module.embed_scale).to(weight.dtype) if scaled else out
             lead = tuple(x.shape[:-1])
             y = _CapturingLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, anchor, call, lead)
             return y.view(*lead, y.shape[-1])
@@ -592,13 +592,14 @@ class ClippingEngine:
 
     def _batch_size(self) -> int:
         """Examples in the captured batch (rows / rows_per_example)."""
+        entries_of: dict[str, set[int | None]] = {}
         for name, calls in self.calls.items():
             heads = self.head_calls.get(name, [])
             if heads and any(c.done for c in calls):
                 raise ValueError(f"layer {name!r} was used both through its forward and by "
                                  "dpkd.fused_linear_distill_loss before one step: the cross terms of the two uses' "
                                  "per-example gradients are not formed")
-            entries = {c.entry for c in calls if c.done} | {h.entry for h in heads}
+            entries = entries_of[name] = {c.entry for c in calls if c.done} | {h.entry for h in heads}
             # Row i of each pass would be one clipping unit: two examples, if the passes held different ones. (A
             # layer called twice within one pass -- a shared layer -- is one entry.)
             if len(entries - {None}) > 1:
@@ -620,8 +621,7 @@ class ClippingEngine:
                              "that folds tokens into the batch dimension, as OPT's decoder layers do, cannot be "
                              "clipped per example there), and the loss must be per example")
         rows = next(iter(seen))
-        for name in self.calls:
-            entries = {c.entry for c in self.calls[name] if c.done} | {h.entry for h in self.head_calls.get(name, ())}
+        for name, entries in entries_of.items():
             inputs = {self._entry_rows.get(e) for e in entries} - {None}
             if inputs and inputs != {rows}:
                 raise ValueError(f"layer {name!r} saw {rows} rows where the model's input had {inputs.pop()}: the "
@@ -761,9 +761,7 @@ class ClippingEngine:
             if data[emb] is None or not self.layers[emb][0].weight.requires_grad:
                 continue
             ids, g_emb = data[emb]
-            for h in self.head_calls.get(head, ()):  # the head used by the fused loss
-                for c in self.calls[emb]:
-                    c.check_unchanged(emb)
+            for h in self.head_calls.get(head, ()):  # the head used by the fused loss (ids checked by _tokens)
                 captured_sq.append(2 * h.cross(ids, g_emb, self.layers[emb][0].padding_idx))
         for heads in self.head_calls.values():
             for h in heads:  # squared norms and bounds already in the delivered (captured) units

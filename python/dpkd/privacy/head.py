@@ -21,7 +21,7 @@ import typing
 
 import torch
 
-from .. import _mixed
+from .. import _mixed, _ops
 from . import layers
 
 # rows (flattened token indices) -> (their hidden states [c, H], d loss / d logits [c, V] times ``unscale``'s inverse)
@@ -130,7 +130,7 @@ class PrivateHead:
             self._pick(chunk, g)
         bad = ~torch.isfinite(loss)
         if self.entropies:
-            bad |= stats[:, :2].isnan().any(1)
+            bad |= _ops.flagged_rows(stats)
         self.nonfinite.index_put_((e,), bad, accumulate=True)
         self.split = layers.splits(h, g)
         u = self.unscale
