@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Literal, NamedTuple
 import torch
 
 from . import _ops
+from .privacy import engine as privacy_engine
 
 if TYPE_CHECKING:
     from .select import Selection
@@ -373,21 +374,33 @@ def distill_loss(
     if t2 != 1.0:
         per_token = per_token * t2
     if select is not None:
-        # The rule sees NaN (no score) at tokens that carry no loss, so that padding takes no place in its quotas
-        # even where the rule is not given ``valid``.
-        rule_stats = token_stats_ if valid is None else TokenStats(
-            *(torch.where(valid, f, torch.full_like(f, math.nan)) for f in token_stats_))
-        chosen = select if not callable(select) else select(rule_stats, valid)
-        if not hasattr(chosen, "weights") or not isinstance(getattr(chosen, "values", None), torch.Tensor):
-            raise TypeError(f"select must be a dpkd.select.Selection or a rule returning one, got "
-                            f"{type(chosen).__name__}")
-        if tuple(chosen.values.shape) != tuple(per_token.shape):
-            raise ValueError(f"select produced shape {tuple(chosen.values.shape)}, expected {tuple(per_token.shape)}")
-        weights = chosen.weights() if weights is None else weights * chosen.weights()
+        weights = selected_weights(select, token_stats_, valid, weights, student_logits)
     loss = _reduce(per_token, valid, weights, reduction)
     if return_stats:
         return loss, token_stats_
     return loss
+
+
+def selected_weights(select: Selection | Callable[[TokenStats, torch.Tensor | None], Selection],
+                     stats: TokenStats | None, valid: torch.Tensor | None, weights: torch.Tensor | None,
+                     student: torch.Tensor, private: bool = False) -> torch.Tensor:
+    """``weights`` (None: ones) times the weights of ``select``: a Selection, or a rule applied to ``stats``.
+    A batch-scope selection is refused where DP-SGD clips the loss per example (``private``, or ``student`` comes
+    from a model made private): one example would change which of the others' tokens carry loss, past C."""
+    if callable(select):
+        # The rule sees NaN (no score) at tokens that carry no loss, so that padding takes no place in its quotas
+        # even where the rule is not given ``valid``.
+        select = select(stats if valid is None else TokenStats(
+            *(torch.where(valid, f, torch.full_like(f, math.nan)) for f in stats)), valid)
+    if not hasattr(select, "weights") or not isinstance(getattr(select, "values", None), torch.Tensor):
+        raise TypeError(f"select must be a dpkd.select.Selection or a rule returning one, got {type(select).__name__}")
+    shape = tuple(student.shape[:-1])
+    if tuple(select.values.shape) != shape:
+        raise ValueError(f"select produced shape {tuple(select.values.shape)}, expected {shape}")
+    if select.scope != "sequence" and (private or (student.requires_grad and not torch.compiler.is_compiling()
+                                                   and privacy_engine.depends_on_private(student))):
+        select.check_private()
+    return select.weights() if weights is None else weights * select.weights()
 
 
 def token_stats(

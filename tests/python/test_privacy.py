@@ -92,6 +92,25 @@ class WeightFirstRMSNorm(GemmaStyleRMSNorm):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
+class ScaledLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm subclass whose forward does more: nn.LayerNorm's closed form is not its gradient."""
+
+    def forward(self, x):
+        return super().forward(x) * 4.0
+
+
+class LoRALinear(torch.nn.Linear):
+    """A Linear subclass with parameters of its own (its base frozen): not the captured linear's weight and bias."""
+
+    def __init__(self, i, o, rank=2):
+        super().__init__(i, o)
+        self.requires_grad_(False)
+        self.a, self.b = torch.nn.Parameter(torch.randn(rank, i) / 2), torch.nn.Parameter(torch.randn(o, rank) / 2)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.a.t() @ self.b.t()
+
+
 class NormedSeq(torch.nn.Module):
     def __init__(self, norm):
         super().__init__()
@@ -128,8 +147,17 @@ def make_case(kind, b=6, seed=0):
         model = InplaceSeq()
         x, y = torch.randn(b, 10, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
         loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
-    elif kind in ("gemma_rmsnorm", "weight_first_rmsnorm"):
-        model = NormedSeq((GemmaStyleRMSNorm if kind == "gemma_rmsnorm" else WeightFirstRMSNorm)(6))
+    elif kind in ("weight_norm_linear", "lora_linear"):
+        # The old weight_norm computes the weight from weight_g and weight_v: both take the torch.func path.
+        first = (torch.nn.utils.weight_norm(torch.nn.Linear(8, 16)) if kind == "weight_norm_linear"
+                 else LoRALinear(8, 16))
+        model = torch.nn.Sequential(first, torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        x, y = torch.randn(b, 8, generator=g), torch.randint(0, 4, (b,), generator=g)
+        loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    elif kind in ("gemma_rmsnorm", "weight_first_rmsnorm", "scaled_layer_norm"):
+        norm = {"gemma_rmsnorm": GemmaStyleRMSNorm, "weight_first_rmsnorm": WeightFirstRMSNorm,
+                "scaled_layer_norm": ScaledLayerNorm}[kind]
+        model = NormedSeq(norm(6))
         x, y = torch.randn(b, 5, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
         loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
     elif kind == "tied_lm":
@@ -155,8 +183,9 @@ def brute_force(model, x, y, loss):
     return per, norms
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated")
 @pytest.mark.parametrize("kind", ["mlp", "conv", "tied_lm", "shared_seq", "inplace_seq", "gemma_rmsnorm",
-                                  "weight_first_rmsnorm"])
+                                  "weight_first_rmsnorm", "scaled_layer_norm", "weight_norm_linear", "lora_linear"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_norms_and_clipped_step_equal_brute_force(kind, reduction, device):
@@ -174,7 +203,8 @@ def test_norms_and_clipped_step_equal_brute_force(kind, reduction, device):
     # Per-example gradients where 2 T^2 >= d p (token-wise layers), ghost norms for T = 1 and the tied head.
     seq = {"l1": True, "l2": True}
     instantiated = {"mlp": {"0": False, "2": False}, "conv": {"3": False}, "tied_lm": {"proj": True, "head": False},
-                    "shared_seq": seq, "gemma_rmsnorm": seq, "weight_first_rmsnorm": seq,
+                    "shared_seq": seq, "gemma_rmsnorm": seq, "weight_first_rmsnorm": seq, "scaled_layer_norm": seq,
+                    "weight_norm_linear": {"2": False}, "lora_linear": {"2": False},
                     "inplace_seq": {"l1": True, "l2": True, "head": False}}
     assert dp.engine.instantiate == instantiated[kind]
     dp.step()
@@ -184,7 +214,7 @@ def test_norms_and_clipped_step_equal_brute_force(kind, reduction, device):
     torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-6, atol=1e-12)
     coef = (c_max / (norms + 1e-6)).clamp(max=1)
     for n, p in model.named_parameters():
-        expected = -(per[n] * coef.reshape(-1, *[1] * (per[n].dim() - 1))).sum(0) / 8
+        expected = -(per[n] * coef.reshape(-1, *[1] * (per[n].dim() - 1))).sum(0) / 8 if n in per else 0 * p
         torch.testing.assert_close(p.detach() - before[n], expected, rtol=1e-6, atol=1e-12)
     assert ((norms * coef) <= c_max + 1e-9).all()
 
@@ -1536,3 +1566,75 @@ def test_a_layer_with_an_earlier_pre_hook_that_reads_its_parameters():
     dp.step()
     for p, b, g in zip(model.parameters(), before, plain):
         torch.testing.assert_close(p - b, -g / 4)
+
+
+@pytest.mark.parametrize("trainable", ["all", "layer_norm_only"])
+def test_a_batch_scope_selection_is_refused_on_a_private_model(trainable):
+    # Ranked across the batch, one example would change which of the others' tokens carry loss: past C.
+    import dpkd
+    from dpkd import select
+
+    torch.manual_seed(0)
+    vocab, width, batch, tokens = 40, 8, 3, 5
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, width), torch.nn.LayerNorm(width),
+                                torch.nn.Linear(width, vocab)).float()  # the losses take fp32 logits
+    if trainable == "layer_norm_only":  # a generic layer's stand-in parameters are what the graph shows
+        for module in (model[0], model[2]):
+            module.requires_grad_(False)
+    plain = copy.deepcopy(model)
+    _, optimizer = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                        max_grad_norm=1.0, expected_batch_size=batch, dataset_size=100)
+    ids, teacher = torch.randint(0, vocab, (batch, tokens)), torch.randn(batch, tokens, vocab, dtype=torch.float32)
+
+    def rule(scope):
+        return lambda st, valid: select.entropy_top_fraction(st.student_entropy, 0.5, valid=valid, scope=scope)
+
+    half = select.Selection(torch.rand(batch, tokens) < 0.5, "batch")
+    for chosen in (rule("batch"), half):
+        with pytest.raises(ValueError, match="batch-scope selection cannot be used under DP"):
+            dpkd.distill_loss(model(ids), teacher, reduction="none", select=chosen)
+        dpkd.distill_loss(plain(ids), teacher, reduction="none", select=chosen)  # not private: allowed
+    dpkd.distill_loss(model(ids), teacher, reduction="none", select=rule("sequence")).sum().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("positions", ["shared", "per_example"])
+def test_position_ids_without_the_batch_dimension_are_refused_even_where_b_equals_t(positions):
+    # nanoGPT's wpe(torch.arange(T)): rows of positions, not of examples; with B = T the rows check passed and
+    # the step moved past C / L (a review helper: 1.28 x at B = T = 16).
+    class NanoGPTStyle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe, self.head = (torch.nn.Embedding(11, 4), torch.nn.Embedding(4, 4),
+                                             torch.nn.Linear(4, 11))
+
+        def forward(self, idx):
+            pos = torch.arange(idx.shape[1])
+            if positions == "per_example":
+                pos = pos.expand(idx.shape)
+            return self.head(self.wte(idx) + self.wpe(pos))
+
+    model = NanoGPTStyle()
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    model(torch.randint(0, 11, (4, 4))).sum().backward()  # B = T = 4
+    if positions == "shared":
+        with pytest.raises(ValueError, match="embedding 'wpe' read ids of 1 dimensions"):
+            dp.step()
+    else:
+        dp.step()
+
+
+def test_instance_norm_tracking_running_statistics_in_training_is_refused():
+    # Its running statistics move with the private batch, without clipping or noise, and leave with the model.
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 3, 1), torch.nn.InstanceNorm1d(3, track_running_stats=True))
+    with pytest.raises(ValueError, match=r"track_running_stats=True .* 1 \(InstanceNorm1d\)"):
+        privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
+                             max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    model[1].eval()  # normalises with the running statistics, updates nothing
+    _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
+    model[1].train()  # checked again at each step
+    model(torch.randn(4, 3, 5)).sum().backward()
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        dp.step()

@@ -51,12 +51,33 @@ def head_engine(weight: torch.Tensor) -> tuple[ClippingEngine, str] | None:
     return None
 
 
-def _leading_rows(args: tuple, kwargs: dict) -> int | None:
-    """The batch size of a model's input: its first positional tensor's, or a Hugging Face model's input_ids' or
-    inputs_embeds' (None where there is none to read)."""
+def depends_on_private(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s autograd graph passes through a layer whose per-example gradients an engine captures, or
+    reads a parameter an engine clips: a loss on it is clipped per example (and must treat the examples apart)."""
+    engines = [e for e in {ref() for ref in list(_ATTACHED.values())} if e is not None]
+    # Generic layers' forwards read stand-ins of their parameters (ClippingEngine._stand_in_params): new leaves on
+    # the same storage, known by their data pointers.
+    storages = {p.data_ptr() for e in engines for p in e.params}
+    todo, seen = [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_forward_cls", None) in (_CapturingLinear, _CapturingEmbedding):
+            return True
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+        if isinstance(variable, torch.Tensor) and variable.data_ptr() in storages:
+            return True
+        todo.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def _model_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A model's input: its first positional tensor, or a Hugging Face model's input_ids or inputs_embeds."""
     for x in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
         if isinstance(x, torch.Tensor):
-            return x.shape[0] if x.dim() else None
+            return x
     return None
 
 
@@ -124,7 +145,12 @@ def layer_kind(module: torch.nn.Module) -> str | None:
     """'linear', 'conv1d_hf' (GPT-2's transposed linear), 'embedding', 'generic' or None (unsupported). A Linear or
     Embedding subclass whose forward does something else (OPT's learned positions, a linear that rescales) is
     unsupported: the capturing forward would replace it. Checked on a probe, two such forwards are taken: a linear's
-    that computes F.linear, and Gemma's scaled embedding."""
+    that computes F.linear, and Gemma's scaled embedding. One whose trainable parameters are not its weight and bias
+    is generic (torch.func runs its forward): the old torch.nn.utils.weight_norm / spectral_norm compute ``weight``
+    from other parameters (weight_g and weight_v, weight_orig), which the captured weight's clipped sum would miss."""
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__ == "Conv1D":
+        if not {n for n, p in module.named_parameters(recurse=False) if p.requires_grad} <= {"weight", "bias"}:
+            return "generic"
     if isinstance(module, torch.nn.Linear):
         return "linear" if type(module).forward is torch.nn.Linear.forward or _plain_linear(module) else None
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
@@ -164,9 +190,11 @@ class _Call:
     on_grad: typing.Callable[[_Call, torch.Tensor], None] | None = None
     autocast: torch.dtype | None = None  # generic layers: the forward's autocast dtype, for torch.func's re-forward
     versions: tuple[int, ...] = ()  # the inputs' versions when the layer read them
+    dims: int = 0  # the first input's dimensions
 
     def __post_init__(self) -> None:
         self.versions = tuple(t._version for t in self.inputs if isinstance(t, torch.Tensor))
+        self.dims = self.inputs[0].dim() if self.inputs and isinstance(self.inputs[0], torch.Tensor) else 0
 
     def check_unchanged(self, name: str) -> None:
         """The captured inputs are those the layer read: an in-place change since (which autograd would refuse for a
@@ -276,14 +304,19 @@ class ClippingEngine:
         # Each entry's input batch size (its rows), which the layers' rows must equal: a model that folds tokens into
         # the batch dimension (OPT's decoder layers reshape to [B * T, d]) would otherwise be clipped per token.
         self._entry_rows: dict[int, int | None] = {}
+        # ... and the dimensions of its token ids, which an embedding's ids must have: ids without the batch
+        # dimension (nanoGPT's wpe(torch.arange(T))) are shared by the examples, and pass the rows check where B = T.
+        self._entry_ids: dict[int, int | None] = {}
         # The latest ids of each embedding tied to a head: a fused loss on that head gathers its logit gradients at
         # those ids for the cross term of the two uses (privacy.head)
         self._tied_ids: dict[str, torch.Tensor] = {}
         # Batch norms that normalise with the batch's statistics (training mode, or no running statistics) mix
         # the examples (checked at wrap and flush).
-        self.batch_norms = [(n, m) for n, m in model.named_modules()
-                            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        self.check_batch_norms()
+        # Instance norms that track running statistics update them from each batch in training mode: buffers
+        # outside the clipping and the noise, released with the model (checked alike).
+        self.norms = [(n, m) for n, m in model.named_modules()
+                      if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm))]
+        self.check_norms()
         # Parameters of supported layers frozen now: unfrozen later, their gradients would be neither captured nor
         # clipped (checked at flush).
         self.frozen_params = [(f"{m_name}.{pn}" if m_name else pn, p) for m_name, (module, _) in self.layers.items()
@@ -321,7 +354,9 @@ class ClippingEngine:
         if module is not target:  # a copy's hook
             return
         if self._depth == 0 and self._new_entry():
-            self._entry_rows = {self._entry: _leading_rows(args, kwargs)}  # earlier entries are consumed or refused
+            x = _model_input(args, kwargs)  # earlier entries are consumed or refused
+            self._entry_rows = {self._entry: x.shape[0] if x is not None and x.dim() else None}
+            self._entry_ids = {self._entry: x.dim() if x is not None and not x.is_floating_point() else None}
         self._depth += 1
 
     def _leave(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple, output) -> None:
@@ -378,14 +413,21 @@ class ClippingEngine:
         self.head_calls[name].append(head)
         self._backward_seen = True
 
-    def check_batch_norms(self) -> None:
-        mixing = [f"{n or '<root>'} ({type(m).__name__})" for n, m in self.batch_norms
-                  if m.training or m.running_mean is None]
-        if mixing:
+    def check_norms(self) -> None:
+        batch = [f"{n or '<root>'} ({type(m).__name__})" for n, m in self.norms
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)]
+        if batch:
             raise ValueError("batch norm in training mode (or without running statistics) normalises each example "
                              "with statistics of the whole batch, so one example changes the others' gradients, "
-                             "which per-example clipping cannot bound: " + ", ".join(mixing) + ". Put them in eval "
+                             "which per-example clipping cannot bound: " + ", ".join(batch) + ". Put them in eval "
                              "mode with running statistics after model.train(), or use GroupNorm/LayerNorm")
+        tracking = [f"{n or '<root>'} ({type(m).__name__})" for n, m in self.norms
+                    if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.training
+                    and m.track_running_stats]
+        if tracking:
+            raise ValueError("instance norm with track_running_stats=True updates its running statistics from the "
+                             "private batch in training mode, without clipping or noise, and they are released with "
+                             "the model: " + ", ".join(tracking) + ". Use track_running_stats=False, or eval mode")
 
     def check_frozen_params(self) -> None:
         unfrozen = [n for n, p in self.frozen_params if p.requires_grad]
@@ -583,6 +625,7 @@ class ClippingEngine:
         self.instantiate.clear()
         self._autocast_copies.clear()
         self._entry_rows = {}  # a forward still waiting for its backward goes unchecked rather than held to a stale size
+        self._entry_ids = {}
         self._backward_seen = False
         self._entries_since_clear = 0
 
@@ -627,6 +670,14 @@ class ClippingEngine:
                 raise ValueError(f"layer {name!r} saw {rows} rows where the model's input had {inputs.pop()}: the "
                                  "model folds something (OPT's decoder layers: the tokens) into the batch dimension "
                                  "before it, so clipping would bound each row, not each example")
+            if self.layers[name][1] == "embedding":
+                for c in self.calls[name]:
+                    want = self._entry_ids.get(c.entry)
+                    if c.done and want is not None and c.dims < want:
+                        raise ValueError(f"embedding {name!r} read ids of {c.dims} dimensions where the model's input "
+                                         f"ids have {want}: ids without the batch dimension (such as positions "
+                                         "torch.arange(T)) are shared by all examples, so their rows are not "
+                                         "examples; pass them per example, e.g. torch.arange(T).expand(B, T)")
         if any(c.per_example is not None and c.rows_per_example != self.rows_per_example
                for calls in self.calls.values() for c in calls) or any(
                 h.rows_per_example != self.rows_per_example for heads in self.head_calls.values() for h in heads):
@@ -667,7 +718,7 @@ class ClippingEngine:
     def flush(self, max_grad_norm: float, sums: dict[int, torch.Tensor]) -> torch.Tensor:
         """Clip this micro-batch: add sum_i c_i g_i into ``sums`` (keyed by id(param)); returns ||g_i||."""
         self._autocast_copies.clear()
-        self.check_batch_norms()
+        self.check_norms()
         self.check_frozen_params()
         self._flushing = True
         mine: dict[int, torch.Tensor] = {}

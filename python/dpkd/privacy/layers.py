@@ -233,9 +233,10 @@ def norm_per_example_grads(module: torch.nn.Module, x: torch.Tensor, g: torch.Te
                            trainable: set[str]) -> dict[str, torch.Tensor] | None:
     """Closed-form per-example gradients of nn.LayerNorm and nn.RMSNorm affine parameters:
     weight: sum over tokens of g * x_hat, bias: sum of g (x_hat the normalised input). None for other
-    layers (they take the torch.func path)."""
-    is_ln = isinstance(module, torch.nn.LayerNorm)
-    is_rms = hasattr(torch.nn, "RMSNorm") and isinstance(module, torch.nn.RMSNorm)
+    layers, and for subclasses with a forward of their own (which may compute something else: they take the
+    torch.func path, which runs that forward)."""
+    is_ln = type(module).forward is torch.nn.LayerNorm.forward
+    is_rms = hasattr(torch.nn, "RMSNorm") and type(module).forward is torch.nn.RMSNorm.forward
     if not (is_ln or is_rms) or not getattr(module, "elementwise_affine", True):
         return None
     shape = tuple(module.normalized_shape)
