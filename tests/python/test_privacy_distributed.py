@@ -46,7 +46,10 @@ def _worker(rank, sigma, out):
     rows = slice(0, 3) if rank == 0 else slice(3, 8)  # unequal shards
     # Rank 1 starts from other weights: make_private gives every rank rank 0's.
     delta = _update(_model(seed=rank), x[rows], y[rows], sigma, True, seed=100 + rank)
-    torch.save(delta, f"{out}.{rank}")
+    # A Poisson sampler made without num_replicas/rank takes the process group's (all ranks sampling the whole
+    # dataset would put an example in two ranks' batches), and its rank's indices only.
+    sampler = privacy.PoissonBatchSampler(8, 1.0, steps=1)
+    torch.save((delta, (sampler.num_replicas, sampler.rank, list(sampler))), f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
     # Leave without the interpreter's teardown: a gloo thread still joinable when static destructors run aborted a
@@ -57,7 +60,9 @@ def _worker(rank, sigma, out):
 def _run(tmp_path, sigma):
     out = str(tmp_path / "delta")
     mp.spawn(_worker, args=(sigma, out), nprocs=2, join=True)
-    return torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    (d0, s0), (d1, s1) = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert (s0, s1) == ((2, 0, [[0, 2, 4, 6]]), (2, 1, [[1, 3, 5, 7]]))
+    return d0, d1
 
 
 def test_two_ranks_equal_one_process_without_noise(tmp_path):

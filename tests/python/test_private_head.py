@@ -457,3 +457,13 @@ def test_a_frozen_head_weight_with_a_trainable_bias():
         assert_close_in_norm(deltas[k], -sum(coef[i] * per[i][j] for i in range(len(per))) / 8)
     head_weight = [k for k, p in enumerate(model.parameters()) if p is model.head.weight][0]
     assert (deltas[head_weight] == 0).all()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_an_empty_batch_through_the_fused_head_is_a_noise_only_step(tie):
+    # A Poisson batch of no examples ([0, T] tensors): a tied head's per-example ids [0, T] failed to reshape.
+    model, ids, valid, h_t, w_t = make_case(bias=False)
+    if tie:
+        model.head.weight = model.emb.weight
+    deltas, norms = private_step(model, ids[:0], valid[:0], h_t[:0], w_t, "jsd", 1.0)
+    assert norms.shape == (0,) and all(not d.any() for d in deltas)

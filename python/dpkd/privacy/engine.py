@@ -314,8 +314,8 @@ class ClippingEngine:
         # the examples (checked at wrap and flush).
         # Instance norms that track running statistics update them from each batch in training mode: buffers
         # outside the clipping and the noise, released with the model (checked alike).
-        self.norms = [(n, m) for n, m in model.named_modules()
-                      if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm))]
+        norm_kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
+        self.norms = [(n, m) for n, m in model.named_modules() if isinstance(m, norm_kinds)]
         self.check_norms()
         # Parameters of supported layers frozen now: unfrozen later, their gradients would be neither captured nor
         # clipped (checked at flush).

@@ -113,7 +113,7 @@ class PrivateHead:
         self.margin: torch.Tensor | None = None
         self.hidden = hidden.detach()  # read by the cross term, which must build no graph
         # Tied: each example's ids [E, k T'], and per example the (head rows, dz at its ids [rows, k T']) pieces
-        self.tied_ids = None if tied_ids is None else tied_ids.reshape(examples, -1)
+        self.tied_ids = None if tied_ids is None else tied_ids.reshape(examples, tied_ids.numel() // max(examples, 1))
         self.picked: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def observe(self, chunk: Chunk, h: torch.Tensor, g: torch.Tensor, loss: torch.Tensor,

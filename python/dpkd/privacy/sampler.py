@@ -28,9 +28,11 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
     k independent Poisson batches per step instead would hold an example twice in some steps, which the accountant's
     rate and sensitivity do not cover.
 
-    Data-parallel training (``num_replicas`` ranks, this one ``rank``): each rank samples the indices
-    i = rank (mod num_replicas) at the same rate, so that together the ranks draw one Poisson batch of the whole
-    dataset. The ranks' draws must be independent: a ``generator`` (usually seeded alike on every rank) seeds, with
+    Data-parallel training (``num_replicas`` ranks, this one ``rank``; by default, as for DistributedSampler, those
+    of the initialised torch.distributed process group): each rank samples the indices i = rank (mod num_replicas) at
+    the same rate, so that together the ranks draw one Poisson batch of the whole dataset (every rank sampling all of
+    it would put an example in several ranks' batches: twice the sensitivity the accountant assumes). A process group
+    whose ranks train apart passes ``num_replicas=1, rank=0``. The ranks' draws must be independent: a ``generator`` (usually seeded alike on every rank) seeds, with
     one draw from it and the rank, a generator of this rank's own; without one (and outside secure mode) each rank
     seeds its own from os.urandom.
     """
@@ -49,6 +51,8 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if (num_replicas is None) != (rank is None):
             raise ValueError("give both num_replicas and rank, or neither")
+        if num_replicas is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         if num_replicas is not None and not (num_replicas >= 1 and 0 <= rank < num_replicas):
             raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}")
         self.dataset_size, self.sample_rate = dataset_size, sample_rate
@@ -146,7 +150,8 @@ def poisson_loader(dataset: Any, expected_batch_size: int, *, steps: int | None 
                    **loader_kwargs: Any) -> torch.utils.data.DataLoader:
     """A DataLoader of Poisson batches at rate q = expected_batch_size / len(dataset) (PoissonBatchSampler), empty
     batches included as empty tensors (EmptyBatchCollate). ``loader_kwargs`` go to the DataLoader (num_workers,
-    pin_memory, ...); with ``num_replicas``/``rank``, expected_batch_size is the global one; with ``micro_batches`` = k,
+    pin_memory, ...); with ``num_replicas``/``rank`` (by default the process group's, if one is initialised),
+    expected_batch_size is the global one; with ``micro_batches`` = k,
     each Poisson batch (of expected size expected_batch_size) comes in k parts (see PoissonBatchSampler)."""
     n = len(dataset)
     # Checked here by the names the caller used (PoissonBatchSampler names the rate it is given).
