@@ -11,11 +11,16 @@ must be reduced to a scalar (sum, mean or batchmean).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
 
 from . import _mixed, _ops, losses, topk
 from .privacy import engine as privacy_engine
 from .privacy import head as privacy_head
+
+if TYPE_CHECKING:
+    from .select import Selection
 
 __all__ = ["fused_linear_distill_loss"]
 
@@ -197,7 +202,7 @@ def _private_head(hidden, weight, bias, reduction, entropies, read):
     if reduction != "sum":
         raise ValueError(f"{where} the loss must be reduction='sum' of per-example losses: {reduction!r} divides by "
                          "counts over the whole batch, so one example would change the others' gradients; for each "
-                         "example's token mean pass weights=valid / valid.sum(-1, keepdim=True)")
+                         "example's token mean pass weights=valid / valid.sum(-1, keepdim=True).clamp(min=1)")
     if hidden.dim() != 3:
         raise ValueError(f"{where} student_hidden must be [B, T, H], batch first, got {tuple(hidden.shape)}")
     if bias is not None and bias is not module.bias:
@@ -217,6 +222,23 @@ def _private_head(hidden, weight, bias, reduction, entropies, read):
                                         checked=checked, hidden=hidden.reshape(-1, hidden.shape[-1]),
                                         tied_ids=None if tied is None else tied[1])
     return make
+
+
+def _token_stats(h_s, w_s, b_s, objective, labels, rows, opts) -> torch.Tensor:
+    """The statistics [N, 5] of the rows where ``rows`` (NaN elsewhere), chunk by chunk, without gradients: what
+    the loss's chunk loop computes, for a select rule to read before it."""
+    s_scale, s_cap, chunk, _, fp32_logits = opts
+    stats = torch.full((h_s.shape[0], _ops.N_STATS), float("nan"), dtype=torch.float32, device=h_s.device)
+    rows = rows.nonzero().flatten()
+    with torch.no_grad():
+        w = _logit_weight(w_s.detach(), fp32_logits)
+        b = None if b_s is None else b_s.detach()
+        for start in range(0, rows.numel(), chunk):
+            r = rows[start:start + chunk]
+            zs, _ = _logits(h_s[r], w, b, s_scale, s_cap, fp32_logits)
+            stats[r] = objective(r, zs, None if labels is None else labels[r],
+                                 torch.ones(r.numel(), dtype=torch.float32, device=zs.device), None)[1]
+    return stats
 
 
 # The chunk loop runs over the tokens that carry loss, a number known only at run time: torch.compile calls the
@@ -252,10 +274,11 @@ def fused_linear_distill_loss(
     fp32_weight_grad: bool | None = None,
     fp32_logits: bool | None = None,
     return_stats: bool = False,
+    select: Selection | Callable[[losses.TokenStats, torch.Tensor | None], Selection] | None = None,
     check_finite: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
     """:func:`dpkd.distill_loss` of ``softcap(scale (h W^T + b))`` for both models, from hidden states (its options
-    but for ``select``, ``standardize`` and T² scaling; ``mask``/``weights`` choose tokens).
+    but for ``standardize`` and T² scaling; ``mask``/``weights``/``select`` choose tokens).
 
     Args:
         student_hidden: [N, H_s] or [B, T, H_s]; student_weight [V, H_s] (e.g. ``lm_head.weight``).
@@ -275,6 +298,11 @@ def fused_linear_distill_loss(
             objective kernels (on CUDA with the hardware exp2/log2 of the 16-bit kernels: logits from 16-bit
             factors need no more).
         return_stats: also return :class:`dpkd.TokenStats` (NaN for tokens that carry no loss).
+        select: a :class:`dpkd.select.Selection`, or a rule ``f(stats, valid) -> Selection`` as in
+            :func:`dpkd.distill_loss`. A rule reads statistics that a first pass forms without gradients (both
+            heads' logits again, chunk by chunk, for every token that carries loss: about the matmuls of the loss's
+            forward once more); the unselected tokens then enter no matmul of the loss. Under DP-SGD, sequence scope
+            only.
         check_finite: raise where a token that carries loss has NaN or +inf logits (as :func:`dpkd.distill_loss`).
             Default: on, but off under DP-SGD (below), where the engine drops that example instead: a raise would
             make whether a step happens depend on one example (True is refused there).
@@ -283,9 +311,9 @@ def fused_linear_distill_loss(
     :func:`dpkd.privacy.make_private`), the head is clipped per example with the rest of the model: each
     example's head-gradient norm is measured in the chunk loop and the step recomputes the chunks to form the
     clipped sum (see :mod:`dpkd.privacy.head`). The loss must then be ``reduction="sum"`` of per-example losses
-    (``weights=valid / valid.sum(-1, keepdim=True)`` for each example's token mean), student_hidden [B, T, H]
-    batch first, and the head used once per step (a head tied to the input embedding is supported: the embedding
-    must have run, with gradients, in the same step).
+    (``weights=valid / valid.sum(-1, keepdim=True).clamp(min=1)`` for each example's token mean), student_hidden
+    [B, T, H] batch first, and the head used once per step (a head tied to the input embedding is supported: the
+    embedding must have run, with gradients, in the same step).
     Example with Hugging Face models::
 
         s = student(input_ids, output_hidden_states=True); t = teacher(input_ids, output_hidden_states=True)
@@ -352,9 +380,9 @@ def fused_linear_distill_loss(
                          hard_label_weight=hard_label_weight, has_labels=labels is not None)
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    valid = losses.valid_tokens(labels, mask, ignore_index)
     # d loss / d per-token loss: the logits path's reduction; zero rows enter no matmul.
-    row_scale = losses._reduction_weights(lead, losses.valid_tokens(labels, mask, ignore_index), weights, reduction,
-                                          h_s.device).reshape(-1)
+    row_scale = losses._reduction_weights(lead, valid, weights, reduction, h_s.device).reshape(-1)
     half = student_weight.dtype in (torch.bfloat16, torch.float16)
     fp32_weight_grad = half if fp32_weight_grad is None else fp32_weight_grad
     # float64 heads: the objective kernels take fp32 (or 16-bit) logits
@@ -408,10 +436,24 @@ def fused_linear_distill_loss(
         raise ValueError("check_finite=True under DP-SGD: whether a step happens would depend on one example's "
                          "logits; leave it at its default (off under DP: that example is dropped)")
     check_finite = private is None if check_finite is None else check_finite
+    # The rows whose statistics are computed: those of the loss, or with a rule every token that carries loss.
+    scored = row_scale != 0
+    first_stats = None
+    if select is not None:
+        if callable(select):
+            first_stats = _token_stats(h_s, student_weight, student_bias, objective, flat_labels, scored, opts)
+        weights = losses.selected_weights(
+            select, None if first_stats is None else losses.TokenStats(*first_stats.reshape(*lead, -1).unbind(-1)),
+            valid, weights, student_hidden, private=private is not None)
+        row_scale = losses._reduction_weights(lead, valid, weights, reduction, h_s.device).reshape(-1)
+        if first_stats is None:
+            scored = row_scale != 0
     loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts,
                                             private, _ops.graph_anchor(h_s, student_weight, student_bias))
+    if first_stats is not None:  # every token that carries loss, the unselected ones too
+        stats = first_stats
     if teacher_topk is None and check_finite:  # after every chunk is queued; tokens without weight were not computed
-        losses.report_nan(stats, row_scale == 0, tuple(
+        losses.report_nan(stats, ~scored, tuple(
             f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf, or no finite value "
             "(first in flattened token {row})" for model in ("student", "teacher")))
     if return_stats:

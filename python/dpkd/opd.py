@@ -69,7 +69,8 @@ class OPDConfig:
     allow_vocab_mismatch: bool = False
     # The distillation loss from the two models' last hidden states and output layers (dpkd.fused_linear_distill_loss):
     # no [B, T, V] logits. Hugging Face causal LMs whose logits are their output layer on their base model's last
-    # hidden state (checked at construction; Gemma's final softcap taken along), and no select rule.
+    # hidden state (checked at construction; Gemma's final softcap taken along). A select rule costs a first pass over
+    # both heads (the statistics it reads).
     fused_head: bool = False
 
     def __post_init__(self) -> None:
@@ -253,22 +254,45 @@ def _continuation_tokens(student: torch.nn.Module, sequences: torch.Tensor, prom
 
 
 def fused_continuation_loss(student: torch.nn.Module, teacher: torch.nn.Module, sequences: torch.Tensor,
-                            prompt_len: int, config: OPDConfig) -> torch.Tensor:
+                            prompt_len: int, config: OPDConfig, *,
+                            select: Callable | None = None) -> tuple[torch.Tensor, float]:
     """:func:`continuation_losses`' per-example losses, summed (each example's continuations, ``num_samples``
-    consecutive rows, averaged), from the models' hidden states and output layers: no [B, T, V] logits."""
-    inputs, _, attention, cont = _continuation_tokens(student, sequences, prompt_len, config)
+    consecutive rows, averaged), from the models' hidden states and output layers: no [B, T, V] logits; and the
+    selected fraction."""
+    inputs, targets, attention, cont = _continuation_tokens(student, sequences, prompt_len, config)
     s_hidden, s_head, s_cap = _head_parts(student)
     t_hidden, t_head, t_cap = _head_parts(teacher)
     with torch.no_grad():
         h_t = t_hidden(inputs, attention)
     tokens = cont.sum(1, keepdim=True).clamp(min=1)
     weights = cont / (tokens * config.num_samples)
-    return fused_linear.fused_linear_distill_loss(
+    rule, seen = _checked_rule(select, config)
+    loss = fused_linear.fused_linear_distill_loss(
         s_hidden(inputs, attention), s_head.weight, h_t, t_head.weight, student_bias=s_head.bias,
         teacher_bias=t_head.bias, student_softcap=s_cap, teacher_softcap=t_cap, divergence=config.divergence,
-        beta=config.beta, temperature=config.loss_temperature, weights=weights.to(torch.float32), reduction="sum",
-        allow_vocab_mismatch=config.allow_vocab_mismatch,
+        beta=config.beta, temperature=config.loss_temperature, labels=torch.where(cont, targets, -100),
+        weights=weights.to(torch.float32), reduction="sum", allow_vocab_mismatch=config.allow_vocab_mismatch,
+        select=rule,
         check_finite=not config.private)  # also with a frozen head, which the fused loss does not see as private
+    return loss, float(seen["w"][cont].mean()) if select is not None else 1.0
+
+
+def _checked_rule(select: Callable | None, config: OPDConfig) -> tuple[Callable | None, dict]:
+    """``select`` checked as OPD takes it (a Selection back; sequence scope under DP), and where the weights it chose
+    are left for the selected fraction."""
+    seen: dict[str, torch.Tensor] = {}
+    if select is None:
+        return None, seen
+
+    def rule(stats, valid):
+        chosen = select(stats, valid)
+        if not isinstance(chosen, sel.Selection):
+            raise TypeError(f"a select rule returns a dpkd.select.Selection, got {type(chosen).__name__}")
+        if config.private:
+            chosen.check_private()  # one example's selection may depend on that example alone
+        seen["w"] = chosen.weights()
+        return chosen
+    return rule, seen
 
 
 def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | None, sequences: torch.Tensor,
@@ -281,16 +305,7 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
     inputs, targets, attention, cont = _continuation_tokens(student, sequences, prompt_len, config)
     s_logits = _logits(student, inputs, attention)
     labels = torch.where(cont, targets, torch.full_like(targets, -100))
-    weights_seen = {}
-
-    def rule(stats, valid):
-        chosen = select(stats, valid)
-        if not isinstance(chosen, sel.Selection):
-            raise TypeError(f"a select rule returns a dpkd.select.Selection, got {type(chosen).__name__}")
-        if config.private:
-            chosen.check_private()  # one example's selection may depend on that example alone
-        weights_seen["w"] = chosen.weights()
-        return chosen
+    rule, weights_seen = _checked_rule(select, config)
 
     if hard_labels:
         per_token = torch.nn.functional.cross_entropy(s_logits.transpose(1, 2).float(), labels, reduction="none",
@@ -312,7 +327,7 @@ def continuation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
         per_token = losses.distill_loss(s_logits, t_logits, divergence=config.divergence, beta=config.beta,
                                         temperature=config.loss_temperature, labels=labels, reduction="none",
                                         allow_vocab_mismatch=config.allow_vocab_mismatch,
-                                        select=rule if select is not None else None, check_finite=not config.private)
+                                        select=rule, check_finite=not config.private)
         fraction = float(weights_seen["w"][cont].mean()) if select is not None else 1.0
     per_seq = (per_token * cont).sum(1) / cont.sum(1).clamp(min=1)
     return per_seq, per_token, fraction
@@ -376,9 +391,6 @@ class OPDTrainer:
                 raise ValueError(f"student logits have {width} columns and teacher logits {teacher_width}: set "
                                  "OPDConfig(allow_vocab_mismatch=True) to treat the extra columns as probability 0")
         if config.fused_head:
-            if select is not None:
-                raise ValueError("fused_head takes no select rule: a rule reads token statistics before the loss, "
-                                 "which the fused head forms only with it")
             probe = prompts[:1]
             _check_head_parts("student", student, probe)
             _check_head_parts("teacher", teacher, probe)
@@ -488,8 +500,8 @@ class OPDTrainer:
             if cfg.private:
                 self.optimizer.engine.rows_per_example = cfg.num_samples
             if cfg.fused_head:
-                total = fused_continuation_loss(self.student, self.teacher, seqs, p_len, cfg)
-                fraction = 1.0
+                total, fraction = fused_continuation_loss(self.student, self.teacher, seqs, p_len, cfg,
+                                                          select=self.select)
             else:
                 per_seq, _, fraction = continuation_losses(self.student, self.teacher, seqs, p_len, cfg,
                                                            hard_labels=cfg.method in ("dp_sft", "sft"),

@@ -357,3 +357,50 @@ def test_float64_heads_with_a_bias_and_the_top_k_teachers_checks():
         dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids, torch.zeros(24, 2, dtype=torch.long)))
     with pytest.raises(ValueError, match=r"teacher_topk ids must be in \[0, 97\)"):
         dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids + 96, torch.full((24, 2), -1.0)))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_select_rule_matches_the_logits_path(divergence, reduction, device):
+    # The rule reads statistics of a first pass over every token that carries loss (the statistics returned too);
+    # the loss and gradients are those of the selected tokens, as on the logits.
+    h_s, w_s, b_s, h_t, w_t = setup(n=24, device=device)
+    h_s3, h_t3 = h_s.reshape(3, 8, -1), h_t.reshape(3, 8, -1)
+    labels = torch.randint(0, 97, (3, 8), generator=torch.Generator().manual_seed(1))
+    labels[0, :3] = -100
+    labels = labels.to(device)
+    w = torch.rand(3, 8, generator=torch.Generator().manual_seed(2)).to(device)
+    w[1, 2] = 0.0
+
+    def rule(st, valid):
+        return dpkd.select.tip(st.student_entropy, st.divergence, quadrant="q1_or_q2", valid=valid)
+
+    kw = dict(divergence=divergence, labels=labels, weights=w, reduction=reduction, return_stats=True)
+    got, got_st = dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, student_bias=b_s, chunk_size=5, select=rule,
+                                                 **kw)
+    ref, ref_st = reference(h_s3, w_s, b_s, h_t3, w_t, select=rule, **kw)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(grads(got, h_s, w_s, b_s), grads(ref, h_s, w_s, b_s)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    carried = (labels != -100) & (w != 0)  # the fused head's statistics are NaN elsewhere
+    for a, b in zip(got_st, ref_st):
+        torch.testing.assert_close(a[carried], b[carried], rtol=1e-4, atol=1e-5)
+        assert a[~carried].isnan().all()
+    (g,) = torch.autograd.grad(dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, select=rule, **kw)[0], [h_s])
+    chosen = rule(ref_st, labels != -100).values.reshape(-1)
+    assert 0 < int(chosen.sum()) < 24 and (g[~chosen] == 0).all()
+    # A Selection given as it is: no first pass
+    half = dpkd.select.Selection(chosen.reshape(3, 8), "sequence")
+    got = dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, student_bias=b_s, select=half, **kw)[0]
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_a_select_rule_sees_nan_logits_that_it_leaves_out():
+    # The NaN check covers every token the rule scored, not only those it selected (as on the logits).
+    h_s, w_s, _, h_t, w_t = setup(n=12, bias=False)
+    h_t = h_t.clone()
+    h_t[5] = float("nan")
+    keep_none_of_5 = lambda st, valid: dpkd.select.Selection(torch.arange(12) != 5, "sequence")  # noqa: E731
+    with pytest.raises(ValueError, match="teacher's logits .* contain NaN"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, select=keep_none_of_5)

@@ -430,11 +430,15 @@ def _tiny_llama(hidden, seed, tie=False, **extra):
 
 @pytest.mark.parametrize("method", ["dp_opd", "kd"])
 @pytest.mark.parametrize("tie", [False, True])  # tied: the cross term of the embedding's and the head's uses
-def test_fused_head_takes_the_same_step_as_the_logits(method, tie):
+@pytest.mark.parametrize("rule", [None, "tip"])
+def test_fused_head_takes_the_same_step_as_the_logits(method, tie, rule):
     """OPDConfig(fused_head=True) on Hugging Face Llamas: the same sampled batch and the same update as the logits
-    path (sigma 0, plain SGD, clipping active under DP), to the fp32 logits' rounding."""
+    path (sigma 0, plain SGD, clipping active under DP), to the fp32 logits' rounding; with a select rule, on the same
+    tokens (TIP's high student entropy or overconfident-and-wrong quadrants)."""
     prompts, conts = data()
-    deltas = []
+    deltas, fractions = [], []
+    chosen = None if rule is None else lambda st, valid: select.tip(st.student_entropy, st.divergence, fraction=0.25,
+                                                                    valid=valid)
     for fused in (False, True):
         student, teacher = _tiny_llama(16, 1, tie=tie), _tiny_llama(24, 2)
         before = [p.detach().clone() for p in student.parameters()]
@@ -442,13 +446,15 @@ def test_fused_head_takes_the_same_step_as_the_logits(method, tie):
                             noise_multiplier=0.0, target_epsilon=None, max_grad_norm=0.05, divergence="jsd",
                             fused_head=fused)
         with pytest.warns(RuntimeWarning) if method == "dp_opd" else contextlib.nullcontext():
-            t = opd.OPDTrainer(student, teacher, prompts, conts, cfg,
+            t = opd.OPDTrainer(student, teacher, prompts, conts, cfg, select=chosen,
                                optimizer=torch.optim.SGD(student.parameters(), lr=1.0))
         metrics = t.step()
         deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(student.parameters(), before)]))
+        fractions.append(metrics["selected_fraction"])
         if method == "dp_opd":
             assert metrics["norm_p50"] > 0.05  # clipping active
     assert float(deltas[0].norm()) > 0
+    assert fractions[0] == fractions[1] and (fractions[0] == 1.0) == (rule is None)
     assert float((deltas[1] - deltas[0]).norm()) <= 1e-5 * float(deltas[0].norm())
 
 
@@ -459,10 +465,10 @@ def test_fused_head_refusals():
                         fused_head=True)
     with pytest.raises(ValueError, match="Hugging Face causal LMs"):
         opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts, cfg)
-    with pytest.raises(ValueError, match="no select rule"):
+    with pytest.raises(ValueError, match="batch-scope selection cannot be used under DP"):
         opd.OPDTrainer(_tiny_llama(16, 1), _tiny_llama(24, 2), prompts, conts, cfg,
                        select=lambda stats, valid: select.entropy_top_fraction(stats.student_entropy, 0.5,
-                                                                               valid=valid))
+                                                                               valid=valid, scope="batch")).step()
     # A config that says softcap where the model applies none: its logits are not the head on the hidden states.
     with pytest.raises(ValueError, match="not its output layer on its base model's last hidden state"):
         opd.OPDTrainer(_tiny_llama(16, 1, final_logit_softcapping=2.0), _tiny_llama(24, 2), prompts, conts, cfg)

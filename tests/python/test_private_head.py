@@ -73,10 +73,11 @@ def example_weights(valid: torch.Tensor) -> torch.Tensor:
     return v / v.sum(-1, keepdim=True).clamp(min=1)
 
 
-def brute_force(model, ids, valid, h_t, w_t, div, rows_per_example=1):
-    """Per-example gradients (examples of ``rows_per_example`` rows) of sum_t w_t D(student_t, teacher_t), float64."""
+def brute_force(model, ids, valid, h_t, w_t, div, rows_per_example=1, chosen=None):
+    """Per-example gradients (examples of ``rows_per_example`` rows) of sum_t w_t D(student_t, teacher_t), float64;
+    ``chosen``: the tokens a select rule kept (0/1), multiplied into w_t."""
     params = [p for p in model.parameters() if p.requires_grad]
-    w = example_weights(valid)
+    w = example_weights(valid) if chosen is None else example_weights(valid) * chosen
     zt = h_t @ w_t.t()
     per = []
     for i in range(0, ids.shape[0], rows_per_example):
@@ -467,3 +468,24 @@ def test_an_empty_batch_through_the_fused_head_is_a_noise_only_step(tie):
         model.head.weight = model.emb.weight
     deltas, norms = private_step(model, ids[:0], valid[:0], h_t[:0], w_t, "jsd", 1.0)
     assert norms.shape == (0,) and all(not d.any() for d in deltas)
+
+
+def test_a_select_rule_through_the_private_fused_head_equals_brute_force():
+    # The rule reads the first pass's statistics (no gradients); per sequence, each example's tokens depend on it
+    # alone, so the clipped step is brute force's on the kept tokens. Batch scope is refused under DP.
+    model, ids, valid, h_t, w_t = make_case(b=6, t=7)
+
+    def rule(scope):
+        return lambda st, v: dpkd.select.entropy_top_fraction(st.student_entropy, 0.5, valid=v, scope=scope)
+
+    with torch.no_grad():
+        stats = dpkd.token_stats(model(ids).float(), (h_t @ w_t.t()).float(), divergence="jsd")
+    stats = dpkd.TokenStats(*(torch.where(valid, f, float("nan")) for f in stats))
+    chosen = rule("sequence")(stats, valid).weights().double()
+    assert 0 < int(chosen.sum()) < int(valid.sum())
+    params, per, norms = brute_force(model, ids, valid, h_t, w_t, "jsd", chosen=chosen)
+    c = float(norms.median())
+    with pytest.raises(ValueError, match="batch-scope selection cannot be used under DP"):
+        private_step(copy.deepcopy(model), ids, valid, h_t, w_t, "jsd", c, select=rule("batch"))
+    deltas, got = private_step(model, ids, valid, h_t, w_t, "jsd", c, select=rule("sequence"), chunk_size=4)
+    assert_clipped_step(deltas, got, per, norms, c)
