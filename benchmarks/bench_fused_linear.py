@@ -1,7 +1,9 @@
 """Fused linear-head distillation against full logits + PyTorch eager (and Liger-Kernel's fused linear
 JSD on CUDA when importable): forward + backward time, peak memory above the inputs with the gradients
 it produces included (each call drops them at its end; CUDA allocator, or the CPU memory profiler),
-gradient error against fp32-logit gradients, at 100%, 50% and 10% of tokens selected.
+gradient error against fp32-logit gradients, at 100%, 50% and 10% of tokens selected: chosen in advance (a mask),
+and by a select rule on the same call's statistics (entropy top fraction: a first pass over both heads without
+gradients, then the selected tokens).
 
     python benchmarks/bench_fused_linear.py                                   # CPU, small
     python benchmarks/bench_fused_linear.py --device cuda --n 8192 --vocab 128256 --hs 2048 --ht 4096
@@ -14,6 +16,7 @@ import argparse
 import torch
 
 import dpkd
+from dpkd import select
 from timing import measure
 
 
@@ -106,6 +109,11 @@ def main() -> None:
         ems, emb = measure(eager(mask), dev, args.repeat, cpu_memory=True)
         row = (f"{int(fraction * 100):>3}% tokens: dpkd {ms:8.1f} ms ({mb:7.0f} MB) | eager {ems:8.1f} ms "
                f"({emb:7.0f} MB) x{ems / ms:4.1f}")
+        if fraction < 1:
+            def rule(st, valid, fraction=fraction):
+                return select.entropy_top_fraction(st.student_entropy, fraction, valid=valid)
+            sms, smb = measure(ours(full, select=rule), dev, args.repeat, cpu_memory=True)
+            row += f" | dpkd rule {sms:8.1f} ms ({smb:7.0f} MB)"
         if dtype != torch.float32:
             bms, bmb = measure(ours(mask, fp32_logits=False), dev, args.repeat, cpu_memory=True)
             row += f" | dpkd bf16 logits {bms:8.1f} ms ({bmb:7.0f} MB)"

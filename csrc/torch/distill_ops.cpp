@@ -70,10 +70,13 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const st
     TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == student.size(0), "labels must have shape [",
                       student.size(0), "], got ", labels->sizes());
     if (labels->numel() > 0 && !labels_in_range) {
-      const auto valid = labels->ne(o.ignore_index);
-      const bool in_range = at::logical_or(valid.logical_not(),
-                                           labels->ge(0).logical_and(labels->lt(student.size(1)))).all().item<bool>();
-      TORCH_CHECK_VALUE(in_range, "labels must be in [0, ", student.size(1), ") or ignore_index (", o.ignore_index, ")");
+      const auto bad = labels->ne(o.ignore_index).logical_and(
+          labels->lt(0).logical_or(labels->ge(student.size(1))));
+      if (bad.any().item<bool>()) {
+        const int64_t row = bad.nonzero()[0][0].item<int64_t>();
+        TORCH_CHECK_VALUE(false, "labels must be in [0, ", student.size(1), ") or ignore_index (", o.ignore_index,
+                          "), got ", (*labels)[row].item<int64_t>(), " (first in row ", row, ")");
+      }
     }
   }
 }

@@ -318,9 +318,15 @@ class RDPAccountant(_Accountant):
         )
 
     def get_privacy_spent(
-        self, *, delta: float, orders: Iterable[float] | None = None, conversion: Conversion = "improved"
+        self, *, delta: float, orders: Iterable[float] | None = None, conversion: Conversion = "improved",
+        alphas: Iterable[float] | None = None,
     ) -> tuple[float, float]:
-        """(epsilon, best order) spent so far. With no steps taken: (0.0, nan)."""
+        """(epsilon, best order) spent so far. With no steps taken: (0.0, nan). ``alphas``: Opacus's name for
+        ``orders``."""
+        if alphas is not None:
+            if orders is not None:
+                raise ValueError("give orders or alphas (Opacus's name for them), not both")
+            orders = alphas
         if not self.history:
             _C.epsilon_from_rdp([2.0], [0.0], float(delta), conversion)  # validates delta and conversion
             return 0.0, math.nan
@@ -328,10 +334,11 @@ class RDPAccountant(_Accountant):
         return epsilon_from_rdp(orders, self.get_rdp(orders), delta, conversion=conversion)
 
     def get_epsilon(
-        self, delta: float, orders: Iterable[float] | None = None, conversion: Conversion = "improved"
+        self, delta: float, orders: Iterable[float] | None = None, conversion: Conversion = "improved",
+        alphas: Iterable[float] | None = None,
     ) -> float:
-        """Epsilon spent so far."""
-        return self.get_privacy_spent(delta=delta, orders=orders, conversion=conversion)[0]
+        """Epsilon spent so far (``alphas``: Opacus's name for ``orders``)."""
+        return self.get_privacy_spent(delta=delta, orders=orders, conversion=conversion, alphas=alphas)[0]
 
 
 class PLDAccountant(_Accountant):

@@ -401,8 +401,11 @@ def fused_linear_distill_loss(
             # Checked here once for the tokens that carry loss, so that the op, told so, does not check (and
             # synchronise the CUDA stream) once per chunk.
             vocab = student_weight.shape[0]
-            if bool((((flat_labels < 0) | (flat_labels >= vocab)) & (row_scale != 0)).any()):
-                raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index})")
+            bad = ((flat_labels < 0) | (flat_labels >= vocab)) & (row_scale != 0)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0])
+                raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index}), got "
+                                 f"{int(flat_labels[row])} (first in flattened token {row})")
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         w_t = _logit_weight(teacher_weight.detach(), fp32_logits)
         b_t = None if teacher_bias is None else teacher_bias.detach()

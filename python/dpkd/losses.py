@@ -435,7 +435,9 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kwa
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
                     **kwargs) -> torch.Tensor:
-    """Generalized Jensen-Shannon divergence JSD(beta) (TRL's generalized_jsd_loss semantics)."""
+    """Generalized Jensen-Shannon divergence JSD(beta): TRL's generalized_jsd_loss formula (beta 0 forward KL,
+    1 reverse KL). Reductions as :func:`distill_loss`: TRL's and Liger's ``batchmean`` (a mean over the tokens that
+    carry loss) is ``reduction="mean"`` here; ``batchmean`` divides by the first dimension, as F.kl_div."""
     return distill_loss(student_logits, teacher_logits, divergence="jsd", beta=beta, **kwargs)
 
 

@@ -86,6 +86,10 @@ class OPDConfig:
             raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature}")
         if self.divergence not in losses.DIVERGENCES:
             raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {self.divergence!r}")
+        if not 0.0 <= self.beta <= 1.0:  # checked here, not at the first step's loss after sampling
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if not self.loss_temperature > 0.0:
+            raise ValueError(f"loss_temperature must be > 0, got {self.loss_temperature}")
         accounting.check_accountant(self.accountant)
         if self.fused_head and self.method in ("dp_sft", "sft"):
             raise ValueError(f"fused_head distils from a teacher; method {self.method!r} has none")
@@ -396,7 +400,10 @@ class OPDTrainer:
             _check_head_parts("teacher", teacher, probe)
         self.prompts, self.continuations = prompts, continuations
         n = prompts.shape[0]
-        self.sample_rate = min(1.0, config.expected_batch_size / n)
+        if config.expected_batch_size > n:  # as make_private: q = 1 with gradients divided by more than n
+            raise ValueError(f"expected_batch_size ({config.expected_batch_size}) must be at most the number of "
+                             f"prompts ({n})")
+        self.sample_rate = config.expected_batch_size / n
         self.delta = config.delta if config.delta is not None else 1.0 / n**2
         sigma = config.noise_multiplier
         if config.private and sigma is None:

@@ -34,7 +34,8 @@ def taid_loss(
     """-sum p_t log q with p_t = softmax(((1 - t) sg(z_s) + t z_t) / T): the cross entropy to the
     interpolated target (KL(p_t || q) plus the target's entropy, which carries no gradient).
 
-    ``t`` in [0, 1]: 1 is plain forward-KL distillation; the gradient is q - p_t. ``check_finite``: as in
+    ``t`` in [0, 1]: 1 is plain forward-KL distillation (the same gradient as :func:`dpkd.forward_kl`, q - p_t; the
+    loss is larger by the teacher's entropy). ``check_finite``: as in
     :func:`dpkd.distill_loss` (off under DP-SGD: a row with NaN or +inf logits then gets a NaN loss and gradient, and
     the engine drops its example).
     """

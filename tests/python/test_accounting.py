@@ -285,6 +285,10 @@ def test_opacus_rdp_doctest_and_gdp_bounds():
     a.step(noise_multiplier=3.0, sample_rate=1e-4, steps=4)
     eps, order = a.get_privacy_spent(delta=1e-5, orders=range(2, 33))
     assert eps == pytest.approx(0.33634406339259565, rel=1e-9) and order == 23
+    assert a.get_privacy_spent(delta=1e-5, alphas=range(2, 33)) == (eps, order)  # Opacus's keyword
+    assert a.get_epsilon(1e-5, alphas=range(2, 33)) == eps
+    with pytest.raises(ValueError, match="orders or alphas"):
+        a.get_privacy_spent(delta=1e-5, orders=[2.0], alphas=[2.0])
     gdp = acc.gdp_epsilon(noise_multiplier=1.5, sample_rate=0.04, steps=int(90 // 0.04), delta=1e-5)
     assert 6.59 < gdp < 6.6
 
@@ -435,3 +439,21 @@ def test_pld_of_a_long_thin_tail_is_not_swamped_by_rounding():
     assert acc.epsilon(**kw, accountant="pld") == pytest.approx(0.0038033974, rel=1e-3)
     with pytest.raises(ValueError, match="tail_mass"):
         acc.epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=1e-13, accountant="pld")
+
+
+def test_the_compiled_modules_stub_lists_its_functions_and_their_arguments():
+    """python/dpkd/_C.pyi against dpkd._C: the same public names, and each function's argument names in order."""
+    import ast
+    import pathlib
+    import re
+
+    from dpkd import _C
+
+    stub = ast.parse((pathlib.Path(acc.__file__).parent / "_C.pyi").read_text())
+    stubbed = {n.name: [a.arg for a in n.args.args] for n in stub.body if isinstance(n, ast.FunctionDef)}
+    stubbed_values = {n.target.id for n in stub.body if isinstance(n, ast.AnnAssign)}
+    public = {n for n in dir(_C) if not n.startswith("_")}
+    assert set(stubbed) | stubbed_values == public
+    for name, args in stubbed.items():
+        signature = getattr(_C, name).__doc__.splitlines()[0]  # pybind11's "name(arg: type, ...) -> type"
+        assert re.findall(r"(\w+):", signature.split("->")[0]) == args, name

@@ -163,7 +163,8 @@ def test_labels_checked_once_per_call_not_once_per_chunk():
     assert reads[8] == reads[64] == 1, reads
     bad = labels.clone()
     bad[5] = 97
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 97\)"):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 97\) or ignore_index \(-100\), got 97 \(first in "
+                                         r"flattened token 5\)"):
         dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, labels=bad, chunk_size=8)
     mask = torch.ones(64, dtype=torch.bool)
     mask[5] = False

@@ -322,6 +322,9 @@ def test_bad_tensors_name_themselves():
         losses.forward_kl(bad, logits(4, 10))
     with pytest.raises(ValueError, match="teacher_logits contains NaN"):
         losses.forward_kl(s, bad)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\) or ignore_index \(-100\), got 10 \(first in "
+                                         r"row 2\)"):
+        losses.forward_kl(s, logits(4, 10), labels=torch.tensor([1, -100, 10, 11]))
 
 
 def test_torch_compile_fullgraph_has_no_graph_break():

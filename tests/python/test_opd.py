@@ -230,10 +230,20 @@ def test_selection_applies_to_fine_tuning_too(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(num_samples=2.5), "num_samples"), (dict(top_p=1.5), "top_p"),
-                                          (dict(top_p=0.0), "top_p"), (dict(sample_temperature=0.0), "temperature")])
+                                          (dict(top_p=0.0), "top_p"), (dict(sample_temperature=0.0), "temperature"),
+                                          (dict(beta=2.0), "beta"), (dict(loss_temperature=0.0), "loss_temperature")])
 def test_config_checks(kwargs, match):
     with pytest.raises(ValueError, match=match):
         opd.OPDConfig(**kwargs)
+
+
+def test_an_expected_batch_larger_than_the_prompts_is_refused():
+    # As make_private: the rate would be 1 and every update divided by more examples than there are.
+    prompts, conts = data()
+    with pytest.raises(ValueError, match=rf"expected_batch_size \(41\) must be at most the number of prompts "
+                                         rf"\({prompts.shape[0]}\)"):
+        opd.OPDTrainer(TinyLM(seed=1), TinyLM(seed=2), prompts, conts,
+                       opd.OPDConfig(steps=1, expected_batch_size=41, max_new_tokens=4, target_epsilon=8.0))
 
 
 def test_on_policy_training_ignores_short_ground_truth():

@@ -524,6 +524,10 @@ def test_a_batch_of_zero_examples_through_the_model_is_a_noise_only_step():
         dp.step()
         assert dp.last_per_example_norms.shape == (0,)
         updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]))
+        # The next batch, without zero_grad() (the step replaces .grad): the empty batch's backward pass is over.
+        model(torch.randint(0, 10, (2, 5))).sum().backward()
+        dp.step()
+        assert dp.last_per_example_norms.shape == (2,)
     assert torch.equal(updates[0], updates[1]) and (updates[0] != 0).all()
 
 

@@ -48,12 +48,17 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         loss_reduction: ``"sum"`` if you backpropagate loss_per_example.sum(), ``"mean"`` for .mean().
         accountant: ``"rdp"`` (the default), ``"pld"`` (tighter), or an accountant to go on charging (a resumed
             run's).
-    The batch dimension must come first in every layer's input (one example per row; a sequence-first model would
-    be clipped per time step), and Hugging Face models need position_ids of shape [B, T].
         secure_mode: noise (and poisson_loader's draws, if you pass secure_mode there too) from a
             CSPRNG; see dpkd.privacy.noise for what that does and does not protect.
+        generator: the noise's torch.Generator (seeded, a run is reproducible; its state is in the optimizer's
+            state_dict); unused in secure mode. Default: torch's global generator.
         distributed: data-parallel training over torch.distributed ranks (see DPOptimizer); the model is
             not wrapped in DistributedDataParallel: the optimizer does the one all-reduce itself.
+
+    The batch dimension must come first in every layer's input (one example per row; a sequence-first model would
+    be clipped per time step), and Hugging Face models need position_ids of shape [B, T]. Examples must not meet
+    inside the model (batch statistics, attention or means across the batch dimension): per-example clipping then
+    bounds no example's influence; batch norm in training mode is refused, other mixing cannot be detected.
     Returns the same model (hooks attached; ``optimizer.engine.remove()`` detaches them) and a DPOptimizer.
     """
     if not isinstance(model, torch.nn.Module):

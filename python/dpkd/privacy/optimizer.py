@@ -208,10 +208,9 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.engine.pending:
-            self.accumulate()
-        else:
-            self._check_unseen_uses()
+        # Also without captured rows (an empty batch's backward delivers none): the flush clears the engine's record
+        # of that backward pass, which would otherwise refuse the next forward as one before this step.
+        self.accumulate()
         # The micro-batches' sums and norms are consumed here, before anything can raise: a step that fails
         # after this point never re-applies them.
         sums, self._sums = self._sums, {}
