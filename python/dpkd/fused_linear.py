@@ -441,13 +441,13 @@ def fused_linear_distill_loss(
     check_finite = private is None if check_finite is None else check_finite
     # The rows whose statistics are computed: those of the loss, or with a rule every token that carries loss.
     scored = row_scale != 0
-    first_stats = None
+    first_stats = rule_stats = None
     if select is not None:
         if callable(select):
             first_stats = _token_stats(h_s, student_weight, student_bias, objective, flat_labels, scored, opts)
-        weights = losses.selected_weights(
-            select, None if first_stats is None else losses.TokenStats(*first_stats.reshape(*lead, -1).unbind(-1)),
-            valid, weights, student_hidden, private=private is not None)
+            rule_stats = losses.TokenStats(*first_stats.reshape(*lead, _ops.N_STATS).unbind(-1))
+        weights = losses.selected_weights(select, rule_stats, valid, weights, student_hidden,
+                                          private=private is not None)
         row_scale = losses._reduction_weights(lead, valid, weights, reduction, h_s.device).reshape(-1)
         if first_stats is None:
             scored = row_scale != 0

@@ -388,19 +388,28 @@ def selected_weights(select: Selection | Callable[[TokenStats, torch.Tensor | No
     A batch-scope selection is refused where DP-SGD clips the loss per example (``private``, or ``student`` comes
     from a model made private): one example would change which of the others' tokens carry loss, past C."""
     if callable(select):
-        # The rule sees NaN (no score) at tokens that carry no loss, so that padding takes no place in its quotas
-        # even where the rule is not given ``valid``.
-        select = select(stats if valid is None else TokenStats(
-            *(torch.where(valid, f, torch.full_like(f, math.nan)) for f in stats)), valid)
+        # The rule sees the tokens that carry loss (valid, of nonzero weight) and NaN (no score) elsewhere, so that
+        # padding takes no place in its quotas even where the rule is not given ``valid``; no autograd history.
+        carrying = carrying_tokens(valid, weights)
+        select = select(TokenStats(*(f.detach() if carrying is None else
+                                     torch.where(carrying, f.detach(), torch.full_like(f, math.nan)) for f in stats)),
+                        carrying)
     if not hasattr(select, "weights") or not isinstance(getattr(select, "values", None), torch.Tensor):
         raise TypeError(f"select must be a dpkd.select.Selection or a rule returning one, got {type(select).__name__}")
     shape = tuple(student.shape[:-1])
     if tuple(select.values.shape) != shape:
         raise ValueError(f"select produced shape {tuple(select.values.shape)}, expected {shape}")
-    if select.scope != "sequence" and (private or (student.requires_grad and not torch.compiler.is_compiling()
-                                                   and privacy_engine.depends_on_private(student))):
+    if select.scope != "sequence" and (private or _may_be_private(student)):
         select.check_private()
     return select.weights() if weights is None else weights * select.weights()
+
+
+def _may_be_private(student: torch.Tensor) -> bool:
+    """Whether ``student`` may come from a model made private. While compiling there is no graph to walk: any
+    private model at all counts."""
+    if torch.compiler.is_compiling():
+        return privacy_engine.any_attached()
+    return student.requires_grad and privacy_engine.depends_on_private(student)
 
 
 def token_stats(

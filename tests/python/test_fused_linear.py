@@ -395,6 +395,29 @@ def test_a_select_rule_matches_the_logits_path(divergence, reduction, device):
     half = dpkd.select.Selection(chosen.reshape(3, 8), "sequence")
     got = dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, student_bias=b_s, select=half, **kw)[0]
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    # An empty (Poisson) batch
+    kw.update(labels=labels[:0], weights=w[:0])
+    empty = dpkd.fused_linear_distill_loss(h_s3[:0], w_s, h_t3[:0], w_t, select=rule, **kw)
+    assert empty[0].item() == 0 and empty[1].student_entropy.shape == (0, 8)
+
+
+def test_a_rule_sees_only_the_tokens_that_carry_loss():
+    # Tokens of weight 0 (padding given through weights=, as DP's per-example means do) take no place in a quota:
+    # the logits path scored them too, so the two paths chose different tokens (a user-trial helper).
+    s, t = torch.randn(1, 8, 50) * 3, torch.randn(1, 8, 50) * 3
+    w = torch.ones(1, 8)
+    w[0, 2:4] = 0
+    seen = []
+
+    def rule(st, valid):
+        seen.append((st, valid))
+        return dpkd.select.entropy_top_fraction(st.student_entropy, 0.5, valid=valid)
+
+    dpkd.distill_loss(s.requires_grad_(True), t, weights=w, select=rule, reduction="sum")
+    st, valid = seen[0]
+    assert valid.tolist() == (w != 0).tolist() and st.student_entropy[0, 2:4].isnan().all()
+    assert all(f.grad_fn is None for f in st)  # statistics without autograd history
+    assert int(rule(st, valid).values.sum()) == 3  # ceil(0.5 * 6)
 
 
 def test_a_select_rule_sees_nan_logits_that_it_leaves_out():

@@ -1598,32 +1598,46 @@ def test_a_batch_scope_selection_is_refused_on_a_private_model(trainable):
         with pytest.raises(ValueError, match="batch-scope selection cannot be used under DP"):
             dpkd.distill_loss(model(ids), teacher, reduction="none", select=chosen)
         dpkd.distill_loss(plain(ids), teacher, reduction="none", select=chosen)  # not private: allowed
+    # A reentrant checkpoint's node hides the parameters its segment used (the graph shows only its input): any
+    # private model then counts. torch.compile has no graph to walk: any private model counts.
+    embedded = model[0](ids).detach().requires_grad_(True)
+    tail = torch.utils.checkpoint.checkpoint(lambda h: model[2](model[1](h)), embedded, use_reentrant=True)
+    with pytest.raises(ValueError, match="batch-scope selection cannot be used under DP"):
+        dpkd.distill_loss(tail, teacher, reduction="none", select=rule("batch"))
+    compiled = torch.compile(lambda s: dpkd.distill_loss(s, teacher, reduction="none", select=rule("batch")),
+                             backend="eager")
+    with pytest.raises(ValueError, match="batch-scope selection cannot be used under DP"):
+        compiled(model(ids))
+    optimizer.zero_grad()
     dpkd.distill_loss(model(ids), teacher, reduction="none", select=rule("sequence")).sum().backward()
     optimizer.step()
 
 
-@pytest.mark.parametrize("positions", ["shared", "per_example"])
-def test_position_ids_without_the_batch_dimension_are_refused_even_where_b_equals_t(positions):
-    # nanoGPT's wpe(torch.arange(T)): rows of positions, not of examples; with B = T the rows check passed and
-    # the step moved past C / L (a review helper: 1.28 x at B = T = 16).
-    class NanoGPTStyle(torch.nn.Module):
+@pytest.mark.parametrize("positions", ["shared", "per_example", "one_id_per_example"])
+@pytest.mark.parametrize("inputs", ["ids", "vectors"])
+def test_position_ids_without_the_batch_dimension_are_refused_even_where_b_equals_t(positions, inputs):
+    # nanoGPT's wpe(torch.arange(T)), a ViT's positions: rows of positions, not of examples; with B = T the rows
+    # check passed and the step moved past C / L (review helpers: 1.28 x at B = T = 16; 2.76 x for vector inputs).
+    # One id per example ([B], e.g. a task embedding) takes the same error, whose fix ([B, 1]) is accepted.
+    class PositionStyle(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.wte, self.wpe, self.head = (torch.nn.Embedding(11, 4), torch.nn.Embedding(4, 4),
-                                             torch.nn.Linear(4, 11))
+            self.wte = torch.nn.Embedding(11, 4) if inputs == "ids" else torch.nn.Linear(3, 4)
+            self.wpe, self.head = torch.nn.Embedding(4, 4), torch.nn.Linear(4, 11)
 
-        def forward(self, idx):
-            pos = torch.arange(idx.shape[1])
-            if positions == "per_example":
-                pos = pos.expand(idx.shape)
-            return self.head(self.wte(idx) + self.wpe(pos))
+        def forward(self, x):
+            b, t = x.shape[:2]
+            pos = {"shared": torch.arange(t), "per_example": torch.arange(t).expand(b, t),
+                   "one_id_per_example": torch.arange(b)[:, None]}[positions]
+            return self.head(self.wte(x) + self.wpe(pos))
 
-    model = NanoGPTStyle()
+    model = PositionStyle()  # float64, as the module's default dtype
     _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
                                  max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
-    model(torch.randint(0, 11, (4, 4))).sum().backward()  # B = T = 4
+    x = torch.randint(0, 11, (4, 4)) if inputs == "ids" else torch.randn(4, 4, 3)  # B = T = 4
+    model(x).sum().backward()
     if positions == "shared":
-        with pytest.raises(ValueError, match="embedding 'wpe' read ids of 1 dimensions"):
+        with pytest.raises(ValueError, match=r"embedding .wpe. read ids of 1 dimension\(s\) .* ids\[:, None\]"):
             dp.step()
     else:
         dp.step()

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointFunction as _CheckpointFunction
 
 from .. import _mixed
 from . import layers
@@ -45,16 +46,29 @@ def attached_engine(module: torch.nn.Module) -> ClippingEngine | None:
 def head_engine(weight: torch.Tensor) -> tuple[ClippingEngine, str] | None:
     """The live engine and layer name of the linear layer whose weight is ``weight``, if one holds it (for
     dpkd.fused_linear_distill_loss, which multiplies the weight outside the layer)."""
-    for engine in {ref() for ref in list(_ATTACHED.values())}:
-        if engine is not None and id(weight) in engine.linear_weights:
+    for engine in _engines():
+        if id(weight) in engine.linear_weights:
             return engine, engine.linear_weights[id(weight)]
     return None
 
 
+def _engines() -> list[ClippingEngine]:
+    return [e for e in {ref() for ref in list(_ATTACHED.values())} if e is not None]
+
+
+@torch.compiler.disable(reason="reads the live engines (weak references)")
+def any_attached() -> bool:
+    """Whether any model is private now."""
+    return bool(_engines())
+
+
 def depends_on_private(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s autograd graph passes through a layer whose per-example gradients an engine captures, or
-    reads a parameter an engine clips: a loss on it is clipped per example (and must treat the examples apart)."""
-    engines = [e for e in {ref() for ref in list(_ATTACHED.values())} if e is not None]
+    reads a parameter an engine clips: a loss on it is clipped per example (and must treat the examples apart). A
+    reentrant checkpoint hides the parameters its segment used: meeting one, any private model counts."""
+    engines = _engines()
+    if not engines:
+        return False
     # Generic layers' forwards read stand-ins of their parameters (ClippingEngine._stand_in_params): new leaves on
     # the same storage, known by their data pointers.
     storages = {p.data_ptr() for e in engines for p in e.params}
@@ -64,7 +78,7 @@ def depends_on_private(tensor: torch.Tensor) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if getattr(node, "_forward_cls", None) in (_CapturingLinear, _CapturingEmbedding):
+        if getattr(node, "_forward_cls", None) in (_CapturingLinear, _CapturingEmbedding, _CheckpointFunction):
             return True
         variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
         if isinstance(variable, torch.Tensor) and variable.data_ptr() in storages:
@@ -304,9 +318,10 @@ class ClippingEngine:
         # Each entry's input batch size (its rows), which the layers' rows must equal: a model that folds tokens into
         # the batch dimension (OPT's decoder layers reshape to [B * T, d]) would otherwise be clipped per token.
         self._entry_rows: dict[int, int | None] = {}
-        # ... and the dimensions of its token ids, which an embedding's ids must have: ids without the batch
-        # dimension (nanoGPT's wpe(torch.arange(T))) are shared by the examples, and pass the rows check where B = T.
-        self._entry_ids: dict[int, int | None] = {}
+        # ... and the dimensions an embedding's ids must have: 2 ([B, ...]) where the input has them. Ids without the
+        # batch dimension (nanoGPT's wpe(torch.arange(T)), a ViT's positions) are shared by the examples, and pass
+        # the rows check where B = T.
+        self._entry_id_dims: dict[int, int | None] = {}
         # The latest ids of each embedding tied to a head: a fused loss on that head gathers its logit gradients at
         # those ids for the cross term of the two uses (privacy.head)
         self._tied_ids: dict[str, torch.Tensor] = {}
@@ -356,7 +371,7 @@ class ClippingEngine:
         if self._depth == 0 and self._new_entry():
             x = _model_input(args, kwargs)  # earlier entries are consumed or refused
             self._entry_rows = {self._entry: x.shape[0] if x is not None and x.dim() else None}
-            self._entry_ids = {self._entry: x.dim() if x is not None and not x.is_floating_point() else None}
+            self._entry_id_dims = {self._entry: None if x is None else min(x.dim(), 2)}
         self._depth += 1
 
     def _leave(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple, output) -> None:
@@ -625,7 +640,7 @@ class ClippingEngine:
         self.instantiate.clear()
         self._autocast_copies.clear()
         self._entry_rows = {}  # a forward still waiting for its backward goes unchecked rather than held to a stale size
-        self._entry_ids = {}
+        self._entry_id_dims = {}
         self._backward_seen = False
         self._entries_since_clear = 0
 
@@ -672,12 +687,13 @@ class ClippingEngine:
                                  "before it, so clipping would bound each row, not each example")
             if self.layers[name][1] == "embedding":
                 for c in self.calls[name]:
-                    want = self._entry_ids.get(c.entry)
+                    want = self._entry_id_dims.get(c.entry)
                     if c.done and want is not None and c.dims < want:
-                        raise ValueError(f"embedding {name!r} read ids of {c.dims} dimensions where the model's input "
-                                         f"ids have {want}: ids without the batch dimension (such as positions "
+                        raise ValueError(f"embedding {name!r} read ids of {c.dims} dimension(s) where the model's input "
+                                         f"has {want} or more: ids without the batch dimension (such as positions "
                                          "torch.arange(T)) are shared by all examples, so their rows are not "
-                                         "examples; pass them per example, e.g. torch.arange(T).expand(B, T)")
+                                         "examples; pass ids batch first with 2 dimensions, e.g. "
+                                         "torch.arange(T).expand(B, T), or ids[:, None] for one id per example")
         if any(c.per_example is not None and c.rows_per_example != self.rows_per_example
                for calls in self.calls.values() for c in calls) or any(
                 h.rows_per_example != self.rows_per_example for heads in self.head_calls.values() for h in heads):
