@@ -275,10 +275,14 @@ def test_a_step_of_another_batch_size_after_one_without_the_body_gradients(tie):
 
 @pytest.mark.parametrize("rows_per_example", [1, 2])
 @pytest.mark.parametrize("chunk_size", [None, 4])
-def test_a_head_tied_to_the_embedding_equals_brute_force(rows_per_example, chunk_size):
+@pytest.mark.parametrize("keep_blocks", [True, False])
+def test_a_head_tied_to_the_embedding_equals_brute_force(rows_per_example, chunk_size, keep_blocks, monkeypatch):
     """The usual small-LM tying (Llama 3.2 1B, Qwen2.5, Gemma): the fused loss keeps each example's logit gradients
-    at its own ids, dz_s[x_t], and the step adds the cross term 2 <G_emb, G_head> to the norms; the two uses'
-    clipped sums add up in the one weight. Padding ids (padding_idx) get no embedding gradient."""
+    at its own ids, dz_s[x_t] (or, past a memory budget, the step recomputes them), and the step adds the cross term
+    2 <G_emb, G_head> to the norms; the two uses' clipped sums add up in the one weight. Padding ids (padding_idx) get
+    no embedding gradient."""
+    if not keep_blocks:
+        monkeypatch.setattr(privacy.head, "PICKED_BUDGET", 0)
     model, ids, valid, h_t, w_t = make_case(bias=False)
     model.emb.padding_idx = 0
     ids[0, 4:] = 0

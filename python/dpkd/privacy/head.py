@@ -24,6 +24,10 @@ import torch
 from .. import _mixed, _ops
 from . import layers
 
+# A tied head keeps its examples' dz_s[x_t] blocks from the chunk loop up to this many values in all (256 MB in fp32);
+# past it the cross term recomputes them.
+PICKED_BUDGET = 1 << 26
+
 # rows (flattened token indices) -> (their hidden states [c, H], d loss / d logits [c, V] times ``unscale``'s inverse)
 ChunkGradient = typing.Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -112,8 +116,12 @@ class PrivateHead:
         self.grad_out: float | None = None  # the upstream gradient of the loss, once backward delivered it
         self.margin: torch.Tensor | None = None
         self.hidden = hidden.detach()  # read by the cross term, which must build no graph
-        # Tied: each example's ids [E, k T'], and per example the (head rows, dz at its ids [rows, k T']) pieces
+        # Tied: each example's ids [E, k T'], and per example the (head rows, dz at its ids [rows, k T']) pieces,
+        # kept from the chunk loop up to PICKED_BUDGET values in all; past it the cross term recomputes them from the
+        # chunks (one more pass over the head, as the step's: the (head tokens) x (input tokens) blocks of long OPD
+        # examples reach gigabytes).
         self.tied_ids = None if tied_ids is None else tied_ids.reshape(examples, tied_ids.numel() // max(examples, 1))
+        self.keep_picked = self.tied_ids is not None and active.numel() * self.tied_ids.shape[1] <= PICKED_BUDGET
         self.picked: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def observe(self, chunk: Chunk, h: torch.Tensor, g: torch.Tensor, loss: torch.Tensor,
@@ -126,8 +134,9 @@ class PrivateHead:
     def _observe(self, chunk: Chunk, h: torch.Tensor, g: torch.Tensor, loss: torch.Tensor,
                  stats: torch.Tensor) -> None:
         e = self.example[chunk.start:chunk.end]
-        if self.tied_ids is not None:
-            self._pick(chunk, g)
+        if self.keep_picked:
+            for i, rows, block in self._chunk_blocks(chunk, g):
+                self.picked.setdefault(i, []).append((rows, block))
         bad = ~torch.isfinite(loss)
         if self.entropies:
             bad |= _ops.flagged_rows(stats)
@@ -166,15 +175,27 @@ class PrivateHead:
         first = self._offsets[chunk.start]
         self.sq.index_add_(0, self._chunk_examples[first:first + len(sizes)], torch.stack(sq).to(self.accum))
 
-    def _pick(self, chunk: Chunk, g: torch.Tensor) -> None:
-        """Keep dz_s[x_t] for the chunk's head tokens s and their example's ids x_t (a [rows, k T'] block per example,
-        in the loss's units)."""
+    def _chunk_blocks(self, chunk: Chunk, g: torch.Tensor):
+        """(example i, head rows, dz_s[x_t]) for the chunk's head tokens s and their example's ids x_t (a [rows, k T']
+        block per example, in the loss's units)."""
         rows = self.active[chunk.start:chunk.end]
         at = 0
         for n, i in zip(chunk.sizes or (chunk.end - chunk.start,), chunk.examples):
-            block = g[at:at + n].index_select(1, self.tied_ids[i]).to(self.accum) * self.unscale
-            self.picked.setdefault(i, []).append((rows[at:at + n], block))
+            yield i, rows[at:at + n], g[at:at + n].index_select(1, self.tied_ids[i]).to(self.accum) * self.unscale
             at += n
+
+    def _blocks(self):
+        """Every example's dz_s[x_t] blocks: kept from the chunk loop, or recomputed chunk by chunk."""
+        if self.keep_picked:
+            for i, pieces in self.picked.items():
+                for rows, block in pieces:
+                    yield i, rows, block
+            return
+        self._check_unchanged()
+        for chunk in self.chunks:
+            with torch.no_grad():
+                _, g = self.gradient(self.active[chunk.start:chunk.end])
+            yield from self._chunk_blocks(chunk, g)
 
     def cross(self, ids: torch.Tensor, g_emb: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
         """<embedding's per-example gradient, this head use's> per example, in the delivered units: sum over the
@@ -187,11 +208,10 @@ class PrivateHead:
         if padding_idx is not None:
             e = e * (ids != padding_idx)[..., None]
         out = torch.zeros(self.examples, dtype=self.accum, device=e.device)
-        with _mixed.no_autocast([e.device.type]):
-            for i, pieces in self.picked.items():
-                for rows, block in pieces:
-                    dots = self.hidden[rows].to(self.accum) @ e[i].t()  # [rows, k T']
-                    out[i] += (block * dots).sum()
+        for i, rows, block in self._blocks():
+            with _mixed.no_autocast([e.device.type]):
+                dots = self.hidden[rows].to(self.accum) @ e[i].t()  # [rows, k T']
+                out[i] += (block * dots).sum()
         return out * self.grad_out
 
     def _ghost_pairs(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -214,13 +234,16 @@ class PrivateHead:
     def clipped_sums(self, coef: layers.Coefficients) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """sum_i c_i G_i for the weight ([V, H], fp32) and the bias, in the units of the delivered gradient, from
         the chunks recomputed; examples with c_i = 0 left out whatever their values."""
+        self._check_unchanged()
+        with torch.no_grad():  # as the loss's forward ran: no graph through the hidden states and the weight
+            return self._clipped_sums(coef)
+
+    def _check_unchanged(self) -> None:
         for t, version in self.checked:
             if t._version != version:
                 raise RuntimeError("a tensor that dpkd.fused_linear_distill_loss read (hidden states, head weight or "
                                    "bias, labels, weights) was modified in place between backward() and the step: "
                                    "the step recomputes the head's per-example gradients from them")
-        with torch.no_grad():  # as the loss's forward ran: no graph through the hidden states and the weight
-            return self._clipped_sums(coef)
 
     def _clipped_sums(self, coef: layers.Coefficients) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         w_sum = b_sum = None
