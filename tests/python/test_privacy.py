@@ -1024,10 +1024,18 @@ def test_a_weight_used_outside_its_module_is_refused():
     plain = torch.nn.Linear(3, 3).double()
     _, dp = privacy.make_private(plain, torch.optim.SGD(plain.parameters(), lr=0.1), noise_multiplier=0.0,
                                  max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
-    for zero in (True, False, False):
-        if zero:
+    for zero in (True, False, "in place", "in place"):
+        if zero == "in place":  # the model's own zero_grad, as older loops call it: the step's gradients zeroed
+            plain.zero_grad(set_to_none=False)
+        elif zero:
             dp.zero_grad()
         plain(torch.randn(4, 3)).sum().backward()
+        dp.step()
+    # ... past which an outside use is still seen
+    plain.zero_grad(set_to_none=False)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    (plain(x) + torch.nn.functional.linear(x, plain.weight)).sum().backward()
+    with pytest.raises(ValueError, match="outside its module"):
         dp.step()
 
 

@@ -184,7 +184,10 @@ class DPOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             mine = self._assigned.get(id(p))
-            if mine is None or p.grad is not mine[0] or p.grad._version != mine[1]:
+            changed = mine is None or p.grad is not mine[0] or p.grad._version != mine[1]
+            # A gradient zeroed in place (model.zero_grad(set_to_none=False)) holds no use; one outside the module
+            # would have added to it.
+            if changed and bool(p.grad.any()):
                 raise ValueError(f"parameter {name} received a gradient from outside its module (for example "
                                  "F.linear on its weight, or dpkd.fused_linear_distill_loss given a copy, cast or "
                                  "view of the weight rather than the parameter itself); DP-SGD cannot clip that use "
