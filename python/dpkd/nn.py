@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 
-from . import fused_linear, losses
+from . import fused_linear, losses, taid
 
 __all__ = ["DistillLoss", "ForwardKLLoss", "FusedLinearDistillLoss", "GeneralizedJSDLoss", "ReverseKLLoss",
-           "SkewKLLoss", "SkewReverseKLLoss", "TVDLoss"]
+           "SkewKLLoss", "SkewReverseKLLoss", "TAIDLoss", "TVDLoss"]
 
 
 class _ConfiguredLoss(torch.nn.Module):
@@ -89,3 +89,36 @@ class FusedLinearDistillLoss(_ConfiguredLoss):
                 **call_options) -> torch.Tensor:
         return fused_linear.fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                                       **self._options(call_options))
+
+
+class TAIDLoss(torch.nn.Module):
+    """``TAIDLoss(total_steps, **options)(student_logits, teacher_logits, labels=None, ...)``: :func:`dpkd.taid_loss`
+    at its :class:`dpkd.TAIDSchedule`'s current t. ``options``: the schedule's (t_start, t_end, alpha, momentum) and
+    the loss's; call :meth:`step` with each step's loss to move t. The schedule's state is in ``state_dict()``."""
+
+    def __init__(self, total_steps: int, **options) -> None:
+        super().__init__()
+        schedule_names = [n for n, p in inspect.signature(taid.TAIDSchedule).parameters.items()
+                          if p.kind == p.KEYWORD_ONLY]
+        loss_names = [n for n, p in inspect.signature(taid.taid_loss).parameters.items() if p.kind == p.KEYWORD_ONLY]
+        unknown = sorted(set(options) - set(schedule_names) - set(loss_names))
+        if unknown:
+            raise TypeError(f"TAIDLoss got unknown options {unknown}")
+        self.schedule = taid.TAIDSchedule(total_steps, **{k: v for k, v in options.items() if k in schedule_names})
+        self.options = {k: v for k, v in options.items() if k in loss_names}
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **call_options) -> torch.Tensor:
+        return taid.taid_loss(student_logits, teacher_logits, self.schedule.t, **{**self.options, **call_options})
+
+    def step(self, loss: float | torch.Tensor) -> float:
+        """Move t after a step whose loss was ``loss``; returns the new t."""
+        return self.schedule.step(float(loss))
+
+    def get_extra_state(self) -> dict:
+        return self.schedule.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"t={self.schedule.t:.4g}"] + [f"{k}={v!r}" for k, v in self.options.items()])

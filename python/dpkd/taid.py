@@ -29,30 +29,42 @@ def taid_loss(
     mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     reduction: losses.Reduction = "mean",
+    hard_label_weight: float = 0.0,
+    scale_by_temperature_squared: bool = False,
+    return_stats: bool = False,
     check_finite: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
     """-sum p_t log q with p_t = softmax(((1 - t) sg(z_s) + t z_t) / T): the cross entropy to the
     interpolated target (KL(p_t || q) plus the target's entropy, which carries no gradient).
 
     ``t`` in [0, 1]: 1 is plain forward-KL distillation (the same gradient as :func:`dpkd.forward_kl`, q - p_t; the
-    loss is larger by the teacher's entropy). ``check_finite``: as in
-    :func:`dpkd.distill_loss` (off under DP-SGD: a row with NaN or +inf logits then gets a NaN loss and gradient, and
-    the engine drops its example).
+    loss is larger by the teacher's entropy). The other options are :func:`dpkd.distill_loss`'s: ``hard_label_weight``
+    w mixes (1 - w) TAID + w cross_entropy(labels); ``scale_by_temperature_squared`` multiplies the TAID term by T^2; ``return_stats`` also returns
+    :class:`dpkd.TokenStats` (the teacher's fields are those of the interpolated target p_t, the divergence
+    KL(p_t || q)). ``check_finite``: as in :func:`dpkd.distill_loss` (off under DP-SGD: a row with NaN or +inf logits
+    then gets a NaN loss and gradient, and the engine drops its example).
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
     losses._check(student_logits, teacher_logits, labels, mask, weights, divergence="forward_kl", beta=0.5,
-                  alpha=0.1, temperature=temperature, reduction=reduction, hard_label_weight=0.0,
+                  alpha=0.1, temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
                   allow_vocab_mismatch=False)
     valid = losses.valid_tokens(labels, mask, ignore_index)
     carries_loss = losses.carrying_tokens(valid, weights)
+    # T^2 on the TAID term only, as distill_loss does for its divergence
+    t2 = temperature * temperature * (1.0 - hard_label_weight) + hard_label_weight \
+        if scale_by_temperature_squared else 1.0
+    w = hard_label_weight / t2 if t2 > 0 else hard_label_weight
     per_token, stats = losses._fused(
         student_logits, teacher_logits, labels, divergence="forward_kl", beta=0.5, alpha=0.1,
-        temperature=temperature, teacher_mix=t, standardize=False, hard_label_weight=0.0, ignore_index=ignore_index,
-        carries_loss=carries_loss, check_finite=check_finite,
+        temperature=temperature, teacher_mix=t, standardize=False, hard_label_weight=w,
+        ignore_index=ignore_index, carries_loss=carries_loss, check_finite=check_finite,
     )
-    per_token = per_token + stats[..., 1]  # + H(p_t): constant in the student (p_t uses sg(z_s))
-    return losses._reduce(per_token, valid, weights, reduction)
+    # + (1 - w) H(p_t): the kernel's (1 - w) KL(p_t || q) + w CE made a cross entropy; constant in the student
+    # (p_t uses sg(z_s))
+    per_token = (per_token + (1.0 - w) * stats[..., 1]) * t2
+    loss = losses._reduce(per_token, valid, weights, reduction)
+    return (loss, losses.TokenStats(*stats.unbind(-1))) if return_stats else loss
 
 
 class TAIDSchedule:

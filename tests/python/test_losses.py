@@ -359,6 +359,33 @@ def test_taid_loss_is_cross_entropy_to_interpolated_target_with_stop_gradient():
         assert rel_err(s.grad, s64.grad) < 1e-5
 
 
+@pytest.mark.parametrize("hard_label_weight", [0.0, 0.3])
+@pytest.mark.parametrize("scale_by_temperature_squared", [False, True])
+def test_taid_loss_options_match_float64(hard_label_weight, scale_by_temperature_squared):
+    # (1 - w) T^2 TAID + w cross_entropy(labels), as distill_loss mixes its divergence; statistics of the same pass.
+    s = logits(6, 50, 3.0, seed=61).requires_grad_(True)
+    t = logits(6, 50, 3.0, seed=62)
+    labels = torch.randint(0, 50, (6,), generator=torch.Generator().manual_seed(63))
+    labels[2] = -100
+    temp, mix = 1.7, 0.4
+    got, st = dpkd.taid_loss(s, t, mix, temperature=temp, labels=labels, hard_label_weight=hard_label_weight,
+                             scale_by_temperature_squared=scale_by_temperature_squared, return_stats=True)
+    (g,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_(True)
+    target = torch.softmax(((1 - mix) * s64.detach() + mix * t.double()) / temp, -1)
+    taid = -(target * torch.log_softmax(s64 / temp, -1)).sum(-1)
+    ce = torch.nn.functional.cross_entropy(s64, labels.clamp(min=0), reduction="none")
+    per = (temp**2 if scale_by_temperature_squared else 1.0) * (1 - hard_label_weight) * taid + hard_label_weight * ce
+    ref = per[labels != -100].mean()
+    (g64,) = torch.autograd.grad(ref, s64)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5) and rel_err(g, g64) < 1e-5
+    q = torch.softmax(s64.detach() / temp, -1)
+    valid = labels != -100
+    torch.testing.assert_close(st.student_entropy[valid].double(), -(q * q.log()).sum(-1)[valid], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.teacher_entropy[valid].double(), -(target * target.log()).sum(-1)[valid],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_taid_loss_takes_check_finite_for_dp():
     """Under DP-SGD a loss must not raise per batch: with check_finite=False a row with a NaN teacher logit gets a
     NaN loss and gradient (the engine drops its example), the others those of the clean rows; by default it raises."""
@@ -389,6 +416,25 @@ def test_taid_schedule_ramps_and_adapts():
     assert s2.t == sched.t and s2.m == sched.m
     with pytest.raises(ValueError, match="t_start"):
         dpkd.TAIDSchedule(total_steps=10, t_start=0.9, t_end=0.5)
+
+
+def test_taid_module_follows_its_schedule_and_the_formula():
+    # t <- min(t_end, max(linear ramp, t + alpha sigmoid(m) (1 - t))), m the momentum of relative improvements
+    module = dpkd.nn.TAIDLoss(10, t_start=0.4, alpha=0.2, momentum=0.5, temperature=2.0)
+    s, t = logits(4, 30, 2.0, seed=64), logits(4, 30, 2.0, seed=65)
+    assert module(s, t).item() == pytest.approx(dpkd.taid_loss(s, t, 0.4, temperature=2.0).item(), rel=1e-6)
+    tt, m, prev = 0.4, 0.0, None
+    for k, loss in enumerate([4.0, 3.0, 2.8, 3.5], start=1):
+        if prev is not None:
+            m = 0.5 * m + 0.5 * (prev - loss) / (prev + 1e-8)
+        prev = loss
+        tt = min(1.0, max(0.4 + 0.6 * k / 10, tt + 0.2 / (1 + math.exp(-m)) * (1 - tt)))
+        assert module.step(torch.tensor(loss)) == pytest.approx(tt, rel=1e-12)
+    restored = dpkd.nn.TAIDLoss(10)
+    restored.load_state_dict(module.state_dict())
+    assert restored.schedule.t == module.schedule.t and restored.schedule.m == module.schedule.m
+    with pytest.raises(TypeError, match="unknown options"):
+        dpkd.nn.TAIDLoss(10, betta=0.3)
 
 
 def test_nn_modules_match_functions():
