@@ -436,7 +436,8 @@ class OPDTrainer:
             _, self.optimizer = privacy.make_private(
                 student, optimizer, noise_multiplier=sigma, max_grad_norm=config.max_grad_norm,
                 expected_batch_size=config.expected_batch_size, sample_rate=self.sample_rate,
-                secure_mode=config.secure_mode, generator=torch.Generator().manual_seed(config.seed + 1),
+                secure_mode=config.secure_mode,
+                generator=None if config.secure_mode else torch.Generator().manual_seed(config.seed + 1),
                 accountant=accounting.make_accountant(config.accountant))
         else:
             self.optimizer = optimizer

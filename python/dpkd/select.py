@@ -264,7 +264,8 @@ def paced_weights(pass_rate: torch.Tensor, *, alpha: float = 1.0, beta: float = 
     if pass_rate.dim() != 1:
         raise ValueError(f"pass_rate must be [B] (one rate per sequence), got shape {tuple(pass_rate.shape)}")
     p = pass_rate.detach().float()
-    if not ((p >= 0) & (p <= 1)).all():  # NaN fails too
+    # NaN fails too. A host read: skipped while compiling (torch.compile would break the graph on it)
+    if not torch.compiler.is_compiling() and not ((p >= 0) & (p <= 1)).all():
         raise ValueError("pass_rate must be in [0, 1] (and not NaN)")
     w = p**alpha * (1 - p) ** beta
     if tokens_per_sequence is not None:

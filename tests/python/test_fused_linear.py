@@ -35,7 +35,7 @@ def grads(loss, *ts):
     return torch.autograd.grad(loss, [t for t in ts if t is not None])
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_logits_path(divergence, reduction, device):
@@ -52,6 +52,28 @@ def test_matches_logits_path(divergence, reduction, device):
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     for a, b in zip(grads(got, h_s, w_s, b_s), grads(ref, h_s, w_s, b_s)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("teacher_vocab", [80, 97, 110])
+def test_vocabulary_mismatch_logit_scales_ignore_index_and_statistics(teacher_vocab):
+    # The vocabulary rule (missing columns have probability 0), a logit scale per model, another ignore_index, and
+    # every statistic against the logits path's.
+    h_s, w_s, b_s, h_t, w_t = setup(vt=teacher_vocab)
+    labels = torch.randint(0, 80, (24,), generator=torch.Generator().manual_seed(3))
+    labels[::4] = -1
+    kw = dict(divergence="jsd", labels=labels, ignore_index=-1, hard_label_weight=0.1, temperature=1.3,
+              allow_vocab_mismatch=True, return_stats=True)
+    got, got_st = dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, student_logit_scale=0.7,
+                                                 teacher_logit_scale=1.5, chunk_size=7, **kw)
+    zs = (h_s @ w_s.t() + b_s) * 0.7
+    ref, ref_st = dpkd.distill_loss(zs, (h_t @ w_t.t() * 1.5).detach(), **kw)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(grads(got, h_s, w_s, b_s), grads(ref, h_s, w_s, b_s)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    valid = labels != -1
+    for a, b in zip(got_st, ref_st):
+        torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-5)
+        assert a[~valid].isnan().all()
 
 
 def test_softcap_scale_and_3d_shapes_and_stats():

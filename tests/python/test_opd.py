@@ -484,3 +484,10 @@ def test_fused_head_refusals():
         opd.OPDTrainer(_tiny_llama(16, 1, final_logit_softcapping=2.0), _tiny_llama(24, 2), prompts, conts, cfg)
     with pytest.raises(ValueError, match="has none"):
         opd.OPDConfig(method="dp_sft", fused_head=True)
+
+
+def test_secure_mode_steps():
+    # Noise and sampling from os.urandom (the DP optimizer is given no seeded generator there).
+    t = trainer(steps=2, secure_mode=True)
+    t.step()
+    assert t.optimizer.secure_mode and t.optimizer.generator is None and t.steps_done == 1

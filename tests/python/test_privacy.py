@@ -461,6 +461,29 @@ def test_secure_noise_has_the_right_scale():
     assert abs(float(z.std()) / 2.5 - 1) < 0.01 and abs(float(z.mean())) < 0.02
 
 
+def test_secure_mode_end_to_end():
+    # make_private(secure_mode=True): the noise from the OS's CSPRNG at sigma C / L (not reproducible from any seed),
+    # and a generator, which it would ignore, refused there and in the sampler.
+    steps = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(50, 40)
+        before = model.weight.detach().clone()
+        _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=2.0,
+                                     max_grad_norm=0.5, expected_batch_size=4, sample_rate=0.1, secure_mode=True)
+        model(torch.randn(4, 50)).sum().backward()
+        dp.step()
+        steps.append(model.weight.detach() - before)
+    noise = (steps[0] - steps[1]) * 4 / math.sqrt(2)  # the clipped sums cancel; two draws of std sigma C
+    assert abs(float(noise.std()) / (2.0 * 0.5) - 1) < 0.07 and not torch.equal(steps[0], steps[1])  # 4.4 s.e.
+    with pytest.raises(ValueError, match="generator with secure_mode=True"):
+        privacy.make_private(torch.nn.Linear(2, 2), torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0),
+                             noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1,
+                             secure_mode=True, generator=torch.Generator())
+    with pytest.raises(ValueError, match="generator with secure_mode=True"):
+        privacy.PoissonBatchSampler(100, 0.1, secure_mode=True, generator=torch.Generator())
+
+
 def test_poisson_sampler():
     sampler = privacy.PoissonBatchSampler(1000, 0.05, steps=200, generator=torch.Generator().manual_seed(0))
     sizes = [len(b) for b in sampler]

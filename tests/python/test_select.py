@@ -110,6 +110,17 @@ def test_rules_compile_without_graph_breaks():
                                  select=lambda st, v: select.entropy_top_fraction(st.student_entropy, 0.5, valid=v))
 
     torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="aot_eager")(s, t), loss(s, t))
+    # Every rule that takes no generator (entropy_sampling's torch.Generator cannot enter a graph)
+    st = dpkd.token_stats(s, t)
+    rate = torch.tensor([0.0, 0.3, 0.8, 1.0])
+    rules = [lambda: select.tip(st.student_entropy, st.divergence, fraction=0.3),
+             lambda: select.relative_confidence(-st.student_entropy, -st.teacher_entropy, fraction=0.4),
+             lambda: select.highest_surprisal(-st.student_entropy, 0.25),
+             lambda: select.teacher_entropy_weights(st.teacher_entropy, vocab_size=50),
+             lambda: select.paced_weights(rate, alpha=0.5, tokens_per_sequence=16)]
+    for rule in rules:
+        torch.testing.assert_close(torch.compile(lambda: rule().values, fullgraph=True, backend="aot_eager")(),
+                                   rule().values)
 
 
 def test_valid_may_be_any_mask_dtype():

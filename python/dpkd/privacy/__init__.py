@@ -51,7 +51,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         secure_mode: noise (and poisson_loader's draws, if you pass secure_mode there too) from a
             CSPRNG; see dpkd.privacy.noise for what that does and does not protect.
         generator: the noise's torch.Generator (seeded, a run is reproducible; its state is in the optimizer's
-            state_dict); unused in secure mode. Default: torch's global generator.
+            state_dict); refused with secure_mode, whose noise comes from os.urandom. Default: torch's global
+            generator.
         distributed: data-parallel training over torch.distributed ranks (see DPOptimizer); the model is
             not wrapped in DistributedDataParallel: the optimizer does the one all-reduce itself.
 
