@@ -303,7 +303,8 @@ def fused_linear_distill_loss(
             heads' logits again, chunk by chunk, for every token that carries loss: about the matmuls of the loss's
             forward once more); the unselected tokens then enter no matmul of the loss. Under DP-SGD, sequence scope
             only.
-        check_finite: raise where a token that carries loss has NaN or +inf logits (as :func:`dpkd.distill_loss`).
+        check_finite: raise where a token that carries loss has NaN or +inf logits, or ``weights`` hold NaN or inf
+            (as :func:`dpkd.distill_loss`).
             Default: on, but off under DP-SGD (below), where the engine drops that example instead: a raise would
             make whether a step happens depend on one example (True is refused there).
 
@@ -442,6 +443,7 @@ def fused_linear_distill_loss(
     # The rows whose statistics are computed: those of the loss, or with a rule every token that carries loss.
     scored = row_scale != 0
     first_stats = rule_stats = None
+    user_weights = weights
     if select is not None:
         if callable(select):
             first_stats = _token_stats(h_s, student_weight, student_bias, objective, flat_labels, scored, opts)
@@ -455,10 +457,10 @@ def fused_linear_distill_loss(
                                             private, _ops.graph_anchor(h_s, student_weight, student_bias))
     if first_stats is not None:  # every token that carries loss, the unselected ones too
         stats = first_stats
-    if teacher_topk is None and check_finite:  # after every chunk is queued; tokens without weight were not computed
-        losses.report_nan(stats, ~scored, tuple(
+    if check_finite:  # after every chunk is queued; tokens without weight were not computed
+        losses.report_nan(stats if teacher_topk is None else None, ~scored, tuple(
             f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf, or no finite value "
-            "(first in flattened token {row})" for model in ("student", "teacher")))
+            "(first in flattened token {row})" for model in ("student", "teacher")), weights=user_weights)
     if return_stats:
         return loss, losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
     return loss

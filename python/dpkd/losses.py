@@ -162,6 +162,7 @@ def _fused(
     row_weights: torch.Tensor | None = None,
     carries_loss: torch.Tensor | None = None,
     check_finite: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses [*lead] and statistics [*lead, 5] from the fused op, NaN input reported.
 
@@ -195,22 +196,36 @@ def _fused(
         report_nan(stats, skipped, ("student_logits contains NaN or +inf, or a row without a finite logit (first in "
                                     "flattened row {row})",
                                     "teacher_logits contains NaN or +inf, or a row without a finite logit (first in "
-                                    "flattened row {row})"))
+                                    "flattened row {row})"), weights=weights)
     return loss, stats.reshape(*lead, 5)
 
 
-def report_nan(stats: torch.Tensor, skipped: torch.Tensor | None, messages: tuple[str, str]) -> None:
+def report_nan(stats: torch.Tensor | None, skipped: torch.Tensor | None, messages: tuple[str, str],
+               weights: torch.Tensor | None = None) -> None:
     """Raise ``messages[m].format(row=...)`` for the first row whose model-m entropy (stats column m) is NaN:
-    the kernels report NaN or +inf logits, and a row without a finite logit, that way. Rows in ``skipped`` are
-    not computed and not checked.
-    One host synchronisation for both models; the row is looked up only on failure; nothing while compiling."""
-    if torch.compiler.is_compiling():
+    the kernels report NaN or +inf logits, and a row without a finite logit, that way; or where ``weights`` (the
+    caller's per-token weights) are not finite. Rows in ``skipped`` are not computed and not checked; ``stats``
+    None: only the weights. One host synchronisation for both models and the weights; the row is looked up only on
+    failure; nothing while compiling."""
+    checked = weights if stats is None else stats
+    if torch.compiler.is_compiling() or checked is None or checked.numel() == 0:
         return
-    nan = torch.isnan(stats[:, :2])
-    if skipped is not None:
-        nan &= ~skipped[:, None]
-    bad = nan.any(0).tolist() if stats.shape[0] else [False, False]
-    for column, message in enumerate(messages):
+    keep = None if skipped is None else ~skipped.reshape(-1)
+    flags = []
+    if stats is not None:
+        nan = torch.isnan(stats[:, :2])
+        if keep is not None:
+            nan &= keep[:, None]
+        flags.append(nan.any(0))
+    if weights is not None:
+        bad_weight = ~torch.isfinite(weights.reshape(-1))
+        if keep is not None:
+            bad_weight &= keep
+        flags.append(bad_weight.any()[None])
+    bad = torch.cat(flags).tolist()
+    if weights is not None and bad[-1]:
+        raise ValueError(f"weights contain NaN or inf (first at flattened token {int(bad_weight.nonzero()[0, 0])})")
+    for column, message in enumerate(messages if stats is not None else ()):
         if bad[column]:
             raise ValueError(message.format(row=int(nan[:, column].nonzero()[0, 0])))
 
@@ -336,7 +351,8 @@ def distill_loss(
             [N, V] gradient is held from the forward to the backward pass, and the loss can be
             backpropagated through once. Tokens without weight (masked, ignored, weight 0) are not computed:
             their statistics are NaN and their logits are not checked.
-        check_finite: raise where a row that carries loss has NaN or +inf logits (one host synchronisation).
+        check_finite: raise where a row that carries loss has NaN or +inf logits, or ``weights`` hold NaN or inf
+            (one host synchronisation).
             Turn it off under DP-SGD: whether a batch raises would then depend on one example. The row's loss
             (unless a select rule leaves the row out) and gradient are NaN instead (a NaN logit included, which
             the kernels' maxima would pass over, and a row without a finite logit), and the DP engine drops that
@@ -366,7 +382,7 @@ def distill_loss(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
         temperature=temperature, teacher_mix=1.0, standardize=standardize, hard_label_weight=hard_label_weight,
         ignore_index=ignore_index, inplace_backward=inplace_backward, teacher_grad=teacher_grad,
-        row_weights=row_weights, carries_loss=carries_loss, check_finite=check_finite,
+        row_weights=row_weights, carries_loss=carries_loss, check_finite=check_finite, weights=weights,
     )
     token_stats_ = TokenStats(*stats.unbind(-1))
     if row_weights is not None:

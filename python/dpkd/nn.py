@@ -106,6 +106,12 @@ class TAIDLoss(torch.nn.Module):
             raise TypeError(f"TAIDLoss got unknown options {unknown}")
         self.schedule = taid.TAIDSchedule(total_steps, **{k: v for k, v in options.items() if k in schedule_names})
         self.options = {k: v for k, v in options.items() if k in loss_names}
+        settings = {n: p.default for n, p in inspect.signature(taid.taid_loss).parameters.items()
+                    if p.kind == p.KEYWORD_ONLY}
+        settings.update(self.options)
+        losses.check_options(divergence="forward_kl", beta=0.5, alpha=0.1, temperature=settings["temperature"],
+                             reduction=settings["reduction"], hard_label_weight=settings["hard_label_weight"],
+                             has_labels=True)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **call_options) -> torch.Tensor:
         return taid.taid_loss(student_logits, teacher_logits, self.schedule.t, **{**self.options, **call_options})

@@ -39,9 +39,9 @@ def taid_loss(
 
     ``t`` in [0, 1]: 1 is plain forward-KL distillation (the same gradient as :func:`dpkd.forward_kl`, q - p_t; the
     loss is larger by the teacher's entropy). The other options are :func:`dpkd.distill_loss`'s: ``hard_label_weight``
-    w mixes (1 - w) TAID + w cross_entropy(labels); ``scale_by_temperature_squared`` multiplies the TAID term by T^2; ``return_stats`` also returns
-    :class:`dpkd.TokenStats` (the teacher's fields are those of the interpolated target p_t, the divergence
-    KL(p_t || q)). ``check_finite``: as in :func:`dpkd.distill_loss` (off under DP-SGD: a row with NaN or +inf logits
+    w mixes (1 - w) TAID + w cross_entropy(labels); ``scale_by_temperature_squared`` multiplies the TAID term by T^2;
+    ``return_stats`` also returns :class:`dpkd.TokenStats` (the teacher's fields are those of the interpolated target
+    p_t, the divergence KL(p_t || q)). ``check_finite``: as in :func:`dpkd.distill_loss` (off under DP-SGD: a row with NaN or +inf logits
     then gets a NaN loss and gradient, and the engine drops its example).
     """
     if not 0.0 <= t <= 1.0:
@@ -58,7 +58,7 @@ def taid_loss(
     per_token, stats = losses._fused(
         student_logits, teacher_logits, labels, divergence="forward_kl", beta=0.5, alpha=0.1,
         temperature=temperature, teacher_mix=t, standardize=False, hard_label_weight=w,
-        ignore_index=ignore_index, carries_loss=carries_loss, check_finite=check_finite,
+        ignore_index=ignore_index, carries_loss=carries_loss, check_finite=check_finite, weights=weights,
     )
     # + (1 - w) H(p_t): the kernel's (1 - w) KL(p_t || q) + w CE made a cross entropy; constant in the student
     # (p_t uses sg(z_s))
@@ -91,13 +91,16 @@ class TAIDSchedule:
     def step(self, loss: float | torch.Tensor) -> float:
         """Update t from this step's loss; returns the new t."""
         loss = float(loss)
-        if self.prev_loss is not None:
+        # A non-finite loss (a NaN batch) measures no improvement: the momentum keeps its value, the ramp moves t.
+        finite = math.isfinite(loss)
+        if finite and self.prev_loss is not None:
             delta = (self.prev_loss - loss) / (abs(self.prev_loss) + self.eps)
             self.m = self.momentum * self.m + (1 - self.momentum) * delta
-        self.prev_loss = loss
+        if finite:
+            self.prev_loss = loss
         self.steps += 1
         linear = self.t_start + (self.t_end - self.t_start) * min(self.steps / self.total_steps, 1.0)
-        adaptive = self.t + self.alpha * (1.0 / (1.0 + math.exp(-self.m))) * (1.0 - self.t)
+        adaptive = self.t + self.alpha * (1.0 / (1.0 + math.exp(-self.m))) * (1.0 - self.t) if finite else self.t
         self.t = min(self.t_end, max(linear, adaptive))
         return self.t
 

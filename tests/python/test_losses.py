@@ -322,6 +322,21 @@ def test_bad_tensors_name_themselves():
         losses.forward_kl(bad, logits(4, 10))
     with pytest.raises(ValueError, match="teacher_logits contains NaN"):
         losses.forward_kl(s, bad)
+    nan_weight = torch.ones(4)
+    nan_weight[3] = float("nan")
+    for loss in (lambda w: losses.forward_kl(s, logits(4, 10), weights=w),  # fused backward and two-pass paths
+                 lambda w: losses.forward_kl(s.requires_grad_(True), logits(4, 10), weights=w),
+                 lambda w: dpkd.taid_loss(s, logits(4, 10), 0.5, weights=w),
+                 lambda w: dpkd.fused_linear_distill_loss(s, torch.eye(10), logits(4, 10), torch.eye(10), weights=w)):
+        with pytest.raises(ValueError, match=r"weights contain NaN or inf \(first at flattened token 3\)"):
+            loss(nan_weight)
+    assert losses.forward_kl(s, logits(4, 10), weights=nan_weight, check_finite=False).isnan()  # DP: not raised
+    ignored = torch.tensor([1, 2, 3, -100])  # a NaN weight where no loss is taken is not read
+    assert losses.forward_kl(s, logits(4, 10), weights=nan_weight, labels=ignored).isfinite()
+    with pytest.raises(ValueError, match="weights contain NaN"):  # a top-k teacher's too
+        dpkd.fused_linear_distill_loss(s, torch.eye(10), teacher_topk=(torch.zeros(4, 1, dtype=torch.long),
+                                                                       torch.zeros(4, 1)), weights=nan_weight)
+    s = s.detach()
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\) or ignore_index \(-100\), got 10 \(first in "
                                          r"row 2\)"):
         losses.forward_kl(s, logits(4, 10), labels=torch.tensor([1, -100, 10, 11]))
@@ -433,8 +448,15 @@ def test_taid_module_follows_its_schedule_and_the_formula():
     restored = dpkd.nn.TAIDLoss(10)
     restored.load_state_dict(module.state_dict())
     assert restored.schedule.t == module.schedule.t and restored.schedule.m == module.schedule.m
+    # A NaN batch measures no improvement: the momentum stays, the ramp alone moves t
+    assert module.step(float("nan")) == pytest.approx(max(0.4 + 0.6 * 5 / 10, tt))
+    assert module.schedule.m == pytest.approx(m)
     with pytest.raises(TypeError, match="unknown options"):
         dpkd.nn.TAIDLoss(10, betta=0.3)
+    for bad, name in ((dict(temperature=-1.0), "temperature"), (dict(reduction="bogus"), "reduction"),
+                      (dict(hard_label_weight=2.0), "hard_label_weight")):
+        with pytest.raises(ValueError, match=name):  # at construction, as the other modules
+            dpkd.nn.TAIDLoss(10, **bad)
 
 
 def test_nn_modules_match_functions():

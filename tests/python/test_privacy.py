@@ -1054,12 +1054,15 @@ def test_a_weight_used_outside_its_module_is_refused():
             dp.zero_grad()
         plain(torch.randn(4, 3)).sum().backward()
         dp.step()
-    # ... past which an outside use is still seen
-    plain.zero_grad(set_to_none=False)
+    # ... past which an outside use is still seen, a zero-valued one too (whether a step is refused must not depend
+    # on the batch's values)
     x = torch.randn(4, 3, dtype=torch.float64)
-    (plain(x) + torch.nn.functional.linear(x, plain.weight)).sum().backward()
-    with pytest.raises(ValueError, match="outside its module"):
-        dp.step()
+    for scale in (1.0, 0.0):
+        plain.zero_grad(set_to_none=False)
+        (plain(x) + scale * torch.nn.functional.linear(x, plain.weight)).sum().backward()
+        with pytest.raises(ValueError, match="weight received a gradient from outside its module"):
+            dp.step()
+        dp.zero_grad()
 
 
 def test_noise_multiplier_none_is_named():

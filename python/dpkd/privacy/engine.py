@@ -363,7 +363,17 @@ class ClippingEngine:
         self.patched_params = [(n, p) for m_name, (module, kind) in self.layers.items()
                                for n, p in ((f"{m_name}.{pn}", p) for pn, p in module.named_parameters(recurse=False))
                                if p.requires_grad]
+        # Each gradient autograd brings them is recorded, whatever its value (a zero one too) and whatever the user
+        # did to .grad (a hook on the tensor: it sees the gradient before accumulation, None where a capturing
+        # function gave none).
+        self.outside_uses: list[str] = []
+        for n, p in self.patched_params:
+            self.handles.append(p.register_hook(_EngineHook(self, "_outside_use", n)))
         self._stood_in: dict[torch.nn.Module, list[dict[str, torch.nn.Parameter]]] = {}
+
+    def _outside_use(self, name: str, grad: torch.Tensor | None) -> None:
+        if grad is not None:
+            self.outside_uses.append(name)
 
     def _enter(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if module is not target:  # a copy's hook
@@ -643,6 +653,7 @@ class ClippingEngine:
         self._entry_id_dims = {}
         self._backward_seen = False
         self._entries_since_clear = 0
+        self.outside_uses = []
 
     @property
     def pending(self) -> bool:

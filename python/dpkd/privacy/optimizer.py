@@ -97,7 +97,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self.distributed = distributed
         self._sums: dict[int, torch.Tensor] = {}
         self._norms: list[torch.Tensor] = []
-        self._assigned: dict[int, tuple[torch.Tensor, int]] = {}  # the .grad tensors step() wrote
         self.last_per_example_norms = torch.zeros(0)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [p for p in engine.params if id(p) not in owned]
@@ -170,7 +169,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self.engine.clear()  # a forward pass still waiting for its backward stays captured (its graph holds it)
         self._sums, self._norms = {}, []
-        self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params if p.grad is not None}
 
     def _check_unseen_uses(self) -> None:
         """A parameter of a capturing layer that autograd gave a gradient was used outside its module
@@ -183,18 +181,12 @@ class DPOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"a parameter of shape {tuple(p.shape)} that was frozen (or not trainable) at "
                                      "make_private has a gradient: its per-example gradients are not captured, so "
                                      "it cannot be clipped; unfreeze parameters before make_private")
-        for name, p in self.engine.patched_params:
-            if p.grad is None:
-                continue
-            mine = self._assigned.get(id(p))
-            changed = mine is None or p.grad is not mine[0] or p.grad._version != mine[1]
-            # A gradient zeroed in place (model.zero_grad(set_to_none=False)) holds no use; one outside the module
-            # would have added to it.
-            if changed and bool(p.grad.any()):
-                raise ValueError(f"parameter {name} received a gradient from outside its module (for example "
-                                 "F.linear on its weight, or dpkd.fused_linear_distill_loss given a copy, cast or "
-                                 "view of the weight rather than the parameter itself); DP-SGD cannot clip that use "
-                                 "per example")
+        if self.engine.outside_uses:  # autograd accumulated into a parameter whose module's own uses give it none
+            name = self.engine.outside_uses[0]
+            raise ValueError(f"parameter {name} received a gradient from outside its module (for example "
+                             "F.linear on its weight, or dpkd.fused_linear_distill_loss given a copy, cast or "
+                             "view of the weight rather than the parameter itself); DP-SGD cannot clip that use "
+                             "per example")
 
     def accumulate(self) -> torch.Tensor:
         """Clip the micro-batch whose backward pass just ran; returns its per-example norms."""
@@ -238,7 +230,6 @@ class DPOptimizer(torch.optim.Optimizer):
             for p, total in zip(params, totals):
                 p.grad = total.to(p.dtype)
         self.original_optimizer.step()
-        self._assigned = {id(p): (p.grad, p.grad._version) for p in self.engine.params if p.grad is not None}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return loss
 
