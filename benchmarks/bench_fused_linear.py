@@ -3,7 +3,7 @@ JSD on CUDA when importable): forward + backward time, peak memory above the inp
 it produces included (each call drops them at its end; CUDA allocator, or the CPU memory profiler),
 gradient error against fp32-logit gradients, at 100%, 50% and 10% of tokens selected: chosen in advance (a mask),
 and by a select rule on the same call's statistics (entropy top fraction: a first pass over both heads without
-gradients, then the selected tokens).
+gradients, then the selected tokens; or, with select_reads="student", over the student's head alone).
 
     python benchmarks/bench_fused_linear.py                                   # CPU, small
     python benchmarks/bench_fused_linear.py --device cuda --n 8192 --vocab 128256 --hs 2048 --ht 4096
@@ -114,6 +114,8 @@ def main() -> None:
                 return select.entropy_top_fraction(st.student_entropy, fraction, valid=valid)
             sms, smb = measure(ours(full, select=rule), dev, args.repeat, cpu_memory=True)
             row += f" | dpkd rule {sms:8.1f} ms ({smb:7.0f} MB)"
+            sms, smb = measure(ours(full, select=rule, select_reads="student"), dev, args.repeat, cpu_memory=True)
+            row += f" | rule, student pass {sms:8.1f} ms ({smb:7.0f} MB)"
         if dtype != torch.float32:
             bms, bmb = measure(ours(mask, fp32_logits=False), dev, args.repeat, cpu_memory=True)
             row += f" | dpkd bf16 logits {bms:8.1f} ms ({bmb:7.0f} MB)"

@@ -11,7 +11,7 @@ must be reduced to a scalar (sum, mean or batchmean).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .select import Selection
 
 __all__ = ["fused_linear_distill_loss"]
+
+# The statistics' columns (dpkd.TokenStats) that need the teacher: its entropy, the divergence, its label log-prob
+_TEACHER_COLUMNS = [1, 2, 4]
 
 # From this many tokens on, the head-weight gradient of fp32 logits takes only the high bf16 half of their
 # gradient: summed over that many tokens, the low half's rounding averages out. Relative error against fp32
@@ -275,6 +278,7 @@ def fused_linear_distill_loss(
     fp32_logits: bool | None = None,
     return_stats: bool = False,
     select: Selection | Callable[[losses.TokenStats, torch.Tensor | None], Selection] | None = None,
+    select_reads: Literal["all", "student"] = "all",
     check_finite: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
     """:func:`dpkd.distill_loss` of ``softcap(scale (h W^T + b))`` for both models, from hidden states (its options
@@ -303,6 +307,10 @@ def fused_linear_distill_loss(
             heads' logits again, chunk by chunk, for every token that carries loss: about the matmuls of the loss's
             forward once more); the unselected tokens then enter no matmul of the loss. Under DP-SGD, sequence scope
             only.
+        select_reads: ``"student"`` for a rule that reads only the student's statistics (its entropy and label
+            log-prob: entropy_top_fraction, entropy_sampling, highest_surprisal): the first pass then forms the
+            student's logits alone, and the rule sees NaN in the teacher's fields and the divergence (the returned
+            statistics hold them for the selected tokens; the teacher's logits are checked for NaN there only).
         check_finite: raise where a token that carries loss has NaN or +inf logits, or ``weights`` hold NaN or inf
             (as :func:`dpkd.distill_loss`).
             Default: on, but off under DP-SGD (below), where the engine drops that example instead: a raise would
@@ -375,6 +383,8 @@ def fused_linear_distill_loss(
     if weights is not None and weights.requires_grad:
         raise ValueError("weights must not require grad here: the fused linear loss gives no gradient for them "
                          "(dpkd.distill_loss on logits does); pass weights.detach()")
+    if select_reads not in ("all", "student"):
+        raise ValueError(f"select_reads must be 'all' or 'student', got {select_reads!r}")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     losses.check_options(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, reduction=reduction,
@@ -432,6 +442,12 @@ def fused_linear_distill_loss(
             st[:, 2] = loss
             return loss, st, g
 
+    def student_objective(rows, zs, lab, row_weights, grad_dtype):
+        # The student's own statistics at the loss's temperature: the kernels with the student as its own teacher
+        return torch.ops.dpkd.distill_forward_grad(zs, zs, lab, row_weights, "forward_kl", 0.5, 0.1, float(temperature),
+                                                   1.0, False, 0.0, int(ignore_index), fast_math=fast_math,
+                                                   grad_dtype=grad_dtype, labels_in_range=teacher_topk is None)
+
     opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
     private = _private_head(student_hidden, student_weight, student_bias, reduction, teacher_topk is None,
                             [student_hidden, student_weight, student_bias, labels, mask, weights, teacher_hidden,
@@ -444,9 +460,13 @@ def fused_linear_distill_loss(
     scored = row_scale != 0
     first_stats = rule_stats = None
     user_weights = weights
+    student_only = callable(select) and select_reads == "student"
     if select is not None:
         if callable(select):
-            first_stats = _token_stats(h_s, student_weight, student_bias, objective, flat_labels, scored, opts)
+            first_stats = _token_stats(h_s, student_weight, student_bias,
+                                       student_objective if student_only else objective, flat_labels, scored, opts)
+            if student_only:
+                first_stats[:, _TEACHER_COLUMNS] = float("nan")
             rule_stats = losses.TokenStats(*first_stats.reshape(*lead, _ops.N_STATS).unbind(-1))
         weights = losses.selected_weights(select, rule_stats, valid, weights, student_hidden,
                                           private=private is not None)
@@ -455,10 +475,14 @@ def fused_linear_distill_loss(
             scored = row_scale != 0
     loss, stats = _FusedLinearDistill.apply(h_s, student_weight, student_bias, objective, flat_labels, row_scale, opts,
                                             private, _ops.graph_anchor(h_s, student_weight, student_bias))
+    skipped = ~scored
     if first_stats is not None:  # every token that carries loss, the unselected ones too
+        if student_only:  # the teacher's fields from the loss pass: the selected tokens'
+            first_stats[:, _TEACHER_COLUMNS] = stats[:, _TEACHER_COLUMNS]
+            skipped = torch.stack([skipped, row_scale == 0], 1)  # per model: the teacher's logits seen where selected
         stats = first_stats
     if check_finite:  # after every chunk is queued; tokens without weight were not computed
-        losses.report_nan(stats if teacher_topk is None else None, ~scored, tuple(
+        losses.report_nan(stats if teacher_topk is None else None, skipped, tuple(
             f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf, or no finite value "
             "(first in flattened token {row})" for model in ("student", "teacher")), weights=user_weights)
     if return_stats:

@@ -204,23 +204,23 @@ def report_nan(stats: torch.Tensor | None, skipped: torch.Tensor | None, message
                weights: torch.Tensor | None = None) -> None:
     """Raise ``messages[m].format(row=...)`` for the first row whose model-m entropy (stats column m) is NaN:
     the kernels report NaN or +inf logits, and a row without a finite logit, that way; or where ``weights`` (the
-    caller's per-token weights) are not finite. Rows in ``skipped`` are not computed and not checked; ``stats``
-    None: only the weights. One host synchronisation for both models and the weights; the row is looked up only on
+    caller's per-token weights) are not finite. Rows in ``skipped`` ([N], or [N, 2]: per model) are not computed and
+    not checked; ``stats`` None: only the weights. One host synchronisation for both models and the weights; the row is looked up only on
     failure; nothing while compiling."""
     checked = weights if stats is None else stats
     if torch.compiler.is_compiling() or checked is None or checked.numel() == 0:
         return
-    keep = None if skipped is None else ~skipped.reshape(-1)
+    keep = None if skipped is None else ~(skipped if skipped.dim() == 2 else skipped[:, None])
     flags = []
     if stats is not None:
         nan = torch.isnan(stats[:, :2])
         if keep is not None:
-            nan &= keep[:, None]
+            nan &= keep
         flags.append(nan.any(0))
     if weights is not None:
         bad_weight = ~torch.isfinite(weights.reshape(-1))
         if keep is not None:
-            bad_weight &= keep
+            bad_weight &= keep[:, 0]
         flags.append(bad_weight.any()[None])
     bad = torch.cat(flags).tolist()
     if weights is not None and bad[-1]:

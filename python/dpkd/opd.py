@@ -70,8 +70,10 @@ class OPDConfig:
     # The distillation loss from the two models' last hidden states and output layers (dpkd.fused_linear_distill_loss):
     # no [B, T, V] logits. Hugging Face causal LMs whose logits are their output layer on their base model's last
     # hidden state (checked at construction; Gemma's final softcap taken along). A select rule costs a first pass over
-    # both heads (the statistics it reads).
+    # both heads (the statistics it reads), or over the student's alone with select_reads="student" (a rule that reads
+    # only the student's statistics: its entropy, its label log-prob).
     fused_head: bool = False
+    select_reads: str = "all"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -93,6 +95,8 @@ class OPDConfig:
         accounting.check_accountant(self.accountant)
         if self.fused_head and self.method in ("dp_sft", "sft"):
             raise ValueError(f"fused_head distils from a teacher; method {self.method!r} has none")
+        if self.select_reads not in ("all", "student"):
+            raise ValueError(f"select_reads must be 'all' or 'student', got {self.select_reads!r}")
         if not 0.0 <= self.ground_truth_fraction <= 1.0:
             raise ValueError(f"ground_truth_fraction must be in [0, 1], got {self.ground_truth_fraction}")
 
@@ -276,7 +280,7 @@ def fused_continuation_loss(student: torch.nn.Module, teacher: torch.nn.Module, 
         teacher_bias=t_head.bias, student_softcap=s_cap, teacher_softcap=t_cap, divergence=config.divergence,
         beta=config.beta, temperature=config.loss_temperature, labels=torch.where(cont, targets, -100),
         weights=weights.to(torch.float32), reduction="sum", allow_vocab_mismatch=config.allow_vocab_mismatch,
-        select=rule,
+        select=rule, select_reads=config.select_reads,
         check_finite=not config.private)  # also with a frozen head, which the fused loss does not see as private
     return loss, float(seen["w"][cont].mean()) if select is not None else 1.0
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dpkd
+from dpkd import fused_linear
 
 # A GPU, where there is one, runs the CUDA path (mixed-precision matmuls, the CUDA kernels); gpu.sh -k cuda.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not (torch.cuda.is_available() and dpkd.with_cuda),
@@ -450,3 +451,46 @@ def test_a_select_rule_sees_nan_logits_that_it_leaves_out():
     keep_none_of_5 = lambda st, valid: dpkd.select.Selection(torch.arange(12) != 5, "sequence")  # noqa: E731
     with pytest.raises(ValueError, match="teacher's logits .* contain NaN"):
         dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, select=keep_none_of_5)
+
+
+def test_a_rule_of_the_students_statistics_needs_only_the_students_logits(monkeypatch):
+    # select_reads="student": the first pass forms the student's logits alone; the rule sees NaN teacher fields; the
+    # loss, gradients and the student's statistics are those of the full first pass.
+    h_s, w_s, b_s, h_t, w_t = setup(n=24)
+    h_s3, h_t3 = h_s.reshape(3, 8, -1), h_t.reshape(3, 8, -1)
+    labels = torch.randint(0, 97, (3, 8), generator=torch.Generator().manual_seed(4))
+    labels[1, :2] = -100
+    seen = []
+
+    def rule(st, valid):
+        seen.append(st)
+        return dpkd.select.entropy_top_fraction(st.student_entropy, 0.5, valid=valid)
+
+    kw = dict(divergence="jsd", labels=labels, temperature=1.5, return_stats=True, select=rule, chunk_size=5)
+    full, full_st = dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, student_bias=b_s, **kw)
+    heads = []
+    logits = fused_linear._logits
+    monkeypatch.setattr(fused_linear, "_logits", lambda h, w, *a: heads.append(w.data_ptr()) or logits(h, w, *a))
+    got, got_st = dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, student_bias=b_s, select_reads="student", **kw)
+    assert heads.count(w_t.data_ptr()) == 3 and heads.count(w_s.data_ptr()) == 5 + 3  # 11 of 22 tokens chosen
+    assert seen[1].divergence.isnan().all() and seen[1].teacher_entropy.isnan().all()
+    torch.testing.assert_close(seen[1].student_entropy, seen[0].student_entropy, equal_nan=True)
+    assert got.item() == pytest.approx(full.item(), rel=1e-6)
+    for a, b in zip(grads(got, h_s, w_s, b_s), grads(full, h_s, w_s, b_s)):
+        torch.testing.assert_close(a, b)
+    chosen = rule(full_st, labels != -100).values
+    for k, (a, b) in enumerate(zip(got_st, full_st)):
+        where = chosen if k in fused_linear._TEACHER_COLUMNS else labels != -100
+        torch.testing.assert_close(a[where], b[where])
+        assert a[~where].isnan().all()
+    with pytest.raises(ValueError, match="select_reads"):
+        dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, select=rule, select_reads="teacher")
+    # NaN logits: the student's are checked at every scored token, the teacher's where they were formed (selected)
+    bad_s, bad_t = h_s3.detach().clone(), h_t3.clone()
+    unselected = int((~chosen.reshape(-1) & (labels.reshape(-1) != -100)).nonzero()[0, 0])
+    bad_s.reshape(24, -1)[unselected] = float("nan")
+    bad_t.reshape(24, -1)[unselected] = float("nan")
+    kw.update(select_reads="student", return_stats=False)
+    with pytest.raises(ValueError, match="student's logits"):
+        dpkd.fused_linear_distill_loss(bad_s, w_s, h_t3, w_t, **kw)
+    assert dpkd.fused_linear_distill_loss(h_s3, w_s, bad_t, w_t, **kw).isfinite()

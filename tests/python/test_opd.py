@@ -231,7 +231,8 @@ def test_selection_applies_to_fine_tuning_too(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [(dict(num_samples=2.5), "num_samples"), (dict(top_p=1.5), "top_p"),
                                           (dict(top_p=0.0), "top_p"), (dict(sample_temperature=0.0), "temperature"),
-                                          (dict(beta=2.0), "beta"), (dict(loss_temperature=0.0), "loss_temperature")])
+                                          (dict(beta=2.0), "beta"), (dict(loss_temperature=0.0), "loss_temperature"),
+                                          (dict(select_reads="teacher"), "select_reads")])
 def test_config_checks(kwargs, match):
     with pytest.raises(ValueError, match=match):
         opd.OPDConfig(**kwargs)
@@ -440,21 +441,22 @@ def _tiny_llama(hidden, seed, tie=False, **extra):
 
 @pytest.mark.parametrize("method", ["dp_opd", "kd"])
 @pytest.mark.parametrize("tie", [False, True])  # tied: the cross term of the embedding's and the head's uses
-@pytest.mark.parametrize("rule", [None, "tip"])
+@pytest.mark.parametrize("rule", [None, "tip", "entropy"])
 def test_fused_head_takes_the_same_step_as_the_logits(method, tie, rule):
     """OPDConfig(fused_head=True) on Hugging Face Llamas: the same sampled batch and the same update as the logits
     path (sigma 0, plain SGD, clipping active under DP), to the fp32 logits' rounding; with a select rule, on the same
     tokens (TIP's high student entropy or overconfident-and-wrong quadrants)."""
     prompts, conts = data()
     deltas, fractions = [], []
-    chosen = None if rule is None else lambda st, valid: select.tip(st.student_entropy, st.divergence, fraction=0.25,
-                                                                    valid=valid)
+    chosen = {None: None,
+              "tip": lambda st, valid: select.tip(st.student_entropy, st.divergence, fraction=0.25, valid=valid),
+              "entropy": lambda st, valid: select.entropy_top_fraction(st.student_entropy, 0.4, valid=valid)}[rule]
     for fused in (False, True):
         student, teacher = _tiny_llama(16, 1, tie=tie), _tiny_llama(24, 2)
         before = [p.detach().clone() for p in student.parameters()]
         cfg = opd.OPDConfig(method=method, steps=1, expected_batch_size=6, max_new_tokens=5, num_samples=2,
                             noise_multiplier=0.0, target_epsilon=None, max_grad_norm=0.05, divergence="jsd",
-                            fused_head=fused)
+                            fused_head=fused, select_reads="student" if rule == "entropy" else "all")
         with pytest.warns(RuntimeWarning) if method == "dp_opd" else contextlib.nullcontext():
             t = opd.OPDTrainer(student, teacher, prompts, conts, cfg, select=chosen,
                                optimizer=torch.optim.SGD(student.parameters(), lr=1.0))
