@@ -27,6 +27,21 @@ __all__ = ["fused_linear_distill_loss"]
 # The statistics' columns (dpkd.TokenStats) that need the teacher: its entropy, the divergence, its label log-prob
 _TEACHER_COLUMNS = [1, 2, 4]
 
+
+class _StudentStats(losses.TokenStats):
+    """The statistics a ``select_reads="student"`` rule gets: reading a field the first pass did not form raises (a
+    rule of the teacher's statistics would otherwise see NaN and select nothing, every step)."""
+
+    __slots__ = ()
+
+    def _missing(self, field: str):
+        raise ValueError(f"the select rule read {field}, which select_reads='student' does not form: use "
+                         "select_reads='all' for a rule of the teacher's statistics")
+
+    teacher_entropy = property(lambda self: self._missing("teacher_entropy"))
+    divergence = property(lambda self: self._missing("divergence"))
+    teacher_label_logprob = property(lambda self: self._missing("teacher_label_logprob"))
+
 # From this many tokens on, the head-weight gradient of fp32 logits takes only the high bf16 half of their
 # gradient: summed over that many tokens, the low half's rounding averages out. Relative error against fp32
 # logits (bf16 weights, V 128256, H 256 / 512; bf16's own rounding of the result is 1.66e-3): high half only
@@ -309,7 +324,7 @@ def fused_linear_distill_loss(
             only.
         select_reads: ``"student"`` for a rule that reads only the student's statistics (its entropy and label
             log-prob: entropy_top_fraction, entropy_sampling, highest_surprisal): the first pass then forms the
-            student's logits alone, and the rule sees NaN in the teacher's fields and the divergence (the returned
+            student's logits alone; a rule that reads the teacher's fields or the divergence raises (the returned
             statistics hold them for the selected tokens; the teacher's logits are checked for NaN there only).
         check_finite: raise where a token that carries loss has NaN or +inf logits, or ``weights`` hold NaN or inf
             (as :func:`dpkd.distill_loss`).
@@ -448,6 +463,14 @@ def fused_linear_distill_loss(
                                                    1.0, False, 0.0, int(ignore_index), fast_math=fast_math,
                                                    grad_dtype=grad_dtype, labels_in_range=teacher_topk is None)
 
+    first_pass = objective
+    if teacher_topk is not None:
+        def first_pass(rows, zs, lab, row_weights, grad_dtype):
+            # A top-k teacher's objective gives only the divergence: a rule gets the student's statistics too
+            loss, st, g = student_objective(rows, zs, lab, row_weights, grad_dtype)
+            st[:, _TEACHER_COLUMNS] = objective(rows, zs, lab, row_weights, grad_dtype)[1][:, _TEACHER_COLUMNS]
+            return loss, st, g
+
     opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
     private = _private_head(student_hidden, student_weight, student_bias, reduction, teacher_topk is None,
                             [student_hidden, student_weight, student_bias, labels, mask, weights, teacher_hidden,
@@ -464,10 +487,11 @@ def fused_linear_distill_loss(
     if select is not None:
         if callable(select):
             first_stats = _token_stats(h_s, student_weight, student_bias,
-                                       student_objective if student_only else objective, flat_labels, scored, opts)
+                                       student_objective if student_only else first_pass, flat_labels, scored, opts)
             if student_only:
                 first_stats[:, _TEACHER_COLUMNS] = float("nan")
-            rule_stats = losses.TokenStats(*first_stats.reshape(*lead, _ops.N_STATS).unbind(-1))
+            rule_stats = (_StudentStats if student_only else losses.TokenStats)(
+                *first_stats.reshape(*lead, _ops.N_STATS).unbind(-1))
         weights = losses.selected_weights(select, rule_stats, valid, weights, student_hidden,
                                           private=private is not None)
         row_scale = losses._reduction_weights(lead, valid, weights, reduction, h_s.device).reshape(-1)

@@ -407,8 +407,8 @@ def selected_weights(select: Selection | Callable[[TokenStats, torch.Tensor | No
         # The rule sees the tokens that carry loss (valid, of nonzero weight) and NaN (no score) elsewhere, so that
         # padding takes no place in its quotas even where the rule is not given ``valid``; no autograd history.
         carrying = carrying_tokens(valid, weights)
-        select = select(TokenStats(*(f.detach() if carrying is None else
-                                     torch.where(carrying, f.detach(), torch.full_like(f, math.nan)) for f in stats)),
+        select = select(type(stats)(*(f.detach() if carrying is None else
+                                      torch.where(carrying, f.detach(), torch.full_like(f, math.nan)) for f in stats)),
                         carrying)
     if not hasattr(select, "weights") or not isinstance(getattr(select, "values", None), torch.Tensor):
         raise TypeError(f"select must be a dpkd.select.Selection or a rule returning one, got {type(select).__name__}")

@@ -210,6 +210,30 @@ def test_bad_arguments():
         dpkd.fused_linear_distill_loss(h_s, w_s, h_t.double(), w_t)
 
 
+def test_a_rule_with_a_top_k_teacher_reads_the_students_statistics():
+    # The top-k objective gives only the divergence: the first pass adds the student's statistics (they were NaN, so
+    # a rule of the student's entropy or surprisal selected on nothing).
+    h_s, w_s, _, _, _ = setup(n=16, bias=False)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.stack([torch.randperm(97, generator=g)[:4] for _ in range(16)])
+    logprobs = torch.log_softmax(torch.randn(16, 4, generator=g), -1) - 0.5
+    labels = torch.randint(0, 97, (16,), generator=g)
+    seen = []
+
+    def rule(st, valid):
+        seen.append(st)
+        return dpkd.select.highest_surprisal(st.student_label_logprob, 0.5, valid=valid)
+
+    kw = dict(teacher_topk=(ids, logprobs), labels=labels, select=rule, return_stats=True)
+    got, st = dpkd.fused_linear_distill_loss(h_s, w_s, **kw)
+    both, _ = dpkd.fused_linear_distill_loss(h_s, w_s, select_reads="student", **kw)
+    logq = torch.log_softmax(h_s.detach() @ w_s.detach().t(), -1)
+    torch.testing.assert_close(seen[0].student_label_logprob, logq.gather(1, labels[:, None])[:, 0])
+    torch.testing.assert_close(seen[0].student_entropy, -(logq.exp() * logq).sum(-1))
+    assert seen[0].divergence.isfinite().all() and seen[0].teacher_entropy.isnan().all()
+    assert got.item() == pytest.approx(both.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("tail", [False, True])
 def test_topk_teacher_matches_logits_path(tail):
     h_s, w_s, b_s, _, _ = setup(n=3 * 8)
@@ -473,8 +497,10 @@ def test_a_rule_of_the_students_statistics_needs_only_the_students_logits(monkey
     monkeypatch.setattr(fused_linear, "_logits", lambda h, w, *a: heads.append(w.data_ptr()) or logits(h, w, *a))
     got, got_st = dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, student_bias=b_s, select_reads="student", **kw)
     assert heads.count(w_t.data_ptr()) == 3 and heads.count(w_s.data_ptr()) == 5 + 3  # 11 of 22 tokens chosen
-    assert seen[1].divergence.isnan().all() and seen[1].teacher_entropy.isnan().all()
     torch.testing.assert_close(seen[1].student_entropy, seen[0].student_entropy, equal_nan=True)
+    for field in ("teacher_entropy", "divergence", "teacher_label_logprob"):  # not formed: reading one raises
+        with pytest.raises(ValueError, match=f"the select rule read {field}"):
+            getattr(seen[1], field)
     assert got.item() == pytest.approx(full.item(), rel=1e-6)
     for a, b in zip(grads(got, h_s, w_s, b_s), grads(full, h_s, w_s, b_s)):
         torch.testing.assert_close(a, b)
@@ -485,6 +511,9 @@ def test_a_rule_of_the_students_statistics_needs_only_the_students_logits(monkey
         assert a[~where].isnan().all()
     with pytest.raises(ValueError, match="select_reads"):
         dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, select=rule, select_reads="teacher")
+    with pytest.raises(ValueError, match="the select rule read divergence"):  # TIP needs the teacher
+        dpkd.fused_linear_distill_loss(h_s3, w_s, h_t3, w_t, select_reads="student", select=lambda st, v: (
+            dpkd.select.tip(st.student_entropy, st.divergence, valid=v)))
     # NaN logits: the student's are checked at every scored token, the teacher's where they were formed (selected)
     bad_s, bad_t = h_s3.detach().clone(), h_t3.clone()
     unselected = int((~chosen.reshape(-1) & (labels.reshape(-1) != -100)).nonzero()[0, 0])

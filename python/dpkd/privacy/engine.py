@@ -350,8 +350,8 @@ class ClippingEngine:
             _ATTACHED[module] = weakref.ref(self)
             if kind == "generic":
                 # First of the pre-hooks: one registered earlier (the old weight_norm's) may read the parameters.
-                self.handles.append(module.register_forward_pre_hook(_EngineHook(self, "_stand_in_params", module),
-                                                                     prepend=True))
+                self.handles.append(module.register_forward_pre_hook(
+                    _EngineHook(self, "_stand_in_params", name, module), prepend=True))
                 self.handles.append(module.register_forward_hook(_EngineHook(self, "_capture_generic", name, module)))
                 self.handles.append(module.register_forward_hook(_EngineHook(self, "_restore_params", module),
                                                                  always_call=True))
@@ -363,6 +363,10 @@ class ClippingEngine:
         self.patched_params = [(n, p) for m_name, (module, kind) in self.layers.items()
                                for n, p in ((f"{m_name}.{pn}", p) for pn, p in module.named_parameters(recurse=False))
                                if p.requires_grad]
+        # The parameters each layer holds now: a layer that reads another tensor in their place at a call
+        # (torch.func.functional_call, an assignment) is refused, since its per-example gradients would not reach them.
+        self._own_params = {name: {pn: p for pn, p in module._parameters.items() if p is not None and p.requires_grad}
+                            for name, (module, _) in self.layers.items()}
         # Each gradient autograd brings them is recorded, whatever its value (a zero one too) and whatever the user
         # did to .grad (a hook on the tensor: it sees the gradient before accumulation, None where a capturing
         # function gave none).
@@ -403,7 +407,8 @@ class ClippingEngine:
         if self._in_backward():
             return None
         if self._backward_seen:
-            raise RuntimeError("a forward pass began after backward() and before optimizer.step(): " + _ONE_PASS)
+            raise RuntimeError("a forward pass began after backward() and before optimizer.step() (or after a step that "
+                               "raised: optimizer.zero_grad() drops that batch): " + _ONE_PASS)
         if self._depth == 0:
             self._new_entry()
         return self._entry
@@ -480,6 +485,7 @@ class ClippingEngine:
             if not (torch.is_grad_enabled() and (module.weight.requires_grad or _trainable_bias(module))):
                 # generation, evaluation, or a layer frozen since make_private: the plain layer
                 return type(module).forward(module, x)
+            self._check_own_params(name, module)
             if kind == "conv1d_hf":
                 weight, bias = module.weight.t(), module.bias
             else:
@@ -524,13 +530,21 @@ class ClippingEngine:
         copies[key] = (weakref.ref(x, forget), x._version, copy)
         return copy
 
-    def _stand_in_params(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple) -> None:
+    def _check_own_params(self, name: str, module: torch.nn.Module) -> None:
+        for pn, p in self._own_params[name].items():
+            if module._parameters.get(pn) is not p:
+                raise ValueError(f"layer {name!r} reads another tensor as its {pn} than the parameter it held at "
+                                 "make_private (torch.func.functional_call or an assignment replaced it): its "
+                                 "per-example gradients would not reach the parameter")
+
+    def _stand_in_params(self, name: str, target: torch.nn.Module, module: torch.nn.Module, args: tuple) -> None:
         """During a generic layer's forward its trainable parameters are stand-ins (new leaves on the same storage):
         its own uses then give the real parameters no autograd gradient (the engine forms theirs from the captures),
         so a gradient on a real one comes from a use outside the module, which per-example clipping cannot see."""
         if module is not target or self._flushing or not torch.is_grad_enabled():
             self._stood_in.setdefault(module, []).append({})
             return
+        self._check_own_params(name, module)
         real = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
         for n, p in real.items():
             module._parameters[n] = torch.nn.Parameter(p.detach(), requires_grad=True)
