@@ -1,7 +1,8 @@
 """A training step of a student whose large output head meets a distillation loss, private and not: the
 logits path (lm_head's forward + dpkd.distill_loss; under DP the engine keeps the [N, V] output gradient)
 against the fused linear head (dpkd.fused_linear_distill_loss; under DP the head's per-example norms come
-from its chunk loop and the step recomputes the chunks). Median step time and peak memory of the whole step
+from its chunk loop and the step recomputes the chunks); and both under DP on TIP's informative half of the tokens
+(the entropy rule per sequence; the fused head's first pass over the student's head alone). Median step time and peak memory of the whole step
 (parameters, optimizer state and what each method keeps included), with ratios to the non-private logits path.
 Each method runs in a process of its own, so that none inherits another's allocations.
 
@@ -19,7 +20,7 @@ import sys
 import torch
 
 import dpkd
-from dpkd import privacy
+from dpkd import privacy, select
 from dpkd.demo.model import TinyCausalLM
 from timing import measure
 
@@ -34,13 +35,19 @@ def main() -> None:
     ap.add_argument("--ht", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 on the CPU")
-    ap.add_argument("--methods", default="logits,fused,logits_dp,fused_dp", help="a subset, comma-separated")
+    ap.add_argument("--methods", default="logits,fused,logits_dp,fused_dp,logits_dp_select,fused_dp_select",
+                    help="a subset, comma-separated")
     args = ap.parse_args()
     keys = args.methods.split(",")
     if len(keys) > 1:
         rows = []
+        argv, given = [], iter(sys.argv[1:])
+        for a in given:  # every argument but --methods (given as "--methods=..." or "--methods ...")
+            if a == "--methods":
+                next(given, None)
+            elif not a.startswith("--methods="):
+                argv.append(a)
         for key in keys:
-            argv = [a for a in sys.argv[1:] if not a.startswith("--methods")]
             out = subprocess.run([sys.executable, __file__, *argv, f"--methods={key}"], capture_output=True,
                                  text=True, check=True).stdout
             rows.append(out.strip().splitlines()[-1].split("\t"))
@@ -63,16 +70,19 @@ def main() -> None:
     h_t = torch.randn(args.batch, args.seq, args.ht, device=dev).to(dtype)
     w_t = (torch.randn(args.vocab, args.ht, device=dev) * args.ht**-0.5).to(dtype)
 
-    def logits_loss(m):
+    def entropy_half(st, v):
+        return select.entropy_top_fraction(st.student_entropy, 0.5, valid=v)
+
+    def logits_loss(m, rule=None):
         with torch.no_grad():
             z_t = h_t @ w_t.t()  # the teacher's logits, as the fused head forms them in its chunks
-        per_token = dpkd.distill_loss(m.head(m.hidden(ids)), z_t, divergence="jsd", reduction="none",
-                                      check_finite=False)
+        per_token = dpkd.distill_loss(m.head(m.hidden(ids)), z_t, divergence="jsd", reduction="none", mask=valid,
+                                      select=rule, check_finite=False)
         return (per_token * w).sum()
 
-    def fused_loss(m):
+    def fused_loss(m, rule=None):
         return dpkd.fused_linear_distill_loss(m.hidden(ids), m.head.weight, h_t, w_t, divergence="jsd", weights=w,
-                                              reduction="sum", check_finite=False)
+                                              reduction="sum", select=rule, select_reads="student", check_finite=False)
 
     def method(loss_fn, private):
         m = copy.deepcopy(base)
@@ -88,7 +98,9 @@ def main() -> None:
         return step
 
     methods = {"logits": ("logits", logits_loss, False), "fused": ("fused head", fused_loss, False),
-               "logits_dp": ("logits, DP", logits_loss, True), "fused_dp": ("fused head, DP", fused_loss, True)}
+               "logits_dp": ("logits, DP", logits_loss, True), "fused_dp": ("fused head, DP", fused_loss, True),
+               "logits_dp_select": ("logits, DP, 50%", lambda m: logits_loss(m, entropy_half), True),
+               "fused_dp_select": ("fused, DP, 50%", lambda m: fused_loss(m, entropy_half), True)}
     name, loss_fn, private = methods[keys[0]]
     ms, mb = measure(method(loss_fn, private), dev, args.repeat, absolute=True, cpu_memory=dev == "cpu")
     title = (f"device {dev}, {dtype}, B {args.batch}, T {args.seq}, V {args.vocab}, H_s {args.hs}, H_t {args.ht}: "

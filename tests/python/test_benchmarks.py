@@ -33,6 +33,8 @@ def test_dpsgd_benchmark_against_opacus():
     ("bench_fused_linear.py", ["--n", "64", "--vocab", "500", "--hs", "16", "--ht", "24", "--repeat", "1"],
      "10% tokens"),
     ("bench_accounting.py", ["--cases", "1"], "Opacus PRV"),
+    ("bench_private_head.py", ["--batch", "2", "--seq", "8", "--vocab", "200", "--hs", "16", "--ht", "24", "--repeat",
+                               "1", "--methods", "logits,fused_dp_select"], "fused, DP, 50%"),
     ("bench_ghost.py", ["--device", "cpu", "--batch", "2", "--seq", "16", "--hidden", "32", "--repeat", "1"],
      "llama gate,up"),
 ])
