@@ -122,7 +122,10 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) 
 
 
 def _head_parts(model: torch.nn.Module):
-    """(hidden states of ids under attention, output layer, final softcap) of a Hugging Face causal LM, or None."""
+    """(hidden states of ids under attention, output layer, final softcap) of a Hugging Face causal LM (or of the one a
+    PEFT model wraps: its adapters stay in the layers), or None."""
+    if callable(getattr(model, "get_base_model", None)):  # a PeftModel: its base_model runs the whole causal LM
+        model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", None)
     if not (hasattr(model, "config") and isinstance(head, torch.nn.Linear) and isinstance(base, torch.nn.Module)

@@ -470,6 +470,28 @@ def test_fused_head_takes_the_same_step_as_the_logits(method, tie, rule):
     assert float((deltas[1] - deltas[0]).norm()) <= 1e-5 * float(deltas[0].norm())
 
 
+@pytest.mark.parametrize("method", ["dp_opd", "kd"])
+def test_fused_head_with_a_peft_lora_student(method):
+    # A PeftModel's base_model runs the whole causal LM: the hidden states come from the model it wraps.
+    peft = pytest.importorskip("peft")
+    prompts, conts = data()
+    deltas = []
+    for fused in (False, True):
+        student = peft.get_peft_model(_tiny_llama(16, 1), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                          init_lora_weights=False))
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trainable]
+        cfg = opd.OPDConfig(method=method, steps=1, expected_batch_size=6, max_new_tokens=5, noise_multiplier=0.0,
+                            target_epsilon=None, max_grad_norm=0.05, fused_head=fused)
+        with pytest.warns(RuntimeWarning) if method == "dp_opd" else contextlib.nullcontext():
+            t = opd.OPDTrainer(student, _tiny_llama(24, 2), prompts, conts, cfg,
+                               optimizer=torch.optim.SGD(trainable, lr=1.0))
+        t.step()
+        deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(trainable, before)]))
+    assert float(deltas[0].norm()) > 0
+    assert float((deltas[1] - deltas[0]).norm()) <= 1e-5 * float(deltas[0].norm())
+
+
 def test_fused_head_refusals():
     transformers = pytest.importorskip("transformers")
     prompts, conts = data()
