@@ -484,6 +484,25 @@ def test_secure_mode_end_to_end():
         privacy.PoissonBatchSampler(100, 0.1, secure_mode=True, generator=torch.Generator())
 
 
+def test_a_loader_made_for_the_optimizer_draws_at_its_rate():
+    # make_private's expected batch size and the loader's given apart: another rate than the accountant charges,
+    # silently. Given the optimizer, the loader takes its batch size and secure mode, and refuses a rate mismatch.
+    data = torch.utils.data.TensorDataset(torch.randn(200, 3))
+    for secure in (False, True):
+        model = torch.nn.Linear(3, 1)
+        _, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                     max_grad_norm=1.0, expected_batch_size=20, dataset_size=200, secure_mode=secure)
+        sampler = privacy.poisson_loader(data, optimizer=dp).batch_sampler
+        assert sampler.sample_rate == dp.sample_rate == 0.1 and sampler.secure_mode == secure
+        with pytest.raises(ValueError, match="the accountant would charge another rate"):
+            privacy.poisson_loader(torch.utils.data.TensorDataset(torch.randn(100, 3)), optimizer=dp)
+        with pytest.raises(ValueError, match="expected_batch_size=10 but the optimizer's is 20"):
+            privacy.poisson_loader(data, 10, optimizer=dp)
+        with pytest.raises(ValueError, match=f"secure_mode={not secure} but the optimizer's is {secure}"):
+            privacy.poisson_loader(data, optimizer=dp, secure_mode=not secure)
+        dp.engine.remove()
+
+
 def test_poisson_sampler():
     sampler = privacy.PoissonBatchSampler(1000, 0.05, steps=200, generator=torch.Generator().manual_seed(0))
     sizes = [len(b) for b in sampler]

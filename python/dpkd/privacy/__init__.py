@@ -2,7 +2,7 @@
 
     model, optimizer = dpkd.privacy.make_private(model, optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
                                                  expected_batch_size=32, dataset_size=len(dataset))
-    loader = dpkd.privacy.poisson_loader(dataset, expected_batch_size=32)
+    loader = dpkd.privacy.poisson_loader(dataset, optimizer=optimizer)  # at the optimizer's rate
     for batch in loader:                       # Poisson batches (empty ones as empty tensors)
         optimizer.zero_grad()
         loss_per_example = model_loss(batch)   # shape [B]: each example's own loss

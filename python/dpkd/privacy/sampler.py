@@ -146,23 +146,41 @@ class EmptyBatchCollate:
             return _empty_like(self.collate_fn([self.dataset[0]]))
 
 
-def poisson_loader(dataset: Any, expected_batch_size: int, *, steps: int | None = None,
-                   generator: torch.Generator | None = None, secure_mode: bool = False,
-                   collate_fn: Callable[[list], Any] | None = None, num_replicas: int | None = None,
-                   rank: int | None = None, micro_batches: int = 1,
+def poisson_loader(dataset: Any, expected_batch_size: int | None = None, *, optimizer: Any = None,
+                   steps: int | None = None, generator: torch.Generator | None = None,
+                   secure_mode: bool | None = None, collate_fn: Callable[[list], Any] | None = None,
+                   num_replicas: int | None = None, rank: int | None = None, micro_batches: int = 1,
                    **loader_kwargs: Any) -> torch.utils.data.DataLoader:
     """A DataLoader of Poisson batches at rate q = expected_batch_size / len(dataset) (PoissonBatchSampler), empty
-    batches included as empty tensors (EmptyBatchCollate). ``loader_kwargs`` go to the DataLoader (num_workers,
-    pin_memory, ...); with ``num_replicas``/``rank`` (by default the process group's, if one is initialised),
-    expected_batch_size is the global one; with ``micro_batches`` = k,
+    batches included as empty tensors (EmptyBatchCollate). ``optimizer``: the DPOptimizer the batches are for: its
+    expected batch size and secure mode are taken (or checked, where given too), and its sample rate must be this
+    loader's (the accountant charges that rate; a loader drawing at another would make the reported epsilon wrong).
+    ``loader_kwargs`` go to the DataLoader (num_workers, pin_memory, ...); with ``num_replicas``/``rank`` (by default
+    the process group's, if one is initialised), expected_batch_size is the global one; with ``micro_batches`` = k,
     each Poisson batch (of expected size expected_batch_size) comes in k parts (see PoissonBatchSampler)."""
     n = len(dataset)
+    if optimizer is not None:
+        if expected_batch_size is None:
+            expected_batch_size = optimizer.expected_batch_size
+        elif expected_batch_size != optimizer.expected_batch_size:
+            raise ValueError(f"expected_batch_size={expected_batch_size} but the optimizer's is "
+                             f"{optimizer.expected_batch_size}")
+        if n and abs(optimizer.sample_rate - expected_batch_size / n) > 1e-12 * optimizer.sample_rate:
+            raise ValueError(f"the optimizer's sample_rate is {optimizer.sample_rate} but this loader draws at "
+                             f"expected_batch_size / len(dataset) = {expected_batch_size}/{n}: the accountant would "
+                             "charge another rate than the one sampled; give make_private dataset_size=len(dataset)")
+        if secure_mode is None:
+            secure_mode = optimizer.secure_mode
+        elif secure_mode != optimizer.secure_mode:
+            raise ValueError(f"secure_mode={secure_mode} but the optimizer's is {optimizer.secure_mode}")
+    if expected_batch_size is None:
+        raise ValueError("give expected_batch_size, or the optimizer (whose expected batch size is taken)")
     # Checked here by the names the caller used (PoissonBatchSampler names the rate it is given).
     if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, numbers.Real) or not (
             0 < expected_batch_size <= n):  # q N need not be whole
         raise ValueError(f"expected_batch_size must be in (0, len(dataset) = {n}], got {expected_batch_size!r}")
     sampler = PoissonBatchSampler(n, expected_batch_size / n, steps=steps, generator=generator,
-                                  secure_mode=secure_mode, num_replicas=num_replicas, rank=rank,
+                                  secure_mode=bool(secure_mode), num_replicas=num_replicas, rank=rank,
                                   micro_batches=micro_batches)
     collate = EmptyBatchCollate(dataset, collate_fn)
     collate([])  # an empty batch this collate cannot make fails now, not thousands of steps into the run
