@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,17 @@ def _worker(rank, sigma, out):
     # A Poisson sampler made without num_replicas/rank takes the process group's (all ranks sampling the whole
     # dataset would put an example in two ranks' batches), and its rank's indices only.
     sampler = privacy.PoissonBatchSampler(8, 1.0, steps=1)
-    torch.save((delta, (sampler.num_replicas, sampler.rank, list(sampler))), f"{out}.{rank}")
+    # Ranks that train apart (distributed=False) are warned about, and a loader made for such an optimizer samples
+    # the whole dataset
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apart = torch.nn.Linear(2, 1)
+        _, dp = privacy.make_private(apart, torch.optim.SGD(apart.parameters(), lr=1.0), noise_multiplier=1.0,
+                                     max_grad_norm=1.0, expected_batch_size=2, dataset_size=8)
+    warned = any("make_private(distributed=False) in a process group" in str(w.message) for w in caught)
+    whole = privacy.poisson_loader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), optimizer=dp).batch_sampler
+    torch.save((delta, (sampler.num_replicas, sampler.rank, list(sampler), warned, whole.num_replicas)),
+               f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
     # Leave without the interpreter's teardown: a gloo thread still joinable when static destructors run aborted a
@@ -61,7 +72,7 @@ def _run(tmp_path, sigma):
     out = str(tmp_path / "delta")
     mp.spawn(_worker, args=(sigma, out), nprocs=2, join=True)
     (d0, s0), (d1, s1) = torch.load(f"{out}.0"), torch.load(f"{out}.1")
-    assert (s0, s1) == ((2, 0, [[0, 2, 4, 6]]), (2, 1, [[1, 3, 5, 7]]))
+    assert (s0, s1) == ((2, 0, [[0, 2, 4, 6]], True, 1), (2, 1, [[1, 3, 5, 7]], True, 1))
     return d0, d1
 
 

@@ -19,6 +19,7 @@ anything else that has trainable parameters is listed in one error at wrap time.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -90,7 +91,12 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
                          f"{expected_batch_size}/{dataset_size}: give one of dataset_size and sample_rate")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if grouped and not distributed and torch.distributed.get_world_size() > 1:
+        warnings.warn("make_private(distributed=False) in a process group of several ranks: each rank clips, noises "
+                      "and steps on its own batches, and the replicas drift apart; pass distributed=True for "
+                      "data-parallel DP-SGD", RuntimeWarning, stacklevel=2)
+    if distributed and grouped:
         # Every rank starts from rank 0's weights (what DistributedDataParallel would do): with one noise draw
         # and one all-reduce per step, ranks that start apart stay apart.
         for t in list(model.parameters()) + list(model.buffers()):

@@ -173,6 +173,8 @@ def poisson_loader(dataset: Any, expected_batch_size: int | None = None, *, opti
             secure_mode = optimizer.secure_mode
         elif secure_mode != optimizer.secure_mode:
             raise ValueError(f"secure_mode={secure_mode} but the optimizer's is {optimizer.secure_mode}")
+        if num_replicas is None and not optimizer.distributed:  # the ranks (if any) train apart: each its own batch
+            num_replicas, rank = 1, 0
     if expected_batch_size is None:
         raise ValueError("give expected_batch_size, or the optimizer (whose expected batch size is taken)")
     # Checked here by the names the caller used (PoissonBatchSampler names the rate it is given).
