@@ -47,16 +47,17 @@ def main() -> None:
                 next(given, None)
             elif not a.startswith("--methods="):
                 argv.append(a)
-        for key in keys:
+        for key in keys:  # each row printed as it comes: a run cut short (gpu.sh's time bounds) keeps the rest
             out = subprocess.run([sys.executable, __file__, *argv, f"--methods={key}"], capture_output=True,
                                  text=True, check=True).stdout
             rows.append(out.strip().splitlines()[-1].split("\t"))
-        print(rows[0][0])
-        print(f"{'method':<16}{'ms':>10}{'x time':>8}{'peak MB':>10}{'x mem':>8}")
-        ref_ms, ref_mb = float(rows[0][2]), float(rows[0][3])
-        for _, name, ms, mb in rows:
+            if len(rows) == 1:
+                print(rows[0][0])
+                print(f"{'method':<16}{'ms':>10}{'x time':>8}{'peak MB':>10}{'x mem':>8}")
+                ref_ms, ref_mb = float(rows[0][2]), float(rows[0][3])
+            _, name, ms, mb = rows[-1]
             ms, mb = float(ms), float(mb)
-            print(f"{name:<16}{ms:>10.1f}{ms / ref_ms:>8.2f}{mb:>10.0f}{mb / ref_mb:>8.2f}")
+            print(f"{name:<16}{ms:>10.1f}{ms / ref_ms:>8.2f}{mb:>10.0f}{mb / ref_mb:>8.2f}", flush=True)
         return
     dev = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))

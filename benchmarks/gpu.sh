@@ -51,7 +51,7 @@ want dp && bounded 100 python3 benchmarks/bench_dpsgd.py --device cuda --model l
 want dp && bounded 100 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256 --autocast
 want dp && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model gpt2 --layers 12 --hidden 768 --vocab 50257 --batch 16 --seq 256
 want ghost && bounded 60 python3 benchmarks/bench_ghost.py
-want dphead && bounded 120 python3 benchmarks/bench_private_head.py --device cuda --batch 32 --seq 256 --vocab 128256 \
+want dphead && bounded 180 python3 benchmarks/bench_private_head.py --device cuda --batch 32 --seq 256 --vocab 128256 \
   --hs 2048 --ht 4096
 want dpprofile && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256 --repeat 3 --profile
 want demo && bounded 300 python3 -m dpkd demo --device cuda --size medium --quiet
