@@ -62,7 +62,9 @@ class DPTrainer(transformers.Trainer):
         return None
 
     def get_train_dataloader(self):
+        # Made before the DP optimizer (Trainer builds the loader first): its batch size and secure mode from dp_kwargs
         return privacy.poisson_loader(self.train_dataset, self.dp_kwargs["expected_batch_size"],
+                                      secure_mode=self.dp_kwargs.get("secure_mode", False),
                                       generator=self.sampler_generator, collate_fn=self.data_collator,
                                       micro_batches=self.args.gradient_accumulation_steps)
 

@@ -154,6 +154,9 @@ def _check_head_parts(name: str, model: torch.nn.Module, ids: torch.Tensor) -> N
             z = cap * torch.tanh(z / cap)
         ref = _logits(model, ids, attention)
     model.train(training)
+    if z.shape != ref.shape:  # e.g. a PEFT prompt-tuning model, whose logits cover its virtual tokens too
+        raise ValueError(f"fused_head: the {name}'s logits have shape {tuple(ref.shape)}, its output layer on its base "
+                         f"model's last hidden state {tuple(z.shape)}; use fused_head=False")
     # The same ops give the same values up to the softcap's order of rounding: a few units of the logits' precision,
     # relative to the largest logit (a scale of 1.0005 is 500 fp32 units away and refused).
     ref, tol = ref.float(), 8 * torch.finfo(ref.dtype).eps

@@ -500,7 +500,12 @@ def test_a_loader_made_for_the_optimizer_draws_at_its_rate():
             privacy.poisson_loader(data, 10, optimizer=dp)
         with pytest.raises(ValueError, match=f"secure_mode={not secure} but the optimizer's is {secure}"):
             privacy.poisson_loader(data, optimizer=dp, secure_mode=not secure)
+        # A non-distributed optimizer's batch is this process's whole one: a share of it would halve the batches
+        with pytest.raises(ValueError, match="num_replicas=2, rank=1 for a non-distributed optimizer"):
+            privacy.poisson_loader(data, optimizer=dp, num_replicas=2, rank=1)
         dp.engine.remove()
+    with pytest.raises(TypeError, match="optimizer must be the DPOptimizer"):
+        privacy.poisson_loader(data, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 def test_poisson_sampler():

@@ -59,8 +59,17 @@ def _worker(rank, sigma, out):
                                      max_grad_norm=1.0, expected_batch_size=2, dataset_size=8)
     warned = any("make_private(distributed=False) in a process group" in str(w.message) for w in caught)
     whole = privacy.poisson_loader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), optimizer=dp).batch_sampler
-    torch.save((delta, (sampler.num_replicas, sampler.rank, list(sampler), warned, whole.num_replicas)),
-               f"{out}.{rank}")
+    shared = _model()
+    _, dp = privacy.make_private(shared, torch.optim.SGD(shared.parameters(), lr=1.0), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, expected_batch_size=2, dataset_size=8, distributed=True)
+    refusal = None
+    try:  # every rank sampling the whole dataset: an example in two ranks' batches
+        privacy.poisson_loader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), optimizer=dp, num_replicas=1, rank=0)
+    except ValueError as e:
+        refusal = str(e)
+    torch.save((delta, (sampler.num_replicas, sampler.rank, list(sampler), warned, whole.num_replicas,
+                        refusal == f"num_replicas=1, rank=0 for a distributed optimizer, whose batches take "
+                                   f"num_replicas=2, rank={rank}")), f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
     # Leave without the interpreter's teardown: a gloo thread still joinable when static destructors run aborted a
@@ -72,7 +81,7 @@ def _run(tmp_path, sigma):
     out = str(tmp_path / "delta")
     mp.spawn(_worker, args=(sigma, out), nprocs=2, join=True)
     (d0, s0), (d1, s1) = torch.load(f"{out}.0"), torch.load(f"{out}.1")
-    assert (s0, s1) == ((2, 0, [[0, 2, 4, 6]], True, 1), (2, 1, [[1, 3, 5, 7]], True, 1))
+    assert (s0, s1) == ((2, 0, [[0, 2, 4, 6]], True, 1, True), (2, 1, [[1, 3, 5, 7]], True, 1, True))
     return d0, d1
 
 

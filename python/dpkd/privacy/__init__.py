@@ -49,7 +49,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, no
         loss_reduction: ``"sum"`` if you backpropagate loss_per_example.sum(), ``"mean"`` for .mean().
         accountant: ``"rdp"`` (the default), ``"pld"`` (tighter), or an accountant to go on charging (a resumed
             run's).
-        secure_mode: noise (and poisson_loader's draws, if you pass secure_mode there too) from a
+        secure_mode: noise (and the draws of ``poisson_loader(dataset, optimizer=...)``, which takes it) from a
             CSPRNG; see dpkd.privacy.noise for what that does and does not protect.
         generator: the noise's torch.Generator (seeded, a run is reproducible; its state is in the optimizer's
             state_dict); refused with secure_mode, whose noise comes from os.urandom. Default: torch's global

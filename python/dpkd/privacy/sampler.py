@@ -32,9 +32,10 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
     of the initialised torch.distributed process group): each rank samples the indices i = rank (mod num_replicas) at
     the same rate, so that together the ranks draw one Poisson batch of the whole dataset (every rank sampling all of
     it would put an example in several ranks' batches: twice the sensitivity the accountant assumes). A process group
-    whose ranks train apart passes ``num_replicas=1, rank=0``. The ranks' draws must be independent: a ``generator`` (usually seeded alike on every rank) seeds, with
-    one draw from it and the rank, a generator of this rank's own; without one (and outside secure mode) each rank
-    seeds its own from os.urandom.
+    whose ranks train apart passes ``num_replicas=1, rank=0`` (poisson_loader does, given a non-distributed
+    DPOptimizer). The ranks' draws must be independent: a ``generator`` (usually seeded alike on every rank) seeds,
+    with one draw from it and the rank, a generator of this rank's own; without one (and outside secure mode) each
+    rank seeds its own from os.urandom.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, *, steps: int | None = None,
@@ -160,6 +161,9 @@ def poisson_loader(dataset: Any, expected_batch_size: int | None = None, *, opti
     each Poisson batch (of expected size expected_batch_size) comes in k parts (see PoissonBatchSampler)."""
     n = len(dataset)
     if optimizer is not None:
+        if not all(hasattr(optimizer, a) for a in ("expected_batch_size", "sample_rate", "secure_mode", "distributed")):
+            raise TypeError(f"optimizer must be the DPOptimizer of dpkd.privacy.make_private, got "
+                            f"{type(optimizer).__name__}")
         if expected_batch_size is None:
             expected_batch_size = optimizer.expected_batch_size
         elif expected_batch_size != optimizer.expected_batch_size:
@@ -173,8 +177,15 @@ def poisson_loader(dataset: Any, expected_batch_size: int | None = None, *, opti
             secure_mode = optimizer.secure_mode
         elif secure_mode != optimizer.secure_mode:
             raise ValueError(f"secure_mode={secure_mode} but the optimizer's is {optimizer.secure_mode}")
-        if num_replicas is None and not optimizer.distributed:  # the ranks (if any) train apart: each its own batch
-            num_replicas, rank = 1, 0
+        # A distributed optimizer's ranks draw one Poisson batch, each rank its share; a non-distributed one's whole
+        # batch is this process's. Any other split changes the rate or the sensitivity the accountant assumes.
+        want = ((torch.distributed.get_world_size(), torch.distributed.get_rank()) if optimizer.distributed else (1, 0))
+        if num_replicas is None and rank is None:
+            num_replicas, rank = want
+        elif (num_replicas, rank) != want:
+            kind = "distributed" if optimizer.distributed else "non-distributed"
+            raise ValueError(f"num_replicas={num_replicas}, rank={rank} for a {kind} optimizer, whose batches take "
+                             f"num_replicas={want[0]}, rank={want[1]}")
     if expected_batch_size is None:
         raise ValueError("give expected_batch_size, or the optimizer (whose expected batch size is taken)")
     # Checked here by the names the caller used (PoissonBatchSampler names the rate it is given).
