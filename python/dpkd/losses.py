@@ -178,7 +178,8 @@ def _fused(
     options = (divergence, float(beta), float(alpha), float(temperature), float(teacher_mix), bool(standardize),
                float(hard_label_weight), int(ignore_index))
     skipped = None
-    flag_nonfinite = not (check_finite or torch.compiler.is_compiling())  # see check_finite in distill_loss
+    # see check_finite in distill_loss; while compiling there is no raising (no host read): the rows are flagged
+    flag_nonfinite = not check_finite or torch.compiler.is_compiling()
     if row_weights is not None:
         row_weights = row_weights.reshape(-1).float()
         loss, _, stats = _ops.distill_reduced(s2, t2, l1, row_weights, *options, flag_nonfinite=flag_nonfinite)
@@ -356,7 +357,8 @@ def distill_loss(
             Turn it off under DP-SGD: whether a batch raises would then depend on one example. The row's loss
             (unless a select rule leaves the row out) and gradient are NaN instead (a NaN logit included, which
             the kernels' maxima would pass over, and a row without a finite logit), and the DP engine drops that
-            example (its contribution is 0). Not while compiling (torch.compile).
+            example (its contribution is 0). While compiling (torch.compile) nothing is raised: such rows get the NaN
+            loss and gradient whatever ``check_finite`` says.
     """
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,

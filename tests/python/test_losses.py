@@ -401,6 +401,22 @@ def test_taid_loss_options_match_float64(hard_label_weight, scale_by_temperature
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_compiled_losses_flag_rows_with_nan_logits(check_finite):
+    # The kernels' maxima pass over a NaN logit (forward KL's loss came out finite): compiled, where nothing can be
+    # raised, the row's loss and gradient are NaN as in eager mode with check_finite=False, so DP drops its example.
+    s, t = logits(4, 33, seed=53).requires_grad_(True), logits(4, 33, seed=54)
+    t[2, 5] = float("nan")
+
+    def loss(s, t):
+        return dpkd.distill_loss(s, t, divergence="forward_kl", reduction="none", check_finite=check_finite)
+
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(s, t)
+    got.sum().backward()
+    assert got[2].isnan() and got[[0, 1, 3]].isfinite().all()
+    assert s.grad[2].isnan().any() and s.grad[[0, 1, 3]].isfinite().all()
+
+
 def test_taid_loss_takes_check_finite_for_dp():
     """Under DP-SGD a loss must not raise per batch: with check_finite=False a row with a NaN teacher logit gets a
     NaN loss and gradient (the engine drops its example), the others those of the clean rows; by default it raises."""
