@@ -51,3 +51,17 @@ def test_budget_takes_sigma_or_a_target_not_both_and_steps_from_one():
                  "--steps", "10", "--delta", "1e-5"]) == 2
     with pytest.raises(SystemExit):
         main(["budget", "--noise-multiplier", "1.0", "--sample-rate", "0.01", "--steps", "0", "--delta", "1e-5"])
+
+
+def test_budget_reports_what_it_can_and_names_an_unwritable_plot(capsys, tmp_path):
+    # A PLD composition too wide for its grid leaves the RDP and GDP lines standing; a --plot path that cannot be
+    # written is a clear error, not a traceback.
+    assert main(["budget", "--noise-multiplier", "0.3", "--sample-rate", "0.1", "--steps", "1000000",
+                 "--delta", "1e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon (PLD, connect-the-dots, upper bound): not computed (the composition spans" in out
+    assert "epsilon (GDP via CLT" in out
+    pytest.importorskip("matplotlib")
+    assert main(["budget", "--noise-multiplier", "1.0", "--sample-rate", "0.01", "--steps", "50", "--delta", "1e-5",
+                 "--plot", str(tmp_path / "missing" / "eps.png")]) == 2
+    assert "--plot" in capsys.readouterr().err
