@@ -32,7 +32,7 @@ def _budget(args: argparse.Namespace) -> int:
         pld = f"{pld:.4f}"
     except ValueError as e:  # a composition too wide for the grid: the other lines still stand
         pld = f"not computed ({e})"
-    # An upper bound too, usually below RDP's; its discretisation can put it above where one step's loss is tiny
+    # An upper bound too, at most RDP's (the smaller of the two)
     print(f"epsilon (PLD, connect-the-dots, upper bound): {pld}")
     print(f"epsilon (GDP via CLT, APPROXIMATE, may under-estimate): {gdp:.4f}")
     if args.plot:

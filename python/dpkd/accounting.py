@@ -344,12 +344,15 @@ class RDPAccountant(_Accountant):
 class PLDAccountant(_Accountant):
     """Composes DP-SGD steps through their privacy loss distributions (dp_accounting's PLD accountant, the
     tightest of the three in the usual regimes: 5-30% below RDP's epsilon at the same sigma; where one step's loss is
-    far below the grid's interval, over very many steps, the discretisation makes it looser than RDP).
+    far below the grid's interval, over very many steps, the discretisation makes it looser than RDP, whose epsilon
+    is then reported).
 
     Each step's PLD is discretised by connect-the-dots on multiples of ``value_discretization_interval``
     (dp_accounting's default, 1e-4) and the steps are composed by FFT, cut to a window holding all but
     ``tail_mass`` of the result (added to delta). Both directions of add/remove adjacency are composed and the
-    larger epsilon counts. Every approximation errs upwards: the result bounds the true epsilon.
+    larger epsilon counts. Every approximation errs upwards: the result bounds the true epsilon. ``get_epsilon``
+    returns the smaller of it and RDP's epsilon for the same steps (both bound the same mechanism), so it is never
+    above RDP's, also where the discretisation would put it there.
 
     >>> acc = PLDAccountant()
     >>> acc.step(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14063)
@@ -414,7 +417,13 @@ class PLDAccountant(_Accountant):
         if delta <= 100 * self.tail_mass:
             raise ValueError(f"delta={delta:g} is within 100x of tail_mass={self.tail_mass:g}, the mass the "
                              "composition leaves out and pays into delta: give PLDAccountant a smaller tail_mass")
-        return max(self._epsilon(a, float(delta)) for a in _pld.ADJACENCIES) if self.history else 0.0
+        if not self.history:
+            return 0.0
+        # Both are upper bounds on the same mechanism's epsilon: the smaller stands. PLD is the smaller but where one
+        # step's loss is far below the grid over very many steps, or its tail is below the FFT's rounding.
+        rdp = RDPAccountant()
+        rdp.history = list(self.history)
+        return min(max(self._epsilon(a, float(delta)) for a in _pld.ADJACENCIES), rdp.get_epsilon(delta))
 
     def get_delta(self, epsilon: float) -> float:
         """Delta spent so far at ``epsilon``."""
