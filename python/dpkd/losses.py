@@ -122,6 +122,15 @@ def check_token_tensors(lead: tuple[int, ...], device: torch.device, labels: tor
         raise TypeError(f"weights must be a floating tensor, got {weights.dtype}")
 
 
+def temperature_squared(temperature: float, hard_label_weight: float, scale: bool) -> tuple[float, float]:
+    """(t2, w'): T^2 multiplies the divergence only (Hinton et al.), not the hard-label term: the kernels'
+    (1 - w') D + w' CE times t2 = T^2 (1 - w) + w, with w' = w / t2, is T^2 (1 - w) D + w CE. (1, w) unless ``scale``."""
+    if not scale:
+        return 1.0, hard_label_weight
+    t2 = temperature * temperature * (1.0 - hard_label_weight) + hard_label_weight
+    return t2, hard_label_weight / t2 if t2 > 0 else hard_label_weight
+
+
 def check_temperature(temperature: float) -> None:
     if not 0.0 < temperature < math.inf:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
@@ -206,8 +215,8 @@ def report_nan(stats: torch.Tensor | None, skipped: torch.Tensor | None, message
     """Raise ``messages[m].format(row=...)`` for the first row whose model-m entropy (stats column m) is NaN:
     the kernels report NaN or +inf logits, and a row without a finite logit, that way; or where ``weights`` (the
     caller's per-token weights) are not finite. Rows in ``skipped`` ([N], or [N, 2]: per model) are not computed and
-    not checked; ``stats`` None: only the weights. One host synchronisation for both models and the weights; the row is looked up only on
-    failure; nothing while compiling."""
+    not checked; ``stats`` None: only the weights. One host synchronisation for both models and the weights; the row
+    is looked up only on failure; nothing while compiling."""
     checked = weights if stats is None else stats
     if torch.compiler.is_compiling() or checked is None or checked.numel() == 0:
         return
@@ -368,12 +377,7 @@ def distill_loss(
                          "contiguous rows: a leaf's storage would become its own gradient")
     valid = valid_tokens(labels, mask, ignore_index)
     carries_loss = carrying_tokens(valid, weights)
-    # T^2 multiplies the divergence only (Hinton et al.), not the hard-label term: the kernels' (1 - w') D + w' CE
-    # times t2 = T^2 (1 - w) + w, with w' = w / t2, is T^2 (1 - w) D + w CE.
-    t2 = 1.0
-    if scale_by_temperature_squared:
-        t2 = temperature * temperature * (1.0 - hard_label_weight) + hard_label_weight
-        hard_label_weight = hard_label_weight / t2 if t2 > 0 else hard_label_weight
+    t2, hard_label_weight = temperature_squared(temperature, hard_label_weight, scale_by_temperature_squared)
     row_weights = None
     if (fuse_backward and reduction != "none" and select is None and not teacher_grad and not inplace_backward
             and student_logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()

@@ -13,6 +13,19 @@ __all__ = ["DistillLoss", "ForwardKLLoss", "FusedLinearDistillLoss", "Generalize
            "SkewKLLoss", "SkewReverseKLLoss", "TAIDLoss", "TVDLoss"]
 
 
+def _keyword_defaults(function: Callable) -> dict:
+    """A function's (or class's) keyword-only parameters and their defaults."""
+    return {n: p.default for n, p in inspect.signature(function).parameters.items() if p.kind == p.KEYWORD_ONLY}
+
+
+def _check_settings(settings: dict) -> None:
+    """A loss's options checked when its module is made (a bad value fails there, not at the first call)."""
+    losses.check_options(divergence=settings.get("divergence", "forward_kl"), beta=settings.get("beta", 0.5),
+                         alpha=settings.get("alpha", 0.1), temperature=settings["temperature"],
+                         reduction=settings["reduction"], hard_label_weight=settings["hard_label_weight"],
+                         has_labels=True)
+
+
 class _ConfiguredLoss(torch.nn.Module):
     """A loss function's divergence and options, fixed at construction (and checked there: a misspelt option or a
     bad value fails when the module is made, not at its first call); call options override them."""
@@ -21,14 +34,11 @@ class _ConfiguredLoss(torch.nn.Module):
 
     def __init__(self, divergence: losses.Divergence = "forward_kl", **options) -> None:
         super().__init__()
-        parameters = inspect.signature(type(self)._function).parameters
-        unknown = sorted(set(options) - {n for n, p in parameters.items() if p.kind == p.KEYWORD_ONLY})
+        defaults = _keyword_defaults(type(self)._function)
+        unknown = sorted(set(options) - set(defaults))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown options {unknown}")
-        settings = {n: p.default for n, p in parameters.items() if p.kind == p.KEYWORD_ONLY}
-        settings.update(options, divergence=divergence)
-        losses.check_options(**{k: settings[k] for k in ("divergence", "beta", "alpha", "temperature", "reduction",
-                                                         "hard_label_weight")}, has_labels=True)
+        _check_settings({**defaults, **options, "divergence": divergence})
         self.divergence = divergence
         self.options = options
 
@@ -98,20 +108,13 @@ class TAIDLoss(torch.nn.Module):
 
     def __init__(self, total_steps: int, **options) -> None:
         super().__init__()
-        schedule_names = [n for n, p in inspect.signature(taid.TAIDSchedule).parameters.items()
-                          if p.kind == p.KEYWORD_ONLY]
-        loss_names = [n for n, p in inspect.signature(taid.taid_loss).parameters.items() if p.kind == p.KEYWORD_ONLY]
-        unknown = sorted(set(options) - set(schedule_names) - set(loss_names))
+        schedule, loss = _keyword_defaults(taid.TAIDSchedule), _keyword_defaults(taid.taid_loss)
+        unknown = sorted(set(options) - set(schedule) - set(loss))
         if unknown:
             raise TypeError(f"TAIDLoss got unknown options {unknown}")
-        self.schedule = taid.TAIDSchedule(total_steps, **{k: v for k, v in options.items() if k in schedule_names})
-        self.options = {k: v for k, v in options.items() if k in loss_names}
-        settings = {n: p.default for n, p in inspect.signature(taid.taid_loss).parameters.items()
-                    if p.kind == p.KEYWORD_ONLY}
-        settings.update(self.options)
-        losses.check_options(divergence="forward_kl", beta=0.5, alpha=0.1, temperature=settings["temperature"],
-                             reduction=settings["reduction"], hard_label_weight=settings["hard_label_weight"],
-                             has_labels=True)
+        self.schedule = taid.TAIDSchedule(total_steps, **{k: v for k, v in options.items() if k in schedule})
+        self.options = {k: v for k, v in options.items() if k in loss}
+        _check_settings({**loss, **self.options})
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **call_options) -> torch.Tensor:
         return taid.taid_loss(student_logits, teacher_logits, self.schedule.t, **{**self.options, **call_options})

@@ -41,8 +41,8 @@ def taid_loss(
     loss is larger by the teacher's entropy). The other options are :func:`dpkd.distill_loss`'s: ``hard_label_weight``
     w mixes (1 - w) TAID + w cross_entropy(labels); ``scale_by_temperature_squared`` multiplies the TAID term by T^2;
     ``return_stats`` also returns :class:`dpkd.TokenStats` (the teacher's fields are those of the interpolated target
-    p_t, the divergence KL(p_t || q)). ``check_finite``: as in :func:`dpkd.distill_loss` (off under DP-SGD: a row with NaN or +inf logits
-    then gets a NaN loss and gradient, and the engine drops its example).
+    p_t, the divergence KL(p_t || q)). ``check_finite``: as in :func:`dpkd.distill_loss` (off under DP-SGD: a row with
+    NaN or +inf logits then gets a NaN loss and gradient, and the engine drops its example).
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
@@ -51,10 +51,7 @@ def taid_loss(
                   allow_vocab_mismatch=False)
     valid = losses.valid_tokens(labels, mask, ignore_index)
     carries_loss = losses.carrying_tokens(valid, weights)
-    # T^2 on the TAID term only, as distill_loss does for its divergence
-    t2 = temperature * temperature * (1.0 - hard_label_weight) + hard_label_weight \
-        if scale_by_temperature_squared else 1.0
-    w = hard_label_weight / t2 if t2 > 0 else hard_label_weight
+    t2, w = losses.temperature_squared(temperature, hard_label_weight, scale_by_temperature_squared)
     per_token, stats = losses._fused(
         student_logits, teacher_logits, labels, divergence="forward_kl", beta=0.5, alpha=0.1,
         temperature=temperature, teacher_mix=t, standardize=False, hard_label_weight=w,

@@ -360,13 +360,12 @@ class ClippingEngine:
                 self.patched.append(module)
         # Autograd never writes these parameters' .grad (the capturing functions give none, and the generic layers'
         # forwards read stand-ins): if it does, they were used outside their module.
-        self.patched_params = [(n, p) for m_name, (module, kind) in self.layers.items()
-                               for n, p in ((f"{m_name}.{pn}", p) for pn, p in module.named_parameters(recurse=False))
-                               if p.requires_grad]
-        # The parameters each layer holds now: a layer that reads another tensor in their place at a call
+        # The trainable parameters each layer holds now: a layer that reads another tensor in their place at a call
         # (torch.func.functional_call, an assignment) is refused, since its per-example gradients would not reach them.
         self._own_params = {name: {pn: p for pn, p in module._parameters.items() if p is not None and p.requires_grad}
                             for name, (module, _) in self.layers.items()}
+        self.patched_params = [(f"{m_name}.{pn}", p) for m_name, own in self._own_params.items()
+                               for pn, p in own.items()]
         # Each gradient autograd brings them is recorded, whatever its value (a zero one too) and whatever the user
         # did to .grad (a hook on the tensor: it sees the gradient before accumulation, None where a capturing
         # function gave none).

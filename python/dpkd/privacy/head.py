@@ -208,8 +208,8 @@ class PrivateHead:
         if padding_idx is not None:
             e = e * (ids != padding_idx)[..., None]
         out = torch.zeros(self.examples, dtype=self.accum, device=e.device)
-        for i, rows, block in self._blocks():
-            with _mixed.no_autocast([e.device.type]):
+        with _mixed.no_autocast([e.device.type]):  # a recomputation sets the loss's autocast state itself
+            for i, rows, block in self._blocks():
                 dots = self.hidden[rows].to(self.accum) @ e[i].t()  # [rows, k T']
                 out[i] += (block * dots).sum()
         return out * self.grad_out

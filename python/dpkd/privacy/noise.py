@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 
+def refuse_ignored_generator(secure_mode: bool, generator: torch.Generator | None, draws: str) -> None:
+    """Secure mode draws from os.urandom: a generator given with it would be ignored without a word."""
+    if secure_mode and generator is not None:
+        raise ValueError(f"generator with secure_mode=True: secure mode draws the {draws} from os.urandom, so the "
+                         "generator would be ignored; give one or the other")
+
+
 def secure_uniform(n: int) -> np.ndarray:
     """n uniforms in (0, 1) with 53 random bits each, from os.urandom."""
     bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)

@@ -88,9 +88,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size, self.sample_rate = int(expected_batch_size), float(sample_rate)
         self.accountant = accountant if accountant is not None else RDPAccountant()
-        if secure_mode and generator is not None:
-            raise ValueError("generator with secure_mode=True: secure mode draws the noise from os.urandom, so the "
-                             "generator would be ignored; give one or the other")
+        noise.refuse_ignored_generator(secure_mode, generator, "noise")
         self.secure_mode, self.generator = secure_mode, generator
         if distributed and not (dist.is_available() and dist.is_initialized()):
             raise ValueError("distributed=True needs torch.distributed to be initialised")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .noise import secure_uniform
+from .noise import refuse_ignored_generator, secure_uniform
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -50,9 +50,7 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if secure_mode and generator is not None:
-            raise ValueError("generator with secure_mode=True: secure mode draws the inclusions from os.urandom, so "
-                             "the generator would be ignored; give one or the other")
+        refuse_ignored_generator(secure_mode, generator, "inclusions")
         if (num_replicas is None) != (rank is None):
             raise ValueError("give both num_replicas and rank, or neither")
         if num_replicas is None and torch.distributed.is_available() and torch.distributed.is_initialized():
