@@ -124,7 +124,8 @@ def check_token_tensors(lead: tuple[int, ...], device: torch.device, labels: tor
 
 def temperature_squared(temperature: float, hard_label_weight: float, scale: bool) -> tuple[float, float]:
     """(t2, w'): T^2 multiplies the divergence only (Hinton et al.), not the hard-label term: the kernels'
-    (1 - w') D + w' CE times t2 = T^2 (1 - w) + w, with w' = w / t2, is T^2 (1 - w) D + w CE. (1, w) unless ``scale``."""
+    (1 - w') D + w' CE times t2 = T^2 (1 - w) + w, with w' = w / t2, is T^2 (1 - w) D + w CE. (1, w) unless
+    ``scale``."""
     if not scale:
         return 1.0, hard_label_weight
     t2 = temperature * temperature * (1.0 - hard_label_weight) + hard_label_weight
