@@ -346,6 +346,12 @@ bool cluster_forward(DType dtype, int64_t n_rows, const void* student, int64_t s
     attribute[0].val.clusterDim.z = 1;
     config.attrs = attribute;
     config.numAttrs = 1;
+    // A GPU (or a partition of one: MPS, green contexts) that cannot hold one such cluster takes the one-block kernels.
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
+      (void)cudaGetLastError();
+      return;
+    }
     const bool raw_needed = labels != nullptr && options.hard_label_weight > 0.f && options.temperature != 1.f;
     const cudaError_t err =
         cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(student), student_stride,

@@ -404,7 +404,7 @@ __device__ __forceinline__ float raw_grad(float zs, DivergenceGrad&& dx, float a
                                           float raw_log_sum, bool is_label) {
   float gz = a * scale_s * dx();
   if (kHardLabel && b != 0.f) gz += b * (prob<M>(zs, raw_max, raw_log_sum) - (is_label ? 1.f : 0.f));
-  return zs == -INFINITY ? 0.f : gz;
+  return zs > -INFINITY ? gz : 0.f;  // 0 for -inf and NaN entries, as on the CPU
 }
 
 }  // namespace dpkd::distill::cuda

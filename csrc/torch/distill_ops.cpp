@@ -67,6 +67,8 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const st
                     "teacher_mix (TAID) needs equal vocabularies");
   if (labels) {
     TORCH_CHECK_TYPE(labels->scalar_type() == at::kLong, "labels must be int64, got ", labels->scalar_type());
+    TORCH_CHECK_VALUE(labels->device() == student.device(), "labels is on ", labels->device(),
+                      " but student_logits is on ", student.device());
     TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == student.size(0), "labels must have shape [",
                       student.size(0), "], got ", labels->sizes());
     if (labels->numel() > 0 && !labels_in_range) {
@@ -96,6 +98,25 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
 template <class T>
 Logits<T> view(const at::Tensor& t) {
   return {reinterpret_cast<const T*>(t.data_ptr()), t.size(1), t.stride(0)};
+}
+
+// The backward kernels only compare column indices with the labels, never read at them: the backward ops skip the
+// range check (on CUDA a stream synchronisation); the forward made it.
+constexpr bool kBackwardLabelsUnread = true;
+
+// The backward ops' own inputs: one upstream gradient per row, and the forward's saved row state.
+void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& row_state, const at::Tensor& student) {
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == student.size(0) && grad_loss.is_floating_point(),
+                    "grad_loss must be a floating tensor of shape [", student.size(0), "], got ", grad_loss.sizes(),
+                    " ", grad_loss.scalar_type());
+  TORCH_CHECK_VALUE(row_state.dim() == 2 && row_state.size(0) == student.size(0) && row_state.size(1) == kRowState &&
+                        row_state.scalar_type() == at::kFloat,
+                    "row_state must be float32 of shape [", student.size(0), ", ", kRowState, "] (the forward's), got ",
+                    row_state.sizes(), " ", row_state.scalar_type());
+  for (const at::Tensor* t : {&grad_loss, &row_state}) {
+    TORCH_CHECK_VALUE(t->device() == student.device(), t == &grad_loss ? "grad_loss" : "row_state", " is on ",
+                      t->device(), " but student_logits is on ", student.device());
+  }
 }
 
 // What both devices' implementations start from: checked options and row-contiguous inputs.
@@ -160,6 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
 
 // The student-logit gradient into `out` (a fresh buffer, or the student logits themselves).
 void backward_into_cpu(const Prepared& p, const at::Tensor& grad_loss, const at::Tensor& row_state, at::Tensor& out) {
+  check_backward_inputs(grad_loss, row_state, p.student);
   const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
   dispatch_dtype(p.student.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -173,7 +195,7 @@ at::Tensor distill_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& s
                                 const std::string& divergence, double beta, double alpha, double temperature,
                                 double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index);
+                             hard_label_weight, ignore_index, kBackwardLabelsUnread);
   at::Tensor grad = empty_gradient_cpu(p.student);
   backward_into_cpu(p, grad_loss, row_state, grad);
   return grad;
@@ -229,7 +251,9 @@ at::Tensor& scale_unless_one_cpu(at::Tensor& self, const at::Tensor& scale) {
 }
 
 void check_inplace(const at::Tensor& student) {
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.stride(1) == 1, "in-place backward needs row-contiguous student_logits");
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.stride(1) == 1 &&
+                        (student.size(0) <= 1 || student.stride(0) >= student.size(1)),
+                    "in-place backward needs row-contiguous student_logits whose rows do not overlap (not an expand)");
 }
 
 // The gradient written over the student logits (rows must be contiguous: the gradient shares their layout).
@@ -240,7 +264,7 @@ at::Tensor distill_backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor&
                                         int64_t ignore_index) {
   check_inplace(student);
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index);
+                             hard_label_weight, ignore_index, kBackwardLabelsUnread);
   backward_into_cpu(p, grad_loss, row_state, student);
   return student;
 }
@@ -307,6 +331,7 @@ at::Tensor& scale_unless_one_cuda(at::Tensor& self, const at::Tensor& scale) {
 // Each thread reads an element before writing it, and row reductions precede the writes, so `out` may be
 // the student logits themselves.
 void backward_into_cuda(const Prepared& p, const at::Tensor& grad_loss, const at::Tensor& row_state, at::Tensor& out) {
+  check_backward_inputs(grad_loss, row_state, p.student);
   const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), state = row_state.contiguous();
   const cuda::DType dtype = cuda_dtype(p.student.scalar_type());
   cuda::backward(dtype, p.student.size(0), g.data_ptr<float>(), p.student.data_ptr(), p.student.size(1),
@@ -323,7 +348,7 @@ at::Tensor distill_backward_inplace_cuda(const at::Tensor& grad_loss, at::Tensor
   check_inplace(student);
   const c10::cuda::CUDAGuard guard(student.device());
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index);
+                             hard_label_weight, ignore_index, kBackwardLabelsUnread);
   backward_into_cuda(p, grad_loss, row_state, student);
   return student;
 }
@@ -334,7 +359,7 @@ at::Tensor distill_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& 
                                  double teacher_mix, bool standardize, double hard_label_weight, int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(student.device());
   const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index);
+                             hard_label_weight, ignore_index, kBackwardLabelsUnread);
   at::Tensor grad = at::empty_like(p.student, at::MemoryFormat::Contiguous);
   backward_into_cuda(p, grad_loss, row_state, grad);
   return grad;

@@ -95,6 +95,9 @@ def _teacher_grad(grad_loss, student, teacher, labels, options):
     if teacher_mix != 1.0:
         raise ValueError("no teacher gradient through TAID's interpolated target")
     swapped = (_SWAPPED[divergence], 1.0 - beta, alpha, temperature, 1.0, standardize, 0.0, ignore_index)
+    if labels is not None:
+        # Here they only mark the rows without loss; the student's ids may lie outside the teacher's vocabulary.
+        labels = torch.where(labels == ignore_index, labels, torch.zeros_like(labels))
     _, _, state = torch.ops.dpkd.distill_forward(teacher, student, labels, *swapped)
     scale = grad_loss.float() * (1.0 - hard_label_weight) if labels is not None else grad_loss.float()
     return torch.ops.dpkd.distill_backward(scale.contiguous(), teacher, student, labels, state, *swapped)

@@ -88,6 +88,23 @@ def test_cuda_extreme_logits_and_nan_report():
                 dpkd.distill_loss(torch.nn.functional.pad(s, (0, v - 1000)).cuda(), bad_t.cuda(), divergence=div)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("v", [32000, 32001])  # vectorised / cluster gradients, the one-block kernels' scalar path
+def test_cuda_nan_logit_gets_the_cpus_gradient_and_labels_device_is_checked(fuse, v):
+    s, t = pair(2, v, 3.0, torch.float32, seed=11)
+    s[0, 5] = float("nan")
+    grads = []
+    for device in ("cpu", "cuda"):
+        x = s.to(device).requires_grad_(True)
+        dpkd.forward_kl(x, t.to(device), reduction="sum", check_finite=False, fuse_backward=fuse).backward()
+        grads.append(x.grad.cpu())
+    assert grads[0][0, 5] == 0 and grads[1][0, 5] == 0  # the NaN entry itself (NaN on some CUDA paths before)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-8)
+    options = ("forward_kl", 0.5, 0.1, 1.0, 1.0, False, 0.0, -100)
+    with pytest.raises(ValueError, match="labels is on cpu"):
+        torch.ops.dpkd.distill_forward(s.cuda(), t.cuda(), torch.zeros(2, dtype=torch.long), *options)
+
+
 @pytest.mark.parametrize("v", [1000, 1001])  # the cluster kernel, the one-block kernels
 def test_cuda_jsd_log_form_keeps_nan_loss(v):
     """bf16 JSD (its log form, log m clamped away from 0): a row with a NaN or +inf teacher logit has a NaN loss on

@@ -1,0 +1,238 @@
+"""Distillation from a top-k teacher (dpkd.topk_distill_loss and the fused head's teacher_topk) against float64
+references: the full-vocabulary losses where the teacher's top-k describe it exactly, and the K + tail outcomes'
+divergence from reference.py's formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dpkd
+from reference import topk_divergence
+from test_losses import DIVS, logits, rel_err
+
+# Each divergence with its parameter at an interior value and where it degenerates (JSD's endpoints, skew 0 and 1).
+CASES = [("forward_kl", {}), ("reverse_kl", {}), ("tvd", {}),
+         *[("jsd", dict(beta=b)) for b in (0.0, 0.3, 0.5, 1.0)],
+         *[("skew_kl", dict(alpha=a)) for a in (0.0, 0.1, 1.0)],
+         *[("skew_reverse_kl", dict(alpha=a)) for a in (0.0, 0.1, 1.0)]]
+
+
+def sparse_teacher(n, v, k, seed):
+    """A teacher with probability on k tokens per row only: its full logits (-inf elsewhere), ids and log-probs."""
+    full = logits(n, v, 3.0, seed=seed).double()
+    ids = torch.stack([torch.randperm(v, generator=torch.Generator().manual_seed(seed + i))[:k] for i in range(n)])
+    sparse = torch.full_like(full, -math.inf).scatter(1, ids, full.gather(1, ids))
+    return sparse, ids, torch.log_softmax(sparse, -1).gather(1, ids)
+
+
+def infinite_without_tail(div, kw):
+    return div == "reverse_kl" or (div, kw) in (("jsd", dict(beta=1.0)), ("skew_reverse_kl", dict(alpha=0.0)))
+
+
+def stats_close(got, want, rows):
+    for name, a, b in zip(dpkd.TokenStats._fields, got, want):
+        torch.testing.assert_close(a[rows], b[rows].float(), rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("div,kw", CASES)
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_sparse_teacher_gives_the_full_vocabulary_loss(div, kw, temperature):
+    """A teacher with mass on its k ids only is described exactly by them: loss, gradient and statistics are
+    distill_loss's on its full logits (-inf off the ids), with hard labels and T^2 scaling; with the tail too."""
+    if infinite_without_tail(div, kw):
+        pytest.skip("infinite: the student has mass where the teacher has none")
+    n, v, k = 7, 301, 12
+    sparse, ids, logp = sparse_teacher(n, v, k, seed=3)
+    labels = torch.where(torch.arange(n) % 3 == 0, ids[:, 0], torch.arange(n) * 37 % v)  # in K, and mostly not
+    labels[5] = -100
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[2] = False
+    opts = dict(divergence=div, **kw, temperature=temperature, labels=labels, mask=mask, reduction="sum",
+                hard_label_weight=0.25, scale_by_temperature_squared=True, return_stats=True)
+    s = logits(n, v, 4.0, seed=4).requires_grad_(True)
+    got, got_stats = dpkd.topk_distill_loss(s, ids, logp.float(), **opts)
+    (got_grad,) = torch.autograd.grad(got, s)
+    want, want_stats = dpkd.distill_loss(s, (sparse * temperature).float(), **opts)
+    (want_grad,) = torch.autograd.grad(want, s)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert rel_err(got_grad, want_grad) < 1e-5
+    stats_close(got_stats, want_stats, mask & (labels != -100))
+    tail, _ = dpkd.topk_distill_loss(s, ids, logp.float(), tail=True, **opts)  # the tail's mass is 0
+    assert tail.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def teacher_following_student(s, ids, logp, temperature):
+    """Full teacher logits (at ``temperature``) that put p on the ids and spread the rest, 1 - sum p, over the other
+    tokens in the student's proportions: every divergence over the full vocabulary is then the K + tail one."""
+    lq = torch.log_softmax(s.detach().double() / temperature, -1)
+    rest = lq.scatter(1, ids, -math.inf)
+    lp_rest = torch.log1p(-logp.double().exp().sum(-1, keepdim=True))
+    full = (rest - torch.logsumexp(rest, -1, keepdim=True) + lp_rest).scatter(1, ids, logp.double())
+    return (full * temperature).float()
+
+
+@pytest.mark.parametrize("div,kw", CASES)
+def test_tail_against_float64_outcome_reference(div, kw):
+    n, v, k, temperature = 9, 513, 17, 1.3
+    s = logits(n, v, 3.0, seed=28).requires_grad_(True)
+    logp, ids = torch.log_softmax(logits(n, v, 3.0, seed=29).double(), -1).topk(k, dim=-1)
+    got = dpkd.topk_distill_loss(s, ids, logp.float(), divergence=div, **kw, temperature=temperature, tail=True,
+                                 reduction="none", chunk_size=4)
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), s)
+    s64 = s.detach().double().requires_grad_(True)
+    want = topk_divergence(s64, ids, logp, temperature, div, **kw)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), s64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert rel_err(got_grad, want_grad) < 1e-5
+    # The same number from the full-vocabulary loss of a teacher that spreads its tail as the student does
+    full = dpkd.distill_loss(s.detach(), teacher_following_student(s, ids, logp, temperature), divergence=div, **kw,
+                             temperature=temperature, reduction="none")
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
+def test_dtypes_extreme_logits_and_padding(dtype, tol):
+    n, v, k = 6, 200, 8
+    s = logits(n, v, 30.0, seed=5)
+    s[0, 3], s[1, :50] = 1e4, -math.inf  # a dominant logit; a padded vocabulary
+    s = s.to(dtype).requires_grad_(True)
+    logp, ids = torch.log_softmax(logits(n, v, 30.0, seed=6).double(), -1).topk(k, dim=-1)
+    ids[1] = torch.arange(60, 60 + k)  # the padded row's ids where its student has mass
+    got = dpkd.topk_distill_loss(s, ids, logp.float(), divergence="jsd", beta=0.3, tail=True, reduction="sum")
+    (got_grad,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_(True)
+    want = topk_divergence(s64, ids, logp, 1.0, "jsd", beta=0.3).sum()
+    want.backward()
+    assert got_grad.dtype == dtype and torch.isfinite(got_grad).all() and (got_grad[1, :50] == 0).all()
+    assert got.item() == pytest.approx(want.item(), rel=tol)
+    assert rel_err(got_grad, s64.grad) < tol
+
+
+def test_divergences_infinite_without_tail_are_refused():
+    s = logits(4, 30, seed=7)
+    ids = torch.arange(3).repeat(4, 1)
+    logp = torch.log(torch.tensor([0.5, 0.3, 0.2])).repeat(4, 1)
+    for div, kw in (("reverse_kl", {}), ("jsd", dict(beta=1.0)), ("skew_reverse_kl", dict(alpha=0.0))):
+        with pytest.raises(ValueError, match="needs tail=True"):
+            dpkd.topk_distill_loss(s, ids, logp, divergence=div, **kw)
+        with pytest.raises(ValueError, match="needs tail=True"):
+            dpkd.fused_linear_distill_loss(s, torch.eye(30), teacher_topk=(ids, logp), divergence=div, **kw)
+        with pytest.raises(ValueError, match="needs tail=True"):
+            dpkd.nn.TopKDistillLoss(div, **kw)
+        assert dpkd.topk_distill_loss(s, ids, logp - 0.1, divergence=div, **kw, tail=True).isfinite()
+    with pytest.raises(ValueError, match="hard_label_weight > 0 needs labels"):
+        dpkd.topk_distill_loss(s, ids, logp, hard_label_weight=0.5)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 30\) or ignore_index \(-100\), got 30"):
+        dpkd.topk_distill_loss(s, ids, logp, labels=torch.tensor([1, 30, 2, 3]))
+    with pytest.raises(ValueError, match="beta"):
+        dpkd.topk_distill_loss(s, ids, logp, divergence="jsd", beta=1.5)
+
+
+def test_rows_without_loss_get_no_gradient_and_no_check():
+    s = logits(5, 40, seed=8)
+    s[2, 7] = math.nan
+    s.requires_grad_(True)
+    ids = torch.topk(logits(5, 40, seed=9), 4).indices
+    logp = torch.log_softmax(logits(5, 4, seed=10), -1) - 0.2
+    mask = torch.tensor([True, True, False, True, True])
+    loss = dpkd.topk_distill_loss(s, ids, logp, divergence="tvd", tail=True, mask=mask)
+    loss.backward()
+    assert loss.isfinite() and torch.isfinite(s.grad).all() and (s.grad[2] == 0).all() and (s.grad[0] != 0).any()
+    with pytest.raises(ValueError, match=r"student_logits contains NaN or \+inf.*row 2"):
+        dpkd.topk_distill_loss(s, ids, logp, divergence="tvd", tail=True)
+
+
+def test_select_rule_module_and_compile():
+    b, t, v, k = 3, 8, 64, 5
+    s = logits(b * t, v, 3.0, seed=11).reshape(b, t, v).requires_grad_(True)
+    logp, ids = torch.log_softmax(logits(b * t, v, 3.0, seed=12), -1).topk(k, dim=-1)
+    ids, logp = ids.reshape(b, t, k), logp.reshape(b, t, k)
+    opts = dict(divergence="jsd", beta=0.3, tail=True)
+
+    def rule(st, valid):
+        return dpkd.select.entropy_top_fraction(st.student_entropy, 0.5, valid=valid)
+
+    got, stats = dpkd.topk_distill_loss(s, ids, logp, **opts, select=rule, return_stats=True)
+    chosen = rule(stats, None).weights()
+    assert chosen.sum() == b * t // 2
+    want = dpkd.topk_distill_loss(s, ids, logp, **opts, weights=chosen)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    module = dpkd.nn.TopKDistillLoss("jsd", beta=0.3, tail=True)
+    assert module(s, ids, logp).item() == pytest.approx(dpkd.topk_distill_loss(s, ids, logp, **opts).item(), rel=1e-6)
+    compiled = torch.compile(lambda x: dpkd.topk_distill_loss(x, ids, logp, **opts), fullgraph=True,
+                             backend="aot_eager")
+    loss = compiled(s)
+    (grad,) = torch.autograd.grad(loss, s)
+    (want_grad,) = torch.autograd.grad(dpkd.topk_distill_loss(s, ids, logp, **opts), s)
+    assert loss.item() == pytest.approx(want.item() * 0 + dpkd.topk_distill_loss(s, ids, logp, **opts).item(),
+                                        rel=1e-6)
+    torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_topk_teacher_matches_float64_reference(tail, dtype, tol):
+    n, v, k, temperature = 9, 513, 17, 1.3
+    s = logits(n, v, 3.0, dtype, seed=28).requires_grad_(True)
+    teacher = logits(n, v, 3.0, seed=29).double()
+    lp_full = torch.log_softmax(teacher, -1)
+    logp, ids = lp_full.topk(k, dim=-1)
+    got = dpkd.topk_forward_kl(s, ids, logp.float(), temperature=temperature, tail=tail, reduction="sum",
+                               chunk_size=4)
+    got.backward()
+    s64 = s.detach().double().requires_grad_(True)
+    lq = torch.log_softmax(s64 / temperature, -1)
+    lq_k = lq.gather(1, ids)
+    ref = (logp.exp() * (logp - lq_k)).sum(-1)
+    if tail:
+        p_tail = 1 - logp.exp().sum(-1)
+        q_tail = 1 - lq_k.exp().sum(-1)
+        ref = ref + p_tail * (p_tail.log() - q_tail.log())
+    ref.sum().backward()
+    assert got.item() == pytest.approx(ref.sum().item(), rel=tol)
+    assert rel_err(s.grad, s64.grad) < tol
+    assert s.grad.dtype == dtype
+
+
+def test_topk_teacher_validates_inputs():
+    s = logits(3, 10, seed=30)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    with pytest.raises(ValueError, match="teacher_ids"):
+        dpkd.topk_forward_kl(s, ids + 9, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        dpkd.topk_forward_kl(s, ids, torch.zeros(3, 3))
+    logp = torch.log(torch.tensor([[0.5, 0.25]] * 3))
+    for bad, kw, match in ((torch.full((3, 2), float("nan")), {}, "NaN"),  # was a loss of exactly 0
+                           (logp + 1.0, {}, "<= 0"),
+                           (torch.log(torch.tensor([[0.7, 0.6]] * 3)), dict(tail=True), "tail"),
+                           (logp, dict(labels=torch.zeros(2, dtype=torch.long)), "labels must have shape"),
+                           (logp, dict(mask=torch.ones(3)), "mask must be bool"),
+                           (logp, dict(temperature=float("inf")), "temperature"),
+                           (logp, dict(chunk_size=0), "chunk_size")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            dpkd.topk_forward_kl(s, ids, bad, **kw)
+    dpkd.topk_forward_kl(s, ids, torch.log(torch.tensor([[0.7, 0.3]] * 3)), tail=True)  # all the mass: no tail
+    for value in (float("nan"), float("inf")):  # +inf was a NaN loss: its log-sum-exp is +inf, not NaN
+        bad = s.clone()
+        bad[1, 7] = value
+        with pytest.raises(ValueError, match="student_logits contains NaN or \\+inf"):
+            dpkd.topk_forward_kl(bad, ids, logp)
+
+
+def test_topk_teacher_compiles_without_graph_breaks():
+    s = logits(6, 50, seed=33).requires_grad_(True)
+    ids = torch.topk(logits(6, 50, seed=34), 5).indices
+    logp = torch.log_softmax(logits(6, 5, seed=35), -1) - 0.1
+    compiled = torch.compile(lambda s: dpkd.topk_forward_kl(s, ids, logp, tail=True), fullgraph=True,
+                             backend="aot_eager")
+    loss = compiled(s)
+    loss.backward()
+    s2 = s.detach().clone().requires_grad_(True)
+    eager = dpkd.topk_forward_kl(s2, ids, logp, tail=True)
+    eager.backward()
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
+    torch.testing.assert_close(s.grad, s2.grad)
