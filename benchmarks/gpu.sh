@@ -42,7 +42,7 @@ time bounded 300 python3 -m pip install --no-build-isolation --no-deps --no-inde
 python3 -c "import dpkd; assert dpkd.with_cuda, 'dpkd was built without CUDA'; print('dpkd with CUDA')" || exit 1
 want test && bounded 240 python3 -m pytest -q -rf --tb=short -k cuda tests/python/test_losses_cuda.py tests/python/test_losses.py \
   tests/python/test_select.py tests/python/test_privacy.py tests/python/test_fused_linear.py \
-  tests/python/test_private_head.py 2>&1 | tail -60
+  tests/python/test_private_head.py tests/python/test_topk.py 2>&1 | tail -60
 want objectives && bounded 150 python3 benchmarks/bench_distill.py --device cuda --repeat 10
 want profile && for d in jsd forward_kl; do bounded 60 python3 benchmarks/profile_distill.py --divergence $d; done
 want select && bounded 60 python3 benchmarks/bench_select.py --device cuda

@@ -17,7 +17,7 @@ from .losses import (
 )
 from .fused_linear import fused_linear_distill_loss
 from .taid import TAIDSchedule, taid_loss
-from .topk import topk_forward_kl
+from .topk import topk_distill_loss, topk_forward_kl
 
 __all__ = [
     "TAIDSchedule",
@@ -40,6 +40,7 @@ __all__ = [
     "taid_loss",
     "token_stats",
     "topk",
+    "topk_distill_loss",
     "topk_forward_kl",
     "tvd",
     "with_cuda",

@@ -28,19 +28,11 @@ __all__ = ["fused_linear_distill_loss"]
 _TEACHER_COLUMNS = [1, 2, 4]
 
 
-class _StudentStats(losses.TokenStats):
-    """The statistics a ``select_reads="student"`` rule gets: reading a field the first pass did not form raises (a
-    rule of the teacher's statistics would otherwise see NaN and select nothing, every step)."""
-
-    __slots__ = ()
-
-    def _missing(self, field: str):
-        raise ValueError(f"the select rule read {field}, which select_reads='student' does not form: use "
-                         "select_reads='all' for a rule of the teacher's statistics")
-
-    teacher_entropy = property(lambda self: self._missing("teacher_entropy"))
-    divergence = property(lambda self: self._missing("divergence"))
-    teacher_label_logprob = property(lambda self: self._missing("teacher_label_logprob"))
+# The statistics a select_reads="student" rule cannot read (its first pass forms the student's alone).
+_STUDENT_ONLY = tuple((f, "select_reads='student' does not form: use select_reads='all' for a rule of the teacher's "
+                          "statistics") for f in ("teacher_entropy", "divergence", "teacher_label_logprob"))
+losses.stats_without(_STUDENT_ONLY)
+losses.stats_without(tuple({**dict(losses.NO_LABELS), **dict(_STUDENT_ONLY)}.items()))
 
 # From this many tokens on, the head-weight gradient of fp32 logits takes only the high bf16 half of their
 # gradient: summed over that many tokens, the low half's rounding averages out. Relative error against fp32
@@ -205,7 +197,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         return _ops.first_order_only(grad_h, grad_w, grad_b, anchors=ctx.saved_tensors) + (None,) * 6
 
 
-def _private_head(hidden, weight, bias, reduction, entropies, read):
+def _private_head(hidden, weight, bias, reduction, read):
     """Under DP-SGD (``weight`` held by a private model's linear layer, gradients on): the factory of the loss's
     privacy.head.PrivateHead, after checking what per-example clipping needs; else None."""
     found = privacy_engine.head_engine(weight) if torch.is_grad_enabled() else None
@@ -216,7 +208,8 @@ def _private_head(hidden, weight, bias, reduction, entropies, read):
     train_weight, train_bias = weight.requires_grad, bias is not None and bias.requires_grad
     if not (train_weight or train_bias):
         return None
-    where = f"under DP-SGD (student_weight is layer {name!r} of a private model)"
+    where = (f"under DP-SGD (student_weight is layer {name!r} of a private model)" if name else
+             "under DP-SGD (student_weight is a private model's own weight)")
     if reduction != "sum":
         raise ValueError(f"{where} the loss must be reduction='sum' of per-example losses: {reduction!r} divides by "
                          "counts over the whole batch, so one example would change the others' gradients; for each "
@@ -236,7 +229,7 @@ def _private_head(hidden, weight, bias, reduction, entropies, read):
 
     def make(active, chunk, unscale):
         return privacy_head.PrivateHead(engine, name, active, tokens, rows, chunk, weight=train_weight,
-                                        bias=train_bias, unscale=unscale, accum=accum, entropies=entropies,
+                                        bias=train_bias, unscale=unscale, accum=accum,
                                         checked=checked, hidden=hidden.reshape(-1, hidden.shape[-1]),
                                         tied_ids=None if tied is None else tied[1])
     return make
@@ -303,8 +296,8 @@ def fused_linear_distill_loss(
         student_hidden: [N, H_s] or [B, T, H_s]; student_weight [V, H_s] (e.g. ``lm_head.weight``).
         teacher_hidden: [N, H_t] or [B, T, H_t]; teacher_weight [V_t, H_t]. The teacher gets no gradient.
         teacher_topk: instead of the teacher's hidden states and head, a top-k teacher ``(ids, logprobs)``,
-            each [..., K] (see :func:`dpkd.topk_forward_kl`): forward KL over the kept ids, with the bucket
-            of the remaining mass if ``topk_tail``. Statistics then hold only the divergence.
+            each [..., K], with the bucket of the remaining mass if ``topk_tail`` (see :func:`dpkd.topk_distill_loss`:
+            what each divergence means there, which need the tail, and the teacher's statistics).
         reduction: ``sum``, ``mean`` (over valid tokens) or ``batchmean``; ``none`` is not available here.
         student_softcap / teacher_softcap: Gemma-style ``c tanh(z / c)`` after the logit scale.
         chunk_size: tokens per chunk (default: [chunk, V] logits and gradient within 768 MiB and 1/8 of free memory).
@@ -388,8 +381,6 @@ def fused_linear_distill_loss(
         if ids.numel():
             topk.check_topk_teacher(ids, logprobs, student_weight.shape[0], topk_tail,
                                     names=("teacher_topk ids", "teacher_topk log-probs"))
-        if divergence != "forward_kl" or hard_label_weight:
-            raise ValueError("a top-k teacher takes divergence='forward_kl' and no hard_label_weight")
     lead = tuple(student_hidden.shape[:-1])
     for name, t in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
         if t is not None and not t > 0:
@@ -404,6 +395,10 @@ def fused_linear_distill_loss(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     losses.check_options(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, reduction=reduction,
                          hard_label_weight=hard_label_weight, has_labels=labels is not None)
+    if teacher_topk is not None:
+        topk_objective = topk.Objective(divergence, float(beta), float(alpha), float(temperature), bool(topk_tail),
+                                        float(hard_label_weight), int(ignore_index))
+        topk.check_objective(topk_objective, labels is not None, reduction)
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
     valid = losses.valid_tokens(labels, mask, ignore_index)
@@ -422,16 +417,11 @@ def fused_linear_distill_loss(
     chunk = _chunk_rows(student_weight.shape[0], torch.float32 if fp32_logits else student_weight.dtype, h_s.device,
                         chunk_size)
 
+    if flat_labels is not None:
+        # Checked here once for the tokens that carry loss, so that the op, told so, does not check (and
+        # synchronise the CUDA stream) once per chunk.
+        losses.check_label_range(flat_labels, student_weight.shape[0], ignore_index, row_scale != 0)
     if teacher_topk is None:
-        if flat_labels is not None:
-            # Checked here once for the tokens that carry loss, so that the op, told so, does not check (and
-            # synchronise the CUDA stream) once per chunk.
-            vocab = student_weight.shape[0]
-            bad = ((flat_labels < 0) | (flat_labels >= vocab)) & (row_scale != 0)
-            if bool(bad.any()):
-                row = int(bad.nonzero()[0])
-                raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index}), got "
-                                 f"{int(flat_labels[row])} (first in flattened token {row})")
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         w_t = _logit_weight(teacher_weight.detach(), fp32_logits)
         b_t = None if teacher_bias is None else teacher_bias.detach()
@@ -451,28 +441,16 @@ def fused_linear_distill_loss(
         t_ids, t_logp = teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k)
 
         def objective(rows, zs, lab, row_weights, grad_dtype):  # grad_dtype: the chunk loop converts
-            loss, g = topk.loss_and_grad(zs, t_ids[rows], t_logp[rows], float(temperature), bool(topk_tail),
-                                         row_weights)
-            st = torch.full((rows.numel(), _ops.N_STATS), float("nan"), dtype=torch.float32, device=zs.device)
-            st[:, 2] = loss
-            return loss, st, g
+            return topk.row_terms(zs, t_ids[rows], t_logp[rows], lab, topk_objective, row_weights)
 
     def student_objective(rows, zs, lab, row_weights, grad_dtype):
         # The student's own statistics at the loss's temperature: the kernels with the student as its own teacher
         return torch.ops.dpkd.distill_forward_grad(zs, zs, lab, row_weights, "forward_kl", 0.5, 0.1, float(temperature),
                                                    1.0, False, 0.0, int(ignore_index), fast_math=fast_math,
-                                                   grad_dtype=grad_dtype, labels_in_range=teacher_topk is None)
-
-    first_pass = objective
-    if teacher_topk is not None:
-        def first_pass(rows, zs, lab, row_weights, grad_dtype):
-            # A top-k teacher's objective gives only the divergence: a rule gets the student's statistics too
-            loss, st, g = student_objective(rows, zs, lab, row_weights, grad_dtype)
-            st[:, _TEACHER_COLUMNS] = objective(rows, zs, lab, row_weights, grad_dtype)[1][:, _TEACHER_COLUMNS]
-            return loss, st, g
+                                                   grad_dtype=grad_dtype, labels_in_range=True)
 
     opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
-    private = _private_head(student_hidden, student_weight, student_bias, reduction, teacher_topk is None,
+    private = _private_head(student_hidden, student_weight, student_bias, reduction,
                             [student_hidden, student_weight, student_bias, labels, mask, weights, teacher_hidden,
                              teacher_weight, teacher_bias, *(teacher_topk or ())])
     if private is not None and check_finite:
@@ -487,13 +465,13 @@ def fused_linear_distill_loss(
     if select is not None:
         if callable(select):
             first_stats = _token_stats(h_s, student_weight, student_bias,
-                                       student_objective if student_only else first_pass, flat_labels, scored, opts)
+                                       student_objective if student_only else objective, flat_labels, scored, opts)
             if student_only:
                 first_stats[:, _TEACHER_COLUMNS] = float("nan")
-            rule_stats = (_StudentStats if student_only else losses.TokenStats)(
-                *first_stats.reshape(*lead, _ops.N_STATS).unbind(-1))
+            rule_stats = losses.TokenStats(*first_stats.reshape(*lead, _ops.N_STATS).unbind(-1))
+        missing = {**dict(losses.NO_LABELS if labels is None else ()), **dict(_STUDENT_ONLY if student_only else ())}
         weights = losses.selected_weights(select, rule_stats, valid, weights, student_hidden,
-                                          private=private is not None)
+                                          private=private is not None, missing=tuple(missing.items()))
         row_scale = losses._reduction_weights(lead, valid, weights, reduction, h_s.device).reshape(-1)
         if first_stats is None:
             scored = row_scale != 0
@@ -506,7 +484,7 @@ def fused_linear_distill_loss(
             skipped = torch.stack([skipped, row_scale == 0], 1)  # per model: the teacher's logits seen where selected
         stats = first_stats
     if check_finite:  # after every chunk is queued; tokens without weight were not computed
-        losses.report_nan(stats if teacher_topk is None else None, skipped, tuple(
+        losses.report_nan(stats, skipped, tuple(
             f"the {model}'s logits (from {model}_hidden and {model}_weight) contain NaN or +inf, or no finite value "
             "(first in flattened token {row})" for model in ("student", "teacher")), weights=user_weights)
     if return_stats:

@@ -100,6 +100,25 @@ def _check(
     check_token_tensors(tuple(s.shape[:-1]), s.device, labels, mask, weights)
     check_options(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, reduction=reduction,
                   hard_label_weight=hard_label_weight, has_labels=labels is not None)
+    check_private_reduction(reduction, s)
+
+
+def check_private_reduction(reduction: str, student: torch.Tensor) -> None:
+    """Under DP-SGD (``student`` from a private model) the loss must stay a sum of per-example losses: ``mean``
+    divides by the batch's token count and ``batchmean`` by its size, so one example would scale the others'
+    gradients (sensitivity up to 2C). ``batchmean`` is that sum over the batch's size where the engine multiplies
+    it back (``make_private(loss_reduction="mean")``). Not checked while compiling (reading the live engines would
+    break the graph)."""
+    if reduction not in ("mean", "batchmean") or torch.compiler.is_compiling() or not student.requires_grad:
+        return
+    engines = privacy_engine.private_engines(student)
+    if not engines or (reduction == "batchmean" and all(e.loss_reduction == "mean" for e in engines)):
+        return
+    raise ValueError(f"under DP-SGD (student_logits come from a private model) reduction={reduction!r} divides by "
+                     "counts over the whole batch, so one example would change the others' gradients: use "
+                     "reduction='sum' of per-example losses (each example's token mean: weights=valid / "
+                     "valid.sum(-1, keepdim=True).clamp(min=1)) or 'none'"
+                     + ("; 'batchmean' with make_private(loss_reduction='mean')" if reduction == "batchmean" else ""))
 
 
 def check_token_tensors(lead: tuple[int, ...], device: torch.device, labels: torch.Tensor | None,
@@ -120,6 +139,18 @@ def check_token_tensors(lead: tuple[int, ...], device: torch.device, labels: tor
         raise TypeError(f"mask must be bool, got {mask.dtype}")
     if weights is not None and not weights.is_floating_point():
         raise TypeError(f"weights must be a floating tensor, got {weights.dtype}")
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int,
+                      carrying: torch.Tensor | None = None) -> None:
+    """Flattened ``labels`` in [0, vocab) or ``ignore_index`` (only where ``carrying``, if given): one host read."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if carrying is not None:
+        bad &= carrying
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index}), got "
+                         f"{int(labels[row])} (first in flattened token {row})")
 
 
 def temperature_squared(temperature: float, hard_label_weight: float, scale: bool) -> tuple[float, float]:
@@ -397,26 +428,51 @@ def distill_loss(
     if t2 != 1.0:
         per_token = per_token * t2
     if select is not None:
-        weights = selected_weights(select, token_stats_, valid, weights, student_logits)
+        weights = selected_weights(select, token_stats_, valid, weights, student_logits,
+                                   missing=() if labels is not None else NO_LABELS)
     loss = _reduce(per_token, valid, weights, reduction)
     if return_stats:
         return loss, token_stats_
     return loss
 
 
+LABEL_FIELDS = ("student_label_logprob", "teacher_label_logprob")
+NO_LABELS = tuple((f, "needs labels= (without them it is NaN: the rule would select nothing)") for f in LABEL_FIELDS)
+_STATS_CLASSES: dict[tuple[tuple[str, str], ...], type] = {(): TokenStats}
+
+
+def stats_without(missing: tuple[tuple[str, str], ...]) -> type:
+    """A TokenStats whose fields in ``missing`` ((field, why), ...) raise when read. Made once per ``missing``, before
+    any compiling (torch.compile traces a lookup, not the making of a class): call it at import for each set used."""
+    if missing not in _STATS_CLASSES:
+        def unformed(field: str, why: str) -> property:
+            def read(self):
+                raise ValueError(f"the select rule read {field}, which {why}")
+            return property(read)
+        _STATS_CLASSES[missing] = type("TokenStats", (TokenStats,),
+                                       {"__slots__": (), **{f: unformed(f, why) for f, why in missing}})
+    return _STATS_CLASSES[missing]
+
+
+stats_without(NO_LABELS)
+
+
 def selected_weights(select: Selection | Callable[[TokenStats, torch.Tensor | None], Selection],
                      stats: TokenStats | None, valid: torch.Tensor | None, weights: torch.Tensor | None,
-                     student: torch.Tensor, private: bool = False) -> torch.Tensor:
-    """``weights`` (None: ones) times the weights of ``select``: a Selection, or a rule applied to ``stats``.
-    A batch-scope selection is refused where DP-SGD clips the loss per example (``private``, or ``student`` comes
-    from a model made private): one example would change which of the others' tokens carry loss, past C."""
+                     student: torch.Tensor, private: bool = False,
+                     missing: tuple[tuple[str, str], ...] = ()) -> torch.Tensor:
+    """``weights`` (None: ones) times the weights of ``select``: a Selection, or a rule applied to ``stats``, whose
+    fields in ``missing`` ((field, why), ...: statistics not formed) raise when the rule reads them, where they would
+    be NaN and select nothing, every step. A batch-scope selection is refused where DP-SGD clips the loss per
+    example (``private``, or ``student`` comes from a model made private): one example would change which of the
+    others' tokens carry loss, past C."""
     if callable(select):
         # The rule sees the tokens that carry loss (valid, of nonzero weight) and NaN (no score) elsewhere, so that
         # padding takes no place in its quotas even where the rule is not given ``valid``; no autograd history.
         carrying = carrying_tokens(valid, weights)
-        select = select(type(stats)(*(f.detach() if carrying is None else
-                                      torch.where(carrying, f.detach(), torch.full_like(f, math.nan)) for f in stats)),
-                        carrying)
+        select = select(stats_without(missing)(*(f.detach() if carrying is None else
+                                                  torch.where(carrying, f.detach(), torch.full_like(f, math.nan))
+                                                  for f in stats)), carrying)
     if not hasattr(select, "weights") or not isinstance(getattr(select, "values", None), torch.Tensor):
         raise TypeError(f"select must be a dpkd.select.Selection or a rule returning one, got {type(select).__name__}")
     shape = tuple(student.shape[:-1])

@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 
-from . import fused_linear, losses, taid
+from . import fused_linear, losses, taid, topk
 
 __all__ = ["DistillLoss", "ForwardKLLoss", "FusedLinearDistillLoss", "GeneralizedJSDLoss", "ReverseKLLoss",
-           "SkewKLLoss", "SkewReverseKLLoss", "TAIDLoss", "TVDLoss"]
+           "SkewKLLoss", "SkewReverseKLLoss", "TAIDLoss", "TVDLoss", "TopKDistillLoss"]
 
 
 def _keyword_defaults(function: Callable) -> dict:
@@ -57,34 +57,49 @@ class DistillLoss(_ConfiguredLoss):
         return losses.distill_loss(student_logits, teacher_logits, **self._options(call_options))
 
 
-class ForwardKLLoss(DistillLoss):
+class _NamedDivergenceLoss(DistillLoss):
+    """DistillLoss with its divergence in the class's name."""
+
+    _divergence: str
+
     def __init__(self, **options) -> None:
-        super().__init__("forward_kl", **options)
+        if "divergence" in options:
+            raise TypeError(f"{type(self).__name__} is divergence={self._divergence!r}; for another one use "
+                            f"DistillLoss(divergence={options['divergence']!r})")
+        super().__init__(self._divergence, **options)
 
 
-class ReverseKLLoss(DistillLoss):
-    def __init__(self, **options) -> None:
-        super().__init__("reverse_kl", **options)
+class ForwardKLLoss(_NamedDivergenceLoss):
+    _divergence = "forward_kl"
 
 
-class GeneralizedJSDLoss(DistillLoss):
+class ReverseKLLoss(_NamedDivergenceLoss):
+    _divergence = "reverse_kl"
+
+
+class GeneralizedJSDLoss(_NamedDivergenceLoss):
+    _divergence = "jsd"
+
     def __init__(self, beta: float = 0.5, **options) -> None:
-        super().__init__("jsd", beta=beta, **options)
+        super().__init__(beta=beta, **options)
 
 
-class SkewKLLoss(DistillLoss):
+class SkewKLLoss(_NamedDivergenceLoss):
+    _divergence = "skew_kl"
+
     def __init__(self, alpha: float = 0.1, **options) -> None:
-        super().__init__("skew_kl", alpha=alpha, **options)
+        super().__init__(alpha=alpha, **options)
 
 
-class SkewReverseKLLoss(DistillLoss):
+class SkewReverseKLLoss(_NamedDivergenceLoss):
+    _divergence = "skew_reverse_kl"
+
     def __init__(self, alpha: float = 0.1, **options) -> None:
-        super().__init__("skew_reverse_kl", alpha=alpha, **options)
+        super().__init__(alpha=alpha, **options)
 
 
-class TVDLoss(DistillLoss):
-    def __init__(self, **options) -> None:
-        super().__init__("tvd", **options)
+class TVDLoss(_NamedDivergenceLoss):
+    _divergence = "tvd"
 
 
 class FusedLinearDistillLoss(_ConfiguredLoss):
@@ -99,6 +114,23 @@ class FusedLinearDistillLoss(_ConfiguredLoss):
                 **call_options) -> torch.Tensor:
         return fused_linear.fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                                       **self._options(call_options))
+
+
+class TopKDistillLoss(_ConfiguredLoss):
+    """``TopKDistillLoss(divergence=..., **options)(student_logits, teacher_ids, teacher_logprobs, labels=None,
+    ...)``: :func:`dpkd.topk_distill_loss` with its options fixed at construction."""
+
+    _function = topk.topk_distill_loss
+
+    def __init__(self, divergence: losses.Divergence = "forward_kl", **options) -> None:
+        super().__init__(divergence, **options)
+        settings = {**_keyword_defaults(topk.topk_distill_loss), **options}
+        topk.check_objective(topk.Objective(divergence, settings["beta"], settings["alpha"], settings["temperature"],
+                                            settings["tail"]), True, settings["reduction"])
+
+    def forward(self, student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                **call_options) -> torch.Tensor:
+        return topk.topk_distill_loss(student_logits, teacher_ids, teacher_logprobs, **self._options(call_options))
 
 
 class TAIDLoss(torch.nn.Module):
@@ -121,7 +153,7 @@ class TAIDLoss(torch.nn.Module):
 
     def step(self, loss: float | torch.Tensor) -> float:
         """Move t after a step whose loss was ``loss``; returns the new t."""
-        return self.schedule.step(float(loss))
+        return self.schedule.step(float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
 
     def get_extra_state(self) -> dict:
         return self.schedule.state_dict()

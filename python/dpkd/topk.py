@@ -2,83 +2,202 @@
 their log-probabilities (cached offline, or from an API that returns only top-k), optionally with a tail
 bucket for the remaining mass.
 
-Forward KL over the kept tokens, p the teacher's given probabilities and q the student's softmax over its
-whole vocabulary at ``temperature``:
+Every divergence of :func:`dpkd.distill_loss` is a sum over tokens of f(p_v, q_v) with f homogeneous of degree
+one, so a teacher known on the ids K only still defines it exactly, over K and one more outcome, the rest R:
 
-    D = sum_{k in K} p_k (log p_k - log q_k)  [+ p_tail (log p_tail - log q_tail)]
+- without the tail, the teacher has probability 0 outside K (its log-probabilities used as given, also where they
+  sum to less than 1). f(0, q) is linear in q for every divergence, so the tokens outside K add f(0, q_R) with
+  q_R = 1 - sum_K q (0 for forward KL and skew KL; infinite for reverse KL, which therefore needs the tail).
+- with the tail, the teacher's remaining mass p_R = 1 - sum_K p sits on R as one outcome: the divergence between
+  the two distributions over K and R. It is the full-vocabulary divergence wherever the teacher spreads p_R over
+  the tokens outside K as the student does.
 
-with p_tail = 1 - sum_K p and q_tail = 1 - sum_K q. The gradient is q (sum_K p) - p 1_K without the tail
-and q - p 1_K - (p_tail / q_tail) q 1_{not K} with it. Rows are processed in chunks, so the fp32 work
-space is chunk x V, never N x V.
+With h = dD/d(log q_o) for the outcomes o in K and R (the divergences' log-space derivatives below) and
+S = sum_o h_o, the gradient with respect to the student's logits z (over T) is h_k - q_k S on K and
+(q_j / q_R)(h_R - q_R S) off K. Those per-outcome terms, and log q_R (a log-sum-exp over the tokens outside K, exact
+where the student's mass is almost all in K), are formed in float64 from the fp32 logits. Rows are processed in
+chunks, so the fp32 work space is chunk x V, never N x V.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable, NamedTuple
+
 import torch
 
-from . import losses
+from . import _ops, losses
 
-__all__ = ["topk_forward_kl"]
-
-
-def _row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, temperature: float, tail: bool):
-    """Per-row loss, student log-sum-exp and the gradient's row coefficients for one chunk (fp32)."""
-    xf = x.float() / temperature
-    lse = torch.logsumexp(xf, dim=-1)
-    lq = xf.gather(1, ids) - lse[:, None]
-    p = logp.float().exp()
-    live = p > 0
-    loss = torch.where(live, p * (logp.float() - lq), torch.zeros_like(p)).sum(-1)
-    tail_ratio = torch.zeros_like(lse)
-    if tail:
-        p_tail = (1 - p.sum(-1)).clamp(min=0)
-        log_q_tail = torch.log((-torch.expm1(torch.logsumexp(lq, dim=-1))).clamp(min=1e-30))
-        loss = loss + torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp(min=1e-30)) - log_q_tail),
-                                  torch.zeros_like(p_tail))
-        tail_ratio = p_tail / log_q_tail.exp()
-    return loss, lse, lq, p, tail_ratio
+__all__ = ["topk_distill_loss", "topk_forward_kl"]
 
 
-class _TopKForwardKL(torch.autograd.Function):
+class Objective(NamedTuple):
+    """The options a top-k teacher's per-row terms depend on."""
+
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    alpha: float = 0.1
+    temperature: float = 1.0
+    tail: bool = False
+    hard_label_weight: float = 0.0
+    ignore_index: int = -100
+
+
+def _plogp_diff(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
+    """w (log w - log_other) elementwise, 0 where w = 0 (also against log_other = -inf)."""
+    return torch.where(w > 0, w * (log_w - log_other), torch.zeros_like(w))
+
+
+def _log_mix(lp: torch.Tensor, lq: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(weight_p p + (1 - weight_p) q) from log-probabilities."""
+    log_a = math.log(weight_p) if weight_p > 0 else -math.inf
+    log_b = math.log(1.0 - weight_p) if weight_p < 1 else -math.inf
+    return torch.logaddexp(lp + log_a, lq + log_b)
+
+
+def outcome_divergence(lp: torch.Tensor, lq: torch.Tensor, divergence: str, beta: float,
+                       alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence between teacher and student given as log-probabilities over outcomes [R, O], and its
+    derivative h = dD/d(log q) [R, O] with each log q_o taken as a free variable."""
+    p, q = lp.exp(), lq.exp()
+    if divergence == "jsd" and beta in (0.0, 1.0):  # the endpoints, as distill_loss: forward and reverse KL
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        return _plogp_diff(p, lp, lq).sum(-1), -p
+    if divergence == "reverse_kl":
+        terms = _plogp_diff(q, lq, lp)
+        return terms.sum(-1), torch.where(q > 0, terms + q, torch.zeros_like(q))
+    if divergence == "jsd":
+        lm = _log_mix(lp, lq, beta)
+        q_terms = _plogp_diff(q, lq, lm)
+        return beta * _plogp_diff(p, lp, lm).sum(-1) + (1 - beta) * q_terms.sum(-1), (1 - beta) * q_terms
+    if divergence == "skew_kl":  # m = alpha p + (1 - alpha) q; dD/dlog q = -(1 - alpha) p q / m
+        lm = _log_mix(lp, lq, alpha)
+        pq_over_m = torch.where((p > 0) & (q > 0), torch.exp(lp + lq - lm), torch.zeros_like(p))
+        return _plogp_diff(p, lp, lm).sum(-1), -(1 - alpha) * pq_over_m
+    if divergence == "skew_reverse_kl":  # m = (1 - alpha) p + alpha q; dD/dlog q = q (log q/m + 1) - alpha q^2 / m
+        lm = _log_mix(lp, lq, 1 - alpha)
+        terms = _plogp_diff(q, lq, lm)
+        qq_over_m = torch.where(q > 0, torch.exp(2 * lq - lm), torch.zeros_like(q))
+        return terms.sum(-1), torch.where(q > 0, terms + q - alpha * qq_over_m, torch.zeros_like(q))
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs().sum(-1), 0.5 * torch.sign(q - p) * q
+    raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {divergence!r}")
+
+
+def needs_tail(divergence: str, beta: float, alpha: float) -> bool:
+    """Whether the divergence is infinite wherever the teacher has probability 0 and the student does not."""
+    return (divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0)
+            or (divergence == "skew_reverse_kl" and alpha == 0.0))
+
+
+def _normalizer(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row maxima m [R, 1], y = (x - m) / T [R, V] (fp32, <= 0) and log sum exp(y) [R, 1] in float64: log q =
+    y - log_s with no rounding at the scale of the log-sum-exp itself (1e-6 at |lse| ~ 10 in fp32, where a gradient
+    that is a small difference of log-probabilities, as reverse KL's over a tail, would lose it all)."""
+    m = x.amax(-1, keepdim=True)
+    y = (x - m) / temperature
+    return m, y, torch.exp(y).sum(-1, keepdim=True, dtype=torch.float64).log()
+
+
+def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: torch.Tensor | None,
+              objective: Objective, grad_loss: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row loss [R] (fp32), statistics [R, 5] (as :class:`dpkd.TokenStats`, the teacher's over K and R) and,
+    given ``grad_loss`` [R], the gradient of sum_i grad_loss[i] loss[i] with respect to the logits x (fp32), for
+    one chunk of rows."""
+    o = objective
+    xf = x.float()
+    m, y, log_s = _normalizer(xf, o.temperature)
+
+    def log_q(index: torch.Tensor) -> torch.Tensor:  # float64 log-probabilities of the given columns
+        return (xf.gather(1, index).double() - m.double()) / o.temperature - log_s
+
+    q = torch.exp(y - log_s.float())
+    # NaN (reported by the caller) for a NaN or +inf logit, or a row without a finite one (m NaN or +-inf)
+    nan = torch.full_like(m[:, 0], math.nan)
+    student_entropy = torch.where(torch.isfinite(m[:, 0]), (log_s[:, 0] - torch.where(
+        q > 0, q * y, torch.zeros_like(q)).sum(-1, dtype=torch.float64)).float(), nan)
+    lq_k = log_q(ids)
+    lq_label = teacher_label = nan
+    if labels is not None:
+        has_label = labels != o.ignore_index
+        safe = torch.where(has_label, labels, torch.zeros_like(labels))[:, None]
+        lq_label = torch.where(has_label, log_q(safe)[:, 0].float(), nan)
+    rest = y.scatter_(1, ids, -math.inf)  # y is no longer needed: the tokens outside K, in place
+    m_rest = rest.amax(-1, keepdim=True)
+    finite_rest = torch.isfinite(m_rest)  # a student without mass outside K has no gradient there
+    m_rest = torch.where(finite_rest, m_rest, torch.zeros_like(m_rest))
+    ratio = rest.sub_(m_rest).exp_()  # q_j / q_R up to the row's sum below; 0 on K
+    sum_rest = ratio.sum(-1, keepdim=True, dtype=torch.float64)
+    lq = torch.cat([lq_k, m_rest.double() + sum_rest.log() - log_s], 1)  # the outcomes' terms in float64: [R, K + 1]
+    lp_k = logp.double()
+    if o.tail:
+        lp_rest = torch.log((1 - lp_k.exp().sum(-1, keepdim=True)).clamp(min=0))
+    else:
+        lp_rest = torch.full_like(lq[:, :1], -math.inf)
+    lp = torch.cat([lp_k, lp_rest], 1)
+    divergence, h = outcome_divergence(lp, lq, o.divergence, o.beta, o.alpha)
+    p = lp.exp()
+    teacher_entropy = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
+    if labels is not None:  # a label outside K: probability 0 without the tail, at most p_R with it
+        in_k = ids == safe
+        teacher_label = torch.where(in_k.any(-1), torch.where(in_k, lp_k, 0.0).sum(-1), lp_rest[:, 0])
+        teacher_label = torch.where(has_label, teacher_label.float(), nan)
+    loss = divergence.float()
+    stats = torch.stack([student_entropy, teacher_entropy.float(), loss, lq_label, teacher_label], 1)
+    w = o.hard_label_weight
+    if w > 0:  # the cross entropy of the student at temperature 1, as distill_loss
+        if o.temperature != 1.0:
+            m, q, log_s = _normalizer(xf, 1.0)
+            q = q.exp_().div_(log_s.exp().float())
+        ce = -(xf.gather(1, safe).double() - m.double() - log_s)[:, 0]
+        loss = (1 - w) * loss + w * torch.where(has_label, ce, torch.zeros_like(ce)).float()
+    if grad_loss is None:
+        return loss, stats, None
+    g_out = grad_loss.float()[:, None]
+    # dD/dz for each outcome, h - q S: a token k of K's own gradient, and the rest's total, which its tokens share
+    # in proportion q_j / q_R. Per row in float64, where h and q S may nearly cancel.
+    outcome_grad = (h - lq.exp() * h.sum(-1, keepdim=True)) * (g_out.double() * (1 - w) / o.temperature)
+    rest_grad = torch.where(finite_rest, outcome_grad[:, -1:] / sum_rest, torch.zeros_like(sum_rest))
+    grad = ratio.mul_(rest_grad.float())
+    grad.scatter_(1, ids, outcome_grad[:, :-1].float())
+    if w > 0:
+        ce_scale = g_out * w * has_label[:, None]
+        grad += ce_scale * q
+        grad.scatter_add_(1, safe, -ce_scale)
+    return loss, stats, grad.masked_fill_(g_out == 0, 0.0)  # rows without loss: 0, also where their logits are not
+
+
+class _TopKDistill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ids, logp, temperature, tail, chunk):
-        losses_, lses = [], []
-        for start in range(0, x.shape[0], chunk):
-            loss, lse, *_ = _row_terms(x[start:start + chunk], ids[start:start + chunk],
-                                       logp[start:start + chunk], temperature, tail)
-            losses_.append(loss)
-            lses.append(lse)
-        ctx.save_for_backward(x, ids, logp)
-        ctx.options = (temperature, tail, chunk)
+    def forward(ctx, x, ids, logp, labels, objective, chunk):
+        losses_, stats = [], []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                loss, st, _ = row_terms(x[rows], ids[rows], logp[rows], None if labels is None else labels[rows],
+                                        objective)
+                losses_.append(loss)
+                stats.append(st)
+        ctx.save_for_backward(x, ids, logp, labels)
+        ctx.options = (objective, chunk)
         out = torch.cat(losses_) if losses_ else x.new_zeros(0, dtype=torch.float32)
-        lse = torch.cat(lses) if lses else out
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        st = torch.cat(stats) if stats else x.new_zeros(0, _ops.N_STATS, dtype=torch.float32)
+        ctx.mark_non_differentiable(st)
+        return out, st
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        x, ids, logp = ctx.saved_tensors
-        temperature, tail, chunk = ctx.options
+    def backward(ctx, grad_loss, _grad_stats):
+        x, ids, logp, labels = ctx.saved_tensors
+        objective, chunk = ctx.options
         grad = torch.empty_like(x)
-        for start in range(0, x.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            grad[rows] = loss_and_grad(x[rows], ids[rows], logp[rows], temperature, tail, grad_loss[rows])[1]
+        with torch.no_grad():
+            for start in range(0, x.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                grad[rows] = row_terms(x[rows], ids[rows], logp[rows], None if labels is None else labels[rows],
+                                       objective, grad_loss[rows])[2]
         return grad, None, None, None, None, None
-
-
-def loss_and_grad(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, temperature: float, tail: bool,
-                  grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss (fp32) and the gradient of sum_i grad_loss[i] loss[i] with respect to the logits x
-    (x's dtype), for one chunk of rows."""
-    loss, lse, lq, p, tail_ratio = _row_terms(x, ids, logp, temperature, tail)
-    q = torch.exp(x.float() / temperature - lse[:, None])
-    # q * (sum_K p [+ p_tail]) - p on K  [- (p_tail / q_tail) q off K]
-    scale = (p.sum(-1) + (1 - p.sum(-1)).clamp(min=0) - tail_ratio) if tail else p.sum(-1)
-    g = q * scale[:, None]
-    on_k = p - (tail_ratio[:, None] * lq.exp() if tail else 0)
-    g.scatter_add_(1, ids, -on_k)
-    g *= (grad_loss.float() / temperature)[:, None]
-    return loss, g.to(x.dtype)
 
 
 # Rounding slack for log-probabilities and their sum (a softmax's certain token can come out at +1e-7).
@@ -87,14 +206,17 @@ _LOGPROB_SLACK = 1e-3
 
 def check_topk_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, tail: bool,
                        names: tuple[str, str] = ("teacher_ids", "teacher_logprobs")) -> None:
-    """The teacher's ids in range, log-probabilities not NaN and <= 0, and their mass <= 1 where a tail takes the
-    rest: one host read for all of it."""
+    """The teacher's ids in range and distinct within a row, log-probabilities not NaN and <= 0, and their mass <= 1
+    where a tail takes the rest: one host read for all of it."""
     lp = logp.detach().float()
-    flags = [((ids < 0) | (ids >= v)).any(), lp.isnan().any(), (lp > _LOGPROB_SLACK).any()]
+    ordered = ids.sort(-1).values
+    flags = [((ids < 0) | (ids >= v)).any(), (ordered[..., 1:] == ordered[..., :-1]).any(), lp.isnan().any(),
+             (lp > _LOGPROB_SLACK).any()]
     if tail:
         flags.append((lp.exp().sum(-1) > 1 + _LOGPROB_SLACK).any())
     bad = torch.stack(flags).tolist()
-    messages = [f"{names[0]} must be in [0, {v})", f"{names[1]} contains NaN",
+    messages = [f"{names[0]} must be in [0, {v})", f"{names[0]} must be distinct within a row",
+                f"{names[1]} contains NaN",
                 f"{names[1]} must be log-probabilities (<= 0)",
                 f"{names[1]} of a row sum to more than probability 1, leaving no mass for the tail"]
     for flag, message in zip(bad, messages):
@@ -102,11 +224,26 @@ def check_topk_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, tail: bool
             raise ValueError(message)
 
 
-def topk_forward_kl(
+def check_objective(objective: Objective, has_labels: bool, reduction: str) -> None:
+    """The options of a top-k teacher's loss, as distill_loss checks its own, and the divergences it cannot take
+    without the tail."""
+    losses.check_options(divergence=objective.divergence, beta=objective.beta, alpha=objective.alpha,
+                         temperature=objective.temperature, reduction=reduction,
+                         hard_label_weight=objective.hard_label_weight, has_labels=has_labels)
+    if not objective.tail and needs_tail(objective.divergence, objective.beta, objective.alpha):
+        raise ValueError(f"divergence={objective.divergence!r} (beta={objective.beta}, alpha={objective.alpha}) "
+                         "with a top-k teacher needs tail=True: without it the teacher has probability 0 outside its "
+                         "ids, where the student's is not, and the divergence is infinite")
+
+
+def topk_distill_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     *,
+    divergence: losses.Divergence = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
     temperature: float = 1.0,
     tail: bool = False,
     labels: torch.Tensor | None = None,
@@ -114,18 +251,30 @@ def topk_forward_kl(
     mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     reduction: losses.Reduction = "mean",
+    hard_label_weight: float = 0.0,
+    scale_by_temperature_squared: bool = False,
+    return_stats: bool = False,
+    select: Callable | None = None,
     chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Forward KL to a top-k teacher.
+) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
+    """:func:`dpkd.distill_loss` against a top-k teacher.
 
     Args:
         student_logits: [N, V] or [B, T, V].
-        teacher_ids: int64 [..., K] token ids, distinct within a row (not checked: a repeated id counts twice).
+        teacher_ids: int64 [..., K] token ids, distinct within a row.
         teacher_logprobs: [..., K] the teacher's log-probabilities of those ids, used as given: apply the
             teacher's temperature when producing them (``temperature`` here divides the student's logits).
-        tail: add the bucket of the remaining mass 1 - sum_K p against 1 - sum_K q.
+        divergence: as :func:`dpkd.distill_loss` (see the module's docstring for its meaning over a top-k teacher).
+            ``reverse_kl``, and ``jsd`` at beta = 1 and ``skew_reverse_kl`` at alpha = 0, need ``tail``.
+        tail: the teacher's remaining mass 1 - sum_K p is one more outcome, against the student's 1 - sum_K q.
+            Without it the teacher has probability 0 outside K.
+        return_stats: also return :class:`dpkd.TokenStats`. The teacher's entropy is that of its K (and tail)
+            outcomes, a lower bound of its full entropy; its label log-probability is -inf for a label outside K
+            without the tail, and the tail's log-mass (an upper bound) with it.
+        select: a :class:`dpkd.select.Selection`, or a rule ``f(stats, valid)`` as in :func:`dpkd.distill_loss`.
         chunk_size: rows per chunk of fp32 work space (default: about 64 MB of it).
-    Other arguments as in :func:`dpkd.distill_loss`.
+    Other arguments as in :func:`dpkd.distill_loss` (``standardize`` needs the teacher's logits and is not
+    offered).
     """
     s = student_logits
     if s.dtype not in (torch.float32, torch.bfloat16, torch.float16) or s.dim() not in (2, 3):
@@ -142,19 +291,42 @@ def topk_forward_kl(
     if teacher_ids.device != s.device or teacher_logprobs.device != s.device:
         raise ValueError(f"teacher_ids and teacher_logprobs must be on the logits' device {s.device}")
     losses.check_token_tensors(lead, s.device, labels, mask, weights)
-    losses.check_temperature(temperature)
-    if reduction not in losses.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {losses.REDUCTIONS}, got {reduction!r}")
+    t2, w = losses.temperature_squared(temperature, hard_label_weight, scale_by_temperature_squared)
+    objective = Objective(divergence, float(beta), float(alpha), float(temperature), bool(tail), float(w),
+                          int(ignore_index))
+    check_objective(objective._replace(hard_label_weight=float(hard_label_weight)), labels is not None, reduction)
+    losses.check_private_reduction(reduction, s)
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if teacher_ids.numel() and not torch.compiler.is_compiling():
-        check_topk_teacher(teacher_ids, teacher_logprobs, v, tail)
+    valid = losses.valid_tokens(labels, mask, ignore_index)
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    if not torch.compiler.is_compiling():
+        if teacher_ids.numel():
+            check_topk_teacher(teacher_ids, teacher_logprobs, v, tail)
+        if flat_labels is not None:
+            losses.check_label_range(flat_labels, v, ignore_index)
     k = teacher_ids.shape[-1]
     x = s.reshape(-1, v)
     chunk = chunk_size or max(1, (1 << 24) // max(v, 1))
-    per_token, lse = _TopKForwardKL.apply(x, teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k),
-                                          float(temperature), bool(tail), int(chunk))
-    if not torch.compiler.is_compiling() and (torch.isnan(lse) | torch.isposinf(lse)).any():  # a +inf logit: lse +inf
-        raise ValueError("student_logits contains NaN or +inf")
-    valid = losses.valid_tokens(labels, mask, ignore_index)
-    return losses._reduce(per_token.reshape(lead), valid, weights, reduction)
+    per_token, stats = _TopKDistill.apply(x, teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k),
+                                          flat_labels, objective, int(chunk))
+    carrying = losses.carrying_tokens(valid, weights)
+    losses.report_nan(stats, None if carrying is None else ~carrying.reshape(-1),
+                      ("student_logits contains NaN or +inf, or a row without a finite logit (first in flattened row "
+                       "{row})", "teacher_logprobs contain NaN (first in flattened row {row})"), weights=weights)
+    per_token = per_token.reshape(lead)
+    if t2 != 1.0:
+        per_token = per_token * t2
+    token_stats = losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
+    if select is not None:
+        weights = losses.selected_weights(select, token_stats, valid, weights, s,
+                                          missing=() if labels is not None else losses.NO_LABELS)
+    loss = losses._reduce(per_token, valid, weights, reduction)
+    return (loss, token_stats) if return_stats else loss
+
+
+def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    **kwargs) -> torch.Tensor:
+    """Forward KL to a top-k teacher, sum_K p (log p - log q) [+ p_R (log p_R - log q_R) with ``tail``]: see
+    :func:`topk_distill_loss` for the keyword arguments."""
+    return topk_distill_loss(student_logits, teacher_ids, teacher_logprobs, divergence="forward_kl", **kwargs)

@@ -3,6 +3,8 @@ the formulas, for the tests. Student first, teacher second; both [N, V]; tempera
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -69,3 +71,13 @@ def empty_row(student, teacher, which: str, row: int = 1) -> str:
     if which in ("teacher", "both"):
         teacher[row] = float("-inf")
     return "teacher_logits" if which == "teacher" else "student_logits"
+
+
+def topk_divergence(s, ids, logp, temperature, div, **kw):
+    """float64 per-row divergence over the outcomes K and the rest (teacher mass 1 - sum_K p there), differentiable
+    in the student's logits: :func:`divergence` applied to the outcomes' log-probabilities (a top-k teacher)."""
+    lq = torch.log_softmax(s.double() / temperature, -1)
+    lq_rest = torch.logsumexp(lq.scatter(1, ids, -math.inf), -1, keepdim=True)
+    lp = logp.double()
+    lp_rest = torch.log((1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0))
+    return divergence(torch.cat([lq.gather(1, ids), lq_rest], 1), torch.cat([lp, lp_rest], 1), div, **kw)

@@ -230,29 +230,40 @@ def test_a_rule_with_a_top_k_teacher_reads_the_students_statistics():
     logq = torch.log_softmax(h_s.detach() @ w_s.detach().t(), -1)
     torch.testing.assert_close(seen[0].student_label_logprob, logq.gather(1, labels[:, None])[:, 0])
     torch.testing.assert_close(seen[0].student_entropy, -(logq.exp() * logq).sum(-1))
-    assert seen[0].divergence.isfinite().all() and seen[0].teacher_entropy.isnan().all()
+    p = logprobs.exp()
+    torch.testing.assert_close(seen[0].teacher_entropy, -(p * logprobs).sum(-1))  # over K, no tail: as given
+    assert seen[0].divergence.isfinite().all()
     assert got.item() == pytest.approx(both.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("tail", [False, True])
-def test_topk_teacher_matches_logits_path(tail):
+@pytest.mark.parametrize("div,kw", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", dict(beta=0.3)),
+                                    ("skew_reverse_kl", dict(alpha=0.2)), ("tvd", {})])
+def test_topk_teacher_matches_logits_path(tail, div, kw):
+    if div == "reverse_kl" and not tail:
+        pytest.skip("needs the tail")
     h_s, w_s, b_s, _, _ = setup(n=3 * 8)
     g = torch.Generator().manual_seed(4)
     teacher = torch.randn(3, 8, 97, generator=g)
     logp, ids = torch.log_softmax(teacher, -1).topk(6, dim=-1)
+    labels = torch.randint(0, 97, (3, 8), generator=g)
+    labels[0, 0], labels[1, 1] = -100, ids[1, 1, 0]
     mask = torch.ones(3, 8, dtype=torch.bool)
     mask[1, 2] = False
     hs3 = h_s.reshape(3, 8, -1)
+    opts = dict(divergence=div, **kw, temperature=1.3, mask=mask, labels=labels, hard_label_weight=0.2,
+                return_stats=True)
     got, stats = dpkd.fused_linear_distill_loss(hs3, w_s, student_bias=b_s, teacher_topk=(ids, logp), topk_tail=tail,
-                                                temperature=1.3, mask=mask, chunk_size=5, return_stats=True)
+                                                chunk_size=5, **opts)
     zs = (hs3 @ w_s.t() + b_s)
-    ref = dpkd.topk_forward_kl(zs, ids, logp, tail=tail, temperature=1.3, mask=mask)
+    ref, ref_stats = dpkd.topk_distill_loss(zs, ids, logp, tail=tail, **opts)
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     for a, b in zip(grads(got, h_s, w_s, b_s), grads(ref, h_s, w_s, b_s)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    per_token = dpkd.topk_forward_kl(zs, ids, logp, tail=tail, temperature=1.3, reduction="none")
-    torch.testing.assert_close(stats.divergence[mask], per_token[mask].float(), rtol=1e-5, atol=1e-7)
-    assert torch.isnan(stats.student_entropy).all()
+    carrying = mask & (labels != -100)
+    for a, b in zip(stats, ref_stats):
+        torch.testing.assert_close(a[carrying], b[carrying], rtol=1e-5, atol=1e-6)
+    assert stats.student_entropy[~carrying].isnan().all()  # not computed
 
 
 def test_nan_in_hidden_states_is_reported_unless_the_token_carries_no_loss():
@@ -279,8 +290,11 @@ def test_teacher_given_once_and_topk_checks():
         dpkd.fused_linear_distill_loss(h_s, w_s, h_t, w_t, teacher_topk=(ids, logp))
     with pytest.raises(ValueError, match="teacher_hidden and teacher_weight"):
         dpkd.fused_linear_distill_loss(h_s, w_s)
-    with pytest.raises(ValueError, match="forward_kl"):
-        dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids, logp), divergence="jsd")
+    with pytest.raises(ValueError, match="needs tail=True"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(torch.arange(4).repeat(24, 1), logp),
+                                       divergence="reverse_kl")
+    with pytest.raises(ValueError, match="distinct within a row"):
+        dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids, logp))
     with pytest.raises(ValueError, match=r"in \[0, 97\)"):
         dpkd.fused_linear_distill_loss(h_s, w_s, teacher_topk=(ids + 97, logp))
 
@@ -348,7 +362,7 @@ def test_bad_arguments_are_named():
     for hh in (h[0], h[None, None]):
         with pytest.raises(ValueError, match=r"student_hidden must be \[N, H\]"):
             fused_linear_distill_loss(hh, w, ht, wt)
-    ids = torch.zeros(8, 2, dtype=torch.long)
+    ids = torch.arange(2).repeat(8, 1)
     with pytest.raises(ValueError, match="teacher_topk log-probs contains NaN"):
         fused_linear_distill_loss(h, w, teacher_topk=(ids, torch.full((8, 2), float("nan"))))
 

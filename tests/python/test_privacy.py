@@ -1671,6 +1671,35 @@ def test_a_batch_scope_selection_is_refused_on_a_private_model(trainable):
     optimizer.step()
 
 
+def test_batch_wide_reductions_of_a_private_models_logits_are_refused():
+    # reduction="mean" divides every example's loss by the batch's token count, "batchmean" by its size: removing
+    # one example rescales the others' gradients (a user trial measured example 0's norm doubling from B 4 to 2).
+    import dpkd
+
+    torch.manual_seed(0)
+    f32 = dict(dtype=torch.float32)  # the losses take fp32 logits
+    h, teacher = torch.randn(4, 3, 6, **f32), torch.randn(4, 3, 10, **f32)
+    ids, logp = torch.randn(4, 3, 10).topk(2).indices, torch.full((4, 3, 2), -1.0, **f32)
+    for loss_reduction in ("sum", "mean"):
+        model = torch.nn.Linear(6, 10).float()
+        plain = copy.deepcopy(model)
+        privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                             max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1, loss_reduction=loss_reduction)
+        refused = ("mean",) if loss_reduction == "mean" else ("mean", "batchmean")
+        for reduction in ("mean", "batchmean", "sum", "none"):
+            for loss in (lambda m: dpkd.distill_loss(m(h), teacher, reduction=reduction),
+                         lambda m: dpkd.taid_loss(m(h), teacher, 0.5, reduction=reduction),
+                         lambda m: dpkd.topk_distill_loss(m(h), ids, logp, reduction=reduction)):
+                if reduction in refused:
+                    with pytest.raises(ValueError, match=f"reduction='{reduction}' divides by counts over the whole"):
+                        loss(model)
+                else:
+                    loss(model)
+                loss(plain)  # not private: any reduction
+        with pytest.raises(ValueError, match="student_weight is a private model's own weight"):
+            dpkd.fused_linear_distill_loss(h, model.weight, h, model.weight, student_bias=model.bias)
+
+
 @pytest.mark.parametrize("positions", ["shared", "per_example", "one_id_per_example"])
 @pytest.mark.parametrize("inputs", ["ids", "vectors"])
 def test_position_ids_without_the_batch_dimension_are_refused_even_where_b_equals_t(positions, inputs):

@@ -13,6 +13,7 @@ import dpkd
 from dpkd import privacy
 
 from reference import divergence as reference_divergence
+from reference import topk_divergence
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -295,27 +296,26 @@ def test_a_head_tied_to_the_embedding_equals_brute_force(rows_per_example, chunk
     assert_clipped_step(deltas, got, per, norms, c)
 
 
-def test_top_k_teacher_step_equals_brute_force():
+@pytest.mark.parametrize("div,kw", [("forward_kl", {}), ("jsd", dict(beta=0.3))])
+def test_top_k_teacher_step_equals_brute_force(div, kw):
     model, ids, valid, h_t, w_t = make_case()
     lp = torch.log_softmax(h_t @ w_t.t(), -1)
     logp, top = lp.topk(5, dim=-1)
     w = example_weights(valid)
     params = [p for p in model.parameters()]
 
-    def topk_kl(z, i):  # forward KL over the kept ids plus the tail bucket, float64, from the formula
-        lq = torch.log_softmax(z, -1).gather(-1, top[i])
-        p_tail, q_tail = 1 - logp[i].exp().sum(-1), 1 - lq.exp().sum(-1)
-        kl = (logp[i].exp() * (logp[i] - lq)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
-        return (kl * w[i]).sum()
+    def topk_loss(z, i):  # the divergence over the kept ids plus the tail bucket, float64
+        return (topk_divergence(z, top[i], logp[i], 1.0, div, **kw) * w[i]).sum()
 
-    per = [torch.autograd.grad(topk_kl(model(ids[i]), i), params) for i in range(ids.shape[0])]
+    per = [torch.autograd.grad(topk_loss(model(ids[i]), i), params) for i in range(ids.shape[0])]
     norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in per])
     c = float(norms.median())
     before = [p.detach().clone() for p in params]
     model, dp = privacy.make_private(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=c,
                                      expected_batch_size=8, sample_rate=0.1)
     dpkd.fused_linear_distill_loss(model.hidden(ids), model.head.weight, teacher_topk=(top, logp), topk_tail=True,
-                                   student_bias=model.head.bias, weights=w, reduction="sum", chunk_size=4).backward()
+                                   divergence=div, **kw, student_bias=model.head.bias, weights=w, reduction="sum",
+                                   chunk_size=4).backward()
     dp.step()
     torch.testing.assert_close(dp.last_per_example_norms, norms, rtol=1e-5, atol=1e-9)
     coef = (c / (norms + 1e-6)).clamp(max=1)

@@ -294,6 +294,25 @@ def test_a_rule_must_return_a_selection():
         dpkd.distill_loss(s, t, select=lambda st, v: st.student_entropy > 1.0)
 
 
+def test_a_rule_of_label_statistics_needs_labels():
+    """Without labels the label log-probabilities are NaN: a rule of them selected nothing (a zero loss, no error)."""
+    s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    h, h_t, w = torch.randn(2, 4, 9), torch.randn(2, 4, 9), torch.eye(9)
+    ids, logp = torch.arange(3).repeat(2, 4, 1), torch.full((2, 4, 3), -2.0)
+
+    def rule(st, valid):
+        return dpkd.select.highest_surprisal(st.student_label_logprob, 0.5, valid=valid)
+
+    for loss in (lambda **kw: dpkd.distill_loss(s, t, **kw), lambda **kw: dpkd.topk_distill_loss(s, ids, logp, **kw),
+                 lambda **kw: dpkd.fused_linear_distill_loss(h, w, h_t, w, **kw)):
+        with pytest.raises(ValueError, match="read student_label_logprob, which needs labels="):
+            loss(select=rule)
+        assert loss(select=rule, labels=torch.randint(0, 9, (2, 4))) > 0
+    with pytest.raises(ValueError, match="read divergence, which select_reads='student' does not form"):
+        dpkd.fused_linear_distill_loss(h, w, h_t, w, select_reads="student",
+                                       select=lambda st, v: dpkd.select.top_fraction(st.divergence, 0.5, valid=v))
+
+
 def test_a_rule_without_valid_gives_padding_no_place_in_its_quota():
     """The rule sees NaN statistics where no loss is carried, so a rule called without valid= still ranks only real
     tokens (uniform logits at ignored positions would otherwise win the top entropy places)."""

@@ -64,27 +64,36 @@ def any_attached() -> bool:
 
 def depends_on_private(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s autograd graph passes through a layer whose per-example gradients an engine captures, or
-    reads a parameter an engine clips: a loss on it is clipped per example (and must treat the examples apart). A
-    reentrant checkpoint hides the parameters its segment used: meeting one, any private model counts."""
+    reads a parameter an engine clips: a loss on it is clipped per example (and must treat the examples apart)."""
+    return bool(private_engines(tensor))
+
+
+def private_engines(tensor: torch.Tensor) -> set[ClippingEngine]:
+    """The live engines whose layers or parameters ``tensor``'s autograd graph passes through. A reentrant checkpoint
+    hides the parameters its segment used: meeting one, every engine counts, and so does meeting a captured layer
+    whose parameters the graph does not show."""
     engines = _engines()
     if not engines:
-        return False
+        return set()
     # Generic layers' forwards read stand-ins of their parameters (ClippingEngine._stand_in_params): new leaves on
     # the same storage, known by their data pointers.
-    storages = {p.data_ptr() for e in engines for p in e.params}
+    owner = {p.data_ptr(): e for e in engines for p in e.params}
+    found, captured = set(), False
     todo, seen = [tensor.grad_fn], set()
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if getattr(node, "_forward_cls", None) in (_CapturingLinear, _CapturingEmbedding, _CheckpointFunction):
-            return True
+        kind = getattr(node, "_forward_cls", None)
+        if kind is _CheckpointFunction:
+            return set(engines)
+        captured |= kind in (_CapturingLinear, _CapturingEmbedding)
         variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
-        if isinstance(variable, torch.Tensor) and variable.data_ptr() in storages:
-            return True
+        if isinstance(variable, torch.Tensor) and variable.data_ptr() in owner:
+            found.add(owner[variable.data_ptr()])
         todo.extend(fn for fn, _ in node.next_functions)
-    return False
+    return set(engines) if captured and not found else found
 
 
 def _model_input(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -77,14 +77,13 @@ class PrivateHead:
 
     ``active``: the flattened indices of the tokens that carry loss (ascending), ``tokens_per_row`` per batch row;
     ``unscale``: the factor that takes the chunk loop's logit gradients to the loss's (an fp16 loss scales them);
-    ``entropies``: whether the objective's statistics hold the two models' entropies (NaN where a row's logits are
-    not finite: the kernels may otherwise pass over a NaN logit); ``hidden``: the hidden states [N, H];
+    ``hidden``: the hidden states [N, H];
     ``tied_ids``: for a head tied to an embedding, the ids [B, T'] that embedding read: the chunk loop keeps each
     example's logit gradients at its own ids, dz_s[x_t], for the cross term with the embedding's gradient."""
 
     def __init__(self, engine, name: str, active: torch.Tensor, tokens_per_row: int, rows: int, chunk: int, *,
                  weight: bool, bias: bool, unscale: float, accum: torch.dtype,
-                 entropies: bool, checked: list[torch.Tensor], hidden: torch.Tensor,
+                 checked: list[torch.Tensor], hidden: torch.Tensor,
                  tied_ids: torch.Tensor | None = None) -> None:
         k = engine.rows_per_example
         if rows % k:
@@ -105,7 +104,6 @@ class PrivateHead:
         self._offsets = offsets
         self._chunk_examples = torch.tensor(flat, dtype=torch.long, device=example.device)
         self.sq = torch.zeros(examples, dtype=accum, device=example.device)
-        self.entropies = entropies
         self.nonfinite = torch.zeros(examples, dtype=torch.bool, device=example.device)
         self.sq_hidden = torch.zeros_like(self.sq)  # ||H_i||^2, ||dZ_i||^2 for the split's error bounds
         self.sq_grad = torch.zeros_like(self.sq)
@@ -137,9 +135,8 @@ class PrivateHead:
         if self.keep_picked:
             for i, rows, block in self._chunk_blocks(chunk, g):
                 self.picked.setdefault(i, []).append((rows, block))
-        bad = ~torch.isfinite(loss)
-        if self.entropies:
-            bad |= _ops.flagged_rows(stats)
+        # the statistics' entropies are NaN where a row's logits are not finite: the kernels may pass over a NaN
+        bad = ~torch.isfinite(loss) | _ops.flagged_rows(stats)
         self.nonfinite.index_put_((e,), bad, accumulate=True)
         self.split = layers.splits(h, g)
         u = self.unscale
