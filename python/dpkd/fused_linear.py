@@ -378,9 +378,16 @@ def fused_linear_distill_loss(
             raise TypeError(f"teacher_topk ids must be int64, got {ids.dtype}")
         if not logprobs.is_floating_point():
             raise TypeError(f"teacher_topk log-probs must be a floating tensor, got {logprobs.dtype}")
-        if ids.numel():
-            topk.check_topk_teacher(ids, logprobs, student_weight.shape[0], topk_tail,
-                                    names=("teacher_topk ids", "teacher_topk log-probs"))
+        if ids.shape[-1] == 0:
+            raise ValueError("teacher_topk needs at least one id per row (K >= 1)")
+        unused = [name for name, given in (("teacher_bias", teacher_bias is not None),
+                                           ("teacher_logit_scale", teacher_logit_scale != 1.0),
+                                           ("teacher_softcap", teacher_softcap is not None)) if given]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} apply to the teacher's head, which a top-k teacher replaces: apply "
+                             "them when producing its log-probabilities")
+    if topk_tail and teacher_topk is None:
+        raise ValueError("topk_tail=True needs teacher_topk")
     lead = tuple(student_hidden.shape[:-1])
     for name, t in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
         if t is not None and not t > 0:
@@ -417,6 +424,14 @@ def fused_linear_distill_loss(
     chunk = _chunk_rows(student_weight.shape[0], torch.float32 if fp32_logits else student_weight.dtype, h_s.device,
                         chunk_size)
 
+    opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
+    private = _private_head(student_hidden, student_weight, student_bias, reduction,
+                            [student_hidden, student_weight, student_bias, labels, mask, weights, teacher_hidden,
+                             teacher_weight, teacher_bias, *(teacher_topk or ())])
+    if private is not None and check_finite:
+        raise ValueError("check_finite=True under DP-SGD: whether a step happens would depend on one example's "
+                         "logits; leave it at its default (off under DP: that example is dropped)")
+    check_finite = private is None if check_finite is None else check_finite
     if flat_labels is not None:
         # Checked here once for the tokens that carry loss, so that the op, told so, does not check (and
         # synchronise the CUDA stream) once per chunk.
@@ -438,7 +453,9 @@ def fused_linear_distill_loss(
                                                        grad_dtype=grad_dtype, labels_in_range=True)
     else:
         k = teacher_topk[0].shape[-1]
-        t_ids, t_logp = teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k)
+        t_ids, t_logp = topk.checked_teacher(teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k),
+                                             student_weight.shape[0], topk_objective, row_scale != 0, check_finite,
+                                             names=("teacher_topk ids", "teacher_topk log-probs"))
 
         def objective(rows, zs, lab, row_weights, grad_dtype):  # grad_dtype: the chunk loop converts
             return topk.row_terms(zs, t_ids[rows], t_logp[rows], lab, topk_objective, row_weights)
@@ -449,14 +466,6 @@ def fused_linear_distill_loss(
                                                    1.0, False, 0.0, int(ignore_index), fast_math=fast_math,
                                                    grad_dtype=grad_dtype, labels_in_range=True)
 
-    opts = (float(student_logit_scale), student_softcap, chunk, bool(fp32_weight_grad), bool(fp32_logits))
-    private = _private_head(student_hidden, student_weight, student_bias, reduction,
-                            [student_hidden, student_weight, student_bias, labels, mask, weights, teacher_hidden,
-                             teacher_weight, teacher_bias, *(teacher_topk or ())])
-    if private is not None and check_finite:
-        raise ValueError("check_finite=True under DP-SGD: whether a step happens would depend on one example's "
-                         "logits; leave it at its default (off under DP: that example is dropped)")
-    check_finite = private is None if check_finite is None else check_finite
     # The rows whose statistics are computed: those of the loss, or with a rule every token that carries loss.
     scored = row_scale != 0
     first_stats = rule_stats = None

@@ -107,18 +107,27 @@ def check_private_reduction(reduction: str, student: torch.Tensor) -> None:
     """Under DP-SGD (``student`` from a private model) the loss must stay a sum of per-example losses: ``mean``
     divides by the batch's token count and ``batchmean`` by its size, so one example would scale the others'
     gradients (sensitivity up to 2C). ``batchmean`` is that sum over the batch's size where the engine multiplies
-    it back (``make_private(loss_reduction="mean")``). Not checked while compiling (reading the live engines would
-    break the graph)."""
-    if reduction not in ("mean", "batchmean") or torch.compiler.is_compiling() or not student.requires_grad:
+    it back (``make_private(loss_reduction="mean")``). While compiling, with a private model anywhere, the check runs
+    outside the graph (a graph break; under fullgraph=True an error that gives the reason)."""
+    if reduction not in ("mean", "batchmean") or not student.requires_grad:
         return
+    if torch.compiler.is_compiling() and privacy_engine.live_engines == 0:
+        return
+    _refuse_batch_wide_private(reduction, student)
+
+
+@torch.compiler.disable(reason="reduction='mean' or 'batchmean' while a model is private: whether the logits come from "
+                        "it is read from their autograd graph, outside the compiled one; a loss of per-example sums "
+                        "(reduction='sum') compiles in one graph")
+def _refuse_batch_wide_private(reduction: str, student: torch.Tensor) -> None:
     engines = privacy_engine.private_engines(student)
     if not engines or (reduction == "batchmean" and all(e.loss_reduction == "mean" for e in engines)):
         return
     raise ValueError(f"under DP-SGD (student_logits come from a private model) reduction={reduction!r} divides by "
                      "counts over the whole batch, so one example would change the others' gradients: use "
                      "reduction='sum' of per-example losses (each example's token mean: weights=valid / "
-                     "valid.sum(-1, keepdim=True).clamp(min=1)) or 'none'"
-                     + ("; 'batchmean' with make_private(loss_reduction='mean')" if reduction == "batchmean" else ""))
+                     "valid.sum(-1, keepdim=True).clamp(min=1)) or 'none' ('batchmean' with "
+                     "make_private(loss_reduction='mean'))")
 
 
 def check_token_tensors(lead: tuple[int, ...], device: torch.device, labels: torch.Tensor | None,

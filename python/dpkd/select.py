@@ -220,7 +220,8 @@ def relative_confidence(student_label_logprob: torch.Tensor, teacher_label_logpr
                         fraction: float | None = 0.5, threshold: float | None = None,
                         valid: torch.Tensor | None = None, scope: Scope = "sequence") -> Selection:
     """TSD-KD-style: keep tokens where the teacher is most confident relative to the student on the
-    realised token, score = log p_teacher(y) - log q_student(y)."""
+    realised token, score = log p_teacher(y) - log q_student(y). With a top-k teacher and its tail, a label outside
+    the k ids takes the tail's log-mass, an upper bound of its log-probability (without the tail, -inf)."""
     _check_same_shape(("student_label_logprob", "teacher_label_logprob"), student_label_logprob, teacher_label_logprob)
     score = teacher_label_logprob.detach().float() - student_label_logprob.detach().float()
     if threshold is not None:
@@ -240,7 +241,9 @@ def highest_surprisal(student_label_logprob: torch.Tensor, fraction: float = 0.5
 def teacher_entropy_weights(teacher_entropy: torch.Tensor, *, vocab_size: int, power: float = 1.0,
                             valid: torch.Tensor | None = None) -> Selection:
     """SRPO-style entropy-aware weights: w = (1 - H_teacher / log V)^power, so that tokens whose teacher
-    distribution is close to uniform (unreliable targets) count little. Per token: sequence scope."""
+    distribution is close to uniform (unreliable targets) count little. Per token: sequence scope. With a top-k
+    teacher (:func:`dpkd.topk_distill_loss`) its entropy is that of the k ids and the tail, a lower bound: the
+    weights come out higher than the full teacher's."""
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
     if not 0 <= power < math.inf:  # a negative power weights a near-uniform teacher most (inf at H = log V)

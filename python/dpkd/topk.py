@@ -121,7 +121,8 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     lq_k = log_q(ids)
     lq_label = teacher_label = nan
     if labels is not None:
-        has_label = labels != o.ignore_index
+        # out of range only where no loss is taken (checked elsewhere): no label there
+        has_label = (labels != o.ignore_index) & (labels >= 0) & (labels < x.shape[1])
         safe = torch.where(has_label, labels, torch.zeros_like(labels))[:, None]
         lq_label = torch.where(has_label, log_q(safe)[:, 0].float(), nan)
     rest = y.scatter_(1, ids, -math.inf)  # y is no longer needed: the tokens outside K, in place
@@ -132,7 +133,7 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     sum_rest = ratio.sum(-1, keepdim=True, dtype=torch.float64)
     lq = torch.cat([lq_k, m_rest.double() + sum_rest.log() - log_s], 1)  # the outcomes' terms in float64: [R, K + 1]
     lp_k = logp.double()
-    if o.tail:
+    if o.tail and ids.shape[1] < x.shape[1]:  # with every column in K there is no rest: 1 - sum p is rounding
         lp_rest = torch.log((1 - lp_k.exp().sum(-1, keepdim=True)).clamp(min=0))
     else:
         lp_rest = torch.full_like(lq[:, :1], -math.inf)
@@ -140,6 +141,10 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     divergence, h = outcome_divergence(lp, lq, o.divergence, o.beta, o.alpha)
     p = lp.exp()
     teacher_entropy = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
+    # NaN log-probabilities (a faulty row under DP-SGD) make the row NaN: the terms' p > 0 tests would drop them
+    teacher_nan = lp_k.isnan().any(-1)
+    divergence = torch.where(teacher_nan, math.nan, divergence)
+    teacher_entropy = torch.where(teacher_nan, math.nan, teacher_entropy)
     if labels is not None:  # a label outside K: probability 0 without the tail, at most p_R with it
         in_k = ids == safe
         teacher_label = torch.where(in_k.any(-1), torch.where(in_k, lp_k, 0.0).sum(-1), lp_rest[:, 0])
@@ -159,6 +164,7 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     # dD/dz for each outcome, h - q S: a token k of K's own gradient, and the rest's total, which its tokens share
     # in proportion q_j / q_R. Per row in float64, where h and q S may nearly cancel.
     outcome_grad = (h - lq.exp() * h.sum(-1, keepdim=True)) * (g_out.double() * (1 - w) / o.temperature)
+    outcome_grad = torch.where(teacher_nan[:, None], math.nan, outcome_grad)
     rest_grad = torch.where(finite_rest, outcome_grad[:, -1:] / sum_rest, torch.zeros_like(sum_rest))
     grad = ratio.mul_(rest_grad.float())
     grad.scatter_(1, ids, outcome_grad[:, :-1].float())
@@ -204,24 +210,40 @@ class _TopKDistill(torch.autograd.Function):
 _LOGPROB_SLACK = 1e-3
 
 
-def check_topk_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, tail: bool,
-                       names: tuple[str, str] = ("teacher_ids", "teacher_logprobs")) -> None:
-    """The teacher's ids in range and distinct within a row, log-probabilities not NaN and <= 0, and their mass <= 1
-    where a tail takes the rest: one host read for all of it."""
+def checked_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, objective: Objective,
+                    carrying: torch.Tensor | None, raise_errors: bool,
+                    names: tuple[str, str] = ("teacher_ids", "teacher_logprobs")) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's rows [N, K] checked: ids in range and distinct, log-probabilities not NaN and <= 0, mass <= 1,
+    and < 1 for a divergence with a tail that is infinite where the teacher has no mass (while columns lie outside
+    the ids). Rows that carry no loss (outside ``carrying`` [N]) are not checked (padding may hold anything). With
+    ``raise_errors`` the first fault raises (one host read); without (under DP-SGD, where an error must not depend on
+    one example) a faulty row's log-probabilities become NaN, so its loss is NaN and the engine drops the example."""
     lp = logp.detach().float()
+    mass = lp.double().exp().sum(-1)
     ordered = ids.sort(-1).values
-    flags = [((ids < 0) | (ids >= v)).any(), (ordered[..., 1:] == ordered[..., :-1]).any(), lp.isnan().any(),
-             (lp > _LOGPROB_SLACK).any()]
-    if tail:
-        flags.append((lp.exp().sum(-1) > 1 + _LOGPROB_SLACK).any())
-    bad = torch.stack(flags).tolist()
+    no_tail_mass = objective.tail and needs_tail(objective.divergence, objective.beta, objective.alpha) and \
+        ids.shape[-1] < v
+    faults = torch.stack([((ids < 0) | (ids >= v)).any(-1), (ordered[..., 1:] == ordered[..., :-1]).any(-1),
+                          lp.isnan().any(-1), (lp > _LOGPROB_SLACK).any(-1), mass > 1 + _LOGPROB_SLACK,
+                          (mass >= 1) & no_tail_mass], -1)
+    if carrying is not None:
+        faults &= carrying[:, None]
+    if not raise_errors:
+        bad = faults.any(-1, keepdim=True)
+        return (torch.where(bad, torch.arange(ids.shape[-1], device=ids.device), ids),
+                torch.where(bad, torch.full_like(logp, math.nan), logp))
     messages = [f"{names[0]} must be in [0, {v})", f"{names[0]} must be distinct within a row",
-                f"{names[1]} contains NaN",
-                f"{names[1]} must be log-probabilities (<= 0)",
-                f"{names[1]} of a row sum to more than probability 1, leaving no mass for the tail"]
-    for flag, message in zip(bad, messages):
+                f"{names[1]} contains NaN", f"{names[1]} must be log-probabilities (<= 0)",
+                f"{names[1]} of a row sum to more than probability 1",
+                f"{names[1]} of a row sum to probability 1, leaving the tail no mass: {_named(objective)} is infinite "
+                "wherever the student has mass outside the ids (a cache renormalised over its ids, or of a certain "
+                "teacher, has no tail: use a divergence that needs none)"]
+    for column, flag in enumerate(faults.any(0).tolist()):
         if flag:
-            raise ValueError(message)
+            row = int(faults[:, column].nonzero()[0, 0])
+            raise ValueError(f"{messages[column]} (first in flattened row {row}; rows that carry no loss are not "
+                             "checked)")
+    return ids, logp
 
 
 def check_objective(objective: Objective, has_labels: bool, reduction: str) -> None:
@@ -231,9 +253,15 @@ def check_objective(objective: Objective, has_labels: bool, reduction: str) -> N
                          temperature=objective.temperature, reduction=reduction,
                          hard_label_weight=objective.hard_label_weight, has_labels=has_labels)
     if not objective.tail and needs_tail(objective.divergence, objective.beta, objective.alpha):
-        raise ValueError(f"divergence={objective.divergence!r} (beta={objective.beta}, alpha={objective.alpha}) "
-                         "with a top-k teacher needs tail=True: without it the teacher has probability 0 outside its "
-                         "ids, where the student's is not, and the divergence is infinite")
+        raise ValueError(f"{_named(objective)} with a top-k teacher needs tail=True: without it the teacher has "
+                         "probability 0 outside its ids, where the student's is not, and the divergence is infinite")
+
+
+def _named(objective: Objective) -> str:
+    """The divergence and the parameter it takes, as passed."""
+    extra = {"jsd": f", beta={objective.beta}", "skew_kl": f", alpha={objective.alpha}",
+             "skew_reverse_kl": f", alpha={objective.alpha}"}.get(objective.divergence, "")
+    return f"divergence={objective.divergence!r}{extra}"
 
 
 def topk_distill_loss(
@@ -256,6 +284,7 @@ def topk_distill_loss(
     return_stats: bool = False,
     select: Callable | None = None,
     chunk_size: int | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
     """:func:`dpkd.distill_loss` against a top-k teacher.
 
@@ -263,7 +292,10 @@ def topk_distill_loss(
         student_logits: [N, V] or [B, T, V].
         teacher_ids: int64 [..., K] token ids, distinct within a row.
         teacher_logprobs: [..., K] the teacher's log-probabilities of those ids, used as given: apply the
-            teacher's temperature when producing them (``temperature`` here divides the student's logits).
+            teacher's temperature when producing them (``temperature`` here divides the student's logits). A cache
+            made at temperature 1 cannot be re-tempered exactly (the normaliser needs the whole vocabulary);
+            ``log_softmax(logprobs / T)`` over the ids renormalises them to mass 1, leaving no tail. Rows of tokens
+            that carry no loss are not checked: padding may hold anything.
         divergence: as :func:`dpkd.distill_loss` (see the module's docstring for its meaning over a top-k teacher).
             ``reverse_kl``, and ``jsd`` at beta = 1 and ``skew_reverse_kl`` at alpha = 0, need ``tail``.
         tail: the teacher's remaining mass 1 - sum_K p is one more outcome, against the student's 1 - sum_K q.
@@ -273,8 +305,12 @@ def topk_distill_loss(
             without the tail, and the tail's log-mass (an upper bound) with it.
         select: a :class:`dpkd.select.Selection`, or a rule ``f(stats, valid)`` as in :func:`dpkd.distill_loss`.
         chunk_size: rows per chunk of fp32 work space (default: about 64 MB of it).
+        check_finite: raise where a token that carries loss has NaN or +inf logits, or its teacher row is malformed
+            (ids out of range or repeated, log-probabilities NaN or > 0, mass > 1, or no tail mass where the
+            divergence needs it), or ``weights`` hold NaN or inf. Turn it off under DP-SGD, as for
+            :func:`dpkd.distill_loss`: such a token's loss is then NaN and the engine drops its example.
     Other arguments as in :func:`dpkd.distill_loss` (``standardize`` needs the teacher's logits and is not
-    offered).
+    offered). The statistics cover every token, as :func:`dpkd.distill_loss`'s with ``fuse_backward=False``.
     """
     s = student_logits
     if s.dtype not in (torch.float32, torch.bfloat16, torch.float16) or s.dim() not in (2, 3):
@@ -288,6 +324,8 @@ def topk_distill_loss(
         raise TypeError(f"teacher_ids must be int64, got {teacher_ids.dtype}")
     if not teacher_logprobs.is_floating_point():
         raise TypeError(f"teacher_logprobs must be a floating tensor, got {teacher_logprobs.dtype}")
+    if teacher_ids.shape[-1] == 0:
+        raise ValueError("teacher_ids and teacher_logprobs need at least one id per row (K >= 1)")
     if teacher_ids.device != s.device or teacher_logprobs.device != s.device:
         raise ValueError(f"teacher_ids and teacher_logprobs must be on the logits' device {s.device}")
     losses.check_token_tensors(lead, s.device, labels, mask, weights)
@@ -299,21 +337,23 @@ def topk_distill_loss(
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     valid = losses.valid_tokens(labels, mask, ignore_index)
-    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    if not torch.compiler.is_compiling():
-        if teacher_ids.numel():
-            check_topk_teacher(teacher_ids, teacher_logprobs, v, tail)
-        if flat_labels is not None:
-            losses.check_label_range(flat_labels, v, ignore_index)
-    k = teacher_ids.shape[-1]
-    x = s.reshape(-1, v)
-    chunk = chunk_size or max(1, (1 << 24) // max(v, 1))
-    per_token, stats = _TopKDistill.apply(x, teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k),
-                                          flat_labels, objective, int(chunk))
     carrying = losses.carrying_tokens(valid, weights)
-    losses.report_nan(stats, None if carrying is None else ~carrying.reshape(-1),
-                      ("student_logits contains NaN or +inf, or a row without a finite logit (first in flattened row "
-                       "{row})", "teacher_logprobs contain NaN (first in flattened row {row})"), weights=weights)
+    flat_carrying = None if carrying is None else carrying.reshape(-1)
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    k = teacher_ids.shape[-1]
+    ids, logp = teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k)
+    if not torch.compiler.is_compiling():
+        if ids.numel():
+            ids, logp = checked_teacher(ids, logp, v, objective, flat_carrying, check_finite)
+        if flat_labels is not None:
+            losses.check_label_range(flat_labels, v, ignore_index, flat_carrying)
+    chunk = chunk_size or max(1, (1 << 24) // max(v, 1))
+    per_token, stats = _TopKDistill.apply(s.reshape(-1, v), ids, logp, flat_labels, objective, int(chunk))
+    if check_finite:
+        losses.report_nan(stats, None if flat_carrying is None else ~flat_carrying,
+                          ("student_logits contains NaN or +inf, or a row without a finite logit (first in flattened "
+                           "row {row})", "teacher_logprobs contain NaN (first in flattened row {row})"),
+                          weights=weights)
     per_token = per_token.reshape(lead)
     if t2 != 1.0:
         per_token = per_token * t2

@@ -1698,6 +1698,14 @@ def test_batch_wide_reductions_of_a_private_models_logits_are_refused():
                 loss(plain)  # not private: any reduction
         with pytest.raises(ValueError, match="student_weight is a private model's own weight"):
             dpkd.fused_linear_distill_loss(h, model.weight, h, model.weight, student_bias=model.bias)
+    # Compiled: the check runs outside the graph (the graph walk needs the real autograd graph)
+    compiled = torch.compile(lambda x: dpkd.distill_loss(x, teacher, reduction="mean"), backend="eager")
+    with pytest.raises(ValueError, match="reduction='mean' divides by counts over the whole"):
+        compiled(model(h))
+    compiled(plain(h))
+    whole = torch.compile(lambda x: dpkd.distill_loss(x, teacher, reduction="mean"), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="reduction='mean' or 'batchmean' while a model is private"):
+        whole(model(h))
 
 
 @pytest.mark.parametrize("positions", ["shared", "per_example", "one_id_per_example"])

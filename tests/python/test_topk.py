@@ -137,6 +137,62 @@ def test_divergences_infinite_without_tail_are_refused():
         dpkd.topk_distill_loss(s, ids, logp, divergence="jsd", beta=1.5)
 
 
+def test_a_tail_without_mass():
+    """All columns in K: there is no rest, and a tail of rounding-sized mass is dropped (its forward KL against the
+    student's empty rest was +inf). A teacher whose ids hold all its mass, with columns outside them: a divergence
+    infinite where the teacher has no mass is refused (was an inf loss with NaN gradients)."""
+    s = logits(3, 16, 3.0, seed=12).requires_grad_(True)
+    logp, ids = torch.log_softmax(logits(3, 16, 3.0, seed=13), -1).sort(-1, descending=True)
+    for div in ("forward_kl", "reverse_kl", "tvd"):
+        with_tail = dpkd.topk_distill_loss(s, ids, logp, divergence=div, tail=True)
+        want = dpkd.distill_loss(s, logits(3, 16, 3.0, seed=13), divergence=div)
+        assert with_tail.isfinite() and with_tail.item() == pytest.approx(want.item(), rel=1e-5)
+    certain = torch.tensor([[0.0], [-1e-7], [-0.5]])
+    with pytest.raises(ValueError, match="sum to probability 1, leaving the tail no mass: divergence='reverse_kl'"):
+        dpkd.topk_distill_loss(s, ids[:, :1], certain, divergence="reverse_kl", tail=True)
+    assert dpkd.topk_distill_loss(s, ids[:, :1], certain, divergence="jsd", tail=True).isfinite()
+
+
+def test_padding_rows_are_not_checked_and_under_dp_a_bad_row_is_nan():
+    """A cache padded with zeros (ids 0, log-probs 0) at tokens without loss is fine; a malformed row that carries
+    loss raises, or with check_finite=False (DP-SGD: no error may depend on one example) gets a NaN loss."""
+    s = logits(4, 50, seed=14).requires_grad_(True)
+    logp, ids = torch.log_softmax(logits(4, 50, seed=15), -1).topk(5, dim=-1)
+    labels = torch.tensor([1, 2, 3, -100])
+    padded_ids, padded = ids.clone(), logp.clone()
+    padded_ids[3], padded[3] = 0, 0.0
+    want = dpkd.topk_distill_loss(s, ids, logp, labels=labels, reduction="none")
+    got = dpkd.topk_distill_loss(s, padded_ids, padded, labels=labels, reduction="none")
+    torch.testing.assert_close(got, want)
+    padded_ids[1] = 0
+    with pytest.raises(ValueError, match=r"teacher_ids must be distinct within a row \(first in flattened row 1"):
+        dpkd.topk_distill_loss(s, padded_ids, padded, labels=labels)
+    for div in ("skew_kl", "forward_kl"):  # skew KL's terms test p > 0: a NaN teacher row once gave 0, not NaN
+        per_token = dpkd.topk_distill_loss(s, padded_ids, padded, labels=labels, reduction="none",
+                                           check_finite=False, divergence=div)
+        assert per_token[1].isnan() and per_token[[0, 2, 3]].isfinite().all()
+        (grad,) = torch.autograd.grad(per_token[1], s)
+        assert grad[1].isnan().all() and (grad[[0, 2, 3]] == 0).all()
+    bad = s.detach().clone()
+    bad[2, 4] = math.nan
+    per_token = dpkd.topk_distill_loss(bad, ids, logp, labels=labels, reduction="none", check_finite=False)
+    assert per_token[2].isnan() and per_token[[0, 1]].isfinite().all()
+    with pytest.raises(ValueError, match="at least one id per row"):
+        dpkd.topk_distill_loss(s, ids[:, :0], logp[:, :0])
+
+
+def test_fused_top_k_refuses_options_of_a_teacher_head():
+    h, w = logits(4, 8, seed=16), logits(10, 8, seed=17)
+    topk = (torch.arange(3).repeat(4, 1), torch.full((4, 3), -2.0))
+    for option in (dict(teacher_bias=torch.zeros(10)), dict(teacher_logit_scale=2.0), dict(teacher_softcap=30.0)):
+        with pytest.raises(ValueError, match="apply to the teacher's head, which a top-k teacher replaces"):
+            dpkd.fused_linear_distill_loss(h, w, teacher_topk=topk, **option)
+    with pytest.raises(ValueError, match="topk_tail=True needs teacher_topk"):
+        dpkd.fused_linear_distill_loss(h, w, h, w, topk_tail=True)
+    with pytest.raises(ValueError, match="at least one id per row"):
+        dpkd.fused_linear_distill_loss(h, w, teacher_topk=(topk[0][:, :0], topk[1][:, :0]))
+
+
 def test_rows_without_loss_get_no_gradient_and_no_check():
     s = logits(5, 40, seed=8)
     s[2, 7] = math.nan
@@ -211,7 +267,8 @@ def test_topk_teacher_validates_inputs():
     logp = torch.log(torch.tensor([[0.5, 0.25]] * 3))
     for bad, kw, match in ((torch.full((3, 2), float("nan")), {}, "NaN"),  # was a loss of exactly 0
                            (logp + 1.0, {}, "<= 0"),
-                           (torch.log(torch.tensor([[0.7, 0.6]] * 3)), dict(tail=True), "tail"),
+                           (torch.log(torch.tensor([[0.7, 0.6]] * 3)), dict(tail=True), "more than probability 1"),
+                           (torch.log(torch.tensor([[0.7, 0.6]] * 3)), {}, "more than probability 1"),
                            (logp, dict(labels=torch.zeros(2, dtype=torch.long)), "labels must have shape"),
                            (logp, dict(mask=torch.ones(3)), "mask must be bool"),
                            (logp, dict(temperature=float("inf")), "temperature"),

@@ -35,6 +35,14 @@ if hasattr(torch.nn, "RMSNorm"):
 # Every module an engine patched or hooked, and each engine's model, to that engine: a model (or a part of one) is
 # made private once. Outside the modules, so that copies and pickles of a model carry no entry.
 _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+# How many engines are attached: a plain int that torch.compile reads as a constant (and guards), where the weak
+# references above cannot be traced.
+live_engines = 0
+
+
+def _engine_gone() -> None:
+    global live_engines
+    live_engines -= 1
 
 
 def attached_engine(module: torch.nn.Module) -> ClippingEngine | None:
@@ -355,6 +363,9 @@ class ClippingEngine:
                 self.handles.append(module.register_forward_hook(_EngineHook(self, "_leave", module), always_call=True))
         self.patched: list[torch.nn.Module] = []
         _ATTACHED[model] = weakref.ref(self)
+        global live_engines
+        live_engines += 1
+        self._gone = weakref.finalize(self, _engine_gone)
         for name, (module, kind) in self.layers.items():
             _ATTACHED[module] = weakref.ref(self)
             if kind == "generic":
@@ -653,6 +664,8 @@ class ClippingEngine:
         self.handles, self.patched = [], []
         for module in [m for m, ref in _ATTACHED.items() if ref() is self]:
             del _ATTACHED[module]
+        if self._gone.detach():
+            _engine_gone()
 
     def _release(self, name: str) -> None:
         # The autograd graph (alive while the loss is) still refers to the calls: empty them, not just the list.
