@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One device-tool call: build dpkd with CUDA against the machine's torch, run the CUDA tests, then the
 # GPU benchmarks (objectives, selection, fused linear, DP-SGD). Pass part names to run only those:
-# bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|dphead|dpprofile|demo], comma-separated,
-# or all (the build always runs); the default is test,objectives,select,fused,dp,ghost,dphead. Each part is bounded by
-# its own timeout and by a deadline for the whole call (GPU_SH_BUDGET seconds, 570 by default), so the
+# bash benchmarks/gpu.sh [test|objectives|profile|select|fused|dp|ghost|dphead|topk|dpprofile|demo], comma-separated,
+# or all (the build always runs); the default is test,objectives,select,fused,dp,ghost,dphead,topk. Each part is
+# bounded by its own timeout and by a deadline for the whole call (GPU_SH_BUDGET seconds, 570 by default), so the
 # call ends with its output inside the device tool's 10-minute command limit: a part that would run past
 # the deadline is cut short, and one that would start within 10 s of it is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
-part=${1:-test,objectives,select,fused,dp,ghost,dphead}
+part=${1:-test,objectives,select,fused,dp,ghost,dphead,topk}
 # want PART: whether PART is asked for; it becomes the part that `bounded` reports as skipped or cut short.
 want() { current=$1; [ "$part" = all ] || [[ ",$part," == *",$1,"* ]]; }
 # Parts skipped or cut short by the deadline, for the closing line's rerun command (a file: `bounded` may run
@@ -53,6 +53,7 @@ want dp && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model g
 want ghost && bounded 60 python3 benchmarks/bench_ghost.py
 want dphead && bounded 180 python3 benchmarks/bench_private_head.py --device cuda --batch 32 --seq 256 --vocab 128256 \
   --hs 2048 --ht 4096
+want topk && bounded 60 python3 benchmarks/bench_topk.py --device cuda --repeat 10
 want dpprofile && bounded 120 python3 benchmarks/bench_dpsgd.py --device cuda --model llama --layers 8 --hidden 512 --batch 32 --seq 256 --repeat 3 --profile
 want demo && bounded 300 python3 -m dpkd demo --device cuda --size medium --quiet
 echo "gpu.sh: done, $(( ${GPU_SH_BUDGET:-570} - (deadline - $(date +%s)) )) s"

@@ -91,13 +91,24 @@ def needs_tail(divergence: str, beta: float, alpha: float) -> bool:
             or (divergence == "skew_reverse_kl" and alpha == 0.0))
 
 
-def _normalizer(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The row maxima m [R, 1], y = (x - m) / T [R, V] (fp32, <= 0) and log sum exp(y) [R, 1] in float64: log q =
-    y - log_s with no rounding at the scale of the log-sum-exp itself (1e-6 at |lse| ~ 10 in fp32, where a gradient
-    that is a small difference of log-probabilities, as reverse KL's over a tail, would lose it all)."""
+# y's -inf entries (padded columns) are clamped to this, so that exp(y) y is 0 there; a row whose tokens outside K
+# are all padding has its rest's maximum at it.
+_PADDED = -3e38
+
+
+def _normalizer(x: torch.Tensor, temperature: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row maxima m [R, 1], y = (x - m) / T [R, V] (fp32, <= 0, -inf clamped to _PADDED), e = exp(y) and
+    log sum e [R, 1] in float64: log q = y - log_s with no rounding at the scale of the log-sum-exp itself (1e-6 at
+    |lse| ~ 10 in fp32, where a gradient that is a small difference of log-probabilities, as reverse KL's over a tail,
+    would lose it all). Two [R, V] buffers, y and e."""
     m = x.amax(-1, keepdim=True)
-    y = (x - m) / temperature
-    return m, y, torch.exp(y).sum(-1, keepdim=True, dtype=torch.float64).log()
+    y = torch.sub(x, m)
+    if temperature != 1.0:
+        y.div_(temperature)
+    y.clamp_(min=_PADDED)  # NaN stays NaN
+    e = torch.exp(y)
+    return m, y, e, e.sum(-1, keepdim=True).double().log()
 
 
 def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: torch.Tensor | None,
@@ -108,16 +119,16 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     one chunk of rows."""
     o = objective
     xf = x.float()
-    m, y, log_s = _normalizer(xf, o.temperature)
+    m, y, e, log_s = _normalizer(xf, o.temperature)
 
     def log_q(index: torch.Tensor) -> torch.Tensor:  # float64 log-probabilities of the given columns
         return (xf.gather(1, index).double() - m.double()) / o.temperature - log_s
 
-    q = torch.exp(y - log_s.float())
-    # NaN (reported by the caller) for a NaN or +inf logit, or a row without a finite one (m NaN or +-inf)
+    # NaN (reported by the caller) for a NaN or +inf logit, or a row without a finite one (m NaN or +-inf).
+    # H = log_s - sum e y / sum e, the dot product row by row (a batched matmul: no [R, V] temporary).
     nan = torch.full_like(m[:, 0], math.nan)
-    student_entropy = torch.where(torch.isfinite(m[:, 0]), (log_s[:, 0] - torch.where(
-        q > 0, q * y, torch.zeros_like(q)).sum(-1, dtype=torch.float64)).float(), nan)
+    e_dot_y = torch.bmm(e[:, None, :], y[:, :, None])[:, 0, 0].double()
+    student_entropy = torch.where(torch.isfinite(m[:, 0]), (log_s[:, 0] - e_dot_y / log_s[:, 0].exp()).float(), nan)
     lq_k = log_q(ids)
     lq_label = teacher_label = nan
     if labels is not None:
@@ -127,11 +138,12 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
         lq_label = torch.where(has_label, log_q(safe)[:, 0].float(), nan)
     rest = y.scatter_(1, ids, -math.inf)  # y is no longer needed: the tokens outside K, in place
     m_rest = rest.amax(-1, keepdim=True)
-    finite_rest = torch.isfinite(m_rest)  # a student without mass outside K has no gradient there
+    finite_rest = m_rest > _PADDED  # a student without mass outside K has no gradient there
     m_rest = torch.where(finite_rest, m_rest, torch.zeros_like(m_rest))
-    ratio = rest.sub_(m_rest).exp_()  # q_j / q_R up to the row's sum below; 0 on K
-    sum_rest = ratio.sum(-1, keepdim=True, dtype=torch.float64)
-    lq = torch.cat([lq_k, m_rest.double() + sum_rest.log() - log_s], 1)  # the outcomes' terms in float64: [R, K + 1]
+    ratio = rest.sub_(m_rest).exp_()  # q_j / q_R up to the row's sum below; 0 on K and padding
+    sum_rest = ratio.sum(-1, keepdim=True).double()
+    lq_rest = torch.where(finite_rest, m_rest.double() + sum_rest.log() - log_s, -math.inf)
+    lq = torch.cat([lq_k, lq_rest], 1)  # the outcomes' terms in float64: [R, K + 1]
     lp_k = logp.double()
     if o.tail and ids.shape[1] < x.shape[1]:  # with every column in K there is no rest: 1 - sum p is rounding
         lp_rest = torch.log((1 - lp_k.exp().sum(-1, keepdim=True)).clamp(min=0))
@@ -154,8 +166,8 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     w = o.hard_label_weight
     if w > 0:  # the cross entropy of the student at temperature 1, as distill_loss
         if o.temperature != 1.0:
-            m, q, log_s = _normalizer(xf, 1.0)
-            q = q.exp_().div_(log_s.exp().float())
+            m, _, e, log_s = _normalizer(xf, 1.0)
+        q = e.div_(log_s.exp().float())  # the softmax at temperature 1, for the gradient
         ce = -(xf.gather(1, safe).double() - m.double() - log_s)[:, 0]
         loss = (1 - w) * loss + w * torch.where(has_label, ce, torch.zeros_like(ce)).float()
     if grad_loss is None:
@@ -178,32 +190,38 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
 class _TopKDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids, logp, labels, objective, chunk):
-        losses_, stats = [], []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                loss, st, _ = row_terms(x[rows], ids[rows], logp[rows], None if labels is None else labels[rows],
-                                        objective)
-                losses_.append(loss)
-                stats.append(st)
+        loss, stats, _ = _chunks(x, ids, logp, labels, objective, chunk)
         ctx.save_for_backward(x, ids, logp, labels)
         ctx.options = (objective, chunk)
-        out = torch.cat(losses_) if losses_ else x.new_zeros(0, dtype=torch.float32)
-        st = torch.cat(stats) if stats else x.new_zeros(0, _ops.N_STATS, dtype=torch.float32)
-        ctx.mark_non_differentiable(st)
-        return out, st
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         x, ids, logp, labels = ctx.saved_tensors
-        objective, chunk = ctx.options
-        grad = torch.empty_like(x)
-        with torch.no_grad():
-            for start in range(0, x.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                grad[rows] = row_terms(x[rows], ids[rows], logp[rows], None if labels is None else labels[rows],
-                                       objective, grad_loss[rows])[2]
-        return grad, None, None, None, None, None
+        return _chunks(x, ids, logp, labels, *ctx.options, grad_loss)[2], None, None, None, None, None
+
+
+def _chunks(x, ids, logp, labels, objective, chunk, grad_loss=None):
+    """row_terms over chunks of rows: per-row losses [N], statistics [N, 5] and, given ``grad_loss``, the gradient
+    (x's dtype; one chunk's own buffer where one chunk holds every row)."""
+    grad = None if grad_loss is None or x.shape[0] <= chunk else torch.empty_like(x)
+    losses_, stats = [], []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            loss, st, g = row_terms(x[rows], ids[rows], logp[rows], None if labels is None else labels[rows],
+                                    objective, None if grad_loss is None else grad_loss[rows])
+            if grad is not None:
+                grad[rows] = g
+            elif g is not None:
+                grad = g.to(x.dtype)
+            losses_.append(loss)
+            stats.append(st)
+    if not losses_:
+        return (x.new_zeros(0, dtype=torch.float32), x.new_zeros(0, _ops.N_STATS, dtype=torch.float32),
+                None if grad_loss is None else torch.zeros_like(x))
+    return torch.cat(losses_), torch.cat(stats), grad
 
 
 # Rounding slack for log-probabilities and their sum (a softmax's certain token can come out at +1e-7).
@@ -304,7 +322,9 @@ def topk_distill_loss(
             outcomes, a lower bound of its full entropy; its label log-probability is -inf for a label outside K
             without the tail, and the tail's log-mass (an upper bound) with it.
         select: a :class:`dpkd.select.Selection`, or a rule ``f(stats, valid)`` as in :func:`dpkd.distill_loss`.
-        chunk_size: rows per chunk of fp32 work space (default: about 64 MB of it).
+        chunk_size: rows per chunk of fp32 work space (default: 64 MB of it on CUDA; 8 MB on the CPU, where
+            smaller buffers are reused by the allocator instead of being faulted in afresh: 112 -> 90 ms at N 512,
+            V 32000).
         check_finite: raise where a token that carries loss has NaN or +inf logits, or its teacher row is malformed
             (ids out of range or repeated, log-probabilities NaN or > 0, mass > 1, or no tail mass where the
             divergence needs it), or ``weights`` hold NaN or inf. Turn it off under DP-SGD, as for
@@ -347,17 +367,32 @@ def topk_distill_loss(
             ids, logp = checked_teacher(ids, logp, v, objective, flat_carrying, check_finite)
         if flat_labels is not None:
             losses.check_label_range(flat_labels, v, ignore_index, flat_carrying)
-    chunk = chunk_size or max(1, (1 << 24) // max(v, 1))
-    per_token, stats = _TopKDistill.apply(s.reshape(-1, v), ids, logp, flat_labels, objective, int(chunk))
+    chunk = chunk_size or max(1, (1 << (24 if s.is_cuda else 21)) // max(v, 1))
+    # The gradient in the forward pass where the loss reduces to a scalar with weights known now (fp16: a weighted
+    # gradient held in fp16 would flush; it takes the two passes)
+    fused = (reduction != "none" and select is None and s.dtype != torch.float16 and s.requires_grad
+             and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+             and (weights is None or not weights.requires_grad))
+    x = s.reshape(-1, v)
+    if fused:
+        row_weights = losses._reduction_weights(lead, valid, weights, reduction, s.device, scale=t2).reshape(-1)
+        per_token, stats, grad = _chunks(x, ids, logp, flat_labels, objective, int(chunk), row_weights)
+        # a row without weight carries nothing, NaN included
+        total = torch.where(row_weights != 0, row_weights * per_token, torch.zeros_like(per_token)).sum()
+        out = _ops._GradFromForward.apply(x, total, grad, None, _ops.graph_anchor(x))
+    else:
+        out, stats = _TopKDistill.apply(x, ids, logp, flat_labels, objective, int(chunk))
     if check_finite:
         losses.report_nan(stats, None if flat_carrying is None else ~flat_carrying,
                           ("student_logits contains NaN or +inf, or a row without a finite logit (first in flattened "
                            "row {row})", "teacher_logprobs contain NaN (first in flattened row {row})"),
                           weights=weights)
-    per_token = per_token.reshape(lead)
+    token_stats = losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
+    if fused:
+        return (out, token_stats) if return_stats else out
+    per_token = out.reshape(lead)
     if t2 != 1.0:
         per_token = per_token * t2
-    token_stats = losses.TokenStats(*stats.reshape(*lead, _ops.N_STATS).unbind(-1))
     if select is not None:
         weights = losses.selected_weights(select, token_stats, valid, weights, s,
                                           missing=() if labels is not None else losses.NO_LABELS)

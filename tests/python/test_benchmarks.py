@@ -37,6 +37,7 @@ def test_dpsgd_benchmark_against_opacus():
                                "1", "--methods", "logits,fused_dp_select"], "fused, DP, 50%"),
     ("bench_ghost.py", ["--device", "cpu", "--batch", "2", "--seq", "16", "--hidden", "32", "--repeat", "1"],
      "llama gate,up"),
+    ("bench_topk.py", ["--n", "8", "--vocab", "300", "--k", "4", "--repeat", "1", "--no-compile"], "jsd"),
 ])
 def test_benchmark_prints_its_table(script, args, expect):
     assert expect in run(script, *args)
