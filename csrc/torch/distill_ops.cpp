@@ -170,13 +170,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const Prepared& p) {
   return {loss, stats, state};
 }
 
-// inplace_backward only tells the autograd formula (python/dpkd/_ops.py) which backward op to call.
+// inplace_backward only tells the autograd formula (python/dpkd/_ops.py) which backward op to call; fast_math has
+// no effect on the CPU.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
-    bool standardize, double hard_label_weight, int64_t ignore_index, bool /*inplace_backward*/) {
+    bool standardize, double hard_label_weight, int64_t ignore_index, bool /*inplace_backward*/, bool /*fast_math*/,
+    bool labels_in_range) {
   return forward_cpu(prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index));
+                             hard_label_weight, ignore_index, labels_in_range));
 }
 
 // The student-logit gradient into `out` (a fresh buffer, or the student logits themselves).
@@ -283,10 +285,12 @@ cuda::DType cuda_dtype(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const std::string& divergence, double beta, double alpha, double temperature, double teacher_mix,
-    bool standardize, double hard_label_weight, int64_t ignore_index, bool /*inplace_backward*/) {
+    bool standardize, double hard_label_weight, int64_t ignore_index, bool /*inplace_backward*/, bool fast_math,
+    bool labels_in_range) {
   const c10::cuda::CUDAGuard guard(student.device());
-  const Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
-                             hard_label_weight, ignore_index);
+  Prepared p = prepare(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix, standardize,
+                       hard_label_weight, ignore_index, labels_in_range);
+  p.options.fast_math = fast_math;
   auto [loss, stats, state] = empty_outputs(p.student);
   const cuda::DType dtype = cuda_dtype(p.student.scalar_type());
   cuda::forward(dtype, p.student.size(0), p.student.data_ptr(), p.student.size(1), p.student.stride(0),
@@ -370,9 +374,11 @@ at::Tensor distill_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& 
 }  // namespace dpkd::distill
 
 TORCH_LIBRARY(dpkd, m) {
+  // Per-row losses, statistics and the state the backward op reads. fast_math and labels_in_range: as
+  // distill_forward_grad's below.
   m.def("distill_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, float beta, float alpha, "
         "float temperature, float teacher_mix, bool standardize, float hard_label_weight, int ignore_index, "
-        "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
+        "bool inplace_backward=False, bool fast_math=False, bool labels_in_range=False) -> (Tensor, Tensor, Tensor)");
   // The forward and, in the same pass where the device allows, the gradient of sum_i grad_weight[i] loss[i].
   // Rows with grad_weight 0 are skipped (on both devices): their loss and statistics are 0 and NaN.
   // fast_math: RowOptions::fast_math (CUDA, fp32 logits from 16-bit factors; no effect on the CPU). grad_dtype:

@@ -15,7 +15,8 @@ N_STATS = 5
 
 @torch.library.register_fake("dpkd::distill_forward")
 def _distill_forward_fake(student, teacher, labels, divergence, beta, alpha, temperature, teacher_mix,
-                          standardize, hard_label_weight, ignore_index, inplace_backward=False):
+                          standardize, hard_label_weight, ignore_index, inplace_backward=False, fast_math=False,
+                          labels_in_range=False):
     n = student.shape[0]
     f32 = dict(dtype=torch.float32, device=student.device)
     return student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32), student.new_empty(n, ROW_STATE, **f32)

@@ -235,6 +235,17 @@ def _private_head(hidden, weight, bias, reduction, read):
     return make
 
 
+def _objective_op(zs, zt, labels, row_weights, options, fast_math, grad_dtype):
+    """(losses, statistics, gradient of sum(row_weights * loss)) of one chunk's logits, its labels checked by the
+    caller; without ``row_weights``, no gradient (None)."""
+    if row_weights is None:
+        loss, stats, _ = torch.ops.dpkd.distill_forward(zs, zt, labels, *options, fast_math=fast_math,
+                                                        labels_in_range=True)
+        return loss, stats, None
+    return torch.ops.dpkd.distill_forward_grad(zs, zt, labels, row_weights, *options, fast_math=fast_math,
+                                               grad_dtype=grad_dtype, labels_in_range=True)
+
+
 def _token_stats(h_s, w_s, b_s, objective, labels, rows, opts) -> torch.Tensor:
     """The statistics [N, 5] of the rows where ``rows`` (NaN elsewhere), chunk by chunk, without gradients: what
     the loss's chunk loop computes, for a select rule to read before it."""
@@ -247,8 +258,7 @@ def _token_stats(h_s, w_s, b_s, objective, labels, rows, opts) -> torch.Tensor:
         for start in range(0, rows.numel(), chunk):
             r = rows[start:start + chunk]
             zs, _ = _logits(h_s[r], w, b, s_scale, s_cap, fp32_logits)
-            stats[r] = objective(r, zs, None if labels is None else labels[r],
-                                 torch.ones(r.numel(), dtype=torch.float32, device=zs.device), None)[1]
+            stats[r] = objective(r, zs, None if labels is None else labels[r], None, None)[1]
     return stats
 
 
@@ -444,13 +454,13 @@ def fused_linear_distill_loss(
                    int(ignore_index))
 
         def objective(rows, zs, lab, row_weights, grad_dtype):
-            # The chunk's losses and the gradient of sum(row_weights * loss) in one op (one read of the logits).
+            # The chunk's losses and the gradient of sum(row_weights * loss) in one op (one read of the logits);
+            # without row_weights, losses and statistics alone (a select rule's first pass).
             with torch.no_grad():
                 zt, _ = _logits(h_t[rows], w_t, b_t, float(teacher_logit_scale), teacher_softcap, fp32_logits)
             if zt.dtype != zs.dtype:  # the two heads' dtypes may differ; the kernels take one
                 zt = zt.to(zs.dtype)
-            return torch.ops.dpkd.distill_forward_grad(zs, zt, lab, row_weights, *options, fast_math=fast_math,
-                                                       grad_dtype=grad_dtype, labels_in_range=True)
+            return _objective_op(zs, zt, lab, row_weights, options, fast_math, grad_dtype)
     else:
         k = teacher_topk[0].shape[-1]
         t_ids, t_logp = topk.checked_teacher(teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k),
@@ -462,9 +472,8 @@ def fused_linear_distill_loss(
 
     def student_objective(rows, zs, lab, row_weights, grad_dtype):
         # The student's own statistics at the loss's temperature: the kernels with the student as its own teacher
-        return torch.ops.dpkd.distill_forward_grad(zs, zs, lab, row_weights, "forward_kl", 0.5, 0.1, float(temperature),
-                                                   1.0, False, 0.0, int(ignore_index), fast_math=fast_math,
-                                                   grad_dtype=grad_dtype, labels_in_range=True)
+        return _objective_op(zs, zs, lab, row_weights, ("forward_kl", 0.5, 0.1, float(temperature), 1.0, False, 0.0,
+                                                        int(ignore_index)), fast_math, grad_dtype)
 
     # The rows whose statistics are computed: those of the loss, or with a rule every token that carries loss.
     scored = row_scale != 0

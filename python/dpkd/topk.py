@@ -99,16 +99,17 @@ _PADDED = -3e38
 def _normalizer(x: torch.Tensor, temperature: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The row maxima m [R, 1], y = (x - m) / T [R, V] (fp32, <= 0, -inf clamped to _PADDED), e = exp(y) and
-    log sum e [R, 1] in float64: log q = y - log_s with no rounding at the scale of the log-sum-exp itself (1e-6 at
-    |lse| ~ 10 in fp32, where a gradient that is a small difference of log-probabilities, as reverse KL's over a tail,
-    would lose it all). Two [R, V] buffers, y and e."""
+    log_s = log sum e [R, 1] in float64: log q = y - log_s with no rounding at the scale of the log-sum-exp (1e-6 at
+    |lse| ~ 10 in fp32, where a gradient that is a small difference of log-probabilities, as reverse KL's over a
+    tail, would lose it all)."""
     m = x.amax(-1, keepdim=True)
     y = torch.sub(x, m)
     if temperature != 1.0:
         y.div_(temperature)
     y.clamp_(min=_PADDED)  # NaN stays NaN
     e = torch.exp(y)
-    return m, y, e, e.sum(-1, keepdim=True).double().log()
+    # a float64 accumulator: added to the maximum's 1 in fp32, a confident row's small terms lost 1% of their sum
+    return m, y, e, torch.log(e.sum(-1, keepdim=True, dtype=torch.float64))
 
 
 def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: torch.Tensor | None,
@@ -125,10 +126,11 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
         return (xf.gather(1, index).double() - m.double()) / o.temperature - log_s
 
     # NaN (reported by the caller) for a NaN or +inf logit, or a row without a finite one (m NaN or +-inf).
-    # H = log_s - sum e y / sum e, the dot product row by row (a batched matmul: no [R, V] temporary).
+    # H = log_s - sum e y / sum e, summed by torch's cascade sum.
     nan = torch.full_like(m[:, 0], math.nan)
-    e_dot_y = torch.bmm(e[:, None, :], y[:, :, None])[:, 0, 0].double()
-    student_entropy = torch.where(torch.isfinite(m[:, 0]), (log_s[:, 0] - e_dot_y / log_s[:, 0].exp()).float(), nan)
+    student_bad = ~torch.isfinite(m[:, 0]) | torch.isnan(log_s[:, 0])
+    e_dot_y = (e * y).sum(-1).double()
+    student_entropy = torch.where(student_bad, nan, (log_s[:, 0] - e_dot_y / log_s[:, 0].exp()).float())
     lq_k = log_q(ids)
     lq_label = teacher_label = nan
     if labels is not None:
@@ -140,9 +142,9 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     m_rest = rest.amax(-1, keepdim=True)
     finite_rest = m_rest > _PADDED  # a student without mass outside K has no gradient there
     m_rest = torch.where(finite_rest, m_rest, torch.zeros_like(m_rest))
-    ratio = rest.sub_(m_rest).exp_()  # q_j / q_R up to the row's sum below; 0 on K and padding
-    sum_rest = ratio.sum(-1, keepdim=True).double()
-    lq_rest = torch.where(finite_rest, m_rest.double() + sum_rest.log() - log_s, -math.inf)
+    ratio = rest.sub_(m_rest).exp_()  # q_j / q_R up to the row's sum below, 0 on K and padding
+    sum_rest = ratio.sum(-1, keepdim=True, dtype=torch.float64)
+    lq_rest = torch.where(finite_rest, m_rest.double() + torch.log(sum_rest) - log_s, -math.inf)
     lq = torch.cat([lq_k, lq_rest], 1)  # the outcomes' terms in float64: [R, K + 1]
     lp_k = logp.double()
     if o.tail and ids.shape[1] < x.shape[1]:  # with every column in K there is no rest: 1 - sum p is rounding
@@ -153,9 +155,11 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     divergence, h = outcome_divergence(lp, lq, o.divergence, o.beta, o.alpha)
     p = lp.exp()
     teacher_entropy = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
-    # NaN log-probabilities (a faulty row under DP-SGD) make the row NaN: the terms' p > 0 tests would drop them
+    # NaN log-probabilities (a faulty row under DP-SGD) and non-finite logits make the row NaN: the terms' p > 0 and
+    # q > 0 tests would drop them
     teacher_nan = lp_k.isnan().any(-1)
-    divergence = torch.where(teacher_nan, math.nan, divergence)
+    row_nan = teacher_nan | student_bad
+    divergence = torch.where(row_nan, math.nan, divergence)
     teacher_entropy = torch.where(teacher_nan, math.nan, teacher_entropy)
     if labels is not None:  # a label outside K: probability 0 without the tail, at most p_R with it
         in_k = ids == safe
@@ -176,8 +180,8 @@ def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: to
     # dD/dz for each outcome, h - q S: a token k of K's own gradient, and the rest's total, which its tokens share
     # in proportion q_j / q_R. Per row in float64, where h and q S may nearly cancel.
     outcome_grad = (h - lq.exp() * h.sum(-1, keepdim=True)) * (g_out.double() * (1 - w) / o.temperature)
-    outcome_grad = torch.where(teacher_nan[:, None], math.nan, outcome_grad)
-    rest_grad = torch.where(finite_rest, outcome_grad[:, -1:] / sum_rest, torch.zeros_like(sum_rest))
+    outcome_grad = torch.where(row_nan[:, None], math.nan, outcome_grad)  # the whole row: NaN times any ratio
+    rest_grad = torch.where(finite_rest | row_nan[:, None], outcome_grad[:, -1:] / sum_rest, torch.zeros_like(sum_rest))
     grad = ratio.mul_(rest_grad.float())
     grad.scatter_(1, ids, outcome_grad[:, :-1].float())
     if w > 0:
@@ -199,7 +203,9 @@ class _TopKDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         x, ids, logp, labels = ctx.saved_tensors
-        return _chunks(x, ids, logp, labels, *ctx.options, grad_loss)[2], None, None, None, None, None
+        grad = _chunks(x, ids, logp, labels, *ctx.options, grad_loss)[2]
+        # a gradient penalty through it raises instead of silently getting nothing from it
+        return *_ops.first_order_only(grad, anchors=(x,)), None, None, None, None, None
 
 
 def _chunks(x, ids, logp, labels, objective, chunk, grad_loss=None):
@@ -303,6 +309,7 @@ def topk_distill_loss(
     select: Callable | None = None,
     chunk_size: int | None = None,
     check_finite: bool = True,
+    fuse_backward: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
     """:func:`dpkd.distill_loss` against a top-k teacher.
 
@@ -329,6 +336,9 @@ def topk_distill_loss(
             (ids out of range or repeated, log-probabilities NaN or > 0, mass > 1, or no tail mass where the
             divergence needs it), or ``weights`` hold NaN or inf. Turn it off under DP-SGD, as for
             :func:`dpkd.distill_loss`: such a token's loss is then NaN and the engine drops its example.
+        fuse_backward: where the loss reduces to a scalar (no ``select``, fp32 or bf16 logits, ``weights`` without
+            gradient), form the gradient in the forward pass and hold it until backward (each chunk's logits read
+            once; the loss can be backpropagated through once). False: the backward pass recomputes it.
     Other arguments as in :func:`dpkd.distill_loss` (``standardize`` needs the teacher's logits and is not
     offered). The statistics cover every token, as :func:`dpkd.distill_loss`'s with ``fuse_backward=False``.
     """
@@ -370,7 +380,7 @@ def topk_distill_loss(
     chunk = chunk_size or max(1, (1 << (24 if s.is_cuda else 21)) // max(v, 1))
     # The gradient in the forward pass where the loss reduces to a scalar with weights known now (fp16: a weighted
     # gradient held in fp16 would flush; it takes the two passes)
-    fused = (reduction != "none" and select is None and s.dtype != torch.float16 and s.requires_grad
+    fused = (fuse_backward and reduction != "none" and select is None and s.dtype != torch.float16 and s.requires_grad
              and torch.is_grad_enabled() and not torch.compiler.is_compiling()
              and (weights is None or not weights.requires_grad))
     x = s.reshape(-1, v)

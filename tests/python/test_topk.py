@@ -204,6 +204,54 @@ def test_padding_rows_are_not_checked_and_under_dp_a_bad_row_is_nan():
         dpkd.topk_distill_loss(s, ids[:, :0], logp[:, :0])
 
 
+def test_confident_students_entropies_and_non_finite_rows():
+    """From a review of the fast path: a confident student's small terms added to the maximum's 1 in fp32 lost 1% of
+    them (loss 4e-4 off); fp32 dot products put the entropy 7e-4 nats off at V 128000; a NaN or +inf student row under
+    check_finite=False gave reverse KL 0 (its q > 0 tests dropped it) and a gradient row only partly NaN."""
+    v = 32000
+    s = torch.full((1, v), -20.0)
+    s[0, 0] = 0.0
+    s.requires_grad_(True)
+    logp, ids = torch.log_softmax(s.detach().double(), -1).topk(2, dim=-1)
+    logp = logp - 0.001
+    for div in ("forward_kl", "reverse_kl"):
+        got = dpkd.topk_distill_loss(s, ids, logp.float(), divergence=div, tail=True, reduction="sum")
+        (grad,) = torch.autograd.grad(got, s)
+        s64 = s.detach().double().requires_grad_(True)
+        want = topk_divergence(s64, ids, logp, 1.0, div).sum()
+        (want_grad,) = torch.autograd.grad(want, s64)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        assert rel_err(grad, want_grad) < 1e-5
+    wide = logits(4, 128000, 3.0, seed=20)
+    _, stats = dpkd.topk_distill_loss(wide, torch.arange(3).repeat(4, 1), torch.full((4, 3), -2.0), tail=True,
+                                      return_stats=True)
+    lq = torch.log_softmax(wide.double(), -1)
+    torch.testing.assert_close(stats.student_entropy.double(), -(lq.exp() * lq).sum(-1), rtol=0, atol=2e-6)
+    bad = logits(3, 40, seed=21)
+    bad[0, 5], bad[1, 6], bad[2] = math.nan, math.inf, -math.inf
+    bad.requires_grad_(True)
+    ids3, logp3 = torch.arange(2).repeat(3, 1), torch.full((3, 2), -1.5)
+    for div in ("reverse_kl", "jsd", "tvd"):
+        per_token = dpkd.topk_distill_loss(bad, ids3, logp3, divergence=div, tail=True, reduction="none",
+                                           check_finite=False)
+        assert per_token.isnan().all(), div
+        (grad,) = torch.autograd.grad(per_token.sum(), bad)
+        assert grad.isnan().all(), div
+
+
+def test_gradients_are_first_order_and_the_forward_pass_gradient_is_used_once():
+    s = logits(4, 30, seed=22).requires_grad_(True)
+    ids, logp = torch.arange(3).repeat(4, 1), torch.full((4, 3), -2.0)
+    for fuse in (True, False):
+        (g,) = torch.autograd.grad(dpkd.topk_distill_loss(s, ids, logp, fuse_backward=fuse), s, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice|no derivative of their own"):
+            torch.autograd.grad(g.square().sum(), s)
+    loss = dpkd.topk_distill_loss(s, ids, logp)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="used up"):
+        loss.backward()
+
+
 def test_fused_top_k_refuses_options_of_a_teacher_head():
     h, w = logits(4, 8, seed=16), logits(10, 8, seed=17)
     topk = (torch.arange(3).repeat(4, 1), torch.full((4, 3), -2.0))
