@@ -184,6 +184,12 @@ def test_labels_checked_once_per_call_not_once_per_chunk():
     reads = {chunk: host_reads(lambda: dpkd.fused_linear_distill_loss(
         h_s, w_s, h_t, w_t, labels=labels, hard_label_weight=0.2, chunk_size=chunk)) for chunk in (8, 64)}
     assert reads[8] == reads[64] == 1, reads
+    # a select rule's first pass (the forward op alone) is told too: no read per chunk
+    assert host_reads(lambda: torch.ops.dpkd.distill_forward(*args[:3], *args[4:], labels_in_range=True)) == 0
+    rule = lambda st, valid: dpkd.select.highest_surprisal(st.student_label_logprob, 0.5, valid=valid)  # noqa: E731
+    reads = {chunk: host_reads(lambda: dpkd.fused_linear_distill_loss(
+        h_s, w_s, h_t, w_t, labels=labels, select=rule, chunk_size=chunk)) for chunk in (8, 64)}
+    assert reads[8] == reads[64], reads
     bad = labels.clone()
     bad[5] = 97
     with pytest.raises(ValueError, match=r"labels must be in \[0, 97\) or ignore_index \(-100\), got 97 \(first in "
