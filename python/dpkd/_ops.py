@@ -79,6 +79,7 @@ def _setup_context(ctx, inputs, output):
     student, teacher, labels, *rest = inputs
     ctx.options = rest[:_N_OPTIONS]
     ctx.inplace = bool(rest[_N_OPTIONS]) if len(rest) > _N_OPTIONS else False  # defaulted argument may be absent
+    ctx.fast_math = bool(rest[_N_OPTIONS + 1]) if len(rest) > _N_OPTIONS + 1 else False
     ctx.n_inputs = len(inputs)
     ctx.save_for_backward(student, teacher, labels, output[2])
 
@@ -158,6 +159,9 @@ def _nan_where_upstream_is(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch
 
 def _backward(ctx, grad_loss, grad_stats, grad_state):
     student, teacher, labels, row_state = ctx.saved_tensors
+    if ctx.fast_math:  # the backward ops take exact math: their gradient would not match that row state
+        raise RuntimeError("distill_forward(fast_math=True) has no backward; distill_forward_grad forms the gradient "
+                           "with fast_math in the forward pass")
     grad_student = grad_teacher = None
     if ctx.needs_input_grad[1]:  # before an in-place student backward overwrites the student logits
         grad_teacher = _nan_where_upstream_is(_teacher_grad(grad_loss, student, teacher, labels, ctx.options),

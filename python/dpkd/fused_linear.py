@@ -415,7 +415,8 @@ def fused_linear_distill_loss(
     if teacher_topk is not None:
         topk_objective = topk.Objective(divergence, float(beta), float(alpha), float(temperature), bool(topk_tail),
                                         float(hard_label_weight), int(ignore_index))
-        topk.check_objective(topk_objective, labels is not None, reduction)
+        topk.check_objective(topk_objective, labels is not None, reduction,
+                             ids_cover_vocab=teacher_topk[0].shape[-1] >= student_weight.shape[0])
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
     valid = losses.valid_tokens(labels, mask, ignore_index)

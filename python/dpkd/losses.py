@@ -125,8 +125,9 @@ def _refuse_batch_wide_private(reduction: str, student: torch.Tensor) -> None:
         return
     raise ValueError(f"under DP-SGD (student_logits come from a private model) reduction={reduction!r} divides by "
                      "counts over the whole batch, so one example would change the others' gradients: use "
-                     "reduction='sum' of per-example losses (each example's token mean: weights=valid / "
-                     "valid.sum(-1, keepdim=True).clamp(min=1)) or 'none' ('batchmean' with "
+                     "reduction='sum' of per-example losses (each example's token mean: [B, T, V] logits, batch first, "
+                     "and weights=valid / valid.sum(-1, keepdim=True).clamp(min=1) with valid [B, T]; flattened rows "
+                     "would divide by the batch's tokens again) or 'none' ('batchmean' with "
                      "make_private(loss_reduction='mean'))")
 
 
@@ -413,9 +414,11 @@ def distill_loss(
     _check(student_logits, teacher_logits, labels, mask, weights, divergence=divergence, beta=beta, alpha=alpha,
            temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
            allow_vocab_mismatch=allow_vocab_mismatch)
-    if inplace_backward and (student_logits.is_leaf or student_logits.stride(-1) != 1):
+    if inplace_backward and (student_logits.is_leaf or student_logits.stride(-1) != 1
+                             or student_logits.stride(-2) < student_logits.shape[-1]):
         raise ValueError("inplace_backward needs student_logits computed by the model (a non-leaf tensor) with "
-                         "contiguous rows: a leaf's storage would become its own gradient")
+                         "contiguous rows that do not overlap (not an expand): a leaf's storage would become its own "
+                         "gradient")
     valid = valid_tokens(labels, mask, ignore_index)
     carries_loss = carrying_tokens(valid, weights)
     t2, hard_label_weight = temperature_squared(temperature, hard_label_weight, scale_by_temperature_squared)

@@ -97,6 +97,9 @@ class OPDConfig:
             raise ValueError(f"fused_head distils from a teacher; method {self.method!r} has none")
         if self.select_reads not in ("all", "student"):
             raise ValueError(f"select_reads must be 'all' or 'student', got {self.select_reads!r}")
+        if self.select_reads == "student" and not self.fused_head:
+            raise ValueError("select_reads='student' applies to fused_head=True (the logits path forms both models' "
+                             "statistics anyway)")
         if not 0.0 <= self.ground_truth_fraction <= 1.0:
             raise ValueError(f"ground_truth_fraction must be in [0, 1], got {self.ground_truth_fraction}")
 
@@ -142,8 +145,12 @@ def _check_head_parts(name: str, model: torch.nn.Module, ids: torch.Tensor) -> N
     (softcapped where its config says so); a model that scales or shifts them otherwise is refused."""
     parts = _head_parts(model)
     if parts is None:
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        why = (f" (its output layer is {type(head).__module__}.{type(head).__name__}: a PEFT adapter on lm_head is "
+               "not supported with fused_head)" if head is not None and not isinstance(head, torch.nn.Linear) else "")
         raise ValueError(f"fused_head needs Hugging Face causal LMs with an nn.Linear output layer; the {name} "
-                         f"({type(model).__name__}) is not one")
+                         f"({type(model).__name__}) is not one{why}")
     hidden, head, cap = parts
     attention = torch.ones_like(ids)
     training = model.training

@@ -270,13 +270,13 @@ def checked_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, objective: Ob
     return ids, logp
 
 
-def check_objective(objective: Objective, has_labels: bool, reduction: str) -> None:
+def check_objective(objective: Objective, has_labels: bool, reduction: str, ids_cover_vocab: bool = False) -> None:
     """The options of a top-k teacher's loss, as distill_loss checks its own, and the divergences it cannot take
-    without the tail."""
+    without the tail (unless the ids cover the whole vocabulary: nothing lies outside them)."""
     losses.check_options(divergence=objective.divergence, beta=objective.beta, alpha=objective.alpha,
                          temperature=objective.temperature, reduction=reduction,
                          hard_label_weight=objective.hard_label_weight, has_labels=has_labels)
-    if not objective.tail and needs_tail(objective.divergence, objective.beta, objective.alpha):
+    if not objective.tail and not ids_cover_vocab and needs_tail(objective.divergence, objective.beta, objective.alpha):
         raise ValueError(f"{_named(objective)} with a top-k teacher needs tail=True: without it the teacher has "
                          "probability 0 outside its ids, where the student's is not, and the divergence is infinite")
 
@@ -362,7 +362,8 @@ def topk_distill_loss(
     t2, w = losses.temperature_squared(temperature, hard_label_weight, scale_by_temperature_squared)
     objective = Objective(divergence, float(beta), float(alpha), float(temperature), bool(tail), float(w),
                           int(ignore_index))
-    check_objective(objective._replace(hard_label_weight=float(hard_label_weight)), labels is not None, reduction)
+    check_objective(objective._replace(hard_label_weight=float(hard_label_weight)), labels is not None, reduction,
+                    ids_cover_vocab=teacher_ids.shape[-1] >= v)
     losses.check_private_reduction(reduction, s)
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")

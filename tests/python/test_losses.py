@@ -589,6 +589,11 @@ def test_backward_ops_check_their_own_inputs():
     shared = logits(1, 8, seed=43).expand(3, 8)  # every row the same storage: in place, they would race
     with pytest.raises(ValueError, match="rows do not overlap"):
         torch.ops.dpkd.distill_backward_(torch.ones(3), shared, t, None, state, *options)
+    with pytest.raises(ValueError, match="rows that do not overlap"):  # refused before the forward pass too
+        dpkd.distill_loss((logits(1, 8, seed=43).requires_grad_(True) + 0).expand(3, 8), t, inplace_backward=True)
+    loss, _, state = torch.ops.dpkd.distill_forward(s.requires_grad_(True), t, None, *options, fast_math=True)
+    with pytest.raises(RuntimeError, match=r"distill_forward\(fast_math=True\) has no backward"):
+        loss.sum().backward()
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
