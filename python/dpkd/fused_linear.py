@@ -31,8 +31,8 @@ _TEACHER_COLUMNS = [1, 2, 4]
 # The statistics a select_reads="student" rule cannot read (its first pass forms the student's alone).
 _STUDENT_ONLY = tuple((f, "select_reads='student' does not form: use select_reads='all' for a rule of the teacher's "
                           "statistics") for f in ("teacher_entropy", "divergence", "teacher_label_logprob"))
-losses.stats_without(_STUDENT_ONLY)
-losses.stats_without(tuple({**dict(losses.NO_LABELS), **dict(_STUDENT_ONLY)}.items()))
+# How a top-k teacher's tensors are named in errors.
+_TOPK_NAMES = ("teacher_topk ids", "teacher_topk log-probs")
 
 # From this many tokens on, the head-weight gradient of fp32 logits takes only the high bf16 half of their
 # gradient: summed over that many tokens, the low half's rounding averages out. Relative error against fp32
@@ -380,16 +380,8 @@ def fused_linear_distill_loss(
             raise ValueError(f"vocabulary sizes differ (student_weight {student_weight.shape[0]}, teacher_weight "
                              f"{teacher_weight.shape[0]}); pass allow_vocab_mismatch=True")
     else:
-        ids, logprobs = teacher_topk
-        if ids.shape != logprobs.shape or ids.shape[:-1] != student_hidden.shape[:-1]:
-            raise ValueError(f"teacher_topk ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must both be "
-                             f"{tuple(student_hidden.shape[:-1])} + (K,)")
-        if ids.dtype != torch.int64:
-            raise TypeError(f"teacher_topk ids must be int64, got {ids.dtype}")
-        if not logprobs.is_floating_point():
-            raise TypeError(f"teacher_topk log-probs must be a floating tensor, got {logprobs.dtype}")
-        if ids.shape[-1] == 0:
-            raise ValueError("teacher_topk needs at least one id per row (K >= 1)")
+        topk.check_teacher_tensors(*teacher_topk, tuple(student_hidden.shape[:-1]), student_hidden.device,
+                                   names=_TOPK_NAMES)
         unused = [name for name, given in (("teacher_bias", teacher_bias is not None),
                                            ("teacher_logit_scale", teacher_logit_scale != 1.0),
                                            ("teacher_softcap", teacher_softcap is not None)) if given]
@@ -466,7 +458,7 @@ def fused_linear_distill_loss(
         k = teacher_topk[0].shape[-1]
         t_ids, t_logp = topk.checked_teacher(teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k),
                                              student_weight.shape[0], topk_objective, row_scale != 0, check_finite,
-                                             names=("teacher_topk ids", "teacher_topk log-probs"))
+                                             names=_TOPK_NAMES)
 
         def objective(rows, zs, lab, row_weights, grad_dtype):  # grad_dtype: the chunk loop converts
             return topk.row_terms(zs, t_ids[rows], t_logp[rows], lab, topk_objective, row_weights)

@@ -454,8 +454,8 @@ _STATS_CLASSES: dict[tuple[tuple[str, str], ...], type] = {(): TokenStats}
 
 
 def stats_without(missing: tuple[tuple[str, str], ...]) -> type:
-    """A TokenStats whose fields in ``missing`` ((field, why), ...) raise when read. Made once per ``missing``, before
-    any compiling (torch.compile traces a lookup, not the making of a class): call it at import for each set used."""
+    """A TokenStats whose fields in ``missing`` ((field, why), ...) raise when read, made once per ``missing``.
+    torch.compile traces a lookup, not the making of a class: a set that compiled code uses is made at import."""
     if missing not in _STATS_CLASSES:
         def unformed(field: str, why: str) -> property:
             def read(self):

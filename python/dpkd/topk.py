@@ -234,6 +234,21 @@ def _chunks(x, ids, logp, labels, objective, chunk, grad_loss=None):
 _LOGPROB_SLACK = 1e-3
 
 
+def check_teacher_tensors(ids: torch.Tensor, logp: torch.Tensor, lead: tuple[int, ...], device: torch.device,
+                          names: tuple[str, str] = ("teacher_ids", "teacher_logprobs")) -> None:
+    """A top-k teacher's tensors: both ``lead`` + (K,), K >= 1, int64 ids, floating log-probabilities, on ``device``."""
+    if ids.shape != logp.shape or tuple(ids.shape[:-1]) != lead:
+        raise ValueError(f"{names[0]} {tuple(ids.shape)} and {names[1]} {tuple(logp.shape)} must both be {lead} + (K,)")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{names[0]} must be int64, got {ids.dtype}")
+    if not logp.is_floating_point():
+        raise TypeError(f"{names[1]} must be a floating tensor, got {logp.dtype}")
+    if ids.shape[-1] == 0:
+        raise ValueError(f"{names[0]} and {names[1]} need at least one id per row (K >= 1)")
+    if ids.device != device or logp.device != device:
+        raise ValueError(f"{names[0]} and {names[1]} must be on the logits' device {device}")
+
+
 def checked_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, objective: Objective,
                     carrying: torch.Tensor | None, raise_errors: bool,
                     names: tuple[str, str] = ("teacher_ids", "teacher_logprobs")) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,17 +362,7 @@ def topk_distill_loss(
         raise ValueError(f"student_logits must be [N, V] or [B, T, V] float32/bfloat16/float16, got "
                          f"{tuple(s.shape)} {s.dtype}")
     lead, v = tuple(s.shape[:-1]), s.shape[-1]
-    if teacher_ids.shape != teacher_logprobs.shape or tuple(teacher_ids.shape[:-1]) != lead:
-        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
-                         f"{tuple(teacher_logprobs.shape)} must both be {lead} + (K,)")
-    if teacher_ids.dtype != torch.int64:
-        raise TypeError(f"teacher_ids must be int64, got {teacher_ids.dtype}")
-    if not teacher_logprobs.is_floating_point():
-        raise TypeError(f"teacher_logprobs must be a floating tensor, got {teacher_logprobs.dtype}")
-    if teacher_ids.shape[-1] == 0:
-        raise ValueError("teacher_ids and teacher_logprobs need at least one id per row (K >= 1)")
-    if teacher_ids.device != s.device or teacher_logprobs.device != s.device:
-        raise ValueError(f"teacher_ids and teacher_logprobs must be on the logits' device {s.device}")
+    check_teacher_tensors(teacher_ids, teacher_logprobs, lead, s.device)
     losses.check_token_tensors(lead, s.device, labels, mask, weights)
     t2, w = losses.temperature_squared(temperature, hard_label_weight, scale_by_temperature_squared)
     objective = Objective(divergence, float(beta), float(alpha), float(temperature), bool(tail), float(w),
