@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "distill/row_math.h"
@@ -148,6 +149,11 @@ void dispatch_math(DType dtype, bool fast_math, DType grad_dtype, F&& f) {
     case DType::kBFloat16: f(__nv_bfloat16{}, __nv_bfloat16{}, FastMath{}); break;
     case DType::kFloat16: f(__half{}, __half{}, FastMath{}); break;
   }
+}
+
+// A failed launch or CUDA call as a C++ exception (the torch layer turns it into a Python error).
+inline void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 // A running (max, sum of exp(x - max)) pair and its merge: the log-sum-exp as a reduction.

@@ -267,10 +267,6 @@ __global__ void scale_kernel(T* x, int64_t n, const float* scale) {
     x[j] = from_float<T>(to_float(x[j]) * s);
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
 }  // namespace
 
 void forward(DType dtype, int64_t n_rows, const void* student, int64_t student_vocab, int64_t student_stride,

@@ -1,6 +1,6 @@
 """Registration glue for the compiled ops: fake (meta) kernels, so torch.compile traces the ops without
 graph breaks, and autograd formulas. The ops themselves are defined once, in C++, with TORCH_LIBRARY
-(csrc/torch/distill_ops.cpp, clipping_ops.cpp); importing dpkd._C registers them."""
+(csrc/torch/distill_ops.cpp, topk_ops.cpp, clipping_ops.cpp); importing dpkd._C registers them."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def _distill_forward_grad_fake(student, teacher, labels, grad_weight, divergence
     f32 = dict(dtype=torch.float32, device=student.device)
     return (student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32),
             student.new_empty(student.shape, dtype=grad_dtype or student.dtype))
+
+
+@torch.library.register_fake("dpkd::topk_distill")
+def _topk_distill_fake(student, ids, logprobs, labels, grad_weight, divergence, beta, alpha, temperature, tail,
+                       hard_label_weight, ignore_index):
+    n = student.shape[0]
+    f32 = dict(dtype=torch.float32, device=student.device)
+    grad = student.new_empty(0) if grad_weight is None else student.new_empty(student.shape)
+    return student.new_empty(n, **f32), student.new_empty(n, N_STATS, **f32), grad
 
 
 @torch.library.register_fake("dpkd::scale_unless_one_")

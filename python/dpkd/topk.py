@@ -12,11 +12,11 @@ one, so a teacher known on the ids K only still defines it exactly, over K and o
   the two distributions over K and R. It is the full-vocabulary divergence wherever the teacher spreads p_R over
   the tokens outside K as the student does.
 
-With h = dD/d(log q_o) for the outcomes o in K and R (the divergences' log-space derivatives below) and
-S = sum_o h_o, the gradient with respect to the student's logits z (over T) is h_k - q_k S on K and
-(q_j / q_R)(h_R - q_R S) off K. Those per-outcome terms, and log q_R (a log-sum-exp over the tokens outside K, exact
-where the student's mass is almost all in K), are formed in float64 from the fp32 logits. Rows are processed in
-chunks, so the fp32 work space is chunk x V, never N x V.
+With h = dD/d(log q_o) for the outcomes o in K and R and S = sum_o h_o, the gradient with respect to the student's
+logits z (over T) is h_k - q_k S on K and (q_j / q_R)(h_R - q_R S) off K. One op computes it all
+(``dpkd::topk_distill``: csrc/core/distill/topk.cpp on the CPU, kernels/topk_kernels.cu on CUDA), a row at a time
+with one row of work space: the outcomes' terms, and log q_R as a log-sum-exp over the tokens outside K (exact where
+the student's mass is almost all in K), in double; two reads of the logits with the gradient, no [N, V] temporaries.
 """
 
 from __future__ import annotations
@@ -43,191 +43,40 @@ class Objective(NamedTuple):
     ignore_index: int = -100
 
 
-def _plogp_diff(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
-    """w (log w - log_other) elementwise, 0 where w = 0 (also against log_other = -inf)."""
-    return torch.where(w > 0, w * (log_w - log_other), torch.zeros_like(w))
-
-
-def _log_mix(lp: torch.Tensor, lq: torch.Tensor, weight_p: float) -> torch.Tensor:
-    """log(weight_p p + (1 - weight_p) q) from log-probabilities."""
-    log_a = math.log(weight_p) if weight_p > 0 else -math.inf
-    log_b = math.log(1.0 - weight_p) if weight_p < 1 else -math.inf
-    return torch.logaddexp(lp + log_a, lq + log_b)
-
-
-def outcome_divergence(lp: torch.Tensor, lq: torch.Tensor, divergence: str, beta: float,
-                       alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row divergence between teacher and student given as log-probabilities over outcomes [R, O], and its
-    derivative h = dD/d(log q) [R, O] with each log q_o taken as a free variable."""
-    p, q = lp.exp(), lq.exp()
-    if divergence == "jsd" and beta in (0.0, 1.0):  # the endpoints, as distill_loss: forward and reverse KL
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    if divergence == "forward_kl":
-        return _plogp_diff(p, lp, lq).sum(-1), -p
-    if divergence == "reverse_kl":
-        terms = _plogp_diff(q, lq, lp)
-        return terms.sum(-1), torch.where(q > 0, terms + q, torch.zeros_like(q))
-    if divergence == "jsd":
-        lm = _log_mix(lp, lq, beta)
-        q_terms = _plogp_diff(q, lq, lm)
-        return beta * _plogp_diff(p, lp, lm).sum(-1) + (1 - beta) * q_terms.sum(-1), (1 - beta) * q_terms
-    if divergence == "skew_kl":  # m = alpha p + (1 - alpha) q; dD/dlog q = -(1 - alpha) p q / m
-        lm = _log_mix(lp, lq, alpha)
-        pq_over_m = torch.where((p > 0) & (q > 0), torch.exp(lp + lq - lm), torch.zeros_like(p))
-        return _plogp_diff(p, lp, lm).sum(-1), -(1 - alpha) * pq_over_m
-    if divergence == "skew_reverse_kl":  # m = (1 - alpha) p + alpha q; dD/dlog q = q (log q/m + 1) - alpha q^2 / m
-        lm = _log_mix(lp, lq, 1 - alpha)
-        terms = _plogp_diff(q, lq, lm)
-        qq_over_m = torch.where(q > 0, torch.exp(2 * lq - lm), torch.zeros_like(q))
-        return terms.sum(-1), torch.where(q > 0, terms + q - alpha * qq_over_m, torch.zeros_like(q))
-    if divergence == "tvd":
-        return 0.5 * (p - q).abs().sum(-1), 0.5 * torch.sign(q - p) * q
-    raise ValueError(f"divergence must be one of {losses.DIVERGENCES}, got {divergence!r}")
-
-
 def needs_tail(divergence: str, beta: float, alpha: float) -> bool:
     """Whether the divergence is infinite wherever the teacher has probability 0 and the student does not."""
     return (divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0)
             or (divergence == "skew_reverse_kl" and alpha == 0.0))
 
 
-# y's -inf entries (padded columns) are clamped to this, so that exp(y) y is 0 there; a row whose tokens outside K
-# are all padding has its rest's maximum at it.
-_PADDED = -3e38
-
-
-def _normalizer(x: torch.Tensor, temperature: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The row maxima m [R, 1], y = (x - m) / T [R, V] (fp32, <= 0, -inf clamped to _PADDED), e = exp(y) and
-    log_s = log sum e [R, 1] in float64: log q = y - log_s with no rounding at the scale of the log-sum-exp (1e-6 at
-    |lse| ~ 10 in fp32, where a gradient that is a small difference of log-probabilities, as reverse KL's over a
-    tail, would lose it all)."""
-    m = x.amax(-1, keepdim=True)
-    y = torch.sub(x, m)
-    if temperature != 1.0:
-        y.div_(temperature)
-    y.clamp_(min=_PADDED)  # NaN stays NaN
-    e = torch.exp(y)
-    # a float64 accumulator: added to the maximum's 1 in fp32, a confident row's small terms lost 1% of their sum
-    return m, y, e, torch.log(e.sum(-1, keepdim=True, dtype=torch.float64))
-
-
 def row_terms(x: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, labels: torch.Tensor | None,
               objective: Objective, grad_loss: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row loss [R] (fp32), statistics [R, 5] (as :class:`dpkd.TokenStats`, the teacher's over K and R) and,
-    given ``grad_loss`` [R], the gradient of sum_i grad_loss[i] loss[i] with respect to the logits x (fp32), for
-    one chunk of rows."""
+    given ``grad_loss`` [R], the gradient of sum_i grad_loss[i] loss[i] with respect to the logits x [R, V] (x's
+    dtype): the op ``dpkd::topk_distill`` (csrc/core/distill/topk.cpp, kernels/topk_kernels.cu)."""
     o = objective
-    xf = x.float()
-    m, y, e, log_s = _normalizer(xf, o.temperature)
-
-    def log_q(index: torch.Tensor) -> torch.Tensor:  # float64 log-probabilities of the given columns
-        return (xf.gather(1, index).double() - m.double()) / o.temperature - log_s
-
-    # NaN (reported by the caller) for a NaN or +inf logit, or a row without a finite one (m NaN or +-inf).
-    # H = log_s - sum e y / sum e, summed by torch's cascade sum.
-    nan = torch.full_like(m[:, 0], math.nan)
-    student_bad = ~torch.isfinite(m[:, 0]) | torch.isnan(log_s[:, 0])
-    e_dot_y = (e * y).sum(-1).double()
-    student_entropy = torch.where(student_bad, nan, (log_s[:, 0] - e_dot_y / log_s[:, 0].exp()).float())
-    lq_k = log_q(ids)
-    lq_label = teacher_label = nan
-    if labels is not None:
-        # out of range only where no loss is taken (checked elsewhere): no label there
-        has_label = (labels != o.ignore_index) & (labels >= 0) & (labels < x.shape[1])
-        safe = torch.where(has_label, labels, torch.zeros_like(labels))[:, None]
-        lq_label = torch.where(has_label, log_q(safe)[:, 0].float(), nan)
-    rest = y.scatter_(1, ids, -math.inf)  # y is no longer needed: the tokens outside K, in place
-    m_rest = rest.amax(-1, keepdim=True)
-    finite_rest = m_rest > _PADDED  # a student without mass outside K has no gradient there
-    m_rest = torch.where(finite_rest, m_rest, torch.zeros_like(m_rest))
-    ratio = rest.sub_(m_rest).exp_()  # q_j / q_R up to the row's sum below, 0 on K and padding
-    sum_rest = ratio.sum(-1, keepdim=True, dtype=torch.float64)
-    lq_rest = torch.where(finite_rest, m_rest.double() + torch.log(sum_rest) - log_s, -math.inf)
-    lq = torch.cat([lq_k, lq_rest], 1)  # the outcomes' terms in float64: [R, K + 1]
-    lp_k = logp.double()
-    if o.tail and ids.shape[1] < x.shape[1]:  # with every column in K there is no rest: 1 - sum p is rounding
-        lp_rest = torch.log((1 - lp_k.exp().sum(-1, keepdim=True)).clamp(min=0))
-    else:
-        lp_rest = torch.full_like(lq[:, :1], -math.inf)
-    lp = torch.cat([lp_k, lp_rest], 1)
-    divergence, h = outcome_divergence(lp, lq, o.divergence, o.beta, o.alpha)
-    p = lp.exp()
-    teacher_entropy = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
-    # NaN log-probabilities (a faulty row under DP-SGD) and non-finite logits make the row NaN: the terms' p > 0 and
-    # q > 0 tests would drop them
-    teacher_nan = lp_k.isnan().any(-1)
-    row_nan = teacher_nan | student_bad
-    divergence = torch.where(row_nan, math.nan, divergence)
-    teacher_entropy = torch.where(teacher_nan, math.nan, teacher_entropy)
-    if labels is not None:  # a label outside K: probability 0 without the tail, at most p_R with it
-        in_k = ids == safe
-        teacher_label = torch.where(in_k.any(-1), torch.where(in_k, lp_k, 0.0).sum(-1), lp_rest[:, 0])
-        teacher_label = torch.where(has_label, teacher_label.float(), nan)
-    loss = divergence.float()
-    stats = torch.stack([student_entropy, teacher_entropy.float(), loss, lq_label, teacher_label], 1)
-    w = o.hard_label_weight
-    if w > 0:  # the cross entropy of the student at temperature 1, as distill_loss
-        if o.temperature != 1.0:
-            m, _, e, log_s = _normalizer(xf, 1.0)
-        q = e.div_(log_s.exp().float())  # the softmax at temperature 1, for the gradient
-        ce = -(xf.gather(1, safe).double() - m.double() - log_s)[:, 0]
-        loss = (1 - w) * loss + w * torch.where(has_label, ce, torch.zeros_like(ce)).float()
-    if grad_loss is None:
-        return loss, stats, None
-    g_out = grad_loss.float()[:, None]
-    # dD/dz for each outcome, h - q S: a token k of K's own gradient, and the rest's total, which its tokens share
-    # in proportion q_j / q_R. Per row in float64, where h and q S may nearly cancel.
-    outcome_grad = (h - lq.exp() * h.sum(-1, keepdim=True)) * (g_out.double() * (1 - w) / o.temperature)
-    outcome_grad = torch.where(row_nan[:, None], math.nan, outcome_grad)  # the whole row: NaN times any ratio
-    rest_grad = torch.where(finite_rest | row_nan[:, None], outcome_grad[:, -1:] / sum_rest, torch.zeros_like(sum_rest))
-    grad = ratio.mul_(rest_grad.float())
-    grad.scatter_(1, ids, outcome_grad[:, :-1].float())
-    if w > 0:
-        ce_scale = g_out * w * has_label[:, None]
-        grad += ce_scale * q
-        grad.scatter_add_(1, safe, -ce_scale)
-    return loss, stats, grad.masked_fill_(g_out == 0, 0.0)  # rows without loss: 0, also where their logits are not
+    loss, stats, grad = torch.ops.dpkd.topk_distill(
+        x, ids, logp, labels, grad_loss, o.divergence, o.beta, o.alpha, o.temperature, o.tail, o.hard_label_weight,
+        o.ignore_index)
+    return loss, stats, None if grad_loss is None else grad
 
 
 class _TopKDistill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ids, logp, labels, objective, chunk):
-        loss, stats, _ = _chunks(x, ids, logp, labels, objective, chunk)
+    def forward(ctx, x, ids, logp, labels, objective):
+        loss, stats, _ = row_terms(x, ids, logp, labels, objective)
         ctx.save_for_backward(x, ids, logp, labels)
-        ctx.options = (objective, chunk)
+        ctx.objective = objective
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         x, ids, logp, labels = ctx.saved_tensors
-        grad = _chunks(x, ids, logp, labels, *ctx.options, grad_loss)[2]
+        grad = row_terms(x, ids, logp, labels, ctx.objective, grad_loss.float().contiguous())[2]
         # a gradient penalty through it raises instead of silently getting nothing from it
-        return *_ops.first_order_only(grad, anchors=(x,)), None, None, None, None, None
-
-
-def _chunks(x, ids, logp, labels, objective, chunk, grad_loss=None):
-    """row_terms over chunks of rows: per-row losses [N], statistics [N, 5] and, given ``grad_loss``, the gradient
-    (x's dtype; one chunk's own buffer where one chunk holds every row)."""
-    grad = None if grad_loss is None or x.shape[0] <= chunk else torch.empty_like(x)
-    losses_, stats = [], []
-    with torch.no_grad():
-        for start in range(0, x.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            loss, st, g = row_terms(x[rows], ids[rows], logp[rows], None if labels is None else labels[rows],
-                                    objective, None if grad_loss is None else grad_loss[rows])
-            if grad is not None:
-                grad[rows] = g
-            elif g is not None:
-                grad = g.to(x.dtype)
-            losses_.append(loss)
-            stats.append(st)
-    if not losses_:
-        return (x.new_zeros(0, dtype=torch.float32), x.new_zeros(0, _ops.N_STATS, dtype=torch.float32),
-                None if grad_loss is None else torch.zeros_like(x))
-    return torch.cat(losses_), torch.cat(stats), grad
+        return *_ops.first_order_only(grad, anchors=(x,)), None, None, None, None
 
 
 # Rounding slack for log-probabilities and their sum (a softmax's certain token can come out at +1e-7).
@@ -322,7 +171,6 @@ def topk_distill_loss(
     scale_by_temperature_squared: bool = False,
     return_stats: bool = False,
     select: Callable | None = None,
-    chunk_size: int | None = None,
     check_finite: bool = True,
     fuse_backward: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, losses.TokenStats]:
@@ -344,9 +192,6 @@ def topk_distill_loss(
             outcomes, a lower bound of its full entropy; its label log-probability is -inf for a label outside K
             without the tail, and the tail's log-mass (an upper bound) with it.
         select: a :class:`dpkd.select.Selection`, or a rule ``f(stats, valid)`` as in :func:`dpkd.distill_loss`.
-        chunk_size: rows per chunk of fp32 work space (default: 64 MB of it on CUDA; 8 MB on the CPU, where
-            smaller buffers are reused by the allocator instead of being faulted in afresh: 112 -> 90 ms at N 512,
-            V 32000).
         check_finite: raise where a token that carries loss has NaN or +inf logits, or its teacher row is malformed
             (ids out of range or repeated, log-probabilities NaN or > 0, mass > 1, or no tail mass where the
             divergence needs it), or ``weights`` hold NaN or inf. Turn it off under DP-SGD, as for
@@ -370,8 +215,6 @@ def topk_distill_loss(
     check_objective(objective._replace(hard_label_weight=float(hard_label_weight)), labels is not None, reduction,
                     ids_cover_vocab=teacher_ids.shape[-1] >= v)
     losses.check_private_reduction(reduction, s)
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     valid = losses.valid_tokens(labels, mask, ignore_index)
     carrying = losses.carrying_tokens(valid, weights)
     flat_carrying = None if carrying is None else carrying.reshape(-1)
@@ -383,7 +226,6 @@ def topk_distill_loss(
             ids, logp = checked_teacher(ids, logp, v, objective, flat_carrying, check_finite)
         if flat_labels is not None:
             losses.check_label_range(flat_labels, v, ignore_index, flat_carrying)
-    chunk = chunk_size or max(1, (1 << (24 if s.is_cuda else 21)) // max(v, 1))
     # The gradient in the forward pass where the loss reduces to a scalar with weights known now (fp16: a weighted
     # gradient held in fp16 would flush; it takes the two passes)
     fused = (fuse_backward and reduction != "none" and select is None and s.dtype != torch.float16 and s.requires_grad
@@ -392,12 +234,12 @@ def topk_distill_loss(
     x = s.reshape(-1, v)
     if fused:
         row_weights = losses._reduction_weights(lead, valid, weights, reduction, s.device, scale=t2).reshape(-1)
-        per_token, stats, grad = _chunks(x, ids, logp, flat_labels, objective, int(chunk), row_weights)
+        per_token, stats, grad = row_terms(x.detach(), ids, logp, flat_labels, objective, row_weights)
         # a row without weight carries nothing, NaN included
         total = torch.where(row_weights != 0, row_weights * per_token, torch.zeros_like(per_token)).sum()
         out = _ops._GradFromForward.apply(x, total, grad, None, _ops.graph_anchor(x))
     else:
-        out, stats = _TopKDistill.apply(x, ids, logp, flat_labels, objective, int(chunk))
+        out, stats = _TopKDistill.apply(x, ids, logp, flat_labels, objective)
     if check_finite:
         losses.report_nan(stats, None if flat_carrying is None else ~flat_carrying,
                           ("student_logits contains NaN or +inf, or a row without a finite logit (first in flattened "

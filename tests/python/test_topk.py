@@ -85,7 +85,7 @@ def test_tail_against_float64_outcome_reference(div, kw, device):
     logp, ids = torch.log_softmax(logits(n, v, 3.0, seed=29).double(), -1).topk(k, dim=-1)
     logp, ids = logp.to(device), ids.to(device)
     got = dpkd.topk_distill_loss(s, ids, logp.float(), divergence=div, **kw, temperature=temperature, tail=True,
-                                 reduction="none", chunk_size=4)
+                                 reduction="none")
     weights = torch.rand(n, generator=torch.Generator().manual_seed(1)).to(device)
     (got_grad,) = torch.autograd.grad((got * weights).sum(), s)
     s64 = s.detach().double().requires_grad_(True)
@@ -312,8 +312,7 @@ def test_topk_teacher_matches_float64_reference(tail, dtype, tol):
     teacher = logits(n, v, 3.0, seed=29).double()
     lp_full = torch.log_softmax(teacher, -1)
     logp, ids = lp_full.topk(k, dim=-1)
-    got = dpkd.topk_forward_kl(s, ids, logp.float(), temperature=temperature, tail=tail, reduction="sum",
-                               chunk_size=4)
+    got = dpkd.topk_forward_kl(s, ids, logp.float(), temperature=temperature, tail=tail, reduction="sum")
     got.backward()
     s64 = s.detach().double().requires_grad_(True)
     lq = torch.log_softmax(s64 / temperature, -1)
@@ -343,8 +342,7 @@ def test_topk_teacher_validates_inputs():
                            (torch.log(torch.tensor([[0.7, 0.6]] * 3)), {}, "more than probability 1"),
                            (logp, dict(labels=torch.zeros(2, dtype=torch.long)), "labels must have shape"),
                            (logp, dict(mask=torch.ones(3)), "mask must be bool"),
-                           (logp, dict(temperature=float("inf")), "temperature"),
-                           (logp, dict(chunk_size=0), "chunk_size")):
+                           (logp, dict(temperature=float("inf")), "temperature")):
         with pytest.raises((ValueError, TypeError), match=match):
             dpkd.topk_forward_kl(s, ids, bad, **kw)
     dpkd.topk_forward_kl(s, ids, torch.log(torch.tensor([[0.7, 0.3]] * 3)), tail=True)  # all the mass: no tail
