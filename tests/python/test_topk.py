@@ -366,3 +366,76 @@ def test_topk_teacher_compiles_without_graph_breaks():
     eager.backward()
     assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
     torch.testing.assert_close(s.grad, s2.grad)
+
+
+def op_inputs(n, v, k, dtype, seed):
+    """Inputs of the op dpkd::topk_distill that reach its edge cases: ids on 32-id word boundaries and at V - 1, a
+    padded column among the ids, labels inside and outside the ids, ignored and out of range, a NaN row, a row
+    without a finite logit, a row without weight and one of negative weight."""
+    s = logits(n, v, 4.0, seed=seed)
+    s[:, -3:] = -math.inf
+    logp, ids = torch.log_softmax(logits(n, v, 4.0, seed=seed + 1).double(), -1).topk(k, dim=-1)
+    fixed = torch.tensor([0, 31, 32, v - 1, v - 2])[: min(k, 5)]
+    ids[0] = torch.cat([fixed, torch.tensor([j for j in range(33, v) if j not in fixed.tolist()][: k - len(fixed)])])
+    labels = torch.stack([ids[i, i % k] if i % 2 == 0 else torch.tensor((i * 37) % v) for i in range(n)])
+    labels[1 % n], labels[2 % n] = -100, v + 5  # ignored; out of range: no label either
+    if n > 4:
+        s[3, 5] = math.nan
+        s[4] = -math.inf
+    weight = torch.linspace(-0.5, 2.0, n)
+    weight[min(5, n - 1)] = 0.0
+    return s.to(dtype), ids, logp.float(), labels, weight
+
+
+OP_CASES = [("forward_kl", 0.5, 0.1), ("reverse_kl", 0.5, 0.1), ("jsd", 0.3, 0.1), ("jsd", 1.0, 0.1),
+            ("skew_kl", 0.5, 0.2), ("skew_reverse_kl", 0.5, 0.0), ("tvd", 0.5, 0.1)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("div,beta,alpha", OP_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,v,k", [(8, 1000, 20), (7, 33, 33), (1, 32, 3), (3, 400_000, 64)])
+def test_cuda_kernel_matches_the_cpu_one(div, beta, alpha, dtype, n, v, k):
+    """The CUDA kernel (a block per row, the ids in a shared-memory bitmap: V 400000 needs more than 48 KB of it)
+    against the CPU's, which the tests above hold to float64 references: loss, statistics and gradient, with hard
+    labels at temperature 1 and 1.7, the tail on and off, K = V, NaN rows and padded columns."""
+    s, ids, logp, labels, weight = op_inputs(n, v, k, dtype, seed=40)
+    for temperature, tail, w in ((1.0, True, 0.3), (1.7, False, 0.3), (1.7, True, 0.0)):
+        args = (div, beta, alpha, temperature, tail, w, -100)
+        cpu = torch.ops.dpkd.topk_distill(s, ids, logp, labels, weight, *args)
+        gpu = [t.cpu() for t in torch.ops.dpkd.topk_distill(s.cuda(), ids.cuda(), logp.cuda(), labels.cuda(),
+                                                            weight.cuda(), *args)]
+        for name, a, b in zip(("loss", "stats"), cpu[:2], gpu[:2]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, equal_nan=True, msg=f"{name} {args}")
+        finite = cpu[2].float().isfinite().all(-1)
+        assert (gpu[2].float().isnan() == cpu[2].float().isnan()).all()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_err(gpu[2][finite].float(), cpu[2][finite].float()) < tol, args
+        assert gpu[2].dtype == dtype
+        loss_only = torch.ops.dpkd.topk_distill(s.cuda(), ids.cuda(), logp.cuda(), labels.cuda(), None, *args)
+        torch.testing.assert_close(loss_only[0].cpu(), gpu[0], equal_nan=True)
+        assert loss_only[2].numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_rows_with_ids_out_of_range_are_nan(device):
+    """Under torch.compile the teacher's rows are not checked in Python: the op itself must not read outside a row.
+    An id out of range makes that row's loss and gradient NaN; the other rows are untouched."""
+    s, ids, logp, labels, weight = op_inputs(4, 100, 6, torch.float32, seed=41)
+    s, ids, logp, labels, weight = (t.to(device) for t in (s, ids, logp, labels, weight))
+    args = ("jsd", 0.5, 0.1, 1.0, True, 0.0, -100)
+    want = torch.ops.dpkd.topk_distill(s, ids, logp, labels, weight, *args)
+    for bad_id in (-1, 100, 1 << 40):
+        bad = ids.clone()
+        bad[2, 1] = bad_id
+        got = torch.ops.dpkd.topk_distill(s, bad, logp, labels, weight, *args)
+        assert got[0][2].isnan() and got[2][2].isnan().all()
+        rows = [0, 1, 3]
+        torch.testing.assert_close(got[0][rows], want[0][rows], equal_nan=True)
+        torch.testing.assert_close(got[2][rows], want[2][rows], equal_nan=True)
+    with pytest.raises(ValueError, match="teacher_logprobs must have teacher_ids' shape"):
+        torch.ops.dpkd.topk_distill(s, ids, logp[:, :3], labels, weight, *args)
+    with pytest.raises(ValueError, match="grad_weight must be a floating tensor of shape"):
+        torch.ops.dpkd.topk_distill(s, ids, logp, labels, weight[:2], *args)
+    with pytest.raises(TypeError, match="teacher_ids must be int64"):
+        torch.ops.dpkd.topk_distill(s, ids.int(), logp, labels, weight, *args)
