@@ -6,6 +6,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include <cmath>
+#include <stdexcept>
 
 #include "distill/topk_math.h"
 #include "distill_device.cuh"
@@ -81,6 +82,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
                                                         RowOptions o, float* loss, float* stats, T* grad_student,
                                                         int64_t grad_stride) {
   extern __shared__ uint32_t bits[];
+  __shared__ int repeated;  // an id marked twice: a faulty teacher row, as an id out of range
   using ReduceRow = cub::BlockReduce<RowSums, kThreads>;
   using ReduceIds = cub::BlockReduce<IdSums, kThreads>;
   __shared__ union {
@@ -103,9 +105,11 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
   auto in_range = [&](int64_t c) { return ids[c] >= 0 && ids[c] < vocab; };
 
   for (int64_t j = threadIdx.x; j < (vocab + 31) / 32; j += kThreads) bits[j] = 0u;
+  if (threadIdx.x == 0) repeated = 0;
   __syncthreads();
   for (int64_t c = threadIdx.x; c < k; c += kThreads) {
-    if (in_range(c)) atomicOr(&bits[ids[c] >> 5], 1u << (ids[c] & 31));
+    const uint32_t bit = 1u << (ids[c] & 31);
+    if (in_range(c) && (atomicOr(&bits[ids[c] >> 5], bit) & bit)) repeated = 1;
   }
   __syncthreads();
 
@@ -133,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
   if (threadIdx.x == 0) id_result = id_sums;
   __syncthreads();
   const double mass = id_result.a, max_x = fmax(static_cast<double>(rest.max), static_cast<double>(id_result.max));
-  const bool teacher_nan = id_result.flag, student_bad = row_result.bad || !(max_x > -INFINITY);
+  const bool teacher_nan = id_result.flag || repeated, student_bad = row_result.bad || !(max_x > -INFINITY);
   const double lp_rest = teacher_log_tail(tail, k, vocab, mass);
   auto x_of = [&](int64_t c) { return in_range(c) ? static_cast<double>(to_float(x[ids[c]]) * inv_t) : -INFINITY; };
 
@@ -174,7 +178,8 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
   __syncthreads();
   const OutcomeTerms r = outcome_terms(d, o.objective, lp_rest, lq_rest);
   const double div = id_result.a + r.loss, sum_h = id_result.b + r.h;
-  const bool row_nan = student_bad || teacher_nan;
+  // An infinite divergence (one that needs the tail, without it; the Python layer refuses that) has no gradient
+  const bool row_nan = student_bad || teacher_nan, grad_nan = row_nan || !isfinite(sum_h);
   const float z_label = has_label ? to_float(x[label]) : -INFINITY;
   if (threadIdx.x == 0) {
     const double nan = __longlong_as_double(0x7ff8000000000000ll);
@@ -185,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
     st[kDivergence] = static_cast<float>(row_nan ? nan : div);
     st[kStudentLabelLogprob] =
         static_cast<float>(has_label && !student_bad ? (static_cast<double>(z_label * inv_t) - max_x) - log_s : nan);
-    st[kTeacherLabelLogprob] = static_cast<float>(has_label ? teacher_label : nan);
+    st[kTeacherLabelLogprob] = static_cast<float>(has_label && !teacher_nan ? teacher_label : nan);
     loss[i] = static_cast<float>((1.0 - w) * (row_nan ? nan : div) + (has_label ? w * (raw_lse - z_label) : 0.0));
   }
   if (grad_student == nullptr) return;
@@ -193,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
   // Pass 2 (reads the row again, writes its gradient): 0 for a row without weight, NaN for a faulty one.
   T* g = grad_student + i * grad_stride;
   const float g_out = grad_weight[i];
-  if (g_out == 0.f || row_nan) {
+  if (g_out == 0.f || grad_nan) {
     const T fill = from_float<T>(g_out == 0.f ? 0.f : __int_as_float(0x7fc00000));
     for (int64_t j = threadIdx.x; j < vocab; j += kThreads) g[j] = fill;
     return;
@@ -227,8 +232,15 @@ template <class T>
 void launch(int64_t n_rows, const void* student, int64_t vocab, int64_t stride, const int64_t* ids,
             const float* logprobs, int64_t k, bool tail, const int64_t* labels, const float* grad_weight,
             const RowOptions& o, float* loss, float* stats, void* grad, int64_t grad_stride, cudaStream_t stream) {
+  if (n_rows > 0x7fffffff) throw std::invalid_argument("dpkd top-k kernel: at most 2^31 - 1 rows per call");
+  // Above 48 KB of shared memory, static and dynamic together, a kernel must ask for more
+  static const size_t static_shared = [] {
+    cudaFuncAttributes attributes;
+    check(cudaFuncGetAttributes(&attributes, topk_kernel<T>), "dpkd top-k kernel attributes");
+    return attributes.sharedSizeBytes;
+  }();
   const size_t shared = static_cast<size_t>((vocab + 31) / 32) * sizeof(uint32_t);
-  if (shared > 48 * 1024) {
+  if (shared + static_shared > 48 * 1024) {
     check(cudaFuncSetAttribute(topk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
           "dpkd top-k kernel: the vocabulary's bitmap does not fit the device's shared memory");
   }

@@ -11,7 +11,7 @@ import torch
 
 import dpkd
 from reference import topk_divergence
-from test_losses import DIVS, logits, rel_err
+from test_losses import logits, rel_err
 
 # Each divergence with its parameter at an interior value and where it degenerates (JSD's endpoints, skew 0 and 1).
 CASES = [("forward_kl", {}), ("reverse_kl", {}), ("tvd", {}),
@@ -375,10 +375,11 @@ def op_inputs(n, v, k, dtype, seed):
     s = logits(n, v, 4.0, seed=seed)
     s[:, -3:] = -math.inf
     logp, ids = torch.log_softmax(logits(n, v, 4.0, seed=seed + 1).double(), -1).topk(k, dim=-1)
-    fixed = torch.tensor([0, 31, 32, v - 1, v - 2])[: min(k, 5)]
-    ids[0] = torch.cat([fixed, torch.tensor([j for j in range(33, v) if j not in fixed.tolist()][: k - len(fixed)])])
+    fixed = list(dict.fromkeys(j for j in (0, 31, 32, v - 1, v - 2) if j < v))[:k]
+    ids[0] = torch.tensor(fixed + [j for j in range(v) if j not in fixed][: k - len(fixed)])
     labels = torch.stack([ids[i, i % k] if i % 2 == 0 else torch.tensor((i * 37) % v) for i in range(n)])
-    labels[1 % n], labels[2 % n] = -100, v + 5  # ignored; out of range: no label either
+    if n > 2:
+        labels[1], labels[2] = -100, v + 5  # ignored; out of range: no label either
     if n > 4:
         s[3, 5] = math.nan
         s[4] = -math.inf
@@ -418,18 +419,19 @@ def test_cuda_kernel_matches_the_cpu_one(div, beta, alpha, dtype, n, v, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_op_rows_with_ids_out_of_range_are_nan(device):
-    """Under torch.compile the teacher's rows are not checked in Python: the op itself must not read outside a row.
-    An id out of range makes that row's loss and gradient NaN; the other rows are untouched."""
+def test_op_rows_with_ids_out_of_range_or_repeated_are_nan(device):
+    """Under torch.compile the teacher's rows are not checked in Python: the op itself must not read outside a row,
+    nor let a repeated id's value depend on which write lands last (CUDA). Such a row's loss, gradient and teacher
+    statistics are NaN; the other rows are untouched."""
     s, ids, logp, labels, weight = op_inputs(4, 100, 6, torch.float32, seed=41)
     s, ids, logp, labels, weight = (t.to(device) for t in (s, ids, logp, labels, weight))
     args = ("jsd", 0.5, 0.1, 1.0, True, 0.0, -100)
     want = torch.ops.dpkd.topk_distill(s, ids, logp, labels, weight, *args)
-    for bad_id in (-1, 100, 1 << 40):
+    for bad_id in (-1, 100, 1 << 40, int(ids[2, 4])):
         bad = ids.clone()
         bad[2, 1] = bad_id
         got = torch.ops.dpkd.topk_distill(s, bad, logp, labels, weight, *args)
-        assert got[0][2].isnan() and got[2][2].isnan().all()
+        assert got[0][2].isnan() and got[2][2].isnan().all() and got[1][2, 1].isnan() and got[1][2, 4].isnan()
         rows = [0, 1, 3]
         torch.testing.assert_close(got[0][rows], want[0][rows], equal_nan=True)
         torch.testing.assert_close(got[2][rows], want[2][rows], equal_nan=True)

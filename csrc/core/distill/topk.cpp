@@ -2,6 +2,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -19,6 +20,7 @@ using namespace tiles;
 struct RowSpace {
   std::vector<float> z, e, tile_max, z_k;
   std::vector<double> lq_k, h_k;
+  std::vector<int64_t> sorted_ids;
   void reset(int64_t vocab, int64_t k) {
     const size_t width = static_cast<size_t>((vocab + kTile - 1) / kTile * kTile);
     z.resize(width);
@@ -27,6 +29,7 @@ struct RowSpace {
     z_k.resize(static_cast<size_t>(k));
     lq_k.resize(static_cast<size_t>(k));
     h_k.resize(static_cast<size_t>(k));
+    sorted_ids.resize(static_cast<size_t>(k));
   }
 };
 
@@ -55,8 +58,11 @@ void topk_row(const T* x, int64_t vocab, const int64_t* ids, const float* lp, co
   }
   const float z_label = has_label ? ws.z[label] : -INFINITY;
 
-  // The ids' logits out of the row (all gathered before any is removed: a repeated id reads its value twice).
-  bool teacher_nan = false;
+  // The ids' logits out of the row. A faulty teacher row (an id out of range or repeated, a NaN log-probability:
+  // checked by the Python layer except under torch.compile) is NaN in its loss and gradient.
+  std::copy(ids, ids + k, ws.sorted_ids.begin());
+  std::sort(ws.sorted_ids.begin(), ws.sorted_ids.end());
+  bool teacher_nan = std::adjacent_find(ws.sorted_ids.begin(), ws.sorted_ids.end()) != ws.sorted_ids.end();
   double mass = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     const bool in_range = ids[i] >= 0 && ids[i] < vocab;
@@ -110,19 +116,20 @@ void topk_row(const T* x, int64_t vocab, const int64_t* ids, const float* lp, co
   sum_h += r.h;
   plogp += r.plogp;
 
-  const bool row_nan = student_bad || teacher_nan;
+  // An infinite divergence (one that needs the tail, without it; the Python layer refuses that) has no gradient
+  const bool row_nan = student_bad || teacher_nan, grad_nan = row_nan || !std::isfinite(sum_h);
   const double ce = raw_needed ? (raw.max + std::log(raw.sum)) - z_label : (max_x + log_s) - z_label;
   stats[kStudentEntropy] = static_cast<float>(student_bad ? nan : entropy_s);
   stats[kTeacherEntropy] = static_cast<float>(teacher_nan ? nan : -plogp);
   stats[kDivergence] = static_cast<float>(row_nan ? nan : div);
   stats[kStudentLabelLogprob] =
       static_cast<float>(has_label && !student_bad ? (static_cast<double>(z_label * inv_t) - max_x) - log_s : nan);
-  stats[kTeacherLabelLogprob] = static_cast<float>(has_label ? teacher_label : nan);
+  stats[kTeacherLabelLogprob] = static_cast<float>(has_label && !teacher_nan ? teacher_label : nan);
   *loss = static_cast<float>((1.0 - w) * (row_nan ? nan : div) + (has_label ? w * ce : 0.0));
   if (grad == nullptr) return;
 
   // The gradient: a row without weight gets 0 (also where its logits are not finite), a faulty row NaN.
-  if (g_out == 0.f || row_nan) {
+  if (g_out == 0.f || grad_nan) {
     const T fill = store<T>(g_out == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN());
     for (int64_t j = 0; j < vocab; ++j) grad[j] = fill;
     return;
