@@ -126,18 +126,20 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
   __syncthreads();
   const SoftmaxSums rest = row_result.rest, raw = row_result.raw;
 
-  // The ids: their largest tempered logit, the teacher's mass and faults (NaN, or an id out of range).
+  // The ids: their largest tempered logit, the teacher's mass and faults (an id out of range, logprob_faulty).
   IdSums ia{0.0, 0.0, 0.0, -INFINITY, 0};
   for (int64_t c = threadIdx.x; c < k; c += kThreads) {
     ia.max = fmaxf(ia.max, in_range(c) ? to_float(x[ids[c]]) * inv_t : -INFINITY);
     ia.a += exp(static_cast<double>(lp[c]));
-    ia.flag |= !in_range(c) || isnan(lp[c]);
+    ia.flag |= !in_range(c) || logprob_faulty(lp[c]);
   }
   IdSums id_sums = ReduceIds(temp.ids).Reduce(ia, MergeIdSums());
   if (threadIdx.x == 0) id_result = id_sums;
   __syncthreads();
   const double mass = id_result.a, max_x = fmax(static_cast<double>(rest.max), static_cast<double>(id_result.max));
-  const bool teacher_nan = id_result.flag || repeated, student_bad = row_result.bad || !(max_x > -INFINITY);
+  const Divergence d = effective_divergence(o.objective);
+  const bool teacher_nan = id_result.flag || repeated || mass_faulty(mass, tail, d, k, vocab);
+  const bool student_bad = row_result.bad || !(max_x > -INFINITY);
   const double lp_rest = teacher_log_tail(tail, k, vocab, mass);
   auto x_of = [&](int64_t c) { return in_range(c) ? static_cast<double>(to_float(x[ids[c]]) * inv_t) : -INFINITY; };
 
@@ -163,7 +165,6 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
   const double lq_rest = has_rest ? rest_shift + log(rest.sum) - log_s : -INFINITY;
 
   // The divergence over the K + 1 outcomes.
-  const Divergence d = effective_divergence(o.objective);
   ia = {0.0, 0.0, 0.0, -INFINITY, 0};
   for (int64_t c = threadIdx.x; c < k; c += kThreads) {
     const OutcomeTerms t = outcome_terms(d, o.objective, lp[c], (x_of(c) - max_x) - log_s);

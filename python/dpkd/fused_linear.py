@@ -380,14 +380,17 @@ def fused_linear_distill_loss(
             raise ValueError(f"vocabulary sizes differ (student_weight {student_weight.shape[0]}, teacher_weight "
                              f"{teacher_weight.shape[0]}); pass allow_vocab_mismatch=True")
     else:
+        if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2):
+            raise ValueError("teacher_topk must be a pair (ids, log-probabilities)")
         topk.check_teacher_tensors(*teacher_topk, tuple(student_hidden.shape[:-1]), student_hidden.device,
                                    names=_TOPK_NAMES)
         unused = [name for name, given in (("teacher_bias", teacher_bias is not None),
                                            ("teacher_logit_scale", teacher_logit_scale != 1.0),
-                                           ("teacher_softcap", teacher_softcap is not None)) if given]
+                                           ("teacher_softcap", teacher_softcap is not None),
+                                           ("allow_vocab_mismatch", allow_vocab_mismatch)) if given]
         if unused:
-            raise ValueError(f"{', '.join(unused)} apply to the teacher's head, which a top-k teacher replaces: apply "
-                             "them when producing its log-probabilities")
+            raise ValueError(f"{', '.join(unused)}: for a teacher head, which a top-k teacher replaces (apply them "
+                             "when producing its log-probabilities; its ids index the student's vocabulary)")
     if topk_tail and teacher_topk is None:
         raise ValueError("topk_tail=True needs teacher_topk")
     lead = tuple(student_hidden.shape[:-1])

@@ -79,7 +79,8 @@ class _TopKDistill(torch.autograd.Function):
         return *_ops.first_order_only(grad, anchors=(x,)), None, None, None, None
 
 
-# Rounding slack for log-probabilities and their sum (a softmax's certain token can come out at +1e-7).
+# Rounding slack for log-probabilities and their sum (a softmax's certain token can come out at +1e-7): the kernels'
+# kLogProbSlack (csrc/core/distill/topk_math.h), which make such rows NaN where these checks do not run (compiled).
 _LOGPROB_SLACK = 1e-3
 
 
@@ -125,7 +126,8 @@ def checked_teacher(ids: torch.Tensor, logp: torch.Tensor, v: int, objective: Ob
                 f"{names[1]} of a row sum to more than probability 1",
                 f"{names[1]} of a row sum to probability 1, leaving the tail no mass: {_named(objective)} is infinite "
                 "wherever the student has mass outside the ids (a cache renormalised over its ids, or of a certain "
-                "teacher, has no tail: use a divergence that needs none)"]
+                "teacher, has no tail: use a divergence that needs none; float32 log-probabilities of a teacher whose "
+                "tail is below ~1e-7 round to mass 1: cache them in float64)"]
     for column, flag in enumerate(faults.any(0).tolist()):
         if flag:
             row = int(faults[:, column].nonzero()[0, 0])
@@ -179,11 +181,12 @@ def topk_distill_loss(
     Args:
         student_logits: [N, V] or [B, T, V].
         teacher_ids: int64 [..., K] token ids, distinct within a row.
-        teacher_logprobs: [..., K] the teacher's log-probabilities of those ids, used as given: apply the
-            teacher's temperature when producing them (``temperature`` here divides the student's logits). A cache
-            made at temperature 1 cannot be re-tempered exactly (the normaliser needs the whole vocabulary);
-            ``log_softmax(logprobs / T)`` over the ids renormalises them to mass 1, leaving no tail. Rows of tokens
-            that carry no loss are not checked: padding may hold anything.
+        teacher_logprobs: [..., K] the teacher's log-probabilities of those ids, used as given and as constants (no
+            gradient reaches them): apply the teacher's temperature when producing them (``temperature`` here divides
+            the student's logits). A cache made at temperature 1 cannot be re-tempered exactly (the normaliser needs
+            the whole vocabulary); ``log_softmax(logprobs / T)`` over the ids renormalises them to mass 1, leaving no
+            tail. Rows of tokens that carry no loss are not checked: padding may hold anything. Under torch.compile
+            the rows are not checked either: the op makes a faulty row's loss and gradient NaN.
         divergence: as :func:`dpkd.distill_loss` (see the module's docstring for its meaning over a top-k teacher).
             ``reverse_kl``, and ``jsd`` at beta = 1 and ``skew_reverse_kl`` at alpha = 0, need ``tail``.
         tail: the teacher's remaining mass 1 - sum_K p is one more outcome, against the student's 1 - sum_K q.

@@ -256,9 +256,13 @@ def test_gradients_are_first_order_and_the_forward_pass_gradient_is_used_once():
 def test_fused_top_k_refuses_options_of_a_teacher_head():
     h, w = logits(4, 8, seed=16), logits(10, 8, seed=17)
     topk = (torch.arange(3).repeat(4, 1), torch.full((4, 3), -2.0))
-    for option in (dict(teacher_bias=torch.zeros(10)), dict(teacher_logit_scale=2.0), dict(teacher_softcap=30.0)):
-        with pytest.raises(ValueError, match="apply to the teacher's head, which a top-k teacher replaces"):
+    for option in (dict(teacher_bias=torch.zeros(10)), dict(teacher_logit_scale=2.0), dict(teacher_softcap=30.0),
+                   dict(allow_vocab_mismatch=True)):
+        with pytest.raises(ValueError, match=f"{next(iter(option))}: for a teacher head, which a top-k teacher "
+                                             "replaces"):
             dpkd.fused_linear_distill_loss(h, w, teacher_topk=topk, **option)
+    with pytest.raises(ValueError, match=r"teacher_topk must be a pair \(ids, log-probabilities\)"):
+        dpkd.fused_linear_distill_loss(h, w, teacher_topk=(*topk, topk[1]))
     with pytest.raises(ValueError, match="topk_tail=True needs teacher_topk"):
         dpkd.fused_linear_distill_loss(h, w, h, w, topk_tail=True)
     with pytest.raises(ValueError, match="at least one id per row"):
@@ -435,6 +439,20 @@ def test_op_rows_with_ids_out_of_range_or_repeated_are_nan(device):
         rows = [0, 1, 3]
         torch.testing.assert_close(got[0][rows], want[0][rows], equal_nan=True)
         torch.testing.assert_close(got[2][rows], want[2][rows], equal_nan=True)
+    # The Python layer's other faults, as the kernels see them: a log-probability above 0, NaN, mass above 1, and
+    # (reverse KL with the tail) no mass left for it; rounding-sized excesses pass
+    for column, value, div, ok in ((1, 0.5, "jsd", False), (1, math.nan, "jsd", False), (1, 5e-4, "jsd", True),
+                                   (None, 1.2, "jsd", False), (1, 0.0, "reverse_kl", False), (1, 0.0, "jsd", True),
+                                   (None, 1 + 5e-4, "jsd", True)):
+        bad = logp.clone()
+        if column is None:  # rescaled to that mass
+            bad[2] = bad[2] - torch.logsumexp(bad[2].double(), 0).float() + math.log(value)
+        else:  # the rest of the row nearly empty, so that only this value can be at fault (mass 1 + 5e-17 for 0)
+            bad[2] = -40.0
+            bad[2, column] = value
+        got = torch.ops.dpkd.topk_distill(s, ids, bad, labels, weight, div, *args[1:])
+        assert got[0][2].isnan() != ok and got[2][2].isnan().all() != ok, (column, value, div)
+        assert got[0][[0, 1, 3]].isfinite().all()
     with pytest.raises(ValueError, match="teacher_logprobs must have teacher_ids' shape"):
         torch.ops.dpkd.topk_distill(s, ids, logp[:, :3], labels, weight, *args)
     with pytest.raises(ValueError, match="grad_weight must be a floating tensor of shape"):

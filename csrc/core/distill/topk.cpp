@@ -58,15 +58,15 @@ void topk_row(const T* x, int64_t vocab, const int64_t* ids, const float* lp, co
   }
   const float z_label = has_label ? ws.z[label] : -INFINITY;
 
-  // The ids' logits out of the row. A faulty teacher row (an id out of range or repeated, a NaN log-probability:
-  // checked by the Python layer except under torch.compile) is NaN in its loss and gradient.
+  // The ids' logits out of the row. A faulty teacher row (an id out of range or repeated, or topk_math.h's faults) is
+  // NaN in its loss and gradient.
   std::copy(ids, ids + k, ws.sorted_ids.begin());
   std::sort(ws.sorted_ids.begin(), ws.sorted_ids.end());
   bool teacher_nan = std::adjacent_find(ws.sorted_ids.begin(), ws.sorted_ids.end()) != ws.sorted_ids.end();
   double mass = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     const bool in_range = ids[i] >= 0 && ids[i] < vocab;
-    teacher_nan |= !in_range || std::isnan(lp[i]);
+    teacher_nan |= !in_range || logprob_faulty(lp[i]);
     ws.z_k[i] = in_range ? ws.z[ids[i]] : -INFINITY;
     mass += std::exp(static_cast<double>(lp[i]));
   }
@@ -101,6 +101,7 @@ void topk_row(const T* x, int64_t vocab, const int64_t* ids, const float* lp, co
 
   // The divergence over the K + 1 outcomes.
   const Divergence d = effective_divergence(o.objective);
+  teacher_nan |= mass_faulty(mass, teacher.tail, d, k, vocab);
   const double lp_rest = teacher_log_tail(teacher.tail, k, vocab, mass);
   double div = 0.0, sum_h = 0.0, plogp = 0.0, teacher_label = lp_rest;
   for (int64_t i = 0; i < k; ++i) {

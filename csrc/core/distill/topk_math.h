@@ -44,6 +44,19 @@ DPKD_HOST_DEVICE OutcomeTerms outcome_terms(Divergence d, const ObjectiveParams&
   return {e.loss, h, p > 0.0 ? p * lp : 0.0};
 }
 
+// Rounding slack for a teacher's log-probabilities and their mass (a softmax's certain token can come out at +1e-7):
+// python/dpkd/topk.py's checks use the same.
+constexpr double kLogProbSlack = 1e-3;
+
+// A faulty teacher row, as the Python layer's checks define it (which raise; they are skipped under torch.compile,
+// and a kernel must not compute a finite loss from such a row): a log-probability NaN or above 0 past the slack
+// (logprob_faulty), mass above 1 past it, or, for a divergence infinite where the teacher has no mass (reverse KL)
+// with the tail, no mass left for the tail while columns lie outside the ids.
+DPKD_HOST_DEVICE bool logprob_faulty(float lp) { return !(lp <= kLogProbSlack); }
+DPKD_HOST_DEVICE bool mass_faulty(double mass, bool tail, Divergence d, int64_t k, int64_t vocab) {
+  return mass > 1.0 + kLogProbSlack || (tail && d == Divergence::kReverseKL && k < vocab && mass >= 1.0);
+}
+
 // The teacher's log-mass outside its ids: log(1 - sum_K p) with the tail (0 mass when rounding makes it
 // negative), -inf without it or where the ids cover the vocabulary (no rest: 1 - sum p would be rounding).
 DPKD_HOST_DEVICE double teacher_log_tail(bool tail, int64_t k, int64_t vocab, double mass) {
