@@ -141,7 +141,7 @@ void topk_row(const T* x, int64_t vocab, const int64_t* ids, const float* lp, co
   const double rest_coef = has_rest ? (r.h - std::exp(lq_rest) * sum_h) * a / rest.sum : 0.0;
   const double label_coef = raw_needed ? 0.0 : b;
   const float raw_log_sum = raw_needed ? raw.log_sum() : 0.f;
-  for (int64_t j0 = 0; j0 < width && j0 < vocab; j0 += kTile) {
+  for (int64_t j0 = 0; j0 < vocab; j0 += kTile) {
     const double tile_max = ws.tile_max[j0 / kTile];
     const float f = tile_max > -INFINITY ? static_cast<float>(std::exp(tile_max - rest.max) * rest_coef +
                                                               label_coef * std::exp(tile_max - max_x - log_s))
@@ -155,7 +155,7 @@ void topk_row(const T* x, int64_t vocab, const int64_t* ids, const float* lp, co
   }
   // On K (written last: the pass above left its own values there): h_k - q_k S, and the hard-label term.
   for (int64_t i = 0; i < k; ++i) {
-    const double q_raw = raw_needed ? std::exp((ws.z_k[i] - raw.max) - static_cast<double>(raw_log_sum))
+    const double q_raw = raw_needed ? std::exp((static_cast<double>(ws.z_k[i]) - raw.max) - raw_log_sum)
                                     : std::exp(ws.lq_k[i]);
     const double g = (ws.h_k[i] - std::exp(ws.lq_k[i]) * sum_h) * a + b * q_raw - (ids[i] == label ? b : 0.0);
     grad[ids[i]] = store<T>(static_cast<float>(g));
