@@ -76,6 +76,10 @@ class Selection:
             # A tensor's scope is unknown (a batch quantile would make it "batch"): the caller says which.
             raise TypeError(f"a Selection combines with a Selection, got {type(other).__name__}: wrap a tensor as "
                             "Selection(tensor, scope='sequence' or 'batch')")
+        if self.values.shape != other.values.shape:  # broadcasting would pair one sequence's values with another's
+            raise ValueError(f"Selections combine token by token and need one shape, got {tuple(self.values.shape)} "
+                             f"and {tuple(other.values.shape)} (per-sequence [B] weights spread over [B, T] with "
+                             "paced_weights(..., tokens_per_sequence=T))")
         scope: Scope = "sequence" if self.scope == other.scope == "sequence" else "batch"
         return Selection(op(self.values, other.values), scope)
 
@@ -183,6 +187,8 @@ def tip(student_entropy: torch.Tensor, divergence: torch.Tensor, *, quadrant: Qu
     """
     if quadrant not in ("q1", "q2", "q1_or_q2"):
         raise ValueError(f"quadrant must be 'q1', 'q2' or 'q1_or_q2', got {quadrant!r}")
+    if fraction is not None:  # also where both thresholds make it unused: a wrong value is a mistake either way
+        _check_fraction(fraction)
     _check_same_shape(("student_entropy", "divergence"), student_entropy, divergence)
     v = _valid(student_entropy.detach().float(), valid) & ~torch.isnan(divergence.detach())
     if entropy_threshold is not None:
@@ -210,7 +216,8 @@ def entropy_sampling(student_entropy: torch.Tensor, fraction: float, *, generato
     positive entropy (a token of entropy 0 has probability 0 of being drawn)."""
     _check_fraction(fraction)
     h = student_entropy.detach().float()
-    u = torch.rand(h.shape, generator=generator, device="cpu").to(h.device).clamp(min=1e-20)
+    u = torch.rand(h.shape, generator=generator, device=generator.device if generator is not None else "cpu")
+    u = u.to(h.device).clamp(min=1e-20)
     key = torch.log(h.clamp(min=1e-30)) - torch.log(-torch.log(u))
     v = _valid(h, valid) & (h > 0)
     return Selection(top_fraction(key, fraction, valid=v, scope=scope), scope)
@@ -248,12 +255,14 @@ def teacher_entropy_weights(teacher_entropy: torch.Tensor, *, vocab_size: int, p
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
     if not 0 <= power < math.inf:  # a negative power weights a near-uniform teacher most (inf at H = log V)
         raise ValueError(f"power must be >= 0 and finite, got {power}")
-    w = (1 - teacher_entropy.detach().float() / math.log(vocab_size)).clamp(0, 1) ** power
+    h = teacher_entropy.detach().float()
+    # NaN (no score) weighs 0: clamp keeps NaN, but NaN ** 0 is 1
+    w = torch.where(h.isnan(), 0.0, (1 - h / math.log(vocab_size)).clamp(0, 1) ** power)
     if valid is not None:
         if valid.shape != w.shape:
             raise ValueError(f"valid must have shape {tuple(w.shape)}, got {tuple(valid.shape)}")
         w = torch.where(valid.bool(), w, torch.zeros_like(w))
-    return Selection(torch.nan_to_num(w, nan=0.0), "sequence")
+    return Selection(w, "sequence")
 
 
 def paced_weights(pass_rate: torch.Tensor, *, alpha: float = 1.0, beta: float = 1.0,
@@ -266,6 +275,8 @@ def paced_weights(pass_rate: torch.Tensor, *, alpha: float = 1.0, beta: float = 
         raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
     if pass_rate.dim() != 1:
         raise ValueError(f"pass_rate must be [B] (one rate per sequence), got shape {tuple(pass_rate.shape)}")
+    if tokens_per_sequence is not None and not (isinstance(tokens_per_sequence, int) and tokens_per_sequence > 0):
+        raise ValueError(f"tokens_per_sequence must be a positive int, got {tokens_per_sequence!r}")
     p = pass_rate.detach().float()
     # NaN fails too. A host read: skipped while compiling (torch.compile would break the graph on it)
     if not torch.compiler.is_compiling() and not ((p >= 0) & (p <= 1)).all():

@@ -350,3 +350,25 @@ def test_rules_check_their_arguments():
         select.paced_weights(torch.tensor([float("nan"), 0.5]))
     with pytest.raises(ValueError, match=r"pass_rate must be \[B\]"):
         select.paced_weights(torch.tensor([[0.2], [0.5]]), tokens_per_sequence=3)
+
+
+def test_combining_needs_one_shape_and_no_score_weighs_zero():
+    """From an audit: Selections of different shapes broadcast (a PACED [B] weight times a [B, T] mask weighted token
+    t of every sequence by sequence t's pass rate, under 'sequence' scope, so DP accepted it); SRPO with power 0 gave
+    weight 1 where the statistic is NaN (NaN ** 0 = 1); tokens_per_sequence and tip's unused fraction were unchecked."""
+    S = select
+    h = torch.rand(4, 4)
+    mask = S.entropy_top_fraction(h, 0.5)
+    with pytest.raises(ValueError, match=r"need one shape, got \(4,\) and \(4, 4\)"):
+        S.paced_weights(torch.tensor([0.0, 0.5, 0.5, 0.5])) * mask
+    with pytest.raises(ValueError, match="need one shape"):
+        mask & S.entropy_top_fraction(h[:1], 0.5)
+    spread = S.paced_weights(torch.tensor([0.0, 0.5, 0.5, 0.5]), tokens_per_sequence=4) * mask
+    assert (spread.values[0] == 0).all() and spread.scope == "sequence"
+    w = S.teacher_entropy_weights(torch.tensor([[0.5, math.nan]]), vocab_size=10, power=0.0).values
+    assert w.tolist() == [[1.0, 0.0]]
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="tokens_per_sequence must be a positive int"):
+            S.paced_weights(torch.tensor([0.5]), tokens_per_sequence=bad)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        S.tip(h, h, fraction=7.0, entropy_threshold=0.5, divergence_threshold=0.5)
