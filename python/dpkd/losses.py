@@ -461,8 +461,15 @@ def stats_without(missing: tuple[tuple[str, str], ...]) -> type:
             def read(self):
                 raise ValueError(f"the select rule read {field}, which {why}")
             return property(read)
-        _STATS_CLASSES[missing] = type("TokenStats", (TokenStats,),
-                                       {"__slots__": (), **{f: unformed(f, why) for f, why in missing}})
+
+        def item(self, index):  # stats[3] reads the field as stats.student_label_logprob does
+            fields = TokenStats._fields[index] if isinstance(index, slice) else (TokenStats._fields[index],)
+            for field, why in missing:
+                if field in fields:
+                    raise ValueError(f"the select rule read {field}, which {why}")
+            return tuple.__getitem__(self, index)
+        _STATS_CLASSES[missing] = type("TokenStats", (TokenStats,), {"__slots__": (), "__getitem__": item,
+                                                                     **{f: unformed(f, why) for f, why in missing}})
     return _STATS_CLASSES[missing]
 
 

@@ -307,6 +307,11 @@ def test_a_rule_of_label_statistics_needs_labels():
                  lambda **kw: dpkd.fused_linear_distill_loss(h, w, h_t, w, **kw)):
         with pytest.raises(ValueError, match="read student_label_logprob, which needs labels="):
             loss(select=rule)
+        with pytest.raises(ValueError, match="read teacher_label_logprob, which needs labels="):  # by position
+            loss(select=lambda st, v: dpkd.select.top_fraction(st[4], 0.5, valid=v))
+        with pytest.raises(ValueError, match="read student_label_logprob, which needs labels="):
+            loss(select=lambda st, v: dpkd.select.top_fraction(st[2:][1], 0.5, valid=v))
+        assert loss(select=lambda st, v: dpkd.select.entropy_top_fraction(st[0], 0.5, valid=v)) > 0
         assert loss(select=rule, labels=torch.randint(0, 9, (2, 4))) > 0
     with pytest.raises(ValueError, match="read divergence, which select_reads='student' does not form"):
         dpkd.fused_linear_distill_loss(h, w, h_t, w, select_reads="student",
