@@ -146,9 +146,9 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* student, int64_
   // The normaliser: the ids' sums against the row's max, joined with the rest's.
   ia = {0.0, 0.0, 0.0, -INFINITY, 0};
   for (int64_t c = threadIdx.x; c < k; c += kThreads) {
-    const double d = x_of(c) - max_x, e = exp(d);
+    const double shift = x_of(c) - max_x, e = exp(shift);
     ia.a += e;
-    ia.b += e > 0.0 ? e * d : 0.0;
+    ia.b += e > 0.0 ? e * shift : 0.0;
   }
   __syncthreads();  // every thread has read id_result, which thread 0 writes again below
   id_sums = ReduceIds(temp.ids).Reduce(ia, MergeIdSums());

@@ -87,9 +87,9 @@ void topk_row(const T* x, int64_t vocab, const int64_t* ids, const float* lp, co
   student_bad |= !(max_x > -INFINITY);
   double sum_k = 0.0, centered_k = 0.0;
   for (int64_t i = 0; i < k; ++i) {
-    const double d = static_cast<double>(ws.z_k[i] * inv_t) - max_x, e = std::exp(d);
+    const double shift = static_cast<double>(ws.z_k[i] * inv_t) - max_x, e = std::exp(shift);
     sum_k += e;
-    centered_k += e > 0.0 ? e * d : 0.0;
+    centered_k += e > 0.0 ? e * shift : 0.0;
   }
   const bool has_rest = rest.sum > 0.0;
   const double rest_shift = rest.max - max_x, rest_scale = has_rest ? std::exp(rest_shift) : 0.0;
