@@ -14,7 +14,7 @@ namespace {
 // like k^-(alpha + 2)); past this many the order has no bound (+inf), never a too-small one.
 constexpr int kMaxSeriesTerms = 200000;
 // A series stops once its terms are this far (in log space, ~1e-11) below the running sum; the
-// tails alternate with decreasing magnitude, so the first omitted term bounds the error.
+// tails alternate with decreasing magnitude, so the first omitted term bounds the error (added: never too low).
 constexpr double kRelativeStop = -25.0;
 
 // Positive and negative terms summed separately in log space.
@@ -106,6 +106,10 @@ double log_a_fractional(double q, double sigma, double alpha) {
       log_largest = std::fmax(log_largest, log_w0 + log_phi_z0);
     }
     if (dk > alpha && log_largest - sum.log_pos < kRelativeStop) {
+      // The omitted tails of the two series are bounded by their first terms, each below this step's largest: add
+      // both, so that A comes out an upper bound (at q >= 1/4, where the plain series sums A, the stop's ~1e-11 of A
+      // is up to 5e-8 of a small A - 1, and leaving it out made the RDP that much too low).
+      sum.add(log_largest + std::log(2.0), true);
       const double value = sum.log_value();
       return subtract_one ? softplus(value) : value;
     }
