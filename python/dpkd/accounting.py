@@ -53,6 +53,8 @@ def _orders(orders: Iterable[float] | None) -> list[float]:
 
 def _steps(steps: Any, name: str = "steps") -> int:
     try:
+        if isinstance(steps, bool):  # an index to Python, a slip here
+            raise TypeError
         value = operator.index(steps)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(steps).__name__} {steps!r}") from None

@@ -244,8 +244,9 @@ def test_bad_input_names_the_argument(call, name):
 
 
 def test_steps_must_be_an_integer():
-    with pytest.raises(TypeError, match="steps"):
-        acc.epsilon(noise_multiplier=1, sample_rate=0.1, steps=2.5, delta=1e-5)
+    for steps in (2.5, True):  # True is an index to Python: a slip here
+        with pytest.raises(TypeError, match="steps"):
+            acc.epsilon(noise_multiplier=1, sample_rate=0.1, steps=steps, delta=1e-5)
 
 
 # --- published vectors (TF-Privacy, Opacus, dp_accounting; sources in the closing note of this change) ---
