@@ -767,29 +767,37 @@ def test_embedding_and_linear_subclasses_with_forwards_of_their_own_are_refused(
     dp.step()
 
 
-@pytest.mark.parametrize("by_keyword", [False, True])
+@pytest.mark.parametrize("by_keyword", [False, True, "other keyword", "in a dict", "no tensor"])
 def test_a_model_that_folds_tokens_into_the_batch_is_refused(by_keyword):
     """OPT's decoder layers reshape [B, T, d] to [B * T, d] before fc1/fc2: with only those layers trainable, every
     captured layer saw B * T rows, so no batch-size mismatch showed, and each token was clipped as an example (a
     review measured one example moving the update by 3.13 C). The layers' rows are now held against the model input's
-    batch size (positional, or a Hugging Face input_ids= keyword)."""
+    batch size (positional, or a Hugging Face input_ids= keyword). An audit found the check silently off where the
+    input came by another keyword or inside a dict (one example then moved the update by T C): any tensor argument
+    counts now, and a call without one is refused."""
     class Folding(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.emb = torch.nn.Embedding(10, 4).requires_grad_(False)
             self.fc = torch.nn.Linear(4, 3)
+            self.held = None
 
-        def forward(self, input_ids):
-            x = self.emb(input_ids)
+        def forward(self, input_ids=None, x=None):
+            if isinstance(input_ids, dict):
+                input_ids = input_ids["ids"]
+            x = self.emb(next(t for t in (input_ids, x, self.held) if t is not None))
             return self.fc(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], 3)
 
     model = Folding()
     model, dp = privacy.make_private(model, torch.optim.SGD(model.fc.parameters(), lr=1.0), noise_multiplier=0.0,
                                      max_grad_norm=1.0, expected_batch_size=2, sample_rate=0.1)
     ids = torch.randint(0, 10, (2, 5))
-    out = model(input_ids=ids) if by_keyword else model(ids)
-    out.pow(2).sum((1, 2)).sum().backward()
-    with pytest.raises(ValueError, match="saw 10 rows where the model's input had 2"):
+    model.held = ids
+    calls = {False: lambda: model(ids), True: lambda: model(input_ids=ids), "other keyword": lambda: model(x=ids),
+             "in a dict": lambda: model({"ids": ids}), "no tensor": lambda: model()}
+    calls[by_keyword]().pow(2).sum((1, 2)).sum().backward()
+    match = "without a tensor argument" if by_keyword == "no tensor" else "saw 10 rows where the model's input had 2"
+    with pytest.raises(ValueError, match=match):
         dp.step()
 
 

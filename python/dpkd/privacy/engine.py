@@ -104,12 +104,27 @@ def private_engines(tensor: torch.Tensor) -> set[ClippingEngine]:
     return set(engines) if captured and not found else found
 
 
+def _tensor_leaves(value, depth: int = 0):
+    """Tensors of at least one dimension in ``value``, and inside its dicts, lists and tuples, in order."""
+    if isinstance(value, torch.Tensor):
+        if value.dim():
+            yield value
+    elif depth < 4 and isinstance(value, (dict, list, tuple)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _tensor_leaves(item, depth + 1)
+
+
 def _model_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """A model's input: its first positional tensor, or a Hugging Face model's input_ids or inputs_embeds."""
-    for x in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
-        if isinstance(x, torch.Tensor):
-            return x
-    return None
+    """A model's input, whose first dimension is the batch: its first tensor argument, taken from its positional
+    arguments, then a Hugging Face model's input_ids or inputs_embeds, then its other keyword arguments in order (and
+    inside dicts and lists). None where the call holds no tensor."""
+    ordered = (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"),
+               *(v for k, v in kwargs.items() if k not in ("input_ids", "inputs_embeds")))
+    return next(_tensor_leaves(ordered), None)
+
+
+# An entry into the model whose input holds no tensor: its layers' rows cannot be checked against the batch.
+_NO_INPUT = -1
 
 
 def _inert_hook(*args) -> None:
@@ -403,7 +418,7 @@ class ClippingEngine:
             return
         if self._depth == 0 and self._new_entry():
             x = _model_input(args, kwargs)  # earlier entries are consumed or refused
-            self._entry_rows = {self._entry: x.shape[0] if x is not None and x.dim() else None}
+            self._entry_rows = {self._entry: _NO_INPUT if x is None else x.shape[0]}
             self._entry_id_dims = {self._entry: None if x is None else min(x.dim(), 2)}
         self._depth += 1
 
@@ -727,6 +742,11 @@ class ClippingEngine:
         rows = next(iter(seen))
         for name, entries in entries_of.items():
             inputs = {self._entry_rows.get(e) for e in entries} - {None}
+            if _NO_INPUT in inputs:
+                raise ValueError(f"layer {name!r} ran in a call of the model without a tensor argument: the batch size "
+                                 "its rows must equal is unknown (a model that folds tokens into the batch dimension "
+                                 "would be clipped per token unnoticed); pass the model its input as a tensor, a "
+                                 "keyword argument, or inside a dict or list")
             if inputs and inputs != {rows}:
                 raise ValueError(f"layer {name!r} saw {rows} rows where the model's input had {inputs.pop()}: the "
                                  "model folds something (OPT's decoder layers: the tokens) into the batch dimension "
