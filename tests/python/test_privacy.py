@@ -1775,3 +1775,36 @@ def test_a_parameter_replaced_at_a_call_is_refused(layer):
     dp.zero_grad()
     model(x).sum().backward()  # the layers' own parameters: as ever
     dp.step()
+
+
+@pytest.mark.parametrize("layer", ["linear", "layer_norm"])
+def test_a_layer_on_a_table_shared_by_all_examples_is_refused(layer):
+    """From an audit: a trainable layer applied to a [T, d] parameter or buffer (a learned position table) has rows
+    that pass the row check where B = T, and each was clipped as an example (one example moved the update by 3.1 C at
+    B = T = 8, silently). Refused at the forward pass; the table expanded over the batch is per example, and allowed."""
+    b = t = 4
+
+    class Positions(torch.nn.Module):
+        def __init__(self, expand):
+            super().__init__()
+            self.register_buffer("table", torch.randn(t, 3))
+            self.pos = torch.nn.Linear(3, 3) if layer == "linear" else torch.nn.LayerNorm(3)
+            self.out = torch.nn.Linear(3, 1)
+            self.expand = expand
+
+        def forward(self, x):
+            table = self.table.expand(x.shape[0], t, 3) if self.expand else self.table[:t]
+            return self.out(x + self.pos(table)).squeeze(-1)
+
+    for expand in (False, True):
+        model = Positions(expand)
+        model, dp = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                         max_grad_norm=1.0, expected_batch_size=b, sample_rate=0.1)
+        x = torch.randn(b, t, 3)
+        if not expand:
+            with pytest.raises(ValueError, match="applied to a parameter or buffer of the model"):
+                model(x)
+            continue
+        model(x).pow(2).sum(1).sum().backward()
+        dp.step()
+        assert dp.last_per_example_norms.shape == (b,)

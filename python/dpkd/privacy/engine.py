@@ -369,6 +369,7 @@ class ClippingEngine:
         self.frozen_params = [(f"{m_name}.{pn}" if m_name else pn, p) for m_name, (module, _) in self.layers.items()
                               for pn, p in module.named_parameters(recurse=False) if not p.requires_grad]
         self.model = weakref.ref(model)
+        self._storages: set[int] | None = None  # the model's parameters' and buffers' storages, once per entry
         holders = {prefix for name in self.layers for prefix in _prefixes(name)}
         self.handles = []
         for name, module in model.named_modules():
@@ -420,6 +421,7 @@ class ClippingEngine:
             x = _model_input(args, kwargs)  # earlier entries are consumed or refused
             self._entry_rows = {self._entry: _NO_INPUT if x is None else x.shape[0]}
             self._entry_id_dims = {self._entry: None if x is None else min(x.dim(), 2)}
+            self._storages = None
         self._depth += 1
 
     def _leave(self, target: torch.nn.Module, module: torch.nn.Module, args: tuple, output) -> None:
@@ -520,6 +522,7 @@ class ClippingEngine:
                 # generation, evaluation, or a layer frozen since make_private: the plain layer
                 return type(module).forward(module, x)
             self._check_own_params(name, module)
+            self._check_batched(name, x)
             if kind == "conv1d_hf":
                 weight, bias = module.weight.t(), module.bias
             else:
@@ -564,6 +567,22 @@ class ClippingEngine:
         copies[key] = (weakref.ref(x, forget), x._version, copy)
         return copy
 
+    def _check_batched(self, name: str, x) -> None:
+        """Refuse a layer input that is the model's own parameter or buffer (or a view of it) without an expanded
+        batch dimension: a [T, d] table shared by all examples, whose rows pass the row check where B = T and would
+        each be clipped as an example."""
+        if not isinstance(x, torch.Tensor) or (x.dim() and x.stride(0) == 0):
+            return
+        if self._storages is None:
+            model = self.model()
+            tensors = [] if model is None else [*model.parameters(), *model.buffers()]
+            self._storages = {t.untyped_storage().data_ptr() for t in tensors} - {0}
+        if x.untyped_storage().data_ptr() in self._storages:  # 0 (empty or meta tensors) never is
+            raise ValueError(f"layer {name!r} was applied to a parameter or buffer of the model, a tensor without the "
+                             "batch dimension shared by all examples: its rows are not examples (where B equals "
+                             "their number they would pass for them); apply it to table.expand(B, *table.shape), "
+                             "or freeze it")
+
     def _check_own_params(self, name: str, module: torch.nn.Module) -> None:
         for pn, p in self._own_params[name].items():
             if module._parameters.get(pn) is not p:
@@ -595,6 +614,7 @@ class ClippingEngine:
         if module is not target or self._flushing or not (
                 torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return  # the engine's own torch.func calls, evaluation, or a frozen path
+        self._check_batched(name, args[0] if args else None)
         call = _Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), self._call_entry(),
                      autocast=_mixed.autocast_dtype(output.device.type))
         keep = self._keep_grad(name)
