@@ -1330,6 +1330,19 @@ def test_a_frozen_weight_next_to_a_trainable_bias_unfrozen_later_is_refused():
         dp.step()
 
 
+def test_a_module_frozen_altogether_unfrozen_later_is_refused():
+    """From an audit: a module with no trainable parameter at make_private is not captured; unfrozen later, autograd
+    left raw, unclipped gradients in its .grad (not stepped unless the optimizer held it, but readable)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).double()
+    model[0].requires_grad_(False)
+    _, dp = privacy.make_private(model, torch.optim.SGD(model[2].parameters(), lr=1.0), noise_multiplier=1.0,
+                                 max_grad_norm=0.1, expected_batch_size=4, sample_rate=0.1)
+    model[0].requires_grad_(True)
+    model(torch.randn(4, 4, dtype=torch.float64)).sum().backward()
+    with pytest.raises(ValueError, match=r"frozen at make_private are trainable now \(0.weight, 0.bias\)"):
+        dp.step()
+
+
 def test_an_embedding_frozen_after_make_private_leaves_the_norms():
     model, x, y, loss = make_case("tied_lm", b=4, seed=5)
     model.emb.weight.requires_grad_(False)  # the tied weight: embedding and head

@@ -364,10 +364,9 @@ class ClippingEngine:
         norm_kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
         self.norms = [(n, m) for n, m in model.named_modules() if isinstance(m, norm_kinds)]
         self.check_norms()
-        # Parameters of supported layers frozen now: unfrozen later, their gradients would be neither captured nor
-        # clipped (checked at flush).
-        self.frozen_params = [(f"{m_name}.{pn}" if m_name else pn, p) for m_name, (module, _) in self.layers.items()
-                              for pn, p in module.named_parameters(recurse=False) if not p.requires_grad]
+        # Parameters frozen now: unfrozen later, their gradients would be neither captured nor clipped (checked at
+        # flush), and autograd would leave them raw in .grad (an audit found that of modules frozen altogether).
+        self.frozen_params = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
         self.model = weakref.ref(model)
         self._storages: set[int] | None = None  # the model's parameters' and buffers' storages, once per entry
         holders = {prefix for name in self.layers for prefix in _prefixes(name)}
