@@ -457,19 +457,17 @@ def stats_without(missing: tuple[tuple[str, str], ...]) -> type:
     """A TokenStats whose fields in ``missing`` ((field, why), ...) raise when read, made once per ``missing``.
     torch.compile traces a lookup, not the making of a class: a set that compiled code uses is made at import."""
     if missing not in _STATS_CLASSES:
-        def unformed(field: str, why: str) -> property:
-            def read(self):
-                raise ValueError(f"the select rule read {field}, which {why}")
-            return property(read)
+        def refuse(field: str, why: str):
+            raise ValueError(f"the select rule read {field}, which {why}")
 
         def item(self, index):  # stats[3] reads the field as stats.student_label_logprob does
             fields = TokenStats._fields[index] if isinstance(index, slice) else (TokenStats._fields[index],)
             for field, why in missing:
                 if field in fields:
-                    raise ValueError(f"the select rule read {field}, which {why}")
+                    refuse(field, why)
             return tuple.__getitem__(self, index)
-        _STATS_CLASSES[missing] = type("TokenStats", (TokenStats,), {"__slots__": (), "__getitem__": item,
-                                                                     **{f: unformed(f, why) for f, why in missing}})
+        unformed = {f: property(lambda self, f=f, why=why: refuse(f, why)) for f, why in missing}
+        _STATS_CLASSES[missing] = type("TokenStats", (TokenStats,), {"__slots__": (), "__getitem__": item, **unformed})
     return _STATS_CLASSES[missing]
 
 
