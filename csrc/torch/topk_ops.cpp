@@ -107,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_distill_cuda(
   auto [loss, stats, grad] = outputs(in, false);
   cuda::topk_forward(cuda_dtype(in.student.scalar_type()), in.student.size(0), in.student.data_ptr(),
                      in.student.size(1), in.student.stride(0), in.ids.data_ptr<int64_t>(),
-                     in.logprobs.data_ptr<float>(), in.ids.size(1), tail, data_or_null<int64_t>(in.labels), data_or_null<float>(in.grad_weight),
-                     in.options, loss.data_ptr<float>(), stats.data_ptr<float>(),
+                     in.logprobs.data_ptr<float>(), in.ids.size(1), tail, data_or_null<int64_t>(in.labels),
+                     data_or_null<float>(in.grad_weight), in.options, loss.data_ptr<float>(), stats.data_ptr<float>(),
                      grad.numel() ? grad.data_ptr() : nullptr, grad.numel() ? grad.stride(0) : 0,
                      at::cuda::getCurrentCUDAStream());
   return {loss, stats, grad};

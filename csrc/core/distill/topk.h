@@ -23,8 +23,8 @@ struct TopKTeacher {
 // range carry none). stats: [n, kNumStats] as forward's, the teacher's over K and the tail; NaN where the student's
 // row holds NaN or +inf or no finite logit (and then loss and divergence NaN too), the teacher's where its row is
 // faulty. Given grad_loss (else null), grad_student[i, :] = grad_loss[i] d loss_i / d student: 0 where grad_loss[i]
-// is 0, all NaN where loss_i is NaN or infinite (a divergence that needs the tail, without it). Options: objective, temperature, hard_label_weight,
-// ignore_index (no standardization, no TAID).
+// is 0, all NaN where loss_i is NaN or infinite (a divergence that needs the tail, without it). Options: objective,
+// temperature, hard_label_weight, ignore_index (no standardization, no TAID).
 template <typename T>
 void topk_forward(int64_t n_rows, Logits<T> student, TopKTeacher teacher, const int64_t* labels,
                   const float* grad_loss, const RowOptions& options, float* loss, float* stats, T* grad_student,
