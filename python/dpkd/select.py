@@ -136,7 +136,9 @@ def top_fraction(score: torch.Tensor, fraction: float, *, valid: torch.Tensor | 
     n counts the sequence's valid tokens (``valid`` and a score that is not NaN); 1e-9 of slack in the ceiling makes
     0.07 of 100 tokens 7.
 
-    Ties go to the earlier position (a stable sort's first k), so the result is deterministic. A selection,
+    Scores are ranked as float32 (the statistics' dtype): float64 scores closer than float32 resolves tie, and
+    magnitudes beyond its range rank as its extremes. Ties go to the earlier position (a stable sort's first k), so
+    the result is deterministic. A selection,
     not a sort on the CPU (nth_element per row); one stable radix sort of all rows (CUB) on CUDA; a stable sort in
     PyTorch on devices without a dpkd kernel.
     """
