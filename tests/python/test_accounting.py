@@ -483,3 +483,12 @@ def test_fractional_orders_are_never_below_the_exact_rdp():
                             (0.3, 0.8, 2.5), (0.01, 1.0, 1.5)):
         got, want = acc.rdp(q, sigma, [order])[0], exact(q, sigma, order)
         assert want <= got <= want * (1 + 1e-6), (q, sigma, order, got, want)
+
+
+def test_errors_show_the_number_given():
+    """From an audit: %f printed a target epsilon of -1e-12 as -0.000000, and a PLD grid too fine for sigma 1e-300 did
+    not name sigma."""
+    with pytest.raises(ValueError, match=r"target_epsilon must be finite and > 0, got -1e-12$"):
+        acc.calibrate_noise(target_epsilon=-1e-12, delta=1e-5, sample_rate=0.1, steps=10)
+    with pytest.raises(ValueError, match="noise_multiplier 1e-300 and sample_rate 0.1"):
+        acc.epsilon(noise_multiplier=1e-300, sample_rate=0.1, steps=10, delta=1e-5, accountant="pld")

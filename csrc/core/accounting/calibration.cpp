@@ -87,7 +87,7 @@ void check_common(double delta, double sample_rate, int64_t steps, const std::ve
 
 void check_target_epsilon(double target_epsilon) {
   if (!(target_epsilon > 0.0) || std::isinf(target_epsilon))
-    throw std::invalid_argument("target_epsilon must be finite and > 0, got " + std::to_string(target_epsilon));
+    throw std::invalid_argument("target_epsilon must be finite and > 0, got " + number(target_epsilon));
 }
 
 EpsilonAtOrder epsilon(double noise_multiplier, double sample_rate, int64_t steps, double delta,

@@ -1,9 +1,11 @@
 // Log-space arithmetic shared by the accountants: sums of huge or tiny positive terms
-// without overflow or underflow.
+// without overflow or underflow; and numbers for their error messages.
 #pragma once
 
+#include <charconv>
 #include <cmath>
 #include <limits>
+#include <string>
 
 namespace dpkd::accounting {
 
@@ -24,5 +26,12 @@ double log_erfc(double x);
 
 // log(Phi(x)) for the standard normal CDF.
 inline double log_ndtr(double x) { return log_erfc(-x / std::sqrt(2.0)) - std::log(2.0); }
+
+// A number for an error message: the shortest text that reads back as it (std::to_string's %f shows 1e-300 as
+// 0.000000).
+inline std::string number(double v) {
+  char text[32];
+  return std::string(text, std::to_chars(text, text + sizeof text, v).ptr);
+}
 
 }  // namespace dpkd::accounting

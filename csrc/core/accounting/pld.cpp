@@ -81,9 +81,9 @@ DiscretePLD subsampled_gaussian_pld(double sigma, double q, double interval, dou
   check_noise_multiplier(sigma);
   check_sample_rate(q);
   if (!(std::isfinite(interval) && interval > 0.0))
-    throw std::invalid_argument("value_discretization_interval must be finite and > 0, got " + std::to_string(interval));
+    throw std::invalid_argument("value_discretization_interval must be finite and > 0, got " + number(interval));
   if (!(tail_mass > 0.0 && tail_mass < 1.0))
-    throw std::invalid_argument("tail_mass must be in (0, 1), got " + std::to_string(tail_mass));
+    throw std::invalid_argument("tail_mass must be in (0, 1), got " + number(tail_mass));
   DiscretePLD pld;
   if (sigma == 0.0 && q > 0.0) {
     // Remove: x = 0 (loss log(1 - q), rounded up) or x = 1 (loss inf, probability q). Add: loss -log(1 - q).
@@ -113,8 +113,10 @@ DiscretePLD subsampled_gaussian_pld(double sigma, double q, double interval, dou
   }
   const double lower = std::floor(eps_lo / interval), upper = std::ceil(eps_hi / interval);
   if (!(upper - lower < double(int64_t(1) << 27)))
-    throw std::invalid_argument("value_discretization_interval " + std::to_string(interval) +
-                                " needs more than 2^27 grid points for these losses; use a larger one");
+    throw std::invalid_argument("value_discretization_interval " + number(interval) +
+                                " needs more than 2^27 grid points for the privacy losses of noise_multiplier " +
+                                number(sigma) + " and sample_rate " + number(q) +
+                                "; use a larger interval (or the RDP accountant)");
   pld.lower = int64_t(lower);
   const int64_t n = int64_t(upper - lower) + 1;
   std::vector<double> delta(n), rest(n);

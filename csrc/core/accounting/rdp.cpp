@@ -1,7 +1,6 @@
 #include "rdp.h"
 
 #include <cmath>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -123,13 +122,6 @@ double log_a_fractional(double q, double sigma, double alpha) {
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
-std::string str(double v) {
-  std::ostringstream s;
-  s.precision(17);
-  s << v;
-  return s.str();
-}
-
 }  // namespace
 
 std::vector<double> default_orders() {
@@ -186,12 +178,12 @@ std::vector<double> rdp_of_events(const std::vector<GaussianEvent>& events,
 
 void check_sample_rate(double sample_rate) {
   if (!(sample_rate >= 0.0 && sample_rate <= 1.0))
-    fail("sample_rate must be in [0, 1], got " + str(sample_rate));
+    fail("sample_rate must be in [0, 1], got " + number(sample_rate));
 }
 
 void check_noise_multiplier(double noise_multiplier) {
   if (!(noise_multiplier >= 0.0) || std::isinf(noise_multiplier))
-    fail("noise_multiplier must be finite and >= 0, got " + str(noise_multiplier));
+    fail("noise_multiplier must be finite and >= 0, got " + number(noise_multiplier));
 }
 
 void check_steps(int64_t steps, const char* name) {
@@ -199,13 +191,13 @@ void check_steps(int64_t steps, const char* name) {
 }
 
 void check_delta(double delta) {
-  if (!(delta > 0.0 && delta < 1.0)) fail("delta must be in (0, 1), got " + str(delta));
+  if (!(delta > 0.0 && delta < 1.0)) fail("delta must be in (0, 1), got " + number(delta));
 }
 
 void check_orders(const std::vector<double>& orders) {
   if (orders.empty()) fail("orders must not be empty");
   for (double a : orders) {
-    if (!(a > 1.0)) fail("orders must all be > 1, got " + str(a));
+    if (!(a > 1.0)) fail("orders must all be > 1, got " + number(a));
   }
 }
 
