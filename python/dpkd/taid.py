@@ -42,10 +42,16 @@ def taid_loss(
     w mixes (1 - w) TAID + w cross_entropy(labels); ``scale_by_temperature_squared`` multiplies the TAID term by T^2;
     ``return_stats`` also returns :class:`dpkd.TokenStats` (the teacher's fields are those of the interpolated target
     p_t, the divergence KL(p_t || q)). ``check_finite``: as in :func:`dpkd.distill_loss` (off under DP-SGD: a row with
-    NaN or +inf logits then gets a NaN loss and gradient, and the engine drops its example).
+    NaN or +inf logits then gets a NaN loss and gradient, and the engine drops its example). Not offered: logit
+    standardization (whether the target interpolates raw or standardized logits is a choice TAID does not make),
+    a vocabulary mismatch, and a teacher gradient (the teacher's logits are detached: TAID distils a fixed teacher).
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
+    if student_logits.shape[-1:] != teacher_logits.shape[-1:]:  # _check's advice (allow_vocab_mismatch) is not ours
+        raise ValueError(f"taid_loss needs equal vocabularies (its target interpolates the two models' logits), got "
+                         f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)}")
     losses._check(student_logits, teacher_logits, labels, mask, weights, divergence="forward_kl", beta=0.5,
                   alpha=0.1, temperature=temperature, reduction=reduction, hard_label_weight=hard_label_weight,
                   allow_vocab_mismatch=False)

@@ -436,6 +436,12 @@ def test_taid_loss_takes_check_finite_for_dp():
     assert_one_rounding_apart(sd.grad[[0, 1, 3]], clean.grad)
 
 
+def test_taid_loss_refuses_a_vocabulary_mismatch_in_its_own_words():
+    """From an audit: the error told the user to pass allow_vocab_mismatch=True, which taid_loss does not take."""
+    with pytest.raises(ValueError, match=r"taid_loss needs equal vocabularies .* \(4, 33\) and .* \(4, 30\)"):
+        dpkd.taid_loss(logits(4, 33, seed=53), logits(4, 30, seed=54), 0.5)
+
+
 def test_taid_schedule_ramps_and_adapts():
     sched = dpkd.TAIDSchedule(total_steps=100)
     assert sched.t == 0.4
