@@ -47,6 +47,15 @@ inline RowOptions make_options(const std::string& divergence, double beta, doubl
   return o;
 }
 
+// Labels of 2-D logits: int64 [N] on the logits' device (their range is the op's to check, where it reads them).
+inline void check_labels(const at::Tensor& labels, const at::Tensor& student) {
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.device() == student.device(), "labels is on ", labels.device(), " but student_logits is on ",
+                    student.device());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == student.size(0), "labels must have shape [",
+                    student.size(0), "], got ", labels.sizes());
+}
+
 inline at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
 template <class F>

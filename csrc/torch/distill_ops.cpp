@@ -32,11 +32,7 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const st
   TORCH_CHECK_VALUE(o.teacher_mix == 1.f || student.size(1) == teacher.size(1),
                     "teacher_mix (TAID) needs equal vocabularies");
   if (labels) {
-    TORCH_CHECK_TYPE(labels->scalar_type() == at::kLong, "labels must be int64, got ", labels->scalar_type());
-    TORCH_CHECK_VALUE(labels->device() == student.device(), "labels is on ", labels->device(),
-                      " but student_logits is on ", student.device());
-    TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == student.size(0), "labels must have shape [",
-                      student.size(0), "], got ", labels->sizes());
+    check_labels(*labels, student);
     if (labels->numel() > 0 && !labels_in_range) {
       const auto bad = labels->ne(o.ignore_index).logical_and(
           labels->lt(0).logical_or(labels->ge(student.size(1))));

@@ -40,12 +40,7 @@ TopKInputs prepare_topk(const at::Tensor& student, const at::Tensor& ids, const 
   TORCH_CHECK_TYPE(logprobs.is_floating_point(), "teacher_logprobs must be floating, got ", logprobs.scalar_type());
   std::vector<std::pair<const char*, const at::Tensor*>> on_device = {{"teacher_ids", &ids},
                                                                       {"teacher_logprobs", &logprobs}};
-  if (labels) {
-    TORCH_CHECK_TYPE(labels->scalar_type() == at::kLong, "labels must be int64, got ", labels->scalar_type());
-    TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == n, "labels must have shape [", n, "], got ",
-                      labels->sizes());
-    on_device.emplace_back("labels", &*labels);
-  }
+  if (labels) check_labels(*labels, student);
   if (grad_weight) {
     TORCH_CHECK_VALUE(grad_weight->dim() == 1 && grad_weight->size(0) == n && grad_weight->is_floating_point(),
                       "grad_weight must be a floating tensor of shape [", n, "], got ", grad_weight->sizes(), " ",
